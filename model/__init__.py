@@ -1,0 +1,1 @@
+"""Skip-DiT networks, cache policies, checkpoints and the sampling pipeline."""

@@ -1,0 +1,27 @@
+"""Cache policies, attached to the network from outside. ``POLICIES`` maps request names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model.cache.base import CachePolicy, Mode, RequestCache
+from model.cache.none import NoCache
+from model.cache.skip_cache import SkipCache
+from model.errors import FieldError
+from model.skip_dit import DiTConfig
+
+POLICIES: dict[str, CachePolicy] = {p.name: p for p in (NoCache(), SkipCache())}
+
+
+def build(name: str, model: DiTConfig, **options: Any) -> RequestCache:
+    """A fresh per-request cache for policy ``name`` with the model's defaults plus ``options``.
+
+    Raises FieldError naming the offending field.
+    """
+    if name not in POLICIES:
+        raise FieldError("cache_policy", f"unknown policy {name!r}; known: {sorted(POLICIES)}")
+    policy = POLICIES[name]
+    return RequestCache(policy, policy.default_config(model, **options))
+
+
+__all__ = ["POLICIES", "CachePolicy", "Mode", "RequestCache", "build"]

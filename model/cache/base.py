@@ -1,0 +1,88 @@
+"""The contract every cache policy meets, and the per-request handle that binds one to a request.
+
+A policy never lives on the network. Per request it keeps a state object (created by
+``new_state``); each step the sampler asks ``decide`` for the mode, runs every FULL row of the
+batch in one plain forward (capturing the hidden states policies asked for) and hands each
+request its captured rows through ``on_full``; CACHED rows are grouped by ``cached_group_key``
+and each group runs through the policy's ``run_cached``.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model.skip_dit import DiTConfig, SkipDiT
+
+
+class Mode(enum.StrEnum):
+    FULL = "full"
+    CACHED = "cached"
+
+
+class CachePolicy(ABC):
+    """Stateless strategy object; all request state lives in the object ``new_state`` returns."""
+
+    name: str
+
+    @abstractmethod
+    def default_config(self, model: DiTConfig, **overrides: Any) -> Any:
+        """The paper's defaults for this model, with ``overrides`` applied (validated)."""
+
+    @abstractmethod
+    def new_state(self) -> Any: ...
+
+    @abstractmethod
+    def decide(self, step: int, t: int, config: Any, state: Any) -> Mode:
+        """Pure: the mode of step ``step`` (0-based) at scheduler timestep ``t``."""
+
+    def capture_blocks(self, config: Any, model: DiTConfig) -> tuple[int, ...]:
+        """Block indices whose entering hidden state a full step must hand to ``on_full``."""
+        return ()
+
+    def on_full(self, config: Any, state: Any, captured: dict[int, torch.Tensor]) -> None:
+        """Called after a full step with this request's rows of the captured hidden states."""
+
+    def cached_group_key(self, config: Any) -> Hashable:
+        """Cached rows whose keys are equal run as one forward."""
+        return (self.name, config)
+
+    def run_cached(
+        self,
+        model: SkipDiT,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        config: Any,
+        states: Sequence[Any],
+    ) -> torch.Tensor:
+        """One forward for the cached rows of ``states`` (in order, concatenated in x/t/y)."""
+        raise NotImplementedError(f"cache policy {self.name!r} has no cached mode")
+
+    def state_bytes(self, state: Any) -> int:
+        """Memory the request's cache holds now."""
+        return 0
+
+
+@dataclass
+class RequestCache:
+    """One request's cache: the policy, its validated config and the request's own state."""
+
+    policy: CachePolicy
+    config: Any
+    state: Any = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.state is None:
+            self.state = self.policy.new_state()
+
+    def decide(self, step: int, t: int) -> Mode:
+        return self.policy.decide(step, t, self.config, self.state)
+
+    def reset(self) -> None:
+        self.state.reset()

@@ -1,0 +1,158 @@
+"""Loading and saving weights, strictly.
+
+Formats read:
+- our own directory: ``config.json`` (the DiTConfig plus a model card) + ``model.safetensors``;
+- the official DiT release (``DiT-XL-2-256x256.pt``): a plain state dict;
+- the official Skip-DiT release (``DiT-XL-2-skip.pt``): ``{model, ema, opt, args}``; ``ema`` is
+  used for inference.
+Official state dicts carry no config: it is read off the tensor shapes (heads from the preset
+with the same depth and width, or given). Every load compares key sets and shapes and raises
+with the names that differ. Latent models decode with a diffusers AutoencoderKL from a local
+directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.skip_dit import PRESETS, DiTConfig, SkipDiT
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the network; the message names the keys that differ."""
+
+
+def check_state_dict(model: SkipDiT, state: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} != model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if misshaped:
+            parts.append(f"mis-shaped keys {misshaped}")
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+
+
+def load_state(model: SkipDiT, state: dict[str, torch.Tensor]) -> SkipDiT:
+    check_state_dict(model, state)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------- our format
+
+
+def save_pretrained(
+    model: SkipDiT, directory: str | Path, card: dict[str, Any] | None = None
+) -> Path:
+    """Write ``config.json`` (config + card) and ``model.safetensors`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"config": dataclasses.asdict(model.config), "card": card or {}}
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE)
+    return directory
+
+
+def read_pretrained_meta(directory: str | Path) -> tuple[DiTConfig, dict[str, Any]]:
+    meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    unknown = sorted(set(meta["config"]) - fields)
+    if unknown:
+        raise CheckpointError(f"{directory}/{CONFIG_FILE}: unknown config fields {unknown}")
+    return DiTConfig(**meta["config"]), meta.get("card", {})
+
+
+def load_pretrained(directory: str | Path) -> tuple[SkipDiT, dict[str, Any]]:
+    """Our directory format -> (model, card)."""
+    config, card = read_pretrained_meta(directory)
+    model = load_state(SkipDiT(config), load_file(Path(directory) / WEIGHTS_FILE))
+    return model, card
+
+
+# ----------------------------------------------------------------------------- official format
+
+
+def _heads_for(depth: int, hidden: int) -> int | None:
+    for make in PRESETS.values():
+        c = make()
+        if (c.depth, c.hidden_size) == (depth, hidden):
+            return c.num_heads
+    return None
+
+
+def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
+    """Read a DiTConfig off an official state dict's shapes."""
+    try:
+        proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
+        tokens = state["pos_embed"].shape[1]
+        table = state["y_embedder.embedding_table.weight"]  # (classes + 1, D)
+        final = state["final_layer.linear.weight"]  # (p*p*C_out, D)
+        fc1 = state["blocks.0.mlp.fc1.weight"]  # (D*ratio, D)
+    except KeyError as e:
+        raise CheckpointError(f"not a DiT state dict: missing key {e.args[0]!r}") from None
+    hidden, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    heads = num_heads or _heads_for(depth, hidden)
+    if heads is None:
+        raise CheckpointError(
+            f"num_heads: no preset has depth {depth} and hidden size {hidden}; pass num_heads"
+        )
+    return DiTConfig(
+        depth=depth,
+        hidden_size=hidden,
+        num_heads=heads,
+        patch_size=patch,
+        mlp_ratio=fc1.shape[0] / hidden,
+        input_size=round(tokens**0.5) * patch,
+        in_channels=channels,
+        num_classes=table.shape[0] - 1,  # the official table always has the null-class row
+        learn_sigma=final.shape[0] == 2 * channels * patch * patch,
+        long_skip=any(k.startswith("skip_norms.") for k in state),
+    )
+
+
+def official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The inference weights of an official DiT or Skip-DiT ``.pt`` file."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "ema" in obj:  # training checkpoint: {model, ema, opt, args}
+        return obj["ema"]
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise CheckpointError(f"{path}: neither a state dict nor a dict with an 'ema' state dict")
+
+
+def load_official(path: str | Path, num_heads: int | None = None) -> SkipDiT:
+    state = official_state_dict(path)
+    return load_state(SkipDiT(infer_config(state, num_heads)), state)
+
+
+def load_vae(directory: str | Path) -> Any:
+    """A diffusers AutoencoderKL (e.g. sd-vae-ft-mse) from a local directory; never downloads."""
+    from diffusers import AutoencoderKL
+
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"vae: {directory} is not a directory")
+    return AutoencoderKL.from_pretrained(str(directory), local_files_only=True)

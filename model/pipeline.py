@@ -1,0 +1,320 @@
+"""Sampling: per-request jobs stepped together, one batched forward per step.
+
+A ``Job`` owns everything of one request: its latents, its diffusers scheduler instance, its
+random generator, its cache state and its stats. ``denoise_step`` advances any set of jobs by
+one step each (they may be at different steps, use different samplers and cache intervals):
+every FULL row goes through one plain forward, CACHED rows through one forward per cache
+group, classifier-free guidance rows ride in the same forward as their conditional rows.
+A request's result does not depend on its batch-mates (same seed, same image).
+
+``Pipeline.generate`` runs a list of requests to completion; a serving engine calls
+``denoise_step`` itself to let requests join and leave between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    SchedulerMixin,
+)
+
+from model.cache import Mode, RequestCache
+from model.request import GenerateParams
+from model.skip_dit import SkipDiT
+
+log = logging.getLogger(__name__)
+
+VAE_SCALE = 0.18215  # sd-vae-ft-mse latent scale used by DiT
+DEFAULT_GUIDANCE = 1.5  # DiT's ImageNet default; a model card may choose its own
+
+
+def make_scheduler(sampler: str, learn_sigma: bool, pixel_space: bool) -> SchedulerMixin:
+    """A fresh scheduler with DiT's training schedule (linear betas, 1000 steps, eps)."""
+    common = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
+    if sampler == "ddim":
+        return DDIMScheduler(**common, clip_sample=pixel_space)
+    if sampler == "ddpm":
+        # DDPM is the one sampler here that uses the learned variance.
+        variance = "learned_range" if learn_sigma else "fixed_small"
+        return DDPMScheduler(**common, clip_sample=pixel_space, variance_type=variance)
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"sampler: unknown sampler {sampler!r}")
+
+
+@dataclass
+class StepStats:
+    """Steps and seconds by mode. Seconds are the wall time of the forwards this job rode in."""
+
+    steps: dict[Mode, int] = field(default_factory=lambda: {Mode.FULL: 0, Mode.CACHED: 0})
+    seconds: dict[Mode, float] = field(default_factory=lambda: {Mode.FULL: 0.0, Mode.CACHED: 0.0})
+
+    def add(self, mode: Mode, seconds: float) -> None:
+        self.steps[mode] += 1
+        self.seconds[mode] += seconds
+
+    @property
+    def model_seconds(self) -> float:
+        return self.seconds[Mode.FULL] + self.seconds[Mode.CACHED]
+
+    def mean_seconds(self, mode: Mode) -> float | None:
+        return self.seconds[mode] / self.steps[mode] if self.steps[mode] else None
+
+    def speedup(self) -> float | None:
+        """Uncached-equivalent model time / actual: every step at this job's mean full cost."""
+        full = self.mean_seconds(Mode.FULL)
+        if full is None or self.model_seconds == 0:
+            return None
+        return full * (self.steps[Mode.FULL] + self.steps[Mode.CACHED]) / self.model_seconds
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "steps_full": self.steps[Mode.FULL],
+            "steps_cached": self.steps[Mode.CACHED],
+            "seconds_full": self.seconds[Mode.FULL],
+            "seconds_cached": self.seconds[Mode.CACHED],
+            "mean_full_step_seconds": self.mean_seconds(Mode.FULL),
+            "mean_cached_step_seconds": self.mean_seconds(Mode.CACHED),
+            "speedup": self.speedup(),
+        }
+
+
+ProgressFn = Callable[["Job", Mode], None]
+
+
+@dataclass
+class Job:
+    """The sampling state of one request."""
+
+    params: GenerateParams
+    latents: torch.Tensor  # (n, C, H, W), current sample
+    labels: torch.Tensor  # (n,) class labels
+    scheduler: SchedulerMixin
+    generator: torch.Generator  # this request's randomness (initial noise, sampler noise)
+    cache: RequestCache
+    guidance: float
+    null_class: int
+    step: int = 0
+    stats: StepStats = field(default_factory=StepStats)
+    cancelled: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    @property
+    def timestep(self) -> int:
+        return int(self.scheduler.timesteps[self.step])
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance > 1.0
+
+    @property
+    def rows(self) -> int:
+        """Rows this job adds to a batched forward (conditional + unconditional)."""
+        return self.latents.shape[0] * (2 if self.uses_guidance else 1)
+
+    def cancel(self) -> None:
+        """Stop at the next step boundary."""
+        self.cancelled = True
+
+    def model_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = self.scheduler.timesteps[self.step]
+        x = self.scheduler.scale_model_input(self.latents, t)  # (n, C, H, W)
+        y = self.labels
+        if self.uses_guidance:
+            x = torch.cat([x, x])  # (2n, C, H, W): conditional rows, then unconditional
+            y = torch.cat([y, torch.full_like(y, self.null_class)])
+        tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        return x, tt, y
+
+    def advance(self, out: torch.Tensor, mode: Mode, seconds: float) -> None:
+        """Apply guidance and the scheduler step to this job's rows of the model output."""
+        channels = self.latents.shape[1]
+        n = self.latents.shape[0]
+        eps, rest = out[:, :channels], out[:, channels:]  # rest: learned variance, if any
+        if self.uses_guidance:
+            cond, uncond = eps[:n], eps[n:]
+            eps, rest = uncond + self.guidance * (cond - uncond), rest[:n]
+        wants_variance = getattr(self.scheduler.config, "variance_type", None) in (
+            "learned",
+            "learned_range",
+        )
+        model_output = torch.cat([eps, rest], dim=1) if wants_variance else eps
+        t = self.scheduler.timesteps[self.step]
+        self.latents = self.scheduler.step(
+            model_output, t, self.latents, generator=self.generator
+        ).prev_sample
+        self.step += 1
+        self.stats.add(mode, seconds)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def denoise_step(model: SkipDiT, jobs: Sequence[Job]) -> list[Mode]:
+    """Advance every job by one step with one batched forward per mode group.
+
+    Returns each job's mode for this step, in order.
+    """
+    inputs = [job.model_input() for job in jobs]
+    modes = [job.cache.decide(job.step, job.timestep) for job in jobs]
+    outputs: list[torch.Tensor | None] = [None] * len(jobs)
+    seconds = [0.0] * len(jobs)
+    device = next(model.parameters()).device
+
+    groups: dict[object, list[int]] = {}
+    for i, (job, mode) in enumerate(zip(jobs, modes, strict=True)):
+        key = "full" if mode is Mode.FULL else job.cache.policy.cached_group_key(job.cache.config)
+        groups.setdefault(key, []).append(i)
+
+    for key, members in groups.items():
+        x = torch.cat([inputs[i][0] for i in members])  # (rows, C, H, W)
+        t = torch.cat([inputs[i][1] for i in members])  # (rows,)
+        y = torch.cat([inputs[i][2] for i in members])  # (rows,)
+        start = time.perf_counter()
+        if key == "full":
+            capture = {
+                k
+                for i in members
+                for k in jobs[i].cache.policy.capture_blocks(jobs[i].cache.config, model.config)
+            }
+            out, captured = model(x, t, y, capture=capture) if capture else (model(x, t, y), {})
+        else:
+            first = jobs[members[0]].cache
+            out = first.policy.run_cached(
+                model, x, t, y, first.config, [jobs[i].cache.state for i in members]
+            )
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        offset = 0
+        for i in members:
+            job = jobs[i]
+            rows = slice(offset, offset + job.rows)
+            offset += job.rows
+            outputs[i] = out[rows]
+            seconds[i] = elapsed
+            if key == "full":
+                wanted = job.cache.policy.capture_blocks(job.cache.config, model.config)
+                job.cache.policy.on_full(
+                    job.cache.config, job.cache.state, {k: captured[k][rows] for k in wanted}
+                )
+
+    for job, out, mode, sec in zip(jobs, outputs, modes, seconds, strict=True):
+        job.advance(out, mode, sec)
+    return modes
+
+
+@dataclass
+class Result:
+    params: GenerateParams
+    status: str  # "done" or "cancelled"
+    latents: torch.Tensor  # (n, C, H, W), final sample (fp32, CPU)
+    images: torch.Tensor | None  # (n, H, W, channels) uint8, None when cancelled
+    stats: StepStats
+    seconds: float  # wall time from start to finish, decode included
+
+
+class Pipeline:
+    """A loaded network (and VAE for latent models) that turns requests into images."""
+
+    def __init__(
+        self,
+        model: SkipDiT,
+        vae: AutoencoderKL | None = None,
+        default_guidance: float = DEFAULT_GUIDANCE,
+    ):
+        self.model = model.eval()
+        self.vae = vae.eval() if vae is not None else None
+        self.default_guidance = default_guidance
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def start(self, params: GenerateParams) -> Job:
+        """Validate ``params`` against this model and create its job (initial noise drawn)."""
+        config = self.model.config
+        params.check_for(config)
+        guidance = params.guidance_scale
+        if guidance is None:
+            guidance = self.default_guidance if config.has_null_class else 1.0
+        scheduler = make_scheduler(params.sampler, config.learn_sigma, self.vae is None)
+        scheduler.set_timesteps(params.steps)
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        shape = (params.num_images, config.in_channels, config.input_size, config.input_size)
+        noise = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+        dtype = next(self.model.parameters()).dtype
+        return Job(
+            params=params,
+            latents=noise.to(self.device, dtype),
+            labels=torch.full((params.num_images,), params.class_label, device=self.device),
+            scheduler=scheduler,
+            generator=generator,
+            cache=params.cache_for(config),
+            guidance=guidance,
+            null_class=config.num_classes,
+        )
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) samples -> (n, H', W', channels) uint8 images."""
+        if self.vae is not None:
+            pixels = self.vae.decode(latents.to(self.vae.dtype) / VAE_SCALE).sample
+        else:
+            pixels = latents
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).cpu()
+
+    def generate(
+        self,
+        requests: Sequence[GenerateParams],
+        progress: ProgressFn | None = None,
+    ) -> list[Result]:
+        """Run all requests together to completion. ``progress(job, mode)`` is called after
+        each step of each job; it may call ``job.cancel()`` to stop that job."""
+        begin = time.perf_counter()
+        jobs = [self.start(p) for p in requests]
+        results: dict[int, Result] = {}
+        active = list(jobs)
+        while active:
+            modes = denoise_step(self.model, active)
+            if progress is not None:
+                for job, mode in zip(active, modes, strict=True):
+                    progress(job, mode)
+            for job in active:
+                if job.done or job.cancelled:
+                    results[id(job)] = self.finish(job, time.perf_counter() - begin)
+            active = [job for job in active if id(job) not in results]
+        log.debug("generated %d requests in %.3fs", len(jobs), time.perf_counter() - begin)
+        return [results[id(job)] for job in jobs]
+
+    def finish(self, job: Job, elapsed: float) -> Result:
+        """The result of a job that is done (decoded) or cancelled (not decoded)."""
+        start = time.perf_counter()
+        images = None if job.cancelled else self.decode(job.latents)
+        return Result(
+            params=job.params,
+            status="cancelled" if job.cancelled else "done",
+            latents=job.latents.float().cpu(),
+            images=images,
+            stats=job.stats,
+            seconds=elapsed + time.perf_counter() - start,
+        )

@@ -1,0 +1,422 @@
+"""Skip-DiT: a DiT with long skip connections (arXiv 2411.17616), and the vanilla DiT.
+
+Read top-down: helpers, embedders, block, long-skip fusion, final layer, model, presets.
+Parameter and module names follow the official DiT / Skip-DiT code so that official
+checkpoints load key for key.
+
+Long skips (``long_skip=True``): blocks ``0..D/2-1`` push their outputs on a stack; before each
+block ``k >= D/2`` the hidden state is *replaced* by
+``Linear_{2d->d}(LayerNorm_{2d, fp32}(cat[x, stack.pop()]))`` (main path first, skip second), so
+block ``j`` feeds block ``D-1-j``. With ``long_skip=False`` this is the vanilla DiT.
+
+The network holds no request state. Besides the plain ``forward`` it offers the two primitives a
+feature cache needs (policies live in ``model.cache`` and call these from outside):
+``forward(..., capture=...)`` returns hidden states entering chosen blocks, and
+``forward_cached`` runs only the first and last ``depth`` blocks around a stored deep feature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding, (grid*grid, dim); height half first (MAE/DiT)."""
+    if dim % 4:
+        raise ValueError(f"hidden_size must be divisible by 4 for 2-D sincos embedding, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
+    coords = torch.arange(grid, dtype=torch.float64)
+    gw, gh = torch.meshgrid(coords, coords, indexing="xy")  # (grid, grid) each; w varies fastest
+
+    def embed_1d(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega  # (grid*grid, dim/4)
+        return torch.cat([out.sin(), out.cos()], dim=1)  # (grid*grid, dim/2)
+
+    # DiT feeds meshgrid(w, h) and encodes grid[0] (the w-major grid) first.
+    return torch.cat([embed_1d(gw), embed_1d(gh)], dim=1).float()
+
+
+# ----------------------------------------------------------------------------- embedders
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, T, D) with a strided conv, T = (H/p) * (W/p)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar diffusion timesteps -> (B, D) via sinusoidal frequencies and a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    @staticmethod
+    def frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]  # (B, half)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = self.frequencies(t, self.frequency_size)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (B, D). Row ``num_classes`` is the null class used for guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def forward(
+        self, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape, device=labels.device, generator=generator)
+            labels = torch.where(drop < self.dropout_prob, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+# ----------------------------------------------------------------------------- block
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm layout)."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
+            c
+        ).chunk(6, dim=1)  # each (B, D)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+# ----------------------------------------------------------------------------- long-skip fusion
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (the fused width 2d is wide)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class SkipLinear(nn.Module):
+    """Linear 2d -> d of a long skip (a module of its own to match the official key names)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(2 * hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+# ----------------------------------------------------------------------------- final layer
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*C_out)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Everything that fixes the network's shape. Passed whole; saved as config.json."""
+
+    depth: int = 28
+    hidden_size: int = 1152
+    num_heads: int = 16
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    input_size: int = 32  # spatial size of the model input (latent or pixel), square
+    in_channels: int = 4
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1  # > 0 adds the null-class row used for guidance
+    learn_sigma: bool = True  # output 2*C channels: eps then variance interpolation
+    long_skip: bool = True  # Skip-DiT; False gives the vanilla DiT
+
+    def __post_init__(self) -> None:
+        checks = {
+            "depth": self.depth >= 1,
+            "hidden_size": self.hidden_size % self.num_heads == 0 and self.hidden_size % 4 == 0,
+            "input_size": self.input_size % self.patch_size == 0,
+            "num_classes": self.num_classes >= 1,
+        }
+        if self.long_skip:
+            checks["depth"] = self.depth >= 2 and self.depth % 2 == 0
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid DiTConfig field(s) {bad}: {self}")
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.class_dropout_prob > 0
+
+    def replace(self, **changes: object) -> DiTConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class SkipDiT(nn.Module):
+    """DiT / Skip-DiT. x: (B, C, H, W); t: (B,) timesteps, one per sample; y: (B,) labels."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, d), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
+        self._init_weights()
+        if config.long_skip:
+            # Created after the DiT init, as in the official code: default nn init for these.
+            n = config.depth // 2
+            self.skip_norms = nn.ModuleList(FP32LayerNorm(2 * d, eps=1e-6) for _ in range(n))
+            self.skip_linears = nn.ModuleList(SkipLinear(d) for _ in range(n))
+
+    def _init_weights(self) -> None:
+        def basic(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(basic)
+        grid = int(self.config.num_tokens**0.5)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.config.hidden_size, grid)[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # -- pieces
+
+    def embed(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        return tokens, c
+
+    def fuse(self, k: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Long-skip fusion before block ``k >= D/2``: replaces x, main path first."""
+        j = k - self.config.depth // 2
+        return self.skip_linears[j](self.skip_norms[j](torch.cat([x, skip], dim=-1)))  # (B, T, D)
+
+    def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Final layer and unpatchify: (B, T, D) -> (B, C_out, H, W)."""
+        x = self.final_layer(x, c)  # (B, T, p*p*C_out)
+        p, ch = self.config.patch_size, self.config.out_channels
+        g = self.config.input_size // p
+        x = x.reshape(x.shape[0], g, g, p, p, ch)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], ch, g * p, g * p)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        blocks: Iterable[int],
+        skips: list[torch.Tensor],
+        capture: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Run the given block indices in order, pushing/popping long skips on ``skips``.
+
+        ``capture(k, x)`` sees the hidden state entering block k before its fusion.
+        """
+        half = self.config.depth // 2
+        for k in blocks:
+            if capture is not None:
+                capture(k, x)
+            if self.config.long_skip and k >= half:
+                x = self.fuse(k, x, skips.pop())
+            x = self.blocks[k](x, c)  # (B, T, D)
+            if self.config.long_skip and k < half:
+                skips.append(x)
+        return x
+
+    # -- entry points
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        capture: Iterable[int] = (),
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Full forward. With ``capture`` (block indices) also returns {k: hidden entering k}."""
+        want = set(capture)
+        tokens, c = self.embed(x, t, y)
+        captured: dict[int, torch.Tensor] = {}
+
+        def grab(k: int, h: torch.Tensor) -> None:
+            if k in want:
+                captured[k] = h
+
+        h = self.run_blocks(tokens, c, range(self.config.depth), [], grab if want else None)
+        out = self.head(h, c)
+        return (out, captured) if want else out
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        deep: torch.Tensor,
+        depth: int,
+    ) -> torch.Tensor:
+        """Cached step: blocks 0..depth-1 fresh, then ``deep`` (the hidden state that entered
+        block D-depth on the last full step) goes through blocks D-depth..D-1, each fused with
+        the fresh shallow output it pairs with. ``deep``: (B, T, D)."""
+        d = self.config.depth
+        if not 1 <= depth <= d // 2:
+            raise ValueError(f"cache depth must be in [1, {d // 2}] for depth {d}, got {depth}")
+        tokens, c = self.embed(x, t, y)
+        skips: list[torch.Tensor] = []
+        if self.config.long_skip:  # without long skips the shallow blocks feed nothing
+            # Pushes the outputs of blocks 0..depth-1: exactly what blocks D-depth..D-1 pop.
+            self.run_blocks(tokens, c, range(depth), skips)
+        h = self.run_blocks(deep, c, range(d - depth, d), skips)
+        return self.head(h, c)
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, Callable[..., DiTConfig]] = {
+    "XL/2": lambda **kw: DiTConfig(**{"depth": 28, "hidden_size": 1152, "num_heads": 16, **kw}),
+    "L/2": lambda **kw: DiTConfig(**{"depth": 24, "hidden_size": 1024, "num_heads": 16, **kw}),
+    "B/2": lambda **kw: DiTConfig(**{"depth": 12, "hidden_size": 768, "num_heads": 12, **kw}),
+    "S/2": lambda **kw: DiTConfig(**{"depth": 12, "hidden_size": 384, "num_heads": 6, **kw}),
+    # Pixel-space digit models (1 channel, 10 classes) shipped by this project.
+    "digits-small": lambda **kw: DiTConfig(
+        **{
+            "depth": 8,
+            "hidden_size": 192,
+            "num_heads": 6,
+            "input_size": 16,
+            "in_channels": 1,
+            "num_classes": 10,
+            "learn_sigma": False,
+            **kw,
+        }
+    ),
+    # Smallest useful shape, for tests.
+    "digits-tiny": lambda **kw: DiTConfig(
+        **{
+            "depth": 4,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "input_size": 8,
+            "in_channels": 1,
+            "num_classes": 10,
+            "learn_sigma": False,
+            **kw,
+        }
+    ),
+}
+
+
+def preset(name: str, **overrides: object) -> DiTConfig:
+    """A preset config by name, e.g. ``preset("XL/2", long_skip=False)``."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name](**overrides)

@@ -1,0 +1,1 @@
+"""HTTP API, queue backends, engine, metrics, settings and the ``skipdit`` command line."""

@@ -1,0 +1,160 @@
+"""The contract every cache policy passes, then Skip-Cache's own rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.cache import POLICIES, Mode, build
+from model.cache.skip_cache import SkipCacheConfig, SkipCacheState, decide, default_depth
+from model.errors import FieldError
+from model.pipeline import Pipeline, denoise_step
+from model.request import GenerateParams
+from model.skip_dit import preset
+
+# policy -> request options that make it cache (for "none": nothing to set).
+CACHING = {"none": {}, "skip_cache": {"cache_interval": 3}}
+
+
+def test_every_policy_is_covered_by_the_contract() -> None:
+    assert set(CACHING) == set(POLICIES)
+
+
+def _run(pipeline: Pipeline, **kw: object) -> torch.Tensor:
+    params = GenerateParams(steps=8, num_images=2, class_label=3, seed=5, **kw)
+    (result,) = pipeline.generate([params])
+    return result.latents
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_interval_one_is_bitwise_no_cache(tiny_pipeline: Pipeline, name: str) -> None:
+    reference = _run(tiny_pipeline, cache_policy="none")
+    assert torch.equal(_run(tiny_pipeline, cache_policy=name, cache_interval=1), reference)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_cached_output_is_finite_and_close_to_uncached(tiny_pipeline: Pipeline, name: str) -> None:
+    uncached = _run(tiny_pipeline, cache_policy="none")
+    cached = _run(tiny_pipeline, cache_policy=name, **CACHING[name])
+    other_seed = tiny_pipeline.generate(
+        [GenerateParams(steps=8, num_images=2, class_label=3, seed=6, cache_policy="none")]
+    )[0].latents
+    assert torch.isfinite(cached).all()
+    # Caching moves the sample much less than a change of seed does.
+    assert (cached - uncached).norm() < 0.5 * (other_seed - uncached).norm()
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_state_of_two_requests_never_mixes(tiny_pipeline: Pipeline, name: str) -> None:
+    a = GenerateParams(steps=8, seed=1, class_label=1, cache_policy=name, **CACHING[name])
+    b = GenerateParams(steps=8, seed=2, class_label=7, cache_policy=name, **CACHING[name])
+    together = tiny_pipeline.generate([a, b])
+    for params, batched in zip([a, b], together, strict=True):
+        (alone,) = tiny_pipeline.generate([params])
+        torch.testing.assert_close(batched.latents, alone.latents, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_state_reset_forgets_the_cache(tiny_pipeline: Pipeline, name: str) -> None:
+    params = GenerateParams(steps=4, cache_policy=name, **CACHING[name])
+    job = tiny_pipeline.start(params)
+    denoise_step(tiny_pipeline.model, [job])
+    job.cache.reset()
+    assert job.cache.policy.state_bytes(job.cache.state) == 0
+    assert job.cache.decide(1, 500) is Mode.FULL
+
+
+# ----------------------------------------------------------------------------- Skip-Cache rule
+
+
+def test_decide_follows_the_papers_rule() -> None:
+    cfg = SkipCacheConfig(interval=3, depth=1, t_start=900, t_end=50)
+    empty, warm = SkipCacheState(), SkipCacheState(deep=torch.zeros(1))
+    assert decide(1, 500, cfg, empty) is Mode.FULL  # nothing cached yet
+    assert decide(3, 500, cfg, warm) is Mode.FULL  # step % N == 0
+    assert decide(4, 500, cfg, warm) is Mode.CACHED
+    assert decide(4, 900, cfg, warm) is Mode.FULL  # t >= t_start
+    assert decide(4, 50, cfg, warm) is Mode.FULL  # t <= t_end
+    assert decide(4, 51, cfg, warm) is Mode.CACHED
+
+
+def test_defaults_scale_the_papers_depth_to_the_model() -> None:
+    assert default_depth(preset("XL/2")) == 4
+    assert default_depth(preset("digits-small")) == 1
+    cfg = POLICIES["skip_cache"].default_config(preset("XL/2"), interval=2)
+    assert (cfg.depth, cfg.t_start, cfg.t_end) == (4, math.inf, 20.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"interval": 0}, "cache_interval"),
+        ({"depth": 3}, "cache_depth"),
+        ({"t_start": 10.0, "t_end": 20.0}, "cache_t_end"),
+    ],
+)
+def test_bad_skip_cache_options_name_the_field(options: dict, field: str) -> None:
+    with pytest.raises(FieldError) as err:
+        build("skip_cache", preset("digits-tiny"), **options)
+    assert err.value.field == field
+
+
+def test_cached_step_runs_2k_blocks_on_the_requests_own_deep_feature(
+    tiny_pipeline: Pipeline,
+) -> None:
+    model = tiny_pipeline.model
+    d, hidden = model.config.depth, model.config.hidden_size
+    k = default_depth(model.config)
+    j = (d - k) - d // 2  # the fusion in front of block D-K
+    events: list[tuple] = []
+    handles = [
+        block.register_forward_hook(lambda m, a, o, i=i: events.append(("block", i, o.shape[0])))
+        for i, block in enumerate(model.blocks)
+    ]
+    handles.append(
+        model.skip_norms[j].register_forward_pre_hook(
+            lambda m, a: events.append(("fuse", a[0][..., :hidden].clone()))
+        )
+    )
+    # A: 1 row, interval 2; B: 2 rows, interval 3. Row counts tell their forwards apart.
+    a = tiny_pipeline.start(GenerateParams(steps=8, guidance_scale=1, cache_interval=2, seed=1))
+    b = tiny_pipeline.start(
+        GenerateParams(steps=8, guidance_scale=1, num_images=2, cache_interval=3, seed=2)
+    )
+    last_full: dict[str, torch.Tensor] = {}
+    cached_checks = {"a": 0, "b": 0}
+    try:
+        while not a.done:
+            events.clear()
+            modes = dict(zip("ab", denoise_step(model, [a, b]), strict=True))
+            forwards: list[dict] = []
+            for event in events:
+                if event[0] == "block":
+                    if event[1] == 0:
+                        forwards.append({"blocks": [], "rows": event[2], "deep": None})
+                    forwards[-1]["blocks"].append(event[1])
+                else:
+                    forwards[-1]["deep"] = event[1]
+            for fwd in forwards:
+                owners = {1: ["a"], 2: ["b"], 3: ["a", "b"]}[fwd["rows"]]
+                mode = modes[owners[0]]
+                assert all(modes[o] is mode for o in owners)
+                if mode is Mode.CACHED:
+                    assert fwd["blocks"] == [*range(k), *range(d - k, d)]  # exactly 2K of D
+                else:
+                    assert fwd["blocks"] == list(range(d))
+                offset = 0
+                for owner in owners:
+                    rows = fwd["deep"][offset : offset + {"a": 1, "b": 2}[owner]]
+                    offset += rows.shape[0]
+                    if mode is Mode.FULL:
+                        last_full[owner] = rows
+                    else:
+                        assert torch.equal(rows, last_full[owner])
+                        cached_checks[owner] += 1
+    finally:
+        for h in handles:
+            h.remove()
+    assert cached_checks["a"] >= 2 and cached_checks["b"] >= 2

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from model import registry
+from model.cache import Mode
+from model.checkpoint import save_pretrained
+from model.errors import FieldError
+from model.pipeline import Job, Pipeline, denoise_step
+from model.request import GenerateParams
+from tests.conftest import tiny
+
+
+def _solo(pipeline: Pipeline, params: GenerateParams) -> torch.Tensor:
+    return pipeline.generate([params])[0].latents
+
+
+def test_batched_requests_equal_their_solo_runs(tiny_pipeline: Pipeline) -> None:
+    requests = [
+        GenerateParams(steps=8, seed=1, class_label=2, cache_interval=1),
+        GenerateParams(steps=8, seed=2, class_label=5, num_images=2, cache_interval=3),
+        GenerateParams(steps=6, seed=3, class_label=9, sampler="dpm++", cache_interval=2),
+        GenerateParams(steps=7, seed=4, guidance_scale=1, sampler="ddpm", cache_interval=4),
+    ]
+    batched = tiny_pipeline.generate(requests)
+    for params, result in zip(requests, batched, strict=True):
+        torch.testing.assert_close(
+            result.latents, _solo(tiny_pipeline, params), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_a_request_joining_mid_way_does_not_change_either_output(tiny_pipeline: Pipeline) -> None:
+    a_params = GenerateParams(steps=8, seed=11, cache_interval=2)
+    b_params = GenerateParams(steps=8, seed=12, class_label=4, cache_interval=3)
+    a = tiny_pipeline.start(a_params)
+    for _ in range(3):
+        denoise_step(tiny_pipeline.model, [a])
+    b = tiny_pipeline.start(b_params)
+    while not b.done:
+        denoise_step(tiny_pipeline.model, [j for j in (a, b) if not j.done])
+    torch.testing.assert_close(a.latents, _solo(tiny_pipeline, a_params), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.latents, _solo(tiny_pipeline, b_params), rtol=1e-5, atol=1e-5)
+
+
+def test_seed_decides_the_output(tiny_pipeline: Pipeline) -> None:
+    one = _solo(tiny_pipeline, GenerateParams(steps=4, seed=1, sampler="ddpm"))
+    again = _solo(tiny_pipeline, GenerateParams(steps=4, seed=1, sampler="ddpm"))
+    other = _solo(tiny_pipeline, GenerateParams(steps=4, seed=2, sampler="ddpm"))
+    assert torch.equal(one, again)
+    assert not torch.allclose(one, other)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++"])
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_every_sampler_handles_learned_sigma(sampler: str, learn_sigma: bool) -> None:
+    pipeline = Pipeline(tiny(learn_sigma=learn_sigma))
+    params = GenerateParams(steps=5, sampler=sampler, guidance_scale=3, cache_interval=2)
+    (result,) = pipeline.generate([params])
+    assert result.images.shape == (1, 8, 8, 1) and result.images.dtype == torch.uint8
+    assert torch.isfinite(result.latents).all()
+
+
+def test_ddpm_uses_the_learned_variance() -> None:
+    model = tiny(learn_sigma=True)
+    params = GenerateParams(steps=5, sampler="ddpm", guidance_scale=1)
+    before = _solo(Pipeline(model), params)
+    with torch.no_grad():  # move only the variance channel of the output
+        model.final_layer.linear.bias[1::2] += 1.0
+    assert not torch.allclose(before, _solo(Pipeline(model), params))
+
+
+def test_guidance_uses_the_null_class_in_the_same_forward(tiny_pipeline: Pipeline) -> None:
+    job = tiny_pipeline.start(GenerateParams(steps=3, guidance_scale=4, num_images=2))
+    x, t, y = job.model_input()
+    assert x.shape[0] == 4 and y.tolist() == [0, 0, 10, 10] and t.tolist() == [t[0]] * 4
+    guided = _solo(tiny_pipeline, GenerateParams(steps=3, guidance_scale=4, num_images=2))
+    plain = _solo(tiny_pipeline, GenerateParams(steps=3, guidance_scale=1, num_images=2))
+    assert not torch.allclose(guided, plain)
+
+
+def test_guidance_without_a_null_class_is_refused() -> None:
+    pipeline = Pipeline(tiny(class_dropout_prob=0.0))
+    with pytest.raises(FieldError) as err:
+        pipeline.start(GenerateParams(guidance_scale=2))
+    assert err.value.field == "guidance_scale"
+
+
+def test_progress_reports_each_steps_mode_and_cancel_stops(tiny_pipeline: Pipeline) -> None:
+    seen: list[tuple[int, int, Mode]] = []
+
+    def progress(job: Job, mode: Mode) -> None:
+        if job.params.seed == 1:
+            seen.append((job.step, job.total_steps, mode))
+        elif job.step == 3:
+            job.cancel()
+
+    keep = GenerateParams(steps=8, seed=1, cache_interval=3)
+    stop = GenerateParams(steps=8, seed=2, cache_interval=3)
+    kept, stopped = tiny_pipeline.generate([keep, stop], progress=progress)
+    full, cached = Mode.FULL, Mode.CACHED
+    # DDIM-8 timesteps 875..0: interval 3 plus the t <= 20 tail (last step).
+    assert [m for *_, m in seen] == [full, cached, cached, full, cached, cached, full, full]
+    assert [s for s, *_ in seen] == list(range(1, 9)) and {n for _, n, _ in seen} == {8}
+    assert kept.status == "done" and kept.stats.steps == {full: 4, cached: 4}
+    assert stopped.status == "cancelled" and stopped.images is None
+    assert sum(stopped.stats.steps.values()) == 3
+    torch.testing.assert_close(kept.latents, _solo(tiny_pipeline, keep), rtol=1e-5, atol=1e-5)
+
+
+def test_stats_report_cached_steps_cheaper_in_count_and_speedup(tiny_pipeline: Pipeline) -> None:
+    (result,) = tiny_pipeline.generate([GenerateParams(steps=8, cache_interval=4)])
+    stats = result.stats.as_dict()
+    assert stats["steps_full"] + stats["steps_cached"] == 8
+    assert stats["steps_cached"] > 0 and stats["speedup"] is not None
+
+
+def test_latent_model_decodes_with_a_local_vae(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    save_pretrained(tiny(in_channels=4, learn_sigma=True), tmp_path / "dit")
+    with pytest.raises(FieldError) as err:
+        registry.load(str(tmp_path / "dit"))
+    assert err.value.field == "vae"
+    loaded = registry.load(str(tmp_path / "dit"), vae_path=tmp_path / "vae")
+    (result,) = loaded.pipeline.generate([GenerateParams(steps=3, num_images=2)])
+    assert result.images.shape == (2, 16, 16, 3)
+    with torch.no_grad():
+        pixels = loaded.pipeline.vae.decode(result.latents / 0.18215).sample
+    expected = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert torch.equal(result.images, expected)

@@ -1,0 +1,103 @@
+"""``skipdit generate`` as a user runs it: a real subprocess, real files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from model.checkpoint import save_pretrained
+from service.cli import main
+from tests.conftest import tiny
+
+CLI = [sys.executable, "-m", "service.cli"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_pretrained(tiny(), tmp_path_factory.mktemp("models") / "tiny", card={"name": "t"})
+
+
+def test_generate_writes_a_png_grid_and_prints_stats(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid.png"
+    proc = run(
+        "generate", "--model", str(model_dir), "--class-label", "3", "--steps", "6",
+        "--cache-interval", "3", "--num-images", "4", "--seed", "0", "--out", str(out), "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats["steps_full"] + stats["steps_cached"] == 6 and stats["steps_cached"] == 3
+    assert stats["random_weights"] is False
+    image = Image.open(out)
+    assert image.format == "PNG" and image.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+
+
+def test_same_seed_writes_the_same_png(model_dir: Path, tmp_path: Path) -> None:
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in paths:
+        assert run("generate", "--model", str(model_dir), "--steps", "4", "--out", str(path))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_console_script_says_when_weights_are_random(tmp_path: Path) -> None:
+    exe = shutil.which("skipdit")
+    assert exe is not None, "the skipdit console script is not installed"
+    proc = subprocess.run(
+        [exe, "generate", "--model", "random:digits-tiny", "--steps", "3", "--out",
+         str(tmp_path / "r.png")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "RANDOM untrained weights" in proc.stdout
+    assert (tmp_path / "r.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--steps", "-5"], "steps"),
+        (["--steps", "0"], "steps"),
+        (["--cache-interval", "0"], "cache_interval"),
+        (["--model", "no-such-model"], "model"),
+        (["--class-label", "10"], "class_label"),
+        (["--class-label", "-1"], "class_label"),
+        (["--num-images", "17"], "num_images"),
+        (["--sampler", "euler"], "sampler"),
+        (["--guidance-scale", "0.5"], "guidance_scale"),
+        (["--cache-depth", "3"], "cache_depth"),
+        (["--cache-policy", "none", "--cache-interval", "2"], "cache_interval"),
+        (["--steps", "abc"], "--steps"),
+    ],
+)
+def test_invalid_input_exits_nonzero_with_one_line_naming_the_field(
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    field: str,
+) -> None:
+    model = [] if "--model" in args else ["--model", str(model_dir)]
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", *model, *args, "--out", str(tmp_path / "x.png")])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("skipdit generate: error: ") and field in lines[0]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_invalid_input_from_a_real_process_on_the_default_model(tmp_path: Path) -> None:
+    proc = run("generate", "--class-label", "12", "--out", str(tmp_path / "x.png"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "skipdit generate: error: class_label: must be in [0, 9], got 12"
+    ]
