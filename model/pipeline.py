@@ -57,10 +57,12 @@ class StepStats:
 
     steps: dict[Mode, int] = field(default_factory=lambda: {Mode.FULL: 0, Mode.CACHED: 0})
     seconds: dict[Mode, float] = field(default_factory=lambda: {Mode.FULL: 0.0, Mode.CACHED: 0.0})
+    last_seconds: float = 0.0  # the latest step's forward
 
     def add(self, mode: Mode, seconds: float) -> None:
         self.steps[mode] += 1
         self.seconds[mode] += seconds
+        self.last_seconds = seconds
 
     @property
     def model_seconds(self) -> float:
@@ -249,13 +251,19 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def guidance_of(self, params: GenerateParams) -> float:
+        if params.guidance_scale is not None:
+            return params.guidance_scale
+        return self.default_guidance if self.model.config.has_null_class else 1.0
+
+    def rows_of(self, params: GenerateParams) -> int:
+        """Batch rows a request takes: its images, doubled by guidance."""
+        return params.num_images * (2 if self.guidance_of(params) > 1 else 1)
+
     def start(self, params: GenerateParams) -> Job:
         """Validate ``params`` against this model and create its job (initial noise drawn)."""
         config = self.model.config
         params.check_for(config)
-        guidance = params.guidance_scale
-        if guidance is None:
-            guidance = self.default_guidance if config.has_null_class else 1.0
         scheduler = make_scheduler(params.sampler, config.learn_sigma, self.vae is None)
         scheduler.set_timesteps(params.steps)
         generator = torch.Generator("cpu").manual_seed(params.seed)
@@ -269,7 +277,7 @@ class Pipeline:
             scheduler=scheduler,
             generator=generator,
             cache=params.cache_for(config),
-            guidance=guidance,
+            guidance=self.guidance_of(params),
             null_class=config.num_classes,
         )
 

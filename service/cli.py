@@ -121,11 +121,20 @@ def _generate(args: argparse.Namespace, prog: str) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from model import train
+
+    p = sub.add_parser("train", help="train a digit Skip-DiT / DiT (resumable)")
+    train.add_arguments(p)
+    p.set_defaults(func=lambda args, prog: train.train(args) and 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="skipdit", description="Skip-DiT serving with Skip-Cache")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
+    _add_train(sub)
     return parser
 
 

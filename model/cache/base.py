@@ -41,6 +41,10 @@ class CachePolicy(ABC):
     def decide(self, step: int, t: int, config: Any, state: Any) -> Mode:
         """Pure: the mode of step ``step`` (0-based) at scheduler timestep ``t``."""
 
+    def planned_modes(self, config: Any, timesteps: Sequence[int]) -> list[Mode]:
+        """The modes a fresh request will run, for time estimates (static policies are exact)."""
+        return [Mode.FULL] * len(timesteps)
+
     def capture_blocks(self, config: Any, model: DiTConfig) -> tuple[int, ...]:
         """Block indices whose entering hidden state a full step must hand to ``on_full``."""
         return ()

@@ -9,6 +9,7 @@ skips while the stored deep feature replaces everything between. Cost of a cache
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -92,6 +93,12 @@ class SkipCache(CachePolicy):
 
     def decide(self, step: int, t: int, config: SkipCacheConfig, state: SkipCacheState) -> Mode:
         return decide(step, t, config, state)
+
+    def planned_modes(self, config: SkipCacheConfig, timesteps: Sequence[int]) -> list[Mode]:
+        warm = SkipCacheState(deep=torch.empty(0))
+        return [
+            decide(i, t, config, warm if i else SkipCacheState()) for i, t in enumerate(timesteps)
+        ]
 
     def capture_blocks(self, config: SkipCacheConfig, model: DiTConfig) -> tuple[int, ...]:
         return (model.depth - config.depth,)

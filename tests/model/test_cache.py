@@ -158,3 +158,11 @@ def test_cached_step_runs_2k_blocks_on_the_requests_own_deep_feature(
         for h in handles:
             h.remove()
     assert cached_checks["a"] >= 2 and cached_checks["b"] >= 2
+
+
+def test_planned_modes_match_what_a_run_does(tiny_pipeline: Pipeline) -> None:
+    job = tiny_pipeline.start(GenerateParams(steps=8, cache_interval=3))
+    timesteps = [int(t) for t in job.scheduler.timesteps]
+    planned = job.cache.policy.planned_modes(job.cache.config, timesteps)
+    ran = [denoise_step(tiny_pipeline.model, [job])[0] for _ in timesteps]
+    assert planned == ran and Mode.CACHED in ran

@@ -1,0 +1,101 @@
+"""Plain messages passed between the API, the queue backends, the worker and the engine.
+
+Times are Unix seconds (``time.time()``) unless a name says otherwise; durations are seconds.
+Everything here round-trips through JSON (the Redis backend stores these dicts).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field
+
+from model.request import GenerateParams
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class JobRequest(GenerateParams):
+    """The body of ``POST /generate``: generation parameters plus serving options."""
+
+    output_format: OutputFormat = "png"
+    priority: int = Field(0, ge=-10, le=10, description="Higher runs first.")
+    timeout_s: float = Field(
+        300.0, gt=0, le=3600, description="Deadline from submission; past it the job expires."
+    )
+    async_: bool = Field(False, alias="async", description="Return 202 + Location at once.")
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+@dataclass
+class JobRecord:
+    """What the service knows about a job; stored by the backend, returned by GET /jobs/{id}."""
+
+    request: dict[str, Any]  # JobRequest as JSON (by alias)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    status: JobStatus = JobStatus.QUEUED
+    created_at: float = field(default_factory=time.time)
+    deadline: float = 0.0  # created_at + timeout_s
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    error: dict[str, str] | None = None  # {"code", "message"}
+    result: dict[str, Any] | None = None  # metadata only; image bytes live in StoredResult
+
+    def __post_init__(self) -> None:
+        self.status = JobStatus(self.status)
+        if not self.deadline:
+            self.deadline = self.created_at + float(self.request.get("timeout_s", 300.0))
+
+    @property
+    def params(self) -> JobRequest:
+        return JobRequest.model_validate(self.request)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"status": self.status.value}
+
+
+@dataclass
+class StoredResult:
+    """Encoded images of a finished job plus the metadata returned with them."""
+
+    content_type: str
+    images: list[bytes]
+    meta: dict[str, Any]
+
+
+@dataclass
+class Event:
+    """One line of a job's progress stream (SSE ``event:`` is ``type``)."""
+
+    type: str  # queued | started | step | done | failed | cancelled | expired
+    job_id: str
+    step: int = 0
+    total: int = 0
+    mode: str | None = None  # full | cached, on step events
+    message: str | None = None
+    time: float = field(default_factory=time.time)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in {"done", "failed", "cancelled", "expired"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

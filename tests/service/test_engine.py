@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import torch
+
+from model.pipeline import Pipeline
+from model.request import GenerateParams
+from service.engine import Engine, EngineEvent, EngineRequest, EventKind
+
+TOKENS = 16  # digits-tiny: 8x8 pixels, patch 2
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_all(engine: Engine, limit: int = 200) -> list[EngineEvent]:
+    events: list[EngineEvent] = []
+    for _ in range(limit):
+        if not engine.has_work():
+            return events
+        events += engine.step()[0]
+    raise AssertionError("engine did not drain")
+
+
+def by_kind(events: list[EngineEvent], kind: EventKind) -> dict[str, EngineEvent]:
+    return {e.request_id: e for e in events if e.kind is kind}
+
+
+def test_requests_batch_together_and_match_their_solo_runs(tiny_pipeline: Pipeline) -> None:
+    engine = Engine(tiny_pipeline, max_batch_tokens=1000)
+    params = {
+        "a": GenerateParams(steps=6, seed=1, cache_interval=1),
+        "b": GenerateParams(steps=8, seed=2, cache_interval=3, num_images=2),
+        "c": GenerateParams(steps=5, seed=3, cache_interval=2, sampler="dpm++"),
+    }
+    for rid, p in params.items():
+        engine.submit(EngineRequest(rid, p))
+    events, report = engine.step()
+    assert report.requests == 3 and set(by_kind(events, EventKind.STARTED)) == set(params)
+    done = by_kind(events + run_all(engine), EventKind.DONE)
+    for rid, p in params.items():
+        (solo,) = tiny_pipeline.generate([p])
+        torch.testing.assert_close(done[rid].result.latents, solo.latents, rtol=1e-5, atol=1e-5)
+
+
+def test_token_budget_caps_the_batch_and_new_requests_join_between_steps(
+    tiny_pipeline: Pipeline,
+) -> None:
+    # guidance doubles rows: each request is 2 rows x 16 tokens = 32 tokens.
+    engine = Engine(tiny_pipeline, max_batch_tokens=64)
+    for i in range(3):
+        engine.submit(EngineRequest(f"r{i}", GenerateParams(steps=3, seed=i, guidance_scale=2)))
+    _, first = engine.step()
+    assert first.requests == 2 and first.rows == 4
+    engine.step()
+    engine.step()  # r0, r1 finish here
+    events, report = engine.step()
+    assert "r2" in by_kind(events, EventKind.STARTED) and report.requests == 1
+
+
+def test_priority_then_least_slack_decide_admission(tiny_pipeline: Pipeline) -> None:
+    clock = Clock()
+    engine = Engine(tiny_pipeline, max_batch_tokens=32, clock=clock)
+    p = GenerateParams(steps=2, guidance_scale=2)
+    engine.submit(EngineRequest("late-deadline", p, deadline=clock.now + 500, submitted=1.0))
+    engine.submit(EngineRequest("soon-deadline", p, deadline=clock.now + 50, submitted=2.0))
+    engine.submit(EngineRequest("no-deadline", p, submitted=0.0))
+    engine.submit(EngineRequest("important", p, priority=5, submitted=3.0))
+    order = [e.request_id for e in run_all(engine) if e.kind is EventKind.STARTED]
+    assert order == ["important", "soon-deadline", "late-deadline", "no-deadline"]
+
+
+def test_deadline_passed_expires_at_the_next_step_boundary(tiny_pipeline: Pipeline) -> None:
+    clock = Clock()
+    engine = Engine(tiny_pipeline, max_batch_tokens=1000, clock=clock)
+    engine.submit(EngineRequest("run", GenerateParams(steps=10), deadline=clock.now + 10))
+    engine.submit(EngineRequest("keep", GenerateParams(steps=4, seed=9)))
+    engine.step()
+    engine.step()
+    clock.now += 11
+    events, _ = engine.step()
+    expired = by_kind(events, EventKind.EXPIRED)
+    assert expired["run"].step == 2 and "run" not in engine.active_ids
+    assert "keep" in by_kind(run_all(engine), EventKind.DONE)
+
+
+def test_cancel_a_waiting_and_a_running_request(tiny_pipeline: Pipeline) -> None:
+    engine = Engine(tiny_pipeline, max_batch_tokens=32)
+    p = GenerateParams(steps=5, guidance_scale=2)
+    engine.submit(EngineRequest("running", p))
+    engine.submit(EngineRequest("waiting", p))
+    engine.step()
+    assert engine.active_ids == ["running"] and engine.waiting_ids == ["waiting"]
+    engine.cancel("waiting")
+    engine.cancel("running")
+    events, report = engine.step()
+    cancelled = by_kind(events, EventKind.CANCELLED)
+    assert set(cancelled) == {"running", "waiting"} and cancelled["running"].step == 1
+    assert report.requests == 0 and not engine.has_work()
+
+
+def test_an_invalid_request_fails_alone(tiny_pipeline: Pipeline) -> None:
+    engine = Engine(tiny_pipeline, max_batch_tokens=1000)
+    engine.submit(EngineRequest("bad", GenerateParams(steps=3, class_label=99)))
+    engine.submit(EngineRequest("good", GenerateParams(steps=3)))
+    events = run_all(engine)
+    assert "class_label" in by_kind(events, EventKind.FAILED)["bad"].error
+    assert "good" in by_kind(events, EventKind.DONE)
+
+
+def test_step_report_counts_modes_and_measures_their_cost(tiny_pipeline: Pipeline) -> None:
+    engine = Engine(tiny_pipeline, max_batch_tokens=1000)
+    engine.submit(EngineRequest("a", GenerateParams(steps=6, cache_interval=3)))
+    totals = {"full": 0, "cached": 0}
+    while engine.has_work():
+        _, report = engine.step()
+        for mode, n in report.mode_requests.items():
+            totals[mode.value] += n
+    assert totals == {"full": 3, "cached": 3}  # steps 0, 3 and the t <= 20 tail are full
+    assert all(v is not None and v > 0 for v in engine.step_seconds.values())
