@@ -251,15 +251,6 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def guidance_of(self, params: GenerateParams) -> float:
-        if params.guidance_scale is not None:
-            return params.guidance_scale
-        return self.default_guidance if self.model.config.has_null_class else 1.0
-
-    def rows_of(self, params: GenerateParams) -> int:
-        """Batch rows a request takes: its images, doubled by guidance."""
-        return params.num_images * (2 if self.guidance_of(params) > 1 else 1)
-
     def start(self, params: GenerateParams) -> Job:
         """Validate ``params`` against this model and create its job (initial noise drawn)."""
         config = self.model.config
@@ -277,7 +268,7 @@ class Pipeline:
             scheduler=scheduler,
             generator=generator,
             cache=params.cache_for(config),
-            guidance=self.guidance_of(params),
+            guidance=params.guidance_for(config, self.default_guidance),
             null_class=config.num_classes,
         )
 

@@ -16,10 +16,16 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import CONFIG_FILE, load_official, load_pretrained, load_vae
+from model.checkpoint import (
+    CONFIG_FILE,
+    load_official,
+    load_pretrained,
+    load_vae,
+    read_pretrained_meta,
+)
 from model.errors import FieldError
 from model.pipeline import DEFAULT_GUIDANCE, Pipeline
-from model.skip_dit import PRESETS, SkipDiT, preset
+from model.skip_dit import PRESETS, DiTConfig, SkipDiT, preset
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,31 @@ def known_names() -> list[str]:
     return shipped_models() + [RANDOM_PREFIX + p for p in PRESETS]
 
 
+def _source(name: str) -> tuple[str, Path | str]:
+    """("pretrained", dir) | ("official", file) | ("random", preset name)."""
+    path = Path(name)
+    if (WEIGHTS_DIR / name / CONFIG_FILE).is_file():
+        return "pretrained", WEIGHTS_DIR / name
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        return "pretrained", path
+    if path.is_file():
+        return "official", path
+    if name.startswith(RANDOM_PREFIX) and name[len(RANDOM_PREFIX) :] in PRESETS:
+        return "random", name[len(RANDOM_PREFIX) :]
+    raise FieldError("model", f"unknown model {name!r}; known: {known_names()} or a local path")
+
+
+def describe(name_or_path: str | None = None) -> tuple[str, DiTConfig, dict[str, Any], bool]:
+    """(name, config, card, random_weights), without loading weights where avoidable."""
+    name = name_or_path or default_model()
+    kind, where = _source(name)
+    if kind == "pretrained":
+        return name, *read_pretrained_meta(where), False
+    if kind == "official":
+        return name, load_official(where).config, {}, False
+    return name, preset(str(where)), {}, True
+
+
 def load(
     name_or_path: str | None = None,
     device: str | torch.device = "cpu",
@@ -65,25 +96,19 @@ def load(
 ) -> LoadedModel:
     """Load a model by name or path. Unknown names raise FieldError('model', ...)."""
     name = name_or_path or default_model()
+    kind, where = _source(name)
     card: dict[str, Any] = {}
-    random_weights = False
-    path = Path(name)
-    if (WEIGHTS_DIR / name / CONFIG_FILE).is_file():
-        network, card = load_pretrained(WEIGHTS_DIR / name)
-    elif path.is_dir() and (path / CONFIG_FILE).is_file():
-        network, card = load_pretrained(path)
-    elif path.is_file():
-        network = load_official(path)
-    elif name.startswith(RANDOM_PREFIX) and name[len(RANDOM_PREFIX) :] in PRESETS:
+    if kind == "pretrained":
+        network, card = load_pretrained(where)
+    elif kind == "official":
+        network = load_official(where)
+    else:
         torch.manual_seed(seed)
-        network = SkipDiT(preset(name[len(RANDOM_PREFIX) :]))
-        random_weights = True
+        network = SkipDiT(preset(str(where)))
         log.warning(
             "model %s has RANDOM, untrained weights: output is noise-like, for smoke tests only",
             name,
         )
-    else:
-        raise FieldError("model", f"unknown model {name!r}; known: {known_names()} or a local path")
     vae = load_vae(vae_path) if vae_path is not None else None
     if vae is None and network.config.in_channels not in (1, 3):
         raise FieldError(
@@ -95,4 +120,4 @@ def load(
     if vae is not None:
         vae = vae.to(device=device, dtype=dtype)
     guidance = float(card.get("default_guidance", DEFAULT_GUIDANCE))
-    return LoadedModel(name, Pipeline(network, vae, guidance), card, random_weights)
+    return LoadedModel(name, Pipeline(network, vae, guidance), card, kind == "random")

@@ -46,6 +46,16 @@ class GenerateParams(BaseModel):
             raise FieldError("guidance_scale", "this model has no null class: must be 1")
         self.cache_for(model)
 
+    def guidance_for(self, model: DiTConfig, default: float) -> float:
+        """The guidance scale this request runs with (``default``: the model card's)."""
+        if self.guidance_scale is not None:
+            return self.guidance_scale
+        return default if model.has_null_class else 1.0
+
+    def rows_for(self, model: DiTConfig, default_guidance: float) -> int:
+        """Batch rows the request takes: its images, doubled by guidance."""
+        return self.num_images * (2 if self.guidance_for(model, default_guidance) > 1 else 1)
+
     def cache_for(self, model: DiTConfig) -> cache.RequestCache:
         """A fresh per-request cache as this request asks for it."""
         if self.cache_policy == "none":

@@ -23,6 +23,7 @@ from model.errors import FieldError
 from model.pipeline import Job
 from model.request import GenerateParams
 from service.images import encode, grid
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,54 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args, prog: train.train(args) and 0)
 
 
+def _settings(prog: str, **overrides: object) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        _fail(prog, _validation_message(e))
+
+
+def _serve(args: argparse.Namespace, prog: str) -> int:
+    import uvicorn
+
+    from service.api import build_app
+
+    settings = _settings(prog, host=args.host, port=args.port, model=args.model)
+    logging.getLogger().setLevel(settings.log_level)
+    app = build_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    return 0
+
+
+def _worker(args: argparse.Namespace, prog: str) -> int:
+    from service.worker import run_worker_process
+
+    settings = _settings(prog, model=args.model, metrics_port=args.metrics_port)
+    if settings.redis_url is None:
+        _fail(prog, "SKIPDIT_REDIS_URL: a worker process needs Redis (serve embeds its own worker)")
+    logging.getLogger().setLevel(settings.log_level)
+    return run_worker_process(settings)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the HTTP API (embedded queue + worker without Redis)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--model", default=None)
+    p.set_defaults(func=_serve)
+    w = sub.add_parser("worker", help="run a GPU/CPU worker that takes jobs from Redis")
+    w.add_argument("--model", default=None)
+    w.add_argument("--metrics-port", type=int, default=None)
+    w.set_defaults(func=_worker)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="skipdit", description="Skip-DiT serving with Skip-Cache")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
     _add_train(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -111,7 +111,8 @@ class Engine:
 
     def fits_alone(self, params: GenerateParams) -> bool:
         """Whether the request fits the token budget on its own (else it could never run)."""
-        return self.pipeline.rows_of(params) * self.tokens_per_row <= self.max_batch_tokens
+        rows = params.rows_for(self.pipeline.model.config, self.pipeline.default_guidance)
+        return rows * self.tokens_per_row <= self.max_batch_tokens
 
     @property
     def active_ids(self) -> list[str]:

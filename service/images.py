@@ -20,8 +20,11 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """(n, H, W, c) uint8 -> one (rows*H', cols*W', c) image, near-square, zero padding."""
+    """(n, H, W, c) uint8 -> one (rows*H', cols*W', c) image, near-square, zero padding.
+    A single image is returned as it is."""
     n, h, w, c = images.shape
+    if n == 1:
+        return images[0]
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     out = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)

@@ -53,6 +53,7 @@ class JobRecord:
     created_at: float = field(default_factory=time.time)
     deadline: float = 0.0  # created_at + timeout_s
     started_at: float | None = None
+    worker: str | None = None  # the worker that ran (or runs) it
     finished_at: float | None = None
     step: int = 0
     total_steps: int = 0

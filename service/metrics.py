@@ -1,0 +1,80 @@
+"""Prometheus series, in base units. The engine and worker report plain stats objects; this
+module alone turns them into series. One registry per app/worker (tests build many)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from model.cache import Mode
+from service.engine import StepReport
+
+# Up to 30 minutes: video requests take many minutes.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+SPEEDUP_BUCKETS = (0.5, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 6, 8)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram(
+            "skipdit_request_duration_seconds",
+            "Submit to terminal state.",
+            ["model", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "skipdit_queue_wait_seconds",
+            "Submit to first step.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "skipdit_step_duration_seconds",
+            "One batched forward, by cache mode.",
+            ["mode"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "skipdit_batch_size", "Requests per engine step.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.steps = Counter(
+            "skipdit_steps", "Request-steps run, by cache mode.", ["mode"], registry=r
+        )
+        self.speedup = Histogram(
+            "skipdit_speedup_ratio",
+            "Per request: uncached-equivalent model time / actual.",
+            buckets=SPEEDUP_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("skipdit_queue_depth", "Jobs waiting for a worker.", registry=r)
+        self.inflight = Gauge("skipdit_inflight_requests", "Jobs held by this worker.", registry=r)
+        self.requests = Counter(
+            "skipdit_requests", "Jobs ended, by status.", ["status"], registry=r
+        )
+        self.errors = Counter("skipdit_errors", "Errors, by reason.", ["reason"], registry=r)
+        for mode in Mode:  # export both modes from the start
+            self.step_duration.labels(mode.value)
+            self.steps.labels(mode.value)
+
+    def observe_step(self, report: StepReport) -> None:
+        if report.requests == 0:
+            return
+        self.batch_size.observe(report.requests)
+        for mode, n in report.mode_requests.items():
+            if n:
+                self.steps.labels(mode.value).inc(n)
+        for mode, seconds in report.mode_seconds.items():
+            self.step_duration.labels(mode.value).observe(seconds)
+
+    def observe_end(
+        self, model: str, status: str, seconds: float, speedup: float | None = None
+    ) -> None:
+        self.request_duration.labels(model, status).observe(seconds)
+        self.requests.labels(status).inc()
+        if speedup is not None:
+            self.speedup.observe(speedup)

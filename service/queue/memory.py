@@ -1,0 +1,170 @@
+"""In-process backend: the embedded default when no Redis URL is configured.
+
+Same semantics as the Redis backend, inside one event loop: a FIFO of job ids, records, events
+and results in dicts (results and records dropped after their TTLs), conditions to wake waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+from service.messages import Event, JobRecord, JobStatus, StoredResult
+from service.queue.base import Delivery, QueueBackend, QueueFull, finished_record
+
+
+def _copy(record: JobRecord) -> JobRecord:
+    """Records cross the backend boundary by value, as they do through Redis."""
+    return JobRecord(**copy.deepcopy(record.to_dict()))
+
+
+class MemoryBackend(QueueBackend):
+    name = "memory"
+
+    def __init__(self, max_queue: int, result_ttl: float, job_ttl: float, retry_after: float = 1):
+        self.max_queue = max_queue
+        self.result_ttl = result_ttl
+        self.job_ttl = job_ttl
+        self.retry_after = retry_after
+        self._queue: deque[str] = deque()
+        self._records: dict[str, JobRecord] = {}
+        self._results: dict[str, tuple[float, StoredResult]] = {}  # expires at, result
+        self._events: dict[str, list[Event]] = {}
+        self._idempotency: dict[str, str] = {}
+        self._cancel: set[str] = set()
+        self._changed = asyncio.Condition()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _expire(self) -> None:
+        now = time.time()
+        for job_id, (expires, _) in list(self._results.items()):
+            if expires <= now:
+                del self._results[job_id]
+        for job_id, record in list(self._records.items()):
+            if record.status.terminal and (record.finished_at or 0) + self.job_ttl <= now:
+                del self._records[job_id]
+                self._events.pop(job_id, None)
+
+    # -- API side
+
+    async def submit(
+        self, record: JobRecord, idempotency_key: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        self._expire()
+        if idempotency_key is not None and idempotency_key in self._idempotency:
+            known = self._records.get(self._idempotency[idempotency_key])
+            if known is not None:
+                return _copy(known), False
+        if len(self._queue) >= self.max_queue:  # waiting, not yet claimed
+            raise QueueFull(len(self._queue), self.retry_after)
+        self._records[record.id] = _copy(record)
+        self._events[record.id] = [Event("queued", record.id, total=record.total_steps)]
+        if idempotency_key is not None:
+            self._idempotency[idempotency_key] = record.id
+        self._queue.append(record.id)
+        await self._notify()
+        return record, True
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        self._expire()
+        record = self._records.get(job_id)
+        return None if record is None else _copy(record)
+
+    async def get_result(self, job_id: str) -> StoredResult | None:
+        self._expire()
+        entry = self._results.get(job_id)
+        return entry[1] if entry else None
+
+    async def request_cancel(self, job_id: str) -> JobRecord | None:
+        record = self._records.get(job_id)
+        if record is None or record.status.terminal:
+            return None if record is None else _copy(record)
+        if record.status is JobStatus.QUEUED:
+            self._queue.remove(job_id)
+            finished_record(record, JobStatus.CANCELLED)
+            self._events[job_id].append(Event("cancelled", job_id, record.step, record.total_steps))
+            await self._notify()
+        else:
+            self._cancel.add(job_id)
+        return _copy(record)
+
+    async def events(self, job_id: str) -> AsyncIterator[Event]:
+        seen = 0
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda seen=seen: len(self._events.get(job_id, ())) > seen
+                )
+                new = self._events[job_id][seen:]
+            seen += len(new)
+            for event in new:
+                yield event
+                if event.terminal:
+                    return
+
+    async def depth(self) -> int:
+        return len(self._queue)
+
+    async def ping(self) -> None:
+        return None
+
+    # -- worker side
+
+    async def claim(self, consumer: str, count: int, block: float) -> list[Delivery]:
+        if not self._queue and block > 0:
+            try:
+                async with asyncio.timeout(block), self._changed:
+                    await self._changed.wait_for(lambda: bool(self._queue))
+            except TimeoutError:
+                return []
+        out = []
+        while self._queue and len(out) < count:
+            job_id = self._queue.popleft()
+            out.append(Delivery(job_id, job_id, consumer))
+        return out
+
+    async def start(self, delivery: Delivery) -> JobRecord | None:
+        record = self._records.get(delivery.job_id)
+        if record is None or record.status.terminal:
+            return None
+        record.status = JobStatus.RUNNING
+        record.started_at = time.time()
+        record.worker = delivery.consumer
+        return _copy(record)
+
+    async def progress(self, record: JobRecord, event: Event) -> None:
+        stored = self._records.get(record.id)
+        if stored is not None and not stored.status.terminal:
+            self._records[record.id] = _copy(record)
+        self._events[record.id].append(event)
+        await self._notify()
+
+    async def finish(
+        self, delivery: Delivery, record: JobRecord, event: Event, result: StoredResult | None
+    ) -> bool:
+        stored = self._records.get(record.id)
+        if stored is not None and stored.status.terminal:
+            return False
+        self._records[record.id] = _copy(record)
+        if result is not None:
+            self._results[record.id] = (time.time() + self.result_ttl, result)
+        self._cancel.discard(record.id)
+        self._events.setdefault(record.id, []).append(event)
+        await self._notify()
+        return True
+
+    async def release(self, delivery: Delivery) -> None:
+        record = self._records.get(delivery.job_id)
+        if record is not None and not record.status.terminal:
+            record.status = JobStatus.QUEUED
+            self._queue.appendleft(delivery.job_id)
+            await self._notify()
+
+    async def cancel_requested(self, job_ids: list[str]) -> set[str]:
+        return self._cancel.intersection(job_ids)

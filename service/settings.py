@@ -1,0 +1,64 @@
+"""All service settings: environment variables with the ``SKIPDIT_`` prefix, checked at boot."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SKIPDIT_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    redis_url: str | None = Field(None, description="unset: embedded in-process queue")
+    redis_prefix: str = "skipdit"
+    run_worker: bool | None = Field(
+        None, description="run the engine inside the API process; default: only without Redis"
+    )
+
+    model: str | None = Field(None, description="model name or path; default: the shipped one")
+    vae: str | None = None
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    max_batch_tokens: int = Field(4096, ge=1, description="batch rows x tokens per row, per step")
+    max_inflight: int = Field(32, ge=1, description="jobs one worker holds (running + waiting)")
+    max_queue: int = Field(256, ge=1, description="jobs waiting before submits get 429")
+    retry_after_s: float = Field(2.0, gt=0)
+    max_num_images: int = Field(8, ge=1)
+    max_steps: int = Field(250, ge=1)
+    default_timeout_s: float = Field(300.0, gt=0)
+    result_ttl_s: float = Field(3600.0, gt=0)
+    job_ttl_s: float = Field(86400.0, gt=0)
+    claim_idle_s: float = Field(30.0, gt=0, description="re-deliver work idle this long")
+    heartbeat_s: float = Field(5.0, gt=0)
+    max_deliveries: int = Field(3, ge=1, description="then the job goes to the dead-letter stream")
+    drain_timeout_s: float = Field(60.0, ge=0, description="SIGTERM: finish running work this long")
+    worker_name: str | None = None
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="worker /metrics port")
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"SKIPDIT_REDIS_URL must start with redis://, rediss:// or unix://, "
+                f"got {self.redis_url!r}"
+            )
+        if self.heartbeat_s * 2 > self.claim_idle_s:
+            raise ValueError(
+                f"SKIPDIT_HEARTBEAT_S ({self.heartbeat_s}) must be at most half of "
+                f"SKIPDIT_CLAIM_IDLE_S ({self.claim_idle_s}), or live workers lose their jobs"
+            )
+        if self.embedded_worker is False and self.redis_url is None:
+            raise ValueError("SKIPDIT_RUN_WORKER=false needs SKIPDIT_REDIS_URL: no one would run")
+        return self
+
+    @property
+    def embedded_worker(self) -> bool:
+        return self.run_worker if self.run_worker is not None else self.redis_url is None

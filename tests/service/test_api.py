@@ -1,0 +1,300 @@
+"""The HTTP API with an embedded worker, run against both queue backends."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.checkpoint import load_pretrained
+from model.pipeline import Pipeline
+from model.request import GenerateParams
+from tests.service.conftest import RedisServer, running_app, settings_for
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_settings(backend: str, tiny_model_dir: Path, redis_server: RedisServer):
+    def make(**kw: object):
+        return settings_for(backend, tiny_model_dir, redis_server.url, **kw)
+
+    return make
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+
+
+async def events_of(client: httpx.AsyncClient, job_id: str) -> list[dict]:
+    response = await client.get(f"/jobs/{job_id}/events")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return [
+        json.loads(line[len("data: ") :])
+        for line in response.text.splitlines()
+        if line.startswith("data: ")
+    ]
+
+
+async def test_sync_generate_returns_the_pipelines_image(make_settings, tiny_model_dir) -> None:
+    body = {"class_label": 4, "steps": 8, "seed": 7, "cache_interval": 2, "num_images": 2}
+    async with running_app(make_settings()) as client:
+        response = await client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["status"] == "done" and out["content_type"] == "image/png"
+    assert out["result"]["steps_full"] + out["result"]["steps_cached"] == 8
+    assert out["result"]["seed"] == 7 and out["result"]["speedup"] > 0
+    model, card = load_pretrained(tiny_model_dir)
+    (direct,) = Pipeline(model, default_guidance=card["default_guidance"]).generate(
+        [GenerateParams(**{k: v for k, v in body.items()})]
+    )
+    for encoded, expected in zip(out["images"], direct.images, strict=True):
+        got = pixels(base64.b64decode(encoded))
+        assert np.abs(got - expected[..., 0].numpy().astype(np.int16)).max() <= 1
+
+
+async def test_async_submit_then_status_result_and_sse(make_settings) -> None:
+    async with running_app(make_settings()) as client:
+        response = await client.post(
+            "/generate",
+            json={"steps": 6, "cache_interval": 3, "output_format": "webp"},
+            headers={"Prefer": "respond-async"},
+        )
+        assert response.status_code == 202
+        location = response.headers["Location"]
+        job_id = response.json()["id"]
+        assert location == f"/jobs/{job_id}"
+        events = await events_of(client, job_id)
+        status = (await client.get(location)).json()
+        result = await client.get(f"{location}/result")
+    types = [e["type"] for e in events]
+    assert types[0] == "queued" and types[1] == "started" and types[-1] == "done"
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 7))
+    assert {e["mode"] for e in steps} == {"full", "cached"}
+    assert status["status"] == "done" and status["progress"] == 1.0
+    assert result.status_code == 200 and result.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(result.content)).format == "WEBP"
+
+
+async def test_cancel_a_queued_and_a_running_job(make_settings) -> None:
+    async with running_app(make_settings(max_inflight=1)) as client:
+        slow = {"steps": 1000, "async": True}
+        running = (await client.post("/generate", json=slow)).json()["id"]
+        queued = (await client.post("/generate", json=slow)).json()["id"]
+        async with asyncio.timeout(30):
+            while (await client.get(f"/jobs/{running}")).json()["step"] < 2:
+                await asyncio.sleep(0.02)
+        assert (await client.get(f"/jobs/{queued}")).json()["status"] == "queued"
+        first = await client.delete(f"/jobs/{queued}")
+        assert first.status_code == 200 and first.json()["status"] == "cancelled"
+        second = await client.delete(f"/jobs/{running}")
+        assert second.status_code == 202
+        events = await events_of(client, running)
+        final = (await client.get(f"/jobs/{running}")).json()
+        never = await events_of(client, queued)
+    assert events[-1]["type"] == "cancelled" and 2 <= events[-1]["step"] < 1000
+    assert final["status"] == "cancelled"
+    assert [e["type"] for e in never] == ["queued", "cancelled"]  # it never started
+
+
+async def test_full_queue_gives_429_with_retry_after(make_settings) -> None:
+    async with running_app(make_settings(max_inflight=1, max_queue=1)) as client:
+        slow = {"steps": 1000, "async": True}
+        running = (await client.post("/generate", json=slow)).json()["id"]
+        async with asyncio.timeout(30):
+            while (await client.get(f"/jobs/{running}")).json()["status"] != "running":
+                await asyncio.sleep(0.02)
+        waiting = await client.post("/generate", json=slow)
+        full = await client.post("/generate", json=slow)
+        for job in (running, waiting.json()["id"]):
+            await client.delete(f"/jobs/{job}")
+    assert waiting.status_code == 202
+    assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1
+    assert full.json()["error"]["code"] == "queue_full"
+
+
+async def test_same_idempotency_key_is_one_job(make_settings) -> None:
+    async with running_app(make_settings()) as client:
+        headers = {"Idempotency-Key": "abc-123", "Prefer": "respond-async"}
+        first = await client.post("/generate", json={"steps": 3}, headers=headers)
+        again = await client.post("/generate", json={"steps": 3}, headers=headers)
+        other = await client.post(
+            "/generate", json={"steps": 3}, headers={"Prefer": "respond-async"}
+        )
+    assert first.json()["id"] == again.json()["id"] != other.json()["id"]
+
+
+async def test_deadline_passed_gives_504(make_settings) -> None:
+    async with running_app(make_settings()) as client:
+        response = await client.post("/generate", json={"steps": 1000, "timeout_s": 0.3})
+        job_id = response.json()["error"]["message"].split()[1]
+        record = (await client.get(f"/jobs/{job_id}")).json()
+    assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
+    assert record["status"] == "expired" and record["step"] < 1000
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": 1001}, "steps"),
+        ({"steps": "many"}, "steps"),
+        ({"num_images": 0}, "num_images"),
+        ({"num_images": 9}, "num_images"),
+        ({"class_label": 10}, "class_label"),
+        ({"class_label": -1}, "class_label"),
+        ({"cache_interval": 0}, "cache_interval"),
+        ({"cache_depth": 5}, "cache_depth"),
+        ({"guidance_scale": 25}, "guidance_scale"),
+        ({"seed": -1}, "seed"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"output_format": "bmp"}, "output_format"),
+        ({"priority": 11}, "priority"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"model": "nope"}, "model"),
+        ({"cache_policy": "none", "cache_interval": 3}, "cache_interval"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ],
+)
+async def test_invalid_body_is_422_naming_the_field(make_settings, body: dict, field: str) -> None:
+    async with running_app(make_settings()) as client:
+        response = await client.post("/generate", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and field in error["message"]
+
+
+async def test_unknown_and_unfinished_jobs(make_settings) -> None:
+    async with running_app(make_settings(max_inflight=1)) as client:
+        assert (await client.get("/jobs/nope")).status_code == 404
+        assert (await client.get("/jobs/nope/result")).status_code == 404
+        assert (await client.delete("/jobs/nope")).status_code == 404
+        job = (await client.post("/generate", json={"steps": 1000, "async": True})).json()["id"]
+        early = await client.get(f"/jobs/{job}/result")
+        await client.delete(f"/jobs/{job}")
+    assert early.status_code == 409 and early.json()["error"]["code"] == "not_ready"
+
+
+async def test_expired_result_is_410(make_settings) -> None:
+    async with running_app(make_settings(result_ttl_s=1)) as client:
+        done = (await client.post("/generate", json={"steps": 2})).json()
+        await asyncio.sleep(1.3)
+        gone = await client.get(f"/jobs/{done['id']}/result")
+    assert gone.status_code == 410 and gone.json()["error"]["code"] == "expired"
+
+
+async def test_openai_images_endpoint(make_settings) -> None:
+    async with running_app(make_settings()) as client:
+        ok = await client.post(
+            "/v1/images/generations", json={"prompt": "7", "n": 2, "size": "8x8"}
+        )
+        bad_prompt = await client.post("/v1/images/generations", json={"prompt": "a cat"})
+        bad_size = await client.post("/v1/images/generations", json={"prompt": "1", "size": "9x9"})
+        bad_format = await client.post(
+            "/v1/images/generations", json={"prompt": "1", "response_format": "url"}
+        )
+    assert ok.status_code == 200 and len(ok.json()["data"]) == 2
+    assert Image.open(io.BytesIO(base64.b64decode(ok.json()["data"][0]["b64_json"]))).size == (8, 8)
+    assert bad_prompt.status_code == 422 and bad_prompt.json()["error"]["field"] == "prompt"
+    assert bad_size.json()["error"]["field"] == "size"
+    assert bad_format.json()["error"]["field"] == "response_format"
+
+
+async def test_models_health_ready_and_openapi(make_settings, tiny_model_dir) -> None:
+    async with running_app(make_settings()) as client:
+        models = (await client.get("/models")).json()["data"][0]
+        health = await client.get("/healthz")
+        ready = await client.get("/readyz")
+        openapi = (await client.get("/openapi.json")).json()
+    assert models["id"] == str(tiny_model_dir) and models["random_weights"] is False
+    assert models["cache_defaults"]["skip_cache"]["depth"] == 1
+    assert health.json() == {"status": "ok"} and ready.status_code == 200
+    assert {
+        "/generate",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/events",
+        "/v1/images/generations",
+    } <= set(openapi["paths"])
+
+
+SERIES = [
+    "skipdit_request_duration_seconds_count",
+    "skipdit_queue_wait_seconds_count",
+    'skipdit_step_duration_seconds_count{mode="full"}',
+    'skipdit_step_duration_seconds_count{mode="cached"}',
+    "skipdit_batch_size_count",
+    'skipdit_steps_total{mode="full"}',
+    'skipdit_steps_total{mode="cached"}',
+    "skipdit_speedup_ratio_count",
+    'skipdit_requests_total{status="done"}',
+    "skipdit_inflight_requests",
+    "skipdit_queue_depth",
+]
+
+
+async def test_concurrent_mixed_requests_batch_and_match_solo_runs(
+    make_settings, tiny_model_dir
+) -> None:
+    bodies = [
+        {"class_label": i % 10, "steps": 10, "seed": 100 + i, "cache_interval": 1 + i % 4}
+        for i in range(16)
+    ]
+    async with running_app(make_settings()) as client:
+        responses = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+        metrics = (await client.get("/metrics")).text
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    model, card = load_pretrained(tiny_model_dir)
+    pipeline = Pipeline(model, default_guidance=card["default_guidance"])
+    for body, response in zip(bodies, responses, strict=True):
+        (solo,) = pipeline.generate([GenerateParams(**body)])
+        got = pixels(base64.b64decode(response.json()["images"][0]))
+        assert np.abs(got - solo.images[0, ..., 0].numpy().astype(np.int16)).max() <= 1
+    values = {}
+    for line in metrics.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    batch_count = values["skipdit_batch_size_count"]
+    batch_sum = values["skipdit_batch_size_sum"]
+    assert batch_sum / batch_count > 1  # steps ran more than one request at a time
+    assert values['skipdit_steps_total{mode="cached"}'] > 0
+    for series in SERIES:
+        matching = [v for k, v in values.items() if k.split("{")[0] == series.split("{")[0]]
+        assert matching, f"{series} missing from /metrics"
+        if "{" in series:
+            assert values[series] > 0, series
+        elif series not in ("skipdit_inflight_requests", "skipdit_queue_depth"):
+            assert max(matching) > 0, series
+
+
+def test_engine_output_independent_of_batch_at_latent_level(tiny_model_dir) -> None:
+    # The image-level check above is within 1/255; latents of the same runs agree at fp32.
+    model, card = load_pretrained(tiny_model_dir)
+    pipeline = Pipeline(model, default_guidance=card["default_guidance"])
+    params = [GenerateParams(steps=10, seed=100 + i, cache_interval=1 + i % 4) for i in range(16)]
+    together = pipeline.generate(params)
+    for p, r in zip(params, together, strict=True):
+        torch.testing.assert_close(
+            r.latents, pipeline.generate([p])[0].latents, rtol=1e-5, atol=1e-5
+        )
