@@ -1,0 +1,189 @@
+"""HTTP -> Redis -> separate worker processes: kills, drains, dead letters, Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.queue.keys import Keys
+from tests.service.conftest import RedisServer, free_port, running_app, settings_for
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Workers:
+    """Starts ``skipdit worker`` processes against one Redis prefix."""
+
+    def __init__(self, url: str, model_dir: Path, prefix: str):
+        self.url, self.model_dir, self.prefix = url, model_dir, prefix
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, **env: str) -> subprocess.Popen:
+        environ = os.environ | {
+            "SKIPDIT_REDIS_URL": self.url,
+            "SKIPDIT_REDIS_PREFIX": self.prefix,
+            "SKIPDIT_MODEL": str(self.model_dir),
+            "SKIPDIT_WORKER_NAME": name,
+            "SKIPDIT_CLAIM_IDLE_S": "1.5",
+            "SKIPDIT_HEARTBEAT_S": "0.2",
+            "SKIPDIT_MAX_STEPS": "1000",
+            **env,
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"],
+            env=environ,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def workers(redis_server: RedisServer, tiny_model_dir: Path) -> Iterator[Workers]:
+    w = Workers(redis_server.url, tiny_model_dir, f"w{uuid.uuid4().hex[:8]}")
+    yield w
+    w.stop_all()
+
+
+def api_settings(workers: Workers, **kw: object):
+    return settings_for(
+        "redis", workers.model_dir, workers.url, redis_prefix=workers.prefix, run_worker=False,
+        claim_idle_s=1.5, **kw,
+    )  # fmt: skip
+
+
+async def wait_for(client: httpx.AsyncClient, job_id: str, check, timeout: float = 60) -> dict:
+    async with asyncio.timeout(timeout):
+        while True:
+            record = (await client.get(f"/jobs/{job_id}")).json()
+            if check(record):
+                return record
+            await asyncio.sleep(0.05)
+
+
+def event_types(workers: Workers, job_id: str) -> list[str]:
+    client = redis.Redis.from_url(workers.url)
+    entries = client.xrange(Keys(workers.prefix).events(job_id))
+    return [json.loads(fields[b"e"])["type"] for _, fields in entries]
+
+
+async def test_http_redis_worker_returns_the_same_bytes_as_skipdit_generate(
+    workers: Workers, tmp_path: Path
+) -> None:
+    workers.start("w1")
+    params = {"class_label": 6, "steps": 12, "seed": 42, "cache_interval": 3}
+    async with running_app(api_settings(workers)) as client:
+        submitted = await client.post("/generate", json=params | {"async": True})
+        job_id = submitted.json()["id"]
+        await wait_for(client, job_id, lambda r: r["status"] == "done")
+        served = (await client.get(f"/jobs/{job_id}/result")).content
+    out = tmp_path / "cli.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "generate", "--model", str(workers.model_dir),
+         "--class-label", "6", "--steps", "12", "--seed", "42", "--cache-interval", "3",
+         "--num-images", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert served == out.read_bytes()
+
+
+async def test_a_killed_workers_job_is_finished_by_another_exactly_once(workers: Workers) -> None:
+    workers.start("a")
+    async with running_app(api_settings(workers)) as client:
+        job_id = (await client.post("/generate", json={"steps": 1000, "async": True})).json()["id"]
+        running = await wait_for(client, job_id, lambda r: r["step"] >= 20)
+        assert running["worker"] == "a"
+        workers.procs["a"].send_signal(signal.SIGKILL)
+        workers.procs["a"].wait(10)
+        workers.start("b")
+        done = await wait_for(client, job_id, lambda r: r["status"] == "done", timeout=120)
+        result = await client.get(f"/jobs/{job_id}/result")
+    assert done["worker"] == "b" and result.status_code == 200
+    types = event_types(workers, job_id)
+    assert types.count("done") == 1 and types[-1] == "done"
+    assert types.count("started") == 2  # ran on a, then again from the start on b
+
+
+async def test_a_job_that_keeps_killing_workers_goes_to_the_dead_letter_stream(
+    workers: Workers,
+) -> None:
+    env = {"SKIPDIT_MAX_DELIVERIES": "1"}
+    workers.start("a", **env)
+    async with running_app(api_settings(workers, max_deliveries=1)) as client:
+        job_id = (await client.post("/generate", json={"steps": 1000, "async": True})).json()["id"]
+        await wait_for(client, job_id, lambda r: r["step"] >= 5)
+        workers.procs["a"].send_signal(signal.SIGKILL)
+        workers.procs["a"].wait(10)
+        workers.start("b", **env)
+        failed = await wait_for(client, job_id, lambda r: r["status"] == "failed", timeout=120)
+    assert failed["error"]["code"] == "poison_job"
+    dead = redis.Redis.from_url(workers.url).xrange(Keys(workers.prefix).dead_letter)
+    assert [fields[b"id"].decode() for _, fields in dead] == [job_id]
+
+
+async def test_sigterm_stops_intake_finishes_running_work_and_exits(workers: Workers) -> None:
+    port = free_port()
+    proc = workers.start("a", SKIPDIT_METRICS_PORT=str(port), SKIPDIT_MAX_INFLIGHT="1")
+    async with running_app(api_settings(workers)) as client:
+        first = (await client.post("/generate", json={"steps": 600, "async": True})).json()["id"]
+        second = (await client.post("/generate", json={"steps": 5, "async": True})).json()["id"]
+        await wait_for(client, first, lambda r: r["step"] >= 10)
+        async with httpx.AsyncClient() as plain:
+            metrics = (await plain.get(f"http://127.0.0.1:{port}/metrics")).text
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 60)
+        first_record = (await client.get(f"/jobs/{first}")).json()
+        second_record = (await client.get(f"/jobs/{second}")).json()
+    assert code == 0, proc.stderr.read()
+    assert first_record["status"] == "done"  # drained, not dropped
+    assert second_record["status"] == "queued"  # never taken: intake stopped
+    assert "skipdit_step_duration_seconds_bucket" in metrics
+    assert "skipdit_inflight_requests" in metrics
+
+
+async def test_redis_down_gives_503_and_the_service_recovers(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    server = RedisServer(tmp_path).start()
+    try:
+        settings = settings_for("redis", tiny_model_dir, server.url)
+        async with running_app(settings) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            server.stop()
+            ready = await client.get("/readyz")
+            submit = await client.post("/generate", json={"steps": 3})
+            health = await client.get("/healthz")
+            server.start()
+            recovered = await client.get("/readyz")
+            after = await client.post("/generate", json={"steps": 3})
+    finally:
+        server.stop()
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "backend_unavailable"
+    assert submit.status_code == 503 and health.status_code == 200
+    assert recovered.status_code == 200
+    assert after.status_code == 200, after.text
