@@ -13,6 +13,7 @@ from model.errors import FieldError
 from model.pipeline import Pipeline, denoise_step
 from model.request import GenerateParams
 from model.skip_dit import preset
+from tests.conftest import BATCH_TOL
 
 # policy -> request options that make it cache (for "none": nothing to set).
 CACHING = {"none": {}, "skip_cache": {"cache_interval": 3}}
@@ -53,7 +54,7 @@ def test_state_of_two_requests_never_mixes(tiny_pipeline: Pipeline, name: str) -
     together = tiny_pipeline.generate([a, b])
     for params, batched in zip([a, b], together, strict=True):
         (alone,) = tiny_pipeline.generate([params])
-        torch.testing.assert_close(batched.latents, alone.latents, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched.latents, alone.latents, **BATCH_TOL)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

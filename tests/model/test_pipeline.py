@@ -12,7 +12,7 @@ from model.checkpoint import save_pretrained
 from model.errors import FieldError
 from model.pipeline import Job, Pipeline, denoise_step
 from model.request import GenerateParams
-from tests.conftest import tiny
+from tests.conftest import BATCH_TOL, tiny
 
 
 def _solo(pipeline: Pipeline, params: GenerateParams) -> torch.Tensor:
@@ -28,9 +28,7 @@ def test_batched_requests_equal_their_solo_runs(tiny_pipeline: Pipeline) -> None
     ]
     batched = tiny_pipeline.generate(requests)
     for params, result in zip(requests, batched, strict=True):
-        torch.testing.assert_close(
-            result.latents, _solo(tiny_pipeline, params), rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(result.latents, _solo(tiny_pipeline, params), **BATCH_TOL)
 
 
 def test_a_request_joining_mid_way_does_not_change_either_output(tiny_pipeline: Pipeline) -> None:
@@ -42,8 +40,8 @@ def test_a_request_joining_mid_way_does_not_change_either_output(tiny_pipeline: 
     b = tiny_pipeline.start(b_params)
     while not b.done:
         denoise_step(tiny_pipeline.model, [j for j in (a, b) if not j.done])
-    torch.testing.assert_close(a.latents, _solo(tiny_pipeline, a_params), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b.latents, _solo(tiny_pipeline, b_params), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.latents, _solo(tiny_pipeline, a_params), **BATCH_TOL)
+    torch.testing.assert_close(b.latents, _solo(tiny_pipeline, b_params), **BATCH_TOL)
 
 
 def test_seed_decides_the_output(tiny_pipeline: Pipeline) -> None:
@@ -108,7 +106,7 @@ def test_progress_reports_each_steps_mode_and_cancel_stops(tiny_pipeline: Pipeli
     assert kept.status == "done" and kept.stats.steps == {full: 4, cached: 4}
     assert stopped.status == "cancelled" and stopped.images is None
     assert sum(stopped.stats.steps.values()) == 3
-    torch.testing.assert_close(kept.latents, _solo(tiny_pipeline, keep), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept.latents, _solo(tiny_pipeline, keep), **BATCH_TOL)
 
 
 def test_stats_report_cached_steps_cheaper_in_count_and_speedup(tiny_pipeline: Pipeline) -> None:

@@ -17,6 +17,7 @@ from PIL import Image
 from model.checkpoint import load_pretrained
 from model.pipeline import Pipeline
 from model.request import GenerateParams
+from tests.conftest import BATCH_TOL
 from tests.service.conftest import RedisServer, running_app, settings_for
 
 pytestmark = pytest.mark.anyio
@@ -295,6 +296,4 @@ def test_engine_output_independent_of_batch_at_latent_level(tiny_model_dir) -> N
     params = [GenerateParams(steps=10, seed=100 + i, cache_interval=1 + i % 4) for i in range(16)]
     together = pipeline.generate(params)
     for p, r in zip(params, together, strict=True):
-        torch.testing.assert_close(
-            r.latents, pipeline.generate([p])[0].latents, rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(r.latents, pipeline.generate([p])[0].latents, **BATCH_TOL)

@@ -5,6 +5,7 @@ import torch
 from model.pipeline import Pipeline
 from model.request import GenerateParams
 from service.engine import Engine, EngineEvent, EngineRequest, EventKind
+from tests.conftest import BATCH_TOL
 
 TOKENS = 16  # digits-tiny: 8x8 pixels, patch 2
 
@@ -44,7 +45,7 @@ def test_requests_batch_together_and_match_their_solo_runs(tiny_pipeline: Pipeli
     done = by_kind(events + run_all(engine), EventKind.DONE)
     for rid, p in params.items():
         (solo,) = tiny_pipeline.generate([p])
-        torch.testing.assert_close(done[rid].result.latents, solo.latents, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(done[rid].result.latents, solo.latents, **BATCH_TOL)
 
 
 def test_token_budget_caps_the_batch_and_new_requests_join_between_steps(
