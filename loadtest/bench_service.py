@@ -1,0 +1,125 @@
+"""Latency through HTTP + Redis vs the direct pipeline call, and images/s at concurrency.
+
+Starts its own redis-server (free port), ``skipdit serve`` (API only) and one ``skipdit worker``,
+all on 127.0.0.1, then measures in one run:
+- the median latency of a single request through HTTP -> Redis -> worker, against the median
+  of the same request through ``Pipeline.generate`` in this process;
+- images/s at concurrency 1, 4 and 16 (each client sends requests back to back).
+
+    python loadtest/bench_service.py [--model NAME] [--steps 50] [--requests 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from model import registry
+from model.request import GenerateParams
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if (await client.get("/readyz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.25)
+    raise TimeoutError("service did not become ready")
+
+
+async def one(client: httpx.AsyncClient, body: dict) -> float:
+    began = time.perf_counter()
+    response = await client.post("/generate", json=body)
+    response.raise_for_status()
+    return time.perf_counter() - began
+
+
+async def throughput(client: httpx.AsyncClient, body: dict, concurrency: int, total: int) -> float:
+    sent = 0
+
+    async def loop() -> int:
+        nonlocal sent
+        images = 0
+        while sent < total:
+            sent += 1
+            await one(client, body | {"seed": sent})
+            images += body["num_images"]
+        return images
+
+    began = time.perf_counter()
+    images = sum(await asyncio.gather(*(loop() for _ in range(concurrency))))
+    return images / (time.perf_counter() - began)
+
+
+async def measure(args: argparse.Namespace, base_url: str) -> None:
+    body = {"steps": args.steps, "num_images": 1, "cache_interval": args.cache_interval, "seed": 0}
+    loaded = registry.load(args.model)
+    params = GenerateParams(**body)
+    loaded.pipeline.generate([params])  # warm-up
+    direct = [loaded.pipeline.generate([params])[0].seconds for _ in range(args.repeats)]
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        await wait_ready(client)
+        await one(client, body)  # warm-up
+        served = [await one(client, body) for _ in range(args.repeats)]
+        rates = {c: await throughput(client, body, c, args.requests) for c in (1, 4, 16)}
+    d, s = statistics.median(direct), statistics.median(served)
+    print(f"model {loaded.name}, {args.steps} DDIM steps, cache_interval {args.cache_interval}")
+    print(f"single request: direct pipeline {d * 1e3:.1f} ms, HTTP+Redis+worker {s * 1e3:.1f} ms,"
+          f" ratio {s / d:.2f}x (medians of {args.repeats})")  # fmt: skip
+    for c, rate in rates.items():
+        print(f"concurrency {c:>2}: {rate:.2f} images/s ({args.requests} requests)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cache-interval", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--requests", type=int, default=32)
+    args = p.parse_args()
+    redis_port, api_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = os.environ | {
+            "SKIPDIT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "SKIPDIT_LOG_LEVEL": "WARNING",
+        }
+        if args.model:
+            env["SKIPDIT_MODEL"] = args.model
+        procs = [
+            subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port",
+                              str(redis_port), "--save", "", "--dir", tmp],
+                             stdout=subprocess.DEVNULL),
+            subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
+                              str(api_port)], env=env),
+            subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env),
+        ]  # fmt: skip
+        try:
+            asyncio.run(measure(args, f"http://127.0.0.1:{api_port}"))
+        finally:
+            for proc in reversed(procs):
+                proc.terminate()
+                proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()
