@@ -171,6 +171,34 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     w.set_defaults(func=_worker)
 
 
+def _train_classifier(args: argparse.Namespace, prog: str) -> int:
+    from model.evaluate import save_classifier, train_classifier
+
+    model, acc = train_classifier(args.data, args.size, args.epochs, args.seed)
+    card = {
+        "data": f"{args.data} digits {args.size}x{args.size}, train split",
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "held_out_accuracy": round(acc, 4),
+        "command": f"skipdit train-classifier --epochs {args.epochs} --seed {args.seed}",
+    }
+    save_classifier(model, args.out, card)
+    print(f"held-out accuracy {acc:.4f}; wrote {args.out}")
+    return 0
+
+
+def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
+    from model.evaluate import CLASSIFIER_DIR
+
+    p = sub.add_parser("train-classifier", help="train the digit classifier used to evaluate")
+    p.add_argument("--data", default="mnist")
+    p.add_argument("--size", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=CLASSIFIER_DIR)
+    p.set_defaults(func=_train_classifier)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="skipdit", description="Skip-DiT serving with Skip-Cache")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
@@ -178,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_train(sub)
     _add_serve(sub)
+    _add_train_classifier(sub)
     return parser
 
 
