@@ -123,3 +123,31 @@ def test_step_report_counts_modes_and_measures_their_cost(tiny_pipeline: Pipelin
             totals[mode.value] += n
     assert totals == {"full": 3, "cached": 3}  # steps 0, 3 and the t <= 20 tail are full
     assert all(v is not None and v > 0 for v in engine.step_seconds.values())
+
+
+def test_sixteen_staggered_mixed_requests_equal_solo_latents_at_fp32(
+    tiny_pipeline: Pipeline,
+) -> None:
+    # Requests join while others are mid-way, so every one runs in changing batches.
+    engine = Engine(tiny_pipeline, max_batch_tokens=10_000)
+    params = {
+        f"r{i}": GenerateParams(
+            steps=10, seed=100 + i, class_label=i % 10, cache_interval=1 + i % 4
+        )
+        for i in range(16)
+    }
+    done: dict[str, EngineEvent] = {}
+    batch_sizes = []
+    pending = list(params.items())
+    while pending or engine.has_work():
+        for _ in range(3):  # three new requests join before each step
+            if pending:
+                rid, p = pending.pop(0)
+                engine.submit(EngineRequest(rid, p))
+        events, report = engine.step()
+        batch_sizes.append(report.requests)
+        done |= by_kind(events, EventKind.DONE)
+    assert max(batch_sizes) > 1
+    for rid, p in params.items():
+        (solo,) = tiny_pipeline.generate([p])
+        torch.testing.assert_close(done[rid].result.latents, solo.latents, **BATCH_TOL)
