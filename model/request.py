@@ -16,6 +16,7 @@ from model.skip_dit import DiTConfig
 
 Sampler = Literal["ddim", "ddpm", "dpm++"]
 MAX_SEED = 2**63 - 1
+CachePolicyName = Literal[tuple(cache.POLICIES)]  # type: ignore[valid-type]
 
 
 class GenerateParams(BaseModel):
@@ -30,7 +31,7 @@ class GenerateParams(BaseModel):
         None, ge=1.0, le=20.0, description="Classifier-free guidance; 1 = off; None: model default."
     )
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    cache_policy: Literal["none", "skip_cache"] = "skip_cache"
+    cache_policy: CachePolicyName = "skip_cache"
     cache_interval: int = Field(1, ge=1, le=1000, description="Full step every N steps; 1 = off.")
     cache_depth: int | None = Field(None, ge=1, description="Blocks run fresh at each end (K).")
     cache_t_start: float | None = Field(None, ge=0, le=1000, description="t >= this: full step.")
@@ -58,22 +59,13 @@ class GenerateParams(BaseModel):
 
     def cache_for(self, model: DiTConfig) -> cache.RequestCache:
         """A fresh per-request cache as this request asks for it."""
-        if self.cache_policy == "none":
-            extra = {
-                "cache_interval": self.cache_interval != 1,
-                "cache_depth": self.cache_depth is not None,
-                "cache_t_start": self.cache_t_start is not None,
-                "cache_t_end": self.cache_t_end is not None,
-            }
-            for name, given in extra.items():
-                if given:
-                    raise FieldError(name, "not allowed with cache_policy 'none'")
-            return cache.build("none", model)
-        options: dict[str, float] = {"interval": self.cache_interval}
-        if self.cache_depth is not None:
-            options["depth"] = self.cache_depth
-        if self.cache_t_start is not None:
-            options["t_start"] = self.cache_t_start
-        if self.cache_t_end is not None:
-            options["t_end"] = self.cache_t_end
+        policy = cache.POLICIES[self.cache_policy]
+        options = {}
+        for name in ("cache_interval", "cache_depth", "cache_t_start", "cache_t_end"):
+            value = getattr(self, name)
+            if name in policy.request_fields:
+                if value is not None:
+                    options[policy.request_fields[name]] = value
+            elif value is not None and value != type(self).model_fields[name].default:
+                raise FieldError(name, f"not allowed with cache_policy {self.cache_policy!r}")
         return cache.build(self.cache_policy, model, **options)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +48,11 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
     # DiT feeds meshgrid(w, h) and encodes grid[0] (the w-major grid) first.
     return torch.cat([embed_1d(gw), embed_1d(gh)], dim=1).float()
 
+
+# A block branch: normalized, modulated tokens (B, T, D) -> branch output (B, T, D).
+Branch = Callable[[torch.Tensor], torch.Tensor]
+# Per block index: replacements for its (attn, mlp) branches, None to keep the module.
+BranchOverride = Callable[[int], tuple[Branch | None, Branch | None]]
 
 # ----------------------------------------------------------------------------- embedders
 
@@ -148,12 +153,21 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        attn: Branch | None = None,
+        mlp: Branch | None = None,
+    ) -> torch.Tensor:
+        """``attn``/``mlp`` replace the branch modules (a cache may reuse their outputs)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
             c
         ).chunk(6, dim=1)  # each (B, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        attn = attn or self.attn
+        mlp = mlp or self.mlp
+        x = x + gate_msa.unsqueeze(1) * attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
@@ -317,19 +331,28 @@ class SkipDiT(nn.Module):
         c: torch.Tensor,
         blocks: Iterable[int],
         skips: list[torch.Tensor],
-        capture: Callable[[int, torch.Tensor], None] | None = None,
+        capture: Collection[Hashable] = (),
+        captured: dict[Hashable, torch.Tensor] | None = None,
+        branches: BranchOverride | None = None,
     ) -> torch.Tensor:
         """Run the given block indices in order, pushing/popping long skips on ``skips``.
 
-        ``capture(k, x)`` sees the hidden state entering block k before its fusion.
+        ``capture`` keys: ``k`` records the hidden state entering block k (before its fusion)
+        and ``("attn", k)`` / ``("mlp", k)`` that block's branch outputs, into ``captured``.
+        ``branches(k)`` may replace block k's branch modules.
         """
         half = self.config.depth // 2
         for k in blocks:
-            if capture is not None:
-                capture(k, x)
+            if k in capture:
+                captured[k] = x
+            attn, mlp = branches(k) if branches is not None else (None, None)
+            if ("attn", k) in capture:
+                attn = _recording(attn or self.blocks[k].attn, captured, ("attn", k))
+            if ("mlp", k) in capture:
+                mlp = _recording(mlp or self.blocks[k].mlp, captured, ("mlp", k))
             if self.config.long_skip and k >= half:
                 x = self.fuse(k, x, skips.pop())
-            x = self.blocks[k](x, c)  # (B, T, D)
+            x = self.blocks[k](x, c, attn, mlp)  # (B, T, D)
             if self.config.long_skip and k < half:
                 skips.append(x)
         return x
@@ -341,18 +364,15 @@ class SkipDiT(nn.Module):
         x: torch.Tensor,
         t: torch.Tensor,
         y: torch.Tensor,
-        capture: Iterable[int] = (),
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Full forward. With ``capture`` (block indices) also returns {k: hidden entering k}."""
+        capture: Iterable[Hashable] = (),
+        branches: BranchOverride | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
+        """Full forward. With ``capture`` (keys as in ``run_blocks``) also returns what it
+        captured."""
         want = set(capture)
         tokens, c = self.embed(x, t, y)
-        captured: dict[int, torch.Tensor] = {}
-
-        def grab(k: int, h: torch.Tensor) -> None:
-            if k in want:
-                captured[k] = h
-
-        h = self.run_blocks(tokens, c, range(self.config.depth), [], grab if want else None)
+        captured: dict[Hashable, torch.Tensor] = {}
+        h = self.run_blocks(tokens, c, range(self.config.depth), [], want, captured, branches)
         out = self.head(h, c)
         return (out, captured) if want else out
 
@@ -377,6 +397,14 @@ class SkipDiT(nn.Module):
             self.run_blocks(tokens, c, range(depth), skips)
         h = self.run_blocks(deep, c, range(d - depth, d), skips)
         return self.head(h, c)
+
+
+def _recording(branch: Branch, into: dict[Hashable, torch.Tensor], key: Hashable) -> Branch:
+    def run(h: torch.Tensor) -> torch.Tensor:
+        into[key] = out = branch(h)
+        return out
+
+    return run
 
 
 # ----------------------------------------------------------------------------- presets

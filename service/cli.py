@@ -54,7 +54,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default="ddim", help="ddim | ddpm | dpm++")
     p.add_argument("--guidance-scale", type=float, default=None, help="1 = off; default: model's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-policy", default="skip_cache", help="none | skip_cache")
+    p.add_argument("--cache-policy", default="skip_cache", help="none | skip_cache | fora")
     p.add_argument("--cache-interval", type=int, default=1, help="full step every N (1 = off)")
     p.add_argument("--cache-depth", type=int, default=None, help="K blocks fresh at each end")
     p.add_argument("--cache-t-start", type=float, default=None)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from model.cache.base import CachePolicy, Mode, RequestCache
+from model.cache.fora import Fora
 from model.cache.none import NoCache
 from model.cache.skip_cache import SkipCache
 from model.errors import FieldError
 from model.skip_dit import DiTConfig
 
-POLICIES: dict[str, CachePolicy] = {p.name: p for p in (NoCache(), SkipCache())}
+POLICIES: dict[str, CachePolicy] = {p.name: p for p in (NoCache(), SkipCache(), Fora())}
 
 
 def build(name: str, model: DiTConfig, **options: Any) -> RequestCache:

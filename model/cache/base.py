@@ -13,7 +13,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,6 +29,8 @@ class CachePolicy(ABC):
     """Stateless strategy object; all request state lives in the object ``new_state`` returns."""
 
     name: str
+    # Request field -> config field this policy accepts (others are refused with FieldError).
+    request_fields: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def default_config(self, model: DiTConfig, **overrides: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -77,6 +77,12 @@ def default_depth(model: DiTConfig) -> int:
 
 class SkipCache(CachePolicy):
     name = "skip_cache"
+    request_fields: ClassVar[dict[str, str]] = {
+        "cache_interval": "interval",
+        "cache_depth": "depth",
+        "cache_t_start": "t_start",
+        "cache_t_end": "t_end",
+    }
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> SkipCacheConfig:
         config = replace(SkipCacheConfig(depth=default_depth(model)), **overrides)

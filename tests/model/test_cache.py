@@ -16,7 +16,11 @@ from model.skip_dit import preset
 from tests.conftest import BATCH_TOL
 
 # policy -> request options that make it cache (for "none": nothing to set).
-CACHING = {"none": {}, "skip_cache": {"cache_interval": 3}}
+CACHING = {
+    "none": {},
+    "skip_cache": {"cache_interval": 3},
+    "fora": {"cache_interval": 3},
+}
 
 
 def test_every_policy_is_covered_by_the_contract() -> None:
@@ -167,3 +171,39 @@ def test_planned_modes_match_what_a_run_does(tiny_pipeline: Pipeline) -> None:
     planned = job.cache.policy.planned_modes(job.cache.config, timesteps)
     ran = [denoise_step(tiny_pipeline.model, [job])[0] for _ in timesteps]
     assert planned == ran and Mode.CACHED in ran
+
+
+# ----------------------------------------------------------------------------- memory, FORA
+
+
+def test_each_policy_reports_the_memory_its_cache_holds(tiny_pipeline: Pipeline) -> None:
+    config = tiny_pipeline.model.config
+    one_hidden = 2 * config.num_tokens * config.hidden_size * 4  # 2 rows (guidance), fp32
+    held = {}
+    for name in POLICIES:
+        job = tiny_pipeline.start(GenerateParams(steps=4, cache_policy=name, **CACHING[name]))
+        denoise_step(tiny_pipeline.model, [job])
+        held[name] = job.cache.policy.state_bytes(job.cache.state)
+    assert held == {"none": 0, "skip_cache": one_hidden, "fora": 2 * config.depth * one_hidden}
+
+
+def test_fora_cached_step_computes_no_attention_or_mlp(tiny_pipeline: Pipeline) -> None:
+    model = tiny_pipeline.model
+    calls: list[str] = []
+    handles = [
+        m.register_forward_hook(lambda *a, name=name: calls.append(name))
+        for block in model.blocks
+        for name, m in (("attn", block.attn), ("mlp", block.mlp))
+    ]
+    job = tiny_pipeline.start(GenerateParams(steps=6, cache_policy="fora", cache_interval=3))
+    try:
+        counts = []
+        while not job.done:
+            calls.clear()
+            mode = denoise_step(model, [job])[0]
+            counts.append((mode, len(calls)))
+    finally:
+        for h in handles:
+            h.remove()
+    d = model.config.depth
+    assert counts == [(Mode.FULL, 2 * d), (Mode.CACHED, 0), (Mode.CACHED, 0)] * 2
