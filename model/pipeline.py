@@ -209,6 +209,7 @@ def denoise_step(model: SkipDiT, jobs: Sequence[Job]) -> list[Mode]:
         offset = 0
         for i in members:
             job = jobs[i]
+            modes[i] = job.cache.policy.realized_mode(job.cache.state, modes[i])
             rows = slice(offset, offset + job.rows)
             offset += job.rows
             outputs[i] = out[rows]

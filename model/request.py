@@ -36,6 +36,9 @@ class GenerateParams(BaseModel):
     cache_depth: int | None = Field(None, ge=1, description="Blocks run fresh at each end (K).")
     cache_t_start: float | None = Field(None, ge=0, le=1000, description="t >= this: full step.")
     cache_t_end: float | None = Field(None, ge=0, le=1000, description="t <= this: full step.")
+    cache_threshold: float | None = Field(
+        None, ge=0, le=1, description="fbcache: reuse when block 0 moved less than this."
+    )
 
     def check_for(self, model: DiTConfig) -> None:
         """Model-dependent checks; raises FieldError naming the field."""
@@ -61,7 +64,8 @@ class GenerateParams(BaseModel):
         """A fresh per-request cache as this request asks for it."""
         policy = cache.POLICIES[self.cache_policy]
         options = {}
-        for name in ("cache_interval", "cache_depth", "cache_t_start", "cache_t_end"):
+        names = ("cache_interval", "cache_depth", "cache_t_start", "cache_t_end", "cache_threshold")
+        for name in names:
             value = getattr(self, name)
             if name in policy.request_fields:
                 if value is not None:

@@ -367,12 +367,14 @@ class SkipDiT(nn.Module):
         capture: Iterable[Hashable] = (),
         branches: BranchOverride | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
-        """Full forward. With ``capture`` (keys as in ``run_blocks``) also returns what it
-        captured."""
+        """Full forward. With ``capture`` (keys as in ``run_blocks``, plus ``"final"``: the
+        hidden state entering the final layer) also returns what it captured."""
         want = set(capture)
         tokens, c = self.embed(x, t, y)
         captured: dict[Hashable, torch.Tensor] = {}
         h = self.run_blocks(tokens, c, range(self.config.depth), [], want, captured, branches)
+        if "final" in want:
+            captured["final"] = h
         out = self.head(h, c)
         return (out, captured) if want else out
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from model.cache.base import CachePolicy, Mode, RequestCache
+from model.cache.fbcache import FBCache
 from model.cache.fora import Fora
 from model.cache.none import NoCache
 from model.cache.skip_cache import SkipCache
 from model.errors import FieldError
 from model.skip_dit import DiTConfig
 
-POLICIES: dict[str, CachePolicy] = {p.name: p for p in (NoCache(), SkipCache(), Fora())}
+POLICIES: dict[str, CachePolicy] = {p.name: p for p in (NoCache(), SkipCache(), Fora(), FBCache())}
 
 
 def build(name: str, model: DiTConfig, **options: Any) -> RequestCache:

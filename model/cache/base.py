@@ -70,6 +70,10 @@ class CachePolicy(ABC):
         """One forward for the cached rows of ``states`` (in order, concatenated in x/t/y)."""
         raise NotImplementedError(f"cache policy {self.name!r} has no cached mode")
 
+    def realized_mode(self, state: Any, decided: Mode) -> Mode:
+        """The mode a step really ran in (dynamic policies may compute a 'cached' step fully)."""
+        return decided
+
     def state_bytes(self, state: Any) -> int:
         """Memory the request's cache holds now."""
         return 0

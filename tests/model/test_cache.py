@@ -20,11 +20,19 @@ CACHING = {
     "none": {},
     "skip_cache": {"cache_interval": 3},
     "fora": {"cache_interval": 3},
+    "fbcache": {"cache_threshold": 0.5},
+}
+# policy -> request options that turn its caching off.
+OFF = {
+    "none": {},
+    "skip_cache": {"cache_interval": 1},
+    "fora": {},
+    "fbcache": {"cache_threshold": 0},
 }
 
 
 def test_every_policy_is_covered_by_the_contract() -> None:
-    assert set(CACHING) == set(POLICIES)
+    assert set(CACHING) == set(OFF) == set(POLICIES)
 
 
 def _run(pipeline: Pipeline, **kw: object) -> torch.Tensor:
@@ -34,9 +42,9 @@ def _run(pipeline: Pipeline, **kw: object) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_interval_one_is_bitwise_no_cache(tiny_pipeline: Pipeline, name: str) -> None:
+def test_caching_off_is_bitwise_no_cache(tiny_pipeline: Pipeline, name: str) -> None:
     reference = _run(tiny_pipeline, cache_policy="none")
-    assert torch.equal(_run(tiny_pipeline, cache_policy=name, cache_interval=1), reference)
+    assert torch.equal(_run(tiny_pipeline, cache_policy=name, **OFF[name]), reference)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -184,7 +192,12 @@ def test_each_policy_reports_the_memory_its_cache_holds(tiny_pipeline: Pipeline)
         job = tiny_pipeline.start(GenerateParams(steps=4, cache_policy=name, **CACHING[name]))
         denoise_step(tiny_pipeline.model, [job])
         held[name] = job.cache.policy.state_bytes(job.cache.state)
-    assert held == {"none": 0, "skip_cache": one_hidden, "fora": 2 * config.depth * one_hidden}
+    assert held == {
+        "none": 0,
+        "skip_cache": one_hidden,
+        "fora": 2 * config.depth * one_hidden,
+        "fbcache": 2 * one_hidden,
+    }
 
 
 def test_fora_cached_step_computes_no_attention_or_mlp(tiny_pipeline: Pipeline) -> None:
@@ -207,3 +220,25 @@ def test_fora_cached_step_computes_no_attention_or_mlp(tiny_pipeline: Pipeline) 
             h.remove()
     d = model.config.depth
     assert counts == [(Mode.FULL, 2 * d), (Mode.CACHED, 0), (Mode.CACHED, 0)] * 2
+
+
+def test_fbcache_decides_per_request_from_its_own_rows(tiny_pipeline: Pipeline) -> None:
+    model = tiny_pipeline.model
+    policy = POLICIES["fbcache"]
+    config = policy.default_config(model.config, threshold=0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 8, 8, generator=g)
+    t, y = torch.tensor([500, 500]), torch.tensor([1, 2])
+    with torch.no_grad():
+        _, captured = model(x, t, y, capture=policy.capture_blocks(config, model.config))
+    still, moved = policy.new_state(), policy.new_state()
+    policy.on_full(config, still, {k: v[:1] for k, v in captured.items()})
+    policy.on_full(config, moved, {k: v[1:] * 3 for k, v in captured.items()})  # far from now
+    with torch.no_grad():
+        together = policy.run_cached(model, x, t, y, config, [still, moved])
+    assert (still.last_mode, moved.last_mode) == (Mode.CACHED, Mode.FULL)
+    assert policy.realized_mode(moved, Mode.CACHED) is Mode.FULL
+    with torch.no_grad():
+        full = model(x, t, y)
+    # The reused request reproduces its stored residual exactly; the moved one computed fully.
+    torch.testing.assert_close(together, full, **BATCH_TOL)

@@ -1,0 +1,121 @@
+"""First-Block-Cache (as in ParaAttention / TeaCache's family): skip the step when the first
+block's output barely moved.
+
+Every eligible step runs block 0 for the request's rows and compares its output with the one
+stored at the request's last fully computed step (mean absolute change relative to its mean
+magnitude). Below ``threshold`` the remaining blocks are skipped and the stored residual
+(final hidden state minus block-0 output) is added back; otherwise the rest of the network runs
+for that request's rows alone and the stored pair is refreshed. The decision is made per request
+from that request's own rows, never from a batch-wide average, so batch-mates cannot change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+
+from model.cache.base import CachePolicy, Mode
+from model.errors import FieldError
+from model.skip_dit import DiTConfig, SkipDiT
+
+
+@dataclass(frozen=True)
+class FBCacheConfig:
+    """threshold: relative change of block 0's output under which a step reuses the residual.
+    0 = never reuse (no cache). Higher skips more steps and drifts further; 0.05-0.12 is the
+    usual range for large DiTs. t_end: steps with t <= t_end always compute fully."""
+
+    threshold: float = 0.08
+    t_end: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold <= 1:
+            raise FieldError("cache_threshold", f"must be in [0, 1], got {self.threshold}")
+
+
+@dataclass
+class FBCacheState:
+    first: torch.Tensor | None = None  # (rows, T, D): block-0 output at the last full compute
+    residual: torch.Tensor | None = None  # (rows, T, D): final hidden - block-0 output
+    last_mode: Mode = Mode.FULL
+
+    def reset(self) -> None:
+        self.first = self.residual = None
+        self.last_mode = Mode.FULL
+
+
+def decide(step: int, t: int, config: FBCacheConfig, state: FBCacheState) -> Mode:
+    """CACHED means 'may skip': the forward decides from block 0's output."""
+    if state.first is None or config.threshold <= 0 or t <= config.t_end:
+        return Mode.FULL
+    return Mode.CACHED
+
+
+def relative_change(now: torch.Tensor, before: torch.Tensor) -> float:
+    return ((now - before).abs().mean() / before.abs().mean().clamp_min(1e-12)).item()
+
+
+class FBCache(CachePolicy):
+    name = "fbcache"
+    request_fields: ClassVar[dict[str, str]] = {
+        "cache_threshold": "threshold",
+        "cache_t_end": "t_end",
+    }
+
+    def default_config(self, model: DiTConfig, **overrides: Any) -> FBCacheConfig:
+        return replace(FBCacheConfig(), **overrides)
+
+    def new_state(self) -> FBCacheState:
+        return FBCacheState()
+
+    def decide(self, step: int, t: int, config: FBCacheConfig, state: FBCacheState) -> Mode:
+        return decide(step, t, config, state)
+
+    def capture_blocks(self, config: FBCacheConfig, model: DiTConfig) -> tuple[Hashable, ...]:
+        return (1, "final")  # hidden entering block 1 is block 0's output
+
+    def on_full(
+        self, config: FBCacheConfig, state: FBCacheState, captured: dict[Hashable, torch.Tensor]
+    ) -> None:
+        state.first = captured[1].clone()
+        state.residual = captured["final"] - captured[1]
+        state.last_mode = Mode.FULL
+
+    def run_cached(
+        self,
+        model: SkipDiT,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        config: FBCacheConfig,
+        states: Sequence[FBCacheState],
+    ) -> torch.Tensor:
+        tokens, c = model.embed(x, t, y)
+        skips: list[torch.Tensor] = []
+        first = model.run_blocks(tokens, c, range(1), skips)  # (B, T, D)
+        hidden = torch.empty_like(first)
+        offset = 0
+        for state in states:
+            rows = slice(offset, offset + state.first.shape[0])
+            offset = rows.stop
+            # Only this request's rows decide (the group shares one config: see group key).
+            if relative_change(first[rows], state.first) < config.threshold:
+                hidden[rows] = first[rows] + state.residual
+                state.last_mode = Mode.CACHED
+                continue
+            own = [s[rows] for s in skips]
+            h = model.run_blocks(first[rows], c[rows], range(1, model.config.depth), own)
+            hidden[rows] = h
+            state.first, state.residual = first[rows].clone(), h - first[rows]
+            state.last_mode = Mode.FULL
+        return model.head(hidden, c)
+
+    def realized_mode(self, state: FBCacheState, decided: Mode) -> Mode:
+        return state.last_mode if decided is Mode.CACHED else decided
+
+    def state_bytes(self, state: FBCacheState) -> int:
+        tensors = [s for s in (state.first, state.residual) if s is not None]
+        return sum(s.numel() * s.element_size() for s in tensors)
