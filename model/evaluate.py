@@ -47,11 +47,12 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))  # (B, 10)
 
 
-def to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (n, H, W, 1) images or float (n, 1, H, W) in [-1, 1] -> classifier input."""
-    if images.dtype == torch.uint8:
-        return images.permute(0, 3, 1, 2).float() / 127.5 - 1
-    return images.float()
+def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (n, H, W, 1) images or float (n, 1, H, W) in [-1, 1] -> (n, 1, size, size)."""
+    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1 if images.dtype == torch.uint8 else images
+    if x.shape[-1] != size:
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return x.float()
 
 
 def train_classifier(
@@ -92,13 +93,13 @@ def load_classifier(directory: Path = CLASSIFIER_DIR) -> DigitClassifier:
 
 @torch.no_grad()
 def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
-    predicted = model(to_input(images)).argmax(1)
+    predicted = model(to_input(images, model.size)).argmax(1)
     return (predicted == labels).float().mean().item()
 
 
 @torch.no_grad()
 def features(model: DigitClassifier, images: torch.Tensor) -> np.ndarray:
-    return model.features(to_input(images)).double().numpy()
+    return model.features(to_input(images, model.size)).double().numpy()
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

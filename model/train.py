@@ -80,6 +80,7 @@ def train(args: argparse.Namespace) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     start, seconds = 0, 0.0
+    lr_history = [[0, args.lr]]  # [step, lr]: a resumed run may change the learning rate
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -87,9 +88,19 @@ def train(args: argparse.Namespace) -> Path:
         load_state(ema, ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         start, seconds = ckpt["step"], ckpt.get("seconds", 0.0)
+        lr_history = ckpt.get("lr_history", [[0, ckpt["opt"]["param_groups"][0]["lr"]]])
         torch.set_rng_state(ckpt["rng"])
-        log.info("resumed %s at step %d", ckpt_path, start)
-    loss_file = (out / "loss.csv").open("a", newline="")
+        if lr_history[-1][1] != args.lr:
+            lr_history.append([start, args.lr])
+        for group in opt.param_groups:
+            group["lr"] = args.lr
+        log.info("resumed %s at step %d (lr %g)", ckpt_path, start, args.lr)
+    loss_path = out / "loss.csv"
+    if start > 0 and loss_path.exists():  # drop rows logged after the checkpoint we resume from
+        rows = loss_path.read_text().splitlines()
+        kept = [r for r in rows[1:] if int(r.split(",")[0]) <= start]
+        loss_path.write_text("\n".join([rows[0], *kept]) + "\n")
+    loss_file = loss_path.open("a", newline="")
     writer = csv.writer(loss_file)
     if start == 0:
         writer.writerow(["step", "loss", "seconds"])
@@ -101,6 +112,7 @@ def train(args: argparse.Namespace) -> Path:
             "opt": opt.state_dict(),
             "step": step,
             "seconds": seconds,
+            "lr_history": lr_history,
             "rng": torch.get_rng_state(),
             "args": {
                 k: str(v) if isinstance(v, Path) else v
@@ -145,7 +157,7 @@ def train(args: argparse.Namespace) -> Path:
         f"({n} images)",
         "steps": args.steps,
         "batch_size": args.batch_size,
-        "lr": args.lr,
+        "lr_history": lr_history,
         "ema_decay": args.ema_decay,
         "bf16": args.bf16,
         "seed": args.seed,

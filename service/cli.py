@@ -203,6 +203,23 @@ def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train_classifier)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from model import bench
+
+    p = sub.add_parser("bench", help="every cache policy on the shipped models: speed and quality")
+    bench.add_arguments(p)
+
+    def run(args: argparse.Namespace, prog: str) -> int:
+        args.command_line = "skipdit " + " ".join(sys.argv[1:])
+        for row in bench.bench(args):
+            print(f"{row.model} {row.label}: {row.speedup:.2f}x wall, {row.flop_ratio:.2f}x FLOPs, "
+                  f"PSNR {row.psnr:.1f}, acc {row.accuracy:.1%}, FID {row.fid:.2f}")  # fmt: skip
+        print(f"wrote {args.out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="skipdit", description="Skip-DiT serving with Skip-Cache")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
@@ -211,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_serve(sub)
     _add_train_classifier(sub)
+    _add_bench(sub)
     return parser
 
 

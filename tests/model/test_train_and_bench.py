@@ -1,0 +1,96 @@
+"""Training (resumable) and the benchmark, at the smallest sizes: real data, real files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import bench, data
+from model.checkpoint import load_pretrained
+from model.evaluate import frechet_distance, load_classifier, psnr_ssim
+from service.cli import build_parser
+
+
+def train(out: Path, steps: int, *extra: str) -> None:
+    args = build_parser().parse_args(
+        ["train", "--preset", "digits-tiny", "--steps", str(steps), "--batch-size", "8",
+         "--checkpoint-every", "2", "--snapshot-every", "2", "--out", str(out), *extra]
+    )  # fmt: skip
+    args.func(args, "skipdit train")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    train(root / "straight", 6)
+    train(root / "resumed", 4)
+    train(root / "resumed", 6)
+    train(root / "vanilla", 6, "--vanilla")
+    return {p.name: p for p in root.iterdir()}
+
+
+def test_resumed_training_equals_an_uninterrupted_run(runs: dict[str, Path]) -> None:
+    straight = load_file(runs["straight"] / "snapshots" / "step_000006.safetensors")
+    resumed = load_file(runs["resumed"] / "snapshots" / "step_000006.safetensors")
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
+    rows = (runs["resumed"] / "loss.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_training_exports_a_loadable_model_with_its_card(runs: dict[str, Path]) -> None:
+    model, card = load_pretrained(runs["vanilla"] / "final")
+    assert not model.config.long_skip and card["architecture"] == "DiT" and card["steps"] == 6
+
+
+def test_data_splits_are_disjoint_and_scaled() -> None:
+    train_set, held = data.load("mnist", 16, "train"), data.load("mnist", 16, "held_out")
+    assert len(held.labels) == data.HELD_OUT and len(train_set.labels) == 5000 - data.HELD_OUT
+    assert train_set.images.min() >= -1 and train_set.images.max() <= 1
+    assert set(held.labels.tolist()) == set(range(10))
+    sk = data.load("sklearn", 16, "train")
+    assert sk.images.shape[1:] == (1, 16, 16)
+
+
+def test_shipped_classifier_recognises_held_out_digits() -> None:
+    classifier = load_classifier()
+    held = data.load("mnist", classifier.size, "held_out")
+    predicted = classifier(held.images).argmax(1)
+    assert (predicted == held.labels).float().mean() > 0.9
+
+
+def test_metrics_behave() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 8, generator=g).double().numpy()
+    assert abs(frechet_distance(a, a)) < 1e-6
+    assert frechet_distance(a, a + 3) > 8 * 9 - 1  # mean shift of 3 in 8 dims -> 72
+    images = torch.randint(0, 256, (2, 16, 16, 1), dtype=torch.uint8, generator=g)
+    assert psnr_ssim(images, images)[1] == pytest.approx(1.0)
+    noisy = (images.int() + 20).clamp(0, 255).to(torch.uint8)
+    psnr, ssim = psnr_ssim(noisy, images)
+    assert 15 < psnr < 40 and ssim < 1
+
+
+def test_bench_writes_tables_plots_and_grid(runs: dict[str, Path], tmp_path: Path) -> None:
+    args = argparse.Namespace(
+        models=[str(runs["straight"] / "final")], per_class=1, steps=6, intervals=[2],
+        thresholds=[0.1], seed=0, runs=[runs["straight"], runs["vanilla"]], curve_steps=3,
+        out=tmp_path / "bench", command_line="skipdit bench (test)",
+    )  # fmt: skip
+    rows = bench.bench(args)
+    assert [r.label for r in rows] == ["none", "skip_cache N=2", "fora N=2", "fbcache th=0.1"]
+    by = {r.label: r for r in rows}
+    assert by["none"].ssim == pytest.approx(1.0) and by["none"].flop_ratio == 1.0
+    assert by["skip_cache N=2"].flop_ratio > 1 and by["fora N=2"].flop_ratio > 1
+    assert by["fora N=2"].cache_bytes_per_image > by["skip_cache N=2"].cache_bytes_per_image > 0
+    for name in ("results.md", "speedup_vs_psnr.png", "grid.png", "training.png"):
+        assert (tmp_path / "bench" / name).stat().st_size > 0
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert table.count("\n| ") == 1 + len(rows)
+    stored = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert len(stored) == len(rows)
