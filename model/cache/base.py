@@ -9,9 +9,10 @@ and each group runs through the policy's ``run_cached``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
+from abc import ABC
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,17 +32,21 @@ class CachePolicy(ABC):
     name: str
     # Request field -> config field this policy accepts (others are refused with FieldError).
     request_fields: ClassVar[dict[str, str]] = {}
+    config_cls: ClassVar[type]  # frozen dataclass with the paper's defaults, validates itself
+    state_cls: ClassVar[type]  # per-request state with reset()
+    # Pure rule (step, t, config, state) -> Mode; a staticmethod of the policy's module function.
+    decide_rule: ClassVar[Callable[[int, int, Any, Any], Mode]]
 
-    @abstractmethod
     def default_config(self, model: DiTConfig, **overrides: Any) -> Any:
         """The paper's defaults for this model, with ``overrides`` applied (validated)."""
+        return dataclasses.replace(self.config_cls(), **overrides)
 
-    @abstractmethod
-    def new_state(self) -> Any: ...
+    def new_state(self) -> Any:
+        return self.state_cls()
 
-    @abstractmethod
     def decide(self, step: int, t: int, config: Any, state: Any) -> Mode:
-        """Pure: the mode of step ``step`` (0-based) at scheduler timestep ``t``."""
+        """The mode of step ``step`` (0-based) at scheduler timestep ``t``."""
+        return type(self).decide_rule(step, t, config, state)
 
     def planned_modes(self, config: Any, timesteps: Sequence[int]) -> list[Mode]:
         """The modes a fresh request will run, for time estimates (static policies are exact)."""

@@ -12,8 +12,8 @@ from that request's own rows, never from a batch-wide average, so batch-mates ca
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -60,19 +60,13 @@ def relative_change(now: torch.Tensor, before: torch.Tensor) -> float:
 
 class FBCache(CachePolicy):
     name = "fbcache"
+    config_cls = FBCacheConfig
+    state_cls = FBCacheState
+    decide_rule = staticmethod(decide)
     request_fields: ClassVar[dict[str, str]] = {
         "cache_threshold": "threshold",
         "cache_t_end": "t_end",
     }
-
-    def default_config(self, model: DiTConfig, **overrides: Any) -> FBCacheConfig:
-        return replace(FBCacheConfig(), **overrides)
-
-    def new_state(self) -> FBCacheState:
-        return FBCacheState()
-
-    def decide(self, step: int, t: int, config: FBCacheConfig, state: FBCacheState) -> Mode:
-        return decide(step, t, config, state)
 
     def capture_blocks(self, config: FBCacheConfig, model: DiTConfig) -> tuple[Hashable, ...]:
         return (1, "final")  # hidden entering block 1 is block 0's output

@@ -9,7 +9,7 @@ hidden states per request (Skip-Cache keeps one).
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -47,16 +47,10 @@ def decide(step: int, t: int, config: ForaConfig, state: ForaState) -> Mode:
 
 class Fora(CachePolicy):
     name = "fora"
+    config_cls = ForaConfig
+    state_cls = ForaState
+    decide_rule = staticmethod(decide)
     request_fields: ClassVar[dict[str, str]] = {"cache_interval": "interval"}
-
-    def default_config(self, model: DiTConfig, **overrides: Any) -> ForaConfig:
-        return replace(ForaConfig(), **overrides)
-
-    def new_state(self) -> ForaState:
-        return ForaState()
-
-    def decide(self, step: int, t: int, config: ForaConfig, state: ForaState) -> Mode:
-        return decide(step, t, config, state)
 
     def planned_modes(self, config: ForaConfig, timesteps: Sequence[int]) -> list[Mode]:
         warm = ForaState(branches={})

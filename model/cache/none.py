@@ -21,20 +21,17 @@ class NoCacheState:
         pass
 
 
-def decide(step: int, t: int, config: NoCacheConfig) -> Mode:
+def decide(step: int, t: int, config: NoCacheConfig, state: NoCacheState) -> Mode:
     return Mode.FULL
 
 
 class NoCache(CachePolicy):
     name = "none"
+    config_cls = NoCacheConfig
+    state_cls = NoCacheState
+    decide_rule = staticmethod(decide)
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> NoCacheConfig:
         if overrides:
             raise FieldError("cache_policy", f"'none' takes no options, got {sorted(overrides)}")
-        return NoCacheConfig()
-
-    def new_state(self) -> NoCacheState:
-        return NoCacheState()
-
-    def decide(self, step: int, t: int, config: NoCacheConfig, state: NoCacheState) -> Mode:
-        return decide(step, t, config)
+        return super().default_config(model)

@@ -77,6 +77,9 @@ def default_depth(model: DiTConfig) -> int:
 
 class SkipCache(CachePolicy):
     name = "skip_cache"
+    config_cls = SkipCacheConfig
+    state_cls = SkipCacheState
+    decide_rule = staticmethod(decide)
     request_fields: ClassVar[dict[str, str]] = {
         "cache_interval": "interval",
         "cache_depth": "depth",
@@ -93,12 +96,6 @@ class SkipCache(CachePolicy):
                 f"got {config.depth}",
             )
         return config
-
-    def new_state(self) -> SkipCacheState:
-        return SkipCacheState()
-
-    def decide(self, step: int, t: int, config: SkipCacheConfig, state: SkipCacheState) -> Mode:
-        return decide(step, t, config, state)
 
     def planned_modes(self, config: SkipCacheConfig, timesteps: Sequence[int]) -> list[Mode]:
         warm = SkipCacheState(deep=torch.empty(0))
