@@ -55,7 +55,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="1 = off; default: model's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--cache-policy", default="skip_cache", help="none | skip_cache | fora | fbcache"
+        "--cache-policy",
+        default="skip_cache",
+        help="none | skip_cache | fora | delta_dit | fbcache",
     )
     p.add_argument("--cache-threshold", type=float, default=None, help="fbcache threshold")
     p.add_argument("--cache-interval", type=int, default=1, help="full step every N (1 = off)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from model.cache.base import CachePolicy, Mode, RequestCache
+from model.cache.delta_dit import DeltaDiT
 from model.cache.fbcache import FBCache
 from model.cache.fora import Fora
 from model.cache.none import NoCache
@@ -12,7 +13,9 @@ from model.cache.skip_cache import SkipCache
 from model.errors import FieldError
 from model.skip_dit import DiTConfig
 
-POLICIES: dict[str, CachePolicy] = {p.name: p for p in (NoCache(), SkipCache(), Fora(), FBCache())}
+POLICIES: dict[str, CachePolicy] = {
+    p.name: p for p in (NoCache(), SkipCache(), Fora(), DeltaDiT(), FBCache())
+}
 
 
 def build(name: str, model: DiTConfig, **options: Any) -> RequestCache:

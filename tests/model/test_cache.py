@@ -21,6 +21,7 @@ CACHING = {
     "skip_cache": {"cache_interval": 3},
     "fora": {"cache_interval": 3},
     "fbcache": {"cache_threshold": 0.5},
+    "delta_dit": {"cache_interval": 2},
 }
 # policy -> request options that turn its caching off.
 OFF = {
@@ -28,6 +29,7 @@ OFF = {
     "skip_cache": {"cache_interval": 1},
     "fora": {},
     "fbcache": {"cache_threshold": 0},
+    "delta_dit": {},
 }
 
 
@@ -197,6 +199,7 @@ def test_each_policy_reports_the_memory_its_cache_holds(tiny_pipeline: Pipeline)
         "skip_cache": one_hidden,
         "fora": 2 * config.depth * one_hidden,
         "fbcache": 2 * one_hidden,
+        "delta_dit": (1 + 1 + 1 + 1) * one_hidden,  # n=1: enter 0, enter 1, enter D-1, final
     }
 
 
@@ -242,3 +245,33 @@ def test_fbcache_decides_per_request_from_its_own_rows(tiny_pipeline: Pipeline) 
         full = model(x, t, y)
     # The reused request reproduces its stored residual exactly; the moved one computed fully.
     torch.testing.assert_close(together, full, **BATCH_TOL)
+
+
+def test_delta_dit_skips_the_rear_range_early_and_the_front_range_late(
+    tiny_pipeline: Pipeline,
+) -> None:
+    model = tiny_pipeline.model
+    d = model.config.depth
+    policy = POLICIES["delta_dit"]
+    config = policy.default_config(model.config, blocks=1, boundary=500)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([900, 100]), torch.tensor([3, 3])
+    with torch.no_grad():
+        full, captured = model(x, t, y, capture=policy.capture_blocks(config, model.config))
+    states = [policy.new_state(), policy.new_state()]
+    for i, state in enumerate(states):
+        policy.on_full(config, state, {k: v[i : i + 1] for k, v in captured.items()})
+    ran: list[tuple[int, int]] = []
+    handles = [
+        b.register_forward_hook(lambda m, a, o, k=k: ran.append((k, o.shape[0])))
+        for k, b in enumerate(model.blocks)
+    ]
+    try:
+        with torch.no_grad():
+            cached = policy.run_cached(model, x, t, y, config, states)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [(k, 1) for k in range(d - 1)] + [(k, 1) for k in range(1, d)]
+    # Same inputs as the stored full step: the deviations reproduce it.
+    torch.testing.assert_close(cached, full, **BATCH_TOL)
