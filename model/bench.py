@@ -61,6 +61,8 @@ def settings(intervals: list[int], thresholds: list[float]) -> list[tuple[str, s
     out: list[tuple[str, str, dict]] = [("none", "none", {})]
     for policy in ("skip_cache", "fora", "delta_dit"):
         out += [(f"{policy} N={n}", policy, {"cache_interval": n}) for n in intervals]
+    out += [(f"toca N={n} r=0.25", "toca", {"cache_interval": n, "cache_ratio": 0.25})
+            for n in intervals]  # fmt: skip
     out += [(f"fbcache th={t}", "fbcache", {"cache_threshold": t}) for t in thresholds]
     return out
 
@@ -195,7 +197,7 @@ def write_outputs(rows: list[Row], grids: dict, curves: dict, out: Path, args) -
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in sorted({r.model for r in rows}):
-        for policy in ("skip_cache", "fora", "delta_dit", "fbcache"):
+        for policy in ("skip_cache", "fora", "delta_dit", "toca", "fbcache"):
             pts = [(r.speedup, r.psnr) for r in rows if r.model == model and r.policy == policy]
             if pts:
                 xs, ys = zip(*sorted(pts), strict=True)

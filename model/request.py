@@ -39,6 +39,9 @@ class GenerateParams(BaseModel):
     cache_threshold: float | None = Field(
         None, ge=0, le=1, description="fbcache: reuse when block 0 moved less than this."
     )
+    cache_ratio: float | None = Field(
+        None, gt=0, le=1, description="toca: fraction of tokens recomputed on cached steps."
+    )
 
     def check_for(self, model: DiTConfig) -> None:
         """Model-dependent checks; raises FieldError naming the field."""
@@ -64,8 +67,9 @@ class GenerateParams(BaseModel):
         """A fresh per-request cache as this request asks for it."""
         policy = cache.POLICIES[self.cache_policy]
         options = {}
-        names = ("cache_interval", "cache_depth", "cache_t_start", "cache_t_end", "cache_threshold")
-        for name in names:
+        for name in (
+            n for n in type(self).model_fields if n.startswith("cache_") and n != "cache_policy"
+        ):
             value = getattr(self, name)
             if name in policy.request_fields:
                 if value is not None:

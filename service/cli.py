@@ -57,9 +57,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cache-policy",
         default="skip_cache",
-        help="none | skip_cache | fora | delta_dit | fbcache",
+        help="none | skip_cache | fora | delta_dit | toca | fbcache",
     )
     p.add_argument("--cache-threshold", type=float, default=None, help="fbcache threshold")
+    p.add_argument("--cache-ratio", type=float, default=None, help="toca: tokens refreshed")
     p.add_argument("--cache-interval", type=int, default=1, help="full step every N (1 = off)")
     p.add_argument("--cache-depth", type=int, default=None, help="K blocks fresh at each end")
     p.add_argument("--cache-t-start", type=float, default=None)
@@ -86,6 +87,7 @@ def _generate(args: argparse.Namespace, prog: str) -> int:
             cache_t_start=args.cache_t_start,
             cache_t_end=args.cache_t_end,
             cache_threshold=args.cache_threshold,
+            cache_ratio=args.cache_ratio,
         )
         loaded = registry.load(params.model, device=args.device, vae_path=args.vae)
         params.check_for(loaded.config)

@@ -22,6 +22,7 @@ CACHING = {
     "fora": {"cache_interval": 3},
     "fbcache": {"cache_threshold": 0.5},
     "delta_dit": {"cache_interval": 2},
+    "toca": {"cache_interval": 3, "cache_ratio": 0.5},
 }
 # policy -> request options that turn its caching off.
 OFF = {
@@ -30,6 +31,7 @@ OFF = {
     "fora": {},
     "fbcache": {"cache_threshold": 0},
     "delta_dit": {},
+    "toca": {},
 }
 
 
@@ -200,6 +202,7 @@ def test_each_policy_reports_the_memory_its_cache_holds(tiny_pipeline: Pipeline)
         "fora": 2 * config.depth * one_hidden,
         "fbcache": 2 * one_hidden,
         "delta_dit": (1 + 1 + 1 + 1) * one_hidden,  # n=1: enter 0, enter 1, enter D-1, final
+        "toca": 2 * config.depth * one_hidden,  # + per-token staleness counters
     }
 
 
@@ -275,3 +278,27 @@ def test_delta_dit_skips_the_rear_range_early_and_the_front_range_late(
     assert ran == [(k, 1) for k in range(d - 1)] + [(k, 1) for k in range(1, d)]
     # Same inputs as the stored full step: the deviations reproduce it.
     torch.testing.assert_close(cached, full, **BATCH_TOL)
+
+
+def test_toca_recomputes_a_ratio_of_tokens_and_refreshes_them_in_turn(
+    tiny_pipeline: Pipeline,
+) -> None:
+    model = tiny_pipeline.model
+    tokens = model.config.num_tokens  # 16
+    shapes: list[tuple[int, ...]] = []
+    handle = model.blocks[0].mlp.register_forward_hook(
+        lambda m, a, o: shapes.append(tuple(a[0].shape))
+    )
+    params = GenerateParams(steps=9, guidance_scale=1, cache_policy="toca", cache_interval=5,
+                            cache_ratio=0.25)  # fmt: skip
+    job = tiny_pipeline.start(params)
+    refreshed = torch.zeros(tokens, dtype=torch.long)
+    try:
+        denoise_step(model, [job])  # full
+        for _ in range(4):  # cached: 4 tokens each, stalest first
+            assert denoise_step(model, [job])[0] is Mode.CACHED
+            refreshed += (job.cache.state.staleness[0] == 0).long()
+    finally:
+        handle.remove()
+    assert shapes == [(1, tokens, 32)] + [(1, 4, 32)] * 4
+    assert refreshed.tolist() == [1] * tokens  # every token exactly once in 4 cached steps

@@ -83,7 +83,8 @@ def test_bench_writes_tables_plots_and_grid(runs: dict[str, Path], tmp_path: Pat
         out=tmp_path / "bench", command_line="skipdit bench (test)",
     )  # fmt: skip
     rows = bench.bench(args)
-    labels = ["none", "skip_cache N=2", "fora N=2", "delta_dit N=2", "fbcache th=0.1"]
+    labels = ["none", "skip_cache N=2", "fora N=2", "delta_dit N=2", "toca N=2 r=0.25"]
+    labels.append("fbcache th=0.1")
     assert [r.label for r in rows] == labels
     by = {r.label: r for r in rows}
     assert by["none"].ssim == pytest.approx(1.0) and by["none"].flop_ratio == 1.0
