@@ -256,7 +256,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench(args: argparse.Namespace) -> list[Row]:
     classifier = load_classifier()
-    real = data.load("mnist", classifier.size, "held_out")
+    real = data.load(classifier.source, classifier.size, "held_out")
     real_features = features(classifier, real.images)
     rows: list[Row] = []
     grids: dict[str, torch.Tensor] = {}

@@ -30,9 +30,10 @@ CLASSIFIER_DIR = Path(__file__).parent / "weights" / "classifier"
 class DigitClassifier(nn.Module):
     """(B, 1, S, S) in [-1, 1] -> 10 logits; ``features`` is the 128-d penultimate layer."""
 
-    def __init__(self, size: int = 16):
+    def __init__(self, size: int = 16, source: str = "mnist"):
         super().__init__()
         self.size = size
+        self.source = source  # the bundled digit set it was trained on (and is judged against)
         self.conv = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -61,7 +62,7 @@ def train_classifier(
     """Train on the train split with light shift augmentation; returns (model, held-out acc)."""
     torch.manual_seed(seed)
     train, held = data.load(source, size, "train"), data.load(source, size, "held_out")
-    model = DigitClassifier(size)
+    model = DigitClassifier(size, source)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -81,12 +82,13 @@ def train_classifier(
 def save_classifier(model: DigitClassifier, directory: Path, card: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), directory / "classifier.safetensors")
-    (directory / "classifier.json").write_text(json.dumps({"size": model.size, **card}, indent=2))
+    meta = {"size": model.size, "source": model.source, **card}
+    (directory / "classifier.json").write_text(json.dumps(meta, indent=2))
 
 
 def load_classifier(directory: Path = CLASSIFIER_DIR) -> DigitClassifier:
     meta = json.loads((directory / "classifier.json").read_text())
-    model = DigitClassifier(meta["size"])
+    model = DigitClassifier(meta["size"], meta["source"])
     model.load_state_dict(load_file(directory / "classifier.safetensors"), strict=True)
     return model.eval()
 

@@ -419,7 +419,7 @@ PRESETS: dict[str, Callable[..., DiTConfig]] = {
     # Pixel-space digit models (1 channel, 10 classes) shipped by this project.
     "digits-small": lambda **kw: DiTConfig(
         **{
-            "depth": 8,
+            "depth": 6,
             "hidden_size": 192,
             "num_heads": 6,
             "input_size": 16,

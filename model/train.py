@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="digits-small")
     p.add_argument("--vanilla", action="store_true", help="train the DiT twin (no long skips)")
-    p.add_argument("--data", default="mnist", help="mnist | sklearn")
+    p.add_argument("--data", default="sklearn", help="sklearn | mnist")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)

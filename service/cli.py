@@ -188,7 +188,8 @@ def _train_classifier(args: argparse.Namespace, prog: str) -> int:
         "epochs": args.epochs,
         "seed": args.seed,
         "held_out_accuracy": round(acc, 4),
-        "command": f"skipdit train-classifier --epochs {args.epochs} --seed {args.seed}",
+        "command": f"skipdit train-classifier --data {args.data} --epochs {args.epochs} "
+        f"--seed {args.seed}",
     }
     save_classifier(model, args.out, card)
     print(f"held-out accuracy {acc:.4f}; wrote {args.out}")
@@ -199,7 +200,7 @@ def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
     from model.evaluate import CLASSIFIER_DIR
 
     p = sub.add_parser("train-classifier", help="train the digit classifier used to evaluate")
-    p.add_argument("--data", default="mnist")
+    p.add_argument("--data", default="sklearn")
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)

@@ -59,7 +59,7 @@ def test_data_splits_are_disjoint_and_scaled() -> None:
 
 def test_shipped_classifier_recognises_held_out_digits() -> None:
     classifier = load_classifier()
-    held = data.load("mnist", classifier.size, "held_out")
+    held = data.load(classifier.source, classifier.size, "held_out")
     predicted = classifier(held.images).argmax(1)
     assert (predicted == held.labels).float().mean() > 0.9
 
