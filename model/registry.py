@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 RANDOM_PREFIX = "random:"
-# The default until a trained model ships (issue 4): untrained, for smoke tests only.
+SHIPPED_DEFAULT = "digits-skip-dit"  # the shipped Skip-DiT, when present
+# Used only if no model ships: untrained, for smoke tests only.
 FALLBACK_DEFAULT = RANDOM_PREFIX + "digits-small"
 
 
@@ -55,6 +56,8 @@ def shipped_models() -> list[str]:
 
 def default_model() -> str:
     shipped = shipped_models()
+    if SHIPPED_DEFAULT in shipped:
+        return SHIPPED_DEFAULT
     return shipped[0] if shipped else FALLBACK_DEFAULT
 
 
