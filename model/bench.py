@@ -192,6 +192,21 @@ def write_outputs(rows: list[Row], grids: dict, curves: dict, out: Path, args) -
             f"{'inf' if r.psnr == float('inf') else f'{r.psnr:.1f}'} | {r.ssim:.3f} | "
             f"{r.accuracy:.1%} | {r.fid:.2f} |"
         )
+    if len(curves) == 2 and all(c["fid"] for c in curves.values()):
+        lines += ["", "## Training comparison", ""]
+        lines += [
+            f"- {name}: FID by step "
+            + ", ".join(f"{step}: {fid:.2f}" for step, fid in curve["fid"])
+            for name, curve in curves.items()
+        ]
+        (a_name, a), (b_name, b) = curves.items()
+        for (x_name, x), (y_name, y) in (((a_name, a), (b_name, b)), ((b_name, b), (a_name, a))):
+            target = y["fid"][-1][1]
+            reached = next((step for step, fid in x["fid"] if fid <= target), None)
+            lines.append(
+                f"- {x_name} reached {y_name}'s final FID ({target:.2f}) "
+                + (f"at step {reached}" if reached is not None else "not within its run")
+            )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
 

@@ -43,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ema-decay", type=float, default=0.999, help="cap of a warmed-up decay")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--label-init-std",
+        type=float,
+        default=0.02,
+        help="std of the class embedding init (DiT: 0.02); larger lets short runs condition",
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -76,6 +82,7 @@ def train(args: argparse.Namespace) -> Path:
 
     torch.manual_seed(args.seed)
     model = SkipDiT(config).train()
+    torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=args.label_init_std)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
@@ -161,6 +168,7 @@ def train(args: argparse.Namespace) -> Path:
         "ema_decay": args.ema_decay,
         "bf16": args.bf16,
         "seed": args.seed,
+        "label_init_std": args.label_init_std,
         "train_seconds": round(seconds, 1),
         "default_guidance": 2.0,
     }

@@ -1,0 +1,31 @@
+"""The models this project ships: trained weights that make the digits asked for."""
+
+from __future__ import annotations
+
+import torch
+
+from model import registry
+from model.evaluate import accuracy, load_classifier
+from model.request import GenerateParams
+
+
+def test_default_model_is_the_shipped_skip_dit_with_its_dit_twin() -> None:
+    assert registry.default_model() == registry.SHIPPED_DEFAULT
+    assert {"digits-skip-dit", "digits-dit"} <= set(registry.shipped_models())
+    _, skip, card, random_weights = registry.describe()
+    _, plain, _, _ = registry.describe("digits-dit")
+    assert skip.long_skip and not plain.long_skip and not random_weights
+    assert skip.replace(long_skip=True) == plain.replace(long_skip=True)  # same size: twins
+    assert card["steps"] > 0 and card["train_seconds"] > 0
+
+
+def test_shipped_skip_dit_draws_the_requested_digit() -> None:
+    loaded = registry.load()
+    classifier = load_classifier()
+    requests = [
+        GenerateParams(class_label=c, num_images=5, steps=50, seed=1000 + c, cache_policy="none")
+        for c in range(10)
+    ]
+    images = torch.cat([r.images for r in loaded.pipeline.generate(requests)])
+    labels = torch.arange(10).repeat_interleave(5)
+    assert accuracy(classifier, images, labels) >= 0.9
