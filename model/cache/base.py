@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from abc import ABC
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -82,6 +82,11 @@ class CachePolicy(ABC):
     def state_bytes(self, state: Any) -> int:
         """Memory the request's cache holds now."""
         return 0
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes held by the given tensors (None entries hold nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass

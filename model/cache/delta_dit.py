@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from model.cache.base import CachePolicy, Mode
+from model.cache.base import CachePolicy, Mode, tensor_bytes
 from model.errors import FieldError
 from model.skip_dit import DiTConfig, SkipDiT
 
@@ -113,6 +113,4 @@ class DeltaDiT(CachePolicy):
         return out
 
     def state_bytes(self, state: DeltaDiTState) -> int:
-        if state.stored is None:
-            return 0
-        return sum(v.numel() * v.element_size() for v in state.stored.values())
+        return tensor_bytes((state.stored or {}).values())

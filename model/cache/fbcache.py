@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from model.cache.base import CachePolicy, Mode
+from model.cache.base import CachePolicy, Mode, tensor_bytes
 from model.errors import FieldError
 from model.skip_dit import DiTConfig, SkipDiT
 
@@ -111,5 +111,4 @@ class FBCache(CachePolicy):
         return state.last_mode if decided is Mode.CACHED else decided
 
     def state_bytes(self, state: FBCacheState) -> int:
-        tensors = [s for s in (state.first, state.residual) if s is not None]
-        return sum(s.numel() * s.element_size() for s in tensors)
+        return tensor_bytes((state.first, state.residual))

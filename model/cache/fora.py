@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from model.cache.base import CachePolicy, Mode
+from model.cache.base import CachePolicy, Mode, tensor_bytes
 from model.errors import FieldError
 from model.skip_dit import DiTConfig, SkipDiT
 
@@ -85,6 +85,4 @@ class Fora(CachePolicy):
         return model(x, t, y, branches=branches)
 
     def state_bytes(self, state: ForaState) -> int:
-        if state.branches is None:
-            return 0
-        return sum(v.numel() * v.element_size() for v in state.branches.values())
+        return tensor_bytes((state.branches or {}).values())

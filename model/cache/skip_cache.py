@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from model.cache.base import CachePolicy, Mode
+from model.cache.base import CachePolicy, Mode, tensor_bytes
 from model.errors import FieldError
 from model.skip_dit import DiTConfig, SkipDiT
 
@@ -128,4 +128,4 @@ class SkipCache(CachePolicy):
         return model.forward_cached(x, t, y, deep, config.depth)
 
     def state_bytes(self, state: SkipCacheState) -> int:
-        return 0 if state.deep is None else state.deep.numel() * state.deep.element_size()
+        return tensor_bytes((state.deep,))

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from model.cache.base import CachePolicy, Mode
+from model.cache.base import CachePolicy, Mode, tensor_bytes
 from model.errors import FieldError
 from model.skip_dit import Attention, DiTConfig, SkipDiT
 
@@ -135,6 +135,4 @@ class ToCa(CachePolicy):
         return out
 
     def state_bytes(self, state: ToCaState) -> int:
-        if state.branches is None:
-            return 0
-        return sum(v.numel() * v.element_size() for v in state.branches.values())
+        return tensor_bytes((state.branches or {}).values())  # staleness counters not counted
