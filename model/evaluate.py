@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from scipy import linalg
 from torch import nn
 from torchmetrics.functional.image import (
     peak_signal_noise_ratio,
@@ -105,12 +104,15 @@ def features(model: DigitClassifier, images: torch.Tensor) -> np.ndarray:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between two (n, d) feature sets."""
+    """FID between two (n, d) feature sets.
+
+    tr(sqrt(cov_a cov_b)) is the sum of the square roots of the product's eigenvalues (real and
+    >= 0 in exact arithmetic): no matrix square root, so a rank-deficient covariance (fewer
+    samples than feature dimensions) needs no special case."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    root = root.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    trace_root = np.sqrt(np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b) - 2 * trace_root)
 
 
 def psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -69,6 +70,16 @@ def test_metrics_behave() -> None:
     a = torch.randn(200, 8, generator=g).double().numpy()
     assert abs(frechet_distance(a, a)) < 1e-6
     assert frechet_distance(a, a + 3) > 8 * 9 - 1  # mean shift of 3 in 8 dims -> 72
+    # Fewer samples than dimensions (rank-deficient covariance), diagonal covariances: FID is
+    # sum_i (sqrt(var_a_i) - sqrt(var_b_i))^2 in closed form.
+    d, k = 16, 5
+    eye = np.eye(d)
+    few = np.concatenate([2 * eye[:k], -2 * eye[:k]])  # (2k, d), variance 8/(2k-1) on k dims
+    many = np.concatenate([eye, -eye])  # (2d, d), variance 2/(2d-1) on every dim
+    var_a = np.r_[np.full(k, 8 / (2 * k - 1)), np.zeros(d - k)]
+    var_b = np.full(d, 2 / (2 * d - 1))
+    expected = ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
+    assert frechet_distance(few, many) == pytest.approx(expected, rel=1e-9)
     images = torch.randint(0, 256, (2, 16, 16, 1), dtype=torch.uint8, generator=g)
     assert psnr_ssim(images, images)[1] == pytest.approx(1.0)
     noisy = (images.int() + 20).clamp(0, 255).to(torch.uint8)
