@@ -91,7 +91,7 @@ def test_bench_writes_tables_plots_and_grid(runs: dict[str, Path], tmp_path: Pat
     args = argparse.Namespace(
         models=[str(runs["straight"] / "final")], per_class=1, steps=6, intervals=[2],
         thresholds=[0.1], seed=0, runs=[runs["straight"], runs["vanilla"]], curve_steps=3,
-        out=tmp_path / "bench", command_line="skipdit bench (test)",
+        repeats=2, out=tmp_path / "bench", command_line="skipdit bench (test)",
     )  # fmt: skip
     rows = bench.bench(args)
     labels = ["none", "skip_cache N=2", "fora N=2", "delta_dit N=2", "toca N=2 r=0.25"]
