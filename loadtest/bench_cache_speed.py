@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import get_args
 
 import torch
 
 from model.bench import counted_flops, requests, settings
 from model.cache import Mode
 from model.pipeline import Pipeline, denoise_step
-from model.request import GenerateParams
+from model.request import GenerateParams, Sampler
 from model.skip_dit import SkipDiT, preset
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     p.add_argument("--vanilla", action="store_true", help="DiT without long skips")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--sampler", default="ddim", choices=get_args(Sampler))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--requests", type=int, default=8, help="requests batched, one image each")
     p.add_argument("--guidance-scale", type=float, default=1.5)
