@@ -25,7 +25,7 @@ import torch
 
 from model.bench import counted_flops, requests, settings
 from model.cache import Mode
-from model.pipeline import Pipeline, denoise_step
+from model.pipeline import Pipeline, denoise_step, synchronize
 from model.request import GenerateParams, Sampler
 from model.skip_dit import SkipDiT, preset
 
@@ -43,13 +43,11 @@ def random_network(name: str, vanilla: bool, seed: int) -> SkipDiT:
 def loop_seconds(pipeline: Pipeline, batch: list[GenerateParams]) -> tuple[float, float]:
     """(wall seconds, cached share of steps) of one batched denoising run, decode excluded."""
     jobs = [pipeline.start(p) for p in batch]
-    if pipeline.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(pipeline.device)
     began = time.perf_counter()
     while not jobs[0].done:  # all requests have the same step count
         denoise_step(pipeline.model, jobs)
-    if pipeline.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(pipeline.device)
     seconds = time.perf_counter() - began
     cached = sum(j.stats.steps[Mode.CACHED] for j in jobs) / sum(j.total_steps for j in jobs)
     return seconds, cached

@@ -165,7 +165,8 @@ class Job:
         self.stats.add(mode, seconds)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings of asynchronous devices need it)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -204,7 +205,7 @@ def denoise_step(model: SkipDiT, jobs: Sequence[Job]) -> list[Mode]:
             out = first.policy.run_cached(
                 model, x, t, y, first.config, [jobs[i].cache.state for i in members]
             )
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
         offset = 0
         for i in members:
