@@ -13,7 +13,6 @@ generator and cache state.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import queue
@@ -25,17 +24,9 @@ from model.cache import Mode
 from model.errors import FieldError
 from model.pipeline import Job, Pipeline, Result, denoise_step
 from model.request import GenerateParams
+from service.messages import EventKind  # plain messages: no HTTP, no Redis
 
 log = logging.getLogger(__name__)
-
-
-class EventKind(enum.StrEnum):
-    STARTED = "started"
-    STEP = "step"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    EXPIRED = "expired"
 
 
 @dataclass

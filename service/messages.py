@@ -43,6 +43,22 @@ class JobStatus(enum.StrEnum):
         return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
+class EventKind(enum.StrEnum):
+    """What happened to a job: the one event vocabulary of engine, worker, backends and SSE."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+    STEP = "step"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (EventKind.DONE, EventKind.FAILED, EventKind.CANCELLED, EventKind.EXPIRED)
+
+
 @dataclass
 class JobRecord:
     """What the service knows about a job; stored by the backend, returned by GET /jobs/{id}."""
@@ -86,7 +102,7 @@ class StoredResult:
 class Event:
     """One line of a job's progress stream (SSE ``event:`` is ``type``)."""
 
-    type: str  # queued | started | step | done | failed | cancelled | expired
+    type: EventKind
     job_id: str
     step: int = 0
     total: int = 0
@@ -94,9 +110,12 @@ class Event:
     message: str | None = None
     time: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        self.type = EventKind(self.type)
+
     @property
     def terminal(self) -> bool:
-        return self.type in {"done", "failed", "cancelled", "expired"}
+        return self.type.terminal
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"type": self.type.value}

@@ -18,21 +18,15 @@ import time
 import torch
 
 from model import registry
-from service.engine import Engine, EngineEvent, EngineRequest, EventKind
+from service.engine import Engine, EngineEvent, EngineRequest
 from service.images import CONTENT_TYPES, encode
-from service.messages import Event, JobRecord, JobStatus, StoredResult
+from service.jobs import ENDED_BY
+from service.messages import EventKind, JobRecord, StoredResult
 from service.metrics import Metrics
-from service.queue.base import BackendUnavailable, Delivery, QueueBackend, finished_record
+from service.queue.base import BackendUnavailable, Delivery, QueueBackend
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-TERMINAL = {
-    EventKind.DONE: JobStatus.DONE,
-    EventKind.FAILED: JobStatus.FAILED,
-    EventKind.CANCELLED: JobStatus.CANCELLED,
-    EventKind.EXPIRED: JobStatus.EXPIRED,
-}
 
 
 def default_worker_name() -> str:
@@ -128,58 +122,52 @@ class Worker:
         held = self._held.get(event.request_id)
         if held is None:
             return
-        delivery, record = held
-        record.step, record.total_steps = event.step, event.total
-        mode = event.mode.value if event.mode is not None else None
-        message = Event(event.kind.value, record.id, event.step, event.total, mode, event.error)
         try:
-            if event.kind is EventKind.STARTED:
-                if event.queue_wait is not None:
-                    self.metrics.queue_wait.observe(event.queue_wait)
-                await self.backend.progress(record, message)
-            elif event.kind is EventKind.STEP:
-                await self.backend.progress(record, message)
-            else:
-                await self._finish(event, delivery, record, message)
+            if event.kind.terminal:
+                await self._finish(event, *held)
+                return
+            if event.kind is EventKind.STARTED and event.queue_wait is not None:
+                self.metrics.queue_wait.observe(event.queue_wait)
+            mode = event.mode.value if event.mode is not None else None
+            await self.backend.progress(event.request_id, event.kind, event.step, event.total, mode)
         except BackendUnavailable:
             self.metrics.errors.labels("backend_unavailable").inc()
-            log.exception("could not publish %s of job %s", event.kind, record.id)
+            log.exception("could not publish %s of job %s", event.kind, event.request_id)
 
-    async def _finish(
-        self, event: EngineEvent, delivery: Delivery, record: JobRecord, message: Event
-    ) -> None:
-        status = TERMINAL[event.kind]
-        result = None
-        speedup = None
-        if event.kind is EventKind.DONE and event.result is not None:
-            params = record.params
-            fmt = params.output_format
-            images = [encode(image, fmt) for image in event.result.images]
-            stats = event.result.stats.as_dict()
-            speedup = stats["speedup"]
-            meta = {
-                "seed": params.seed,
-                "model": self.model_name,
-                "cache_interval": params.cache_interval,
-                "cache_policy": params.cache_policy,
-                **stats,
-                "seconds_engine": event.result.seconds,
-            }
-            result = StoredResult(CONTENT_TYPES[fmt], images, meta)
-            record.result = meta
+    async def _finish(self, event: EngineEvent, delivery: Delivery, record: JobRecord) -> None:
+        # Let go first: if the backend cannot be told, the unacked delivery is re-delivered.
+        del self._held[record.id]
+        status = ENDED_BY[event.kind]
+        result = self._result(record, event) if event.kind is EventKind.DONE else None
         error = None
         if event.kind in (EventKind.FAILED, EventKind.EXPIRED):
             code = "expired" if event.kind is EventKind.EXPIRED else "generation_failed"
             error = {"code": code, "message": event.error or code}
             self.metrics.errors.labels(code).inc()
-        finished_record(record, status, error=error)
-        written = await self.backend.finish(delivery, record, message, result)
-        del self._held[record.id]
-        if written:
-            seconds = (record.finished_at or time.time()) - record.created_at
-            self.metrics.observe_end(self.model_name, status.value, seconds, speedup)
-        else:
+        ended = await self.backend.finish(delivery, status, result, error)
+        if ended is None:
             log.info("job %s had already ended elsewhere; result of this run dropped", record.id)
+            return
+        seconds = (ended.finished_at or ended.created_at) - ended.created_at
+        speedup = result.meta["speedup"] if result is not None else None
+        self.metrics.observe_end(self.model_name, status.value, seconds, speedup)
+
+    def _result(self, record: JobRecord, event: EngineEvent) -> StoredResult | None:
+        """The encoded images and their metadata."""
+        if event.result is None:
+            return None
+        params = record.params
+        fmt = params.output_format
+        images = [encode(image, fmt) for image in event.result.images]
+        meta = {
+            "seed": params.seed,
+            "model": self.model_name,
+            "cache_interval": params.cache_interval,
+            "cache_policy": params.cache_policy,
+            **event.result.stats.as_dict(),
+            "seconds_engine": event.result.seconds,
+        }
+        return StoredResult(CONTENT_TYPES[fmt], images, meta)
 
     async def _hand_back(self) -> None:
         for job_id, (delivery, _) in list(self._held.items()):

@@ -2,18 +2,23 @@
 
 API side: submit (with idempotency and a bounded queue), read records/results, request a
 cancel, follow a job's events. Worker side: claim deliveries, move a job's record through its
-states (a terminal state is written once: the first completion wins), publish events, ack.
+states, publish events, ack. The states and their transitions are ``service.jobs``; this class
+applies them through one primitive, ``_commit``, that each backend makes atomic.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from service.messages import Event, JobRecord, JobStatus, StoredResult
+from service import jobs
+from service.jobs import Change
+from service.messages import Event, EventKind, JobRecord, JobStatus, StoredResult
+
+Transition = Callable[[JobRecord], Change | None]
 
 
 class QueueFull(Exception):
@@ -38,6 +43,28 @@ class Delivery:
 
 class QueueBackend(ABC):
     name: str
+    clock: Callable[[], float]  # Unix seconds: the times written on records and events
+
+    # -- storage: what each backend provides
+
+    @abstractmethod
+    async def _commit(
+        self, job_id: str, transition: Transition, result: StoredResult | None = None
+    ) -> tuple[JobRecord | None, bool]:
+        """Atomically apply ``transition`` to the stored record: store the new record, publish
+        its event, store ``result`` (TTL) and drop the cancel flag once terminal. Returns (the
+        record as it now stands or None if unknown, whether the transition was applied)."""
+
+    @abstractmethod
+    async def _flag_cancel(self, job_id: str) -> None:
+        """Ask the worker running the job to cancel it (see ``cancel_requested``)."""
+
+    @abstractmethod
+    async def _requeue(self, delivery: Delivery) -> None:
+        """Put a released job back in the queue."""
+
+    async def _retire(self, delivery: Delivery) -> None:
+        """Acknowledge a delivery: no one is to run it again."""
 
     # -- API side
 
@@ -53,9 +80,12 @@ class QueueBackend(ABC):
     @abstractmethod
     async def get_result(self, job_id: str) -> StoredResult | None: ...
 
-    @abstractmethod
     async def request_cancel(self, job_id: str) -> JobRecord | None:
         """Queued jobs are cancelled at once; running ones are flagged for the worker."""
+        record, _ = await self._commit(job_id, lambda r: jobs.request_cancel(r, self.clock()))
+        if record is not None and jobs.cancel_pending(record):
+            await self._flag_cancel(job_id)
+        return record
 
     @abstractmethod
     async def events(self, job_id: str) -> AsyncIterator[Event]:
@@ -86,23 +116,49 @@ class QueueBackend(ABC):
     async def claim(self, consumer: str, count: int, block: float) -> list[Delivery]:
         """Up to ``count`` deliveries, waiting at most ``block`` seconds for the first."""
 
-    @abstractmethod
     async def start(self, delivery: Delivery) -> JobRecord | None:
         """Mark a claimed job running; None (and acked) if it was cancelled or already ended."""
+        now = self.clock()
+        record, started = await self._commit(
+            delivery.job_id, lambda r: jobs.start(r, delivery.consumer, now)
+        )
+        if not started:
+            await self._retire(delivery)
+            return None
+        return record
 
-    @abstractmethod
-    async def progress(self, record: JobRecord, event: Event) -> None:
-        """Store the record's progress and publish the event."""
+    async def progress(
+        self, job_id: str, kind: EventKind, step: int, total: int, mode: str | None = None
+    ) -> None:
+        """Store a running job's progress and publish it (``started`` or ``step``)."""
+        now = self.clock()
+        await self._commit(job_id, lambda r: jobs.progress(r, kind, step, total, now, mode))
 
-    @abstractmethod
     async def finish(
-        self, delivery: Delivery, record: JobRecord, event: Event, result: StoredResult | None
-    ) -> bool:
-        """Write a terminal state once (False if the job had already ended), publish, ack."""
+        self,
+        delivery: Delivery,
+        status: JobStatus,
+        result: StoredResult | None = None,
+        error: dict[str, str] | None = None,
+    ) -> JobRecord | None:
+        """End the job (its result stored with a TTL) and ack; the finished record, or None if
+        the job had already ended (the first terminal state wins, this run's result is dropped)."""
+        now = self.clock()
+        meta: dict[str, Any] | None = None if result is None else result.meta
 
-    @abstractmethod
+        def end(record: JobRecord) -> Change | None:
+            return jobs.finish(record, status, now, result=meta, error=error)
+
+        record, written = await self._commit(delivery.job_id, end, result)
+        await self._retire(delivery)
+        return record if written else None
+
     async def release(self, delivery: Delivery) -> None:
         """Hand an unfinished job back to the queue (worker shutting down)."""
+        _, released = await self._commit(delivery.job_id, jobs.release)
+        if released:
+            await self._requeue(delivery)
+        await self._retire(delivery)
 
     @abstractmethod
     async def cancel_requested(self, job_ids: list[str]) -> set[str]: ...
@@ -112,11 +168,3 @@ class QueueBackend(ABC):
 
     async def close(self) -> None:
         """Release connections."""
-
-
-def finished_record(record: JobRecord, status: JobStatus, **changes: object) -> JobRecord:
-    record.status = status
-    record.finished_at = time.time()
-    for k, v in changes.items():
-        setattr(record, k, v)
-    return record

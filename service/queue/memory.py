@@ -1,7 +1,9 @@
 """In-process backend: the embedded default when no Redis URL is configured.
 
 Same semantics as the Redis backend, inside one event loop: a FIFO of job ids, records, events
-and results in dicts (results and records dropped after their TTLs), conditions to wake waiters.
+and results in dicts (results and records dropped after their TTLs, by the injected clock),
+conditions to wake waiters. A transition is atomic because no ``await`` separates its read from
+its write.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import asyncio
 import copy
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from service.messages import Event, JobRecord, JobStatus, StoredResult
-from service.queue.base import Delivery, QueueBackend, QueueFull, finished_record
+from service import jobs
+from service.jobs import Change
+from service.messages import Event, JobRecord, StoredResult
+from service.queue.base import Delivery, QueueBackend, QueueFull, Transition
 
 
 def _copy(record: JobRecord) -> JobRecord:
@@ -24,11 +28,19 @@ def _copy(record: JobRecord) -> JobRecord:
 class MemoryBackend(QueueBackend):
     name = "memory"
 
-    def __init__(self, max_queue: int, result_ttl: float, job_ttl: float, retry_after: float = 1):
+    def __init__(
+        self,
+        max_queue: int,
+        result_ttl: float,
+        job_ttl: float,
+        retry_after: float = 1,
+        clock: Callable[[], float] = time.time,
+    ):
         self.max_queue = max_queue
         self.result_ttl = result_ttl
         self.job_ttl = job_ttl
         self.retry_after = retry_after
+        self.clock = clock
         self._queue: deque[str] = deque()
         self._records: dict[str, JobRecord] = {}
         self._results: dict[str, tuple[float, StoredResult]] = {}  # expires at, result
@@ -42,7 +54,7 @@ class MemoryBackend(QueueBackend):
             self._changed.notify_all()
 
     def _expire(self) -> None:
-        now = time.time()
+        now = self.clock()
         for job_id, (expires, _) in list(self._results.items()):
             if expires <= now:
                 del self._results[job_id]
@@ -50,6 +62,38 @@ class MemoryBackend(QueueBackend):
             if record.status.terminal and (record.finished_at or 0) + self.job_ttl <= now:
                 del self._records[job_id]
                 self._events.pop(job_id, None)
+
+    # -- storage
+
+    async def _commit(
+        self, job_id: str, transition: Transition, result: StoredResult | None = None
+    ) -> tuple[JobRecord | None, bool]:
+        stored = self._records.get(job_id)
+        change = None if stored is None else transition(_copy(stored))
+        if change is None:
+            return (None if stored is None else _copy(stored)), False
+        self._store(change, result)
+        await self._notify()
+        return _copy(change.record), True
+
+    def _store(self, change: Change, result: StoredResult | None) -> None:
+        record = change.record
+        self._records[record.id] = _copy(record)
+        if change.event is not None:
+            self._events.setdefault(record.id, []).append(change.event)
+        if record.status.terminal:
+            self._cancel.discard(record.id)
+            if record.id in self._queue:  # cancelled while queued
+                self._queue.remove(record.id)
+        if result is not None:
+            self._results[record.id] = (self.clock() + self.result_ttl, result)
+
+    async def _flag_cancel(self, job_id: str) -> None:
+        self._cancel.add(job_id)
+
+    async def _requeue(self, delivery: Delivery) -> None:
+        self._queue.appendleft(delivery.job_id)
+        await self._notify()
 
     # -- API side
 
@@ -63,8 +107,7 @@ class MemoryBackend(QueueBackend):
                 return _copy(known), False
         if len(self._queue) >= self.max_queue:  # waiting, not yet claimed
             raise QueueFull(len(self._queue), self.retry_after)
-        self._records[record.id] = _copy(record)
-        self._events[record.id] = [Event("queued", record.id, total=record.total_steps)]
+        self._store(jobs.submit(record, self.clock()), None)
         if idempotency_key is not None:
             self._idempotency[idempotency_key] = record.id
         self._queue.append(record.id)
@@ -80,19 +123,6 @@ class MemoryBackend(QueueBackend):
         self._expire()
         entry = self._results.get(job_id)
         return entry[1] if entry else None
-
-    async def request_cancel(self, job_id: str) -> JobRecord | None:
-        record = self._records.get(job_id)
-        if record is None or record.status.terminal:
-            return None if record is None else _copy(record)
-        if record.status is JobStatus.QUEUED:
-            self._queue.remove(job_id)
-            finished_record(record, JobStatus.CANCELLED)
-            self._events[job_id].append(Event("cancelled", job_id, record.step, record.total_steps))
-            await self._notify()
-        else:
-            self._cancel.add(job_id)
-        return _copy(record)
 
     async def events(self, job_id: str) -> AsyncIterator[Event]:
         seen = 0
@@ -128,43 +158,6 @@ class MemoryBackend(QueueBackend):
             job_id = self._queue.popleft()
             out.append(Delivery(job_id, job_id, consumer))
         return out
-
-    async def start(self, delivery: Delivery) -> JobRecord | None:
-        record = self._records.get(delivery.job_id)
-        if record is None or record.status.terminal:
-            return None
-        record.status = JobStatus.RUNNING
-        record.started_at = time.time()
-        record.worker = delivery.consumer
-        return _copy(record)
-
-    async def progress(self, record: JobRecord, event: Event) -> None:
-        stored = self._records.get(record.id)
-        if stored is not None and not stored.status.terminal:
-            self._records[record.id] = _copy(record)
-        self._events[record.id].append(event)
-        await self._notify()
-
-    async def finish(
-        self, delivery: Delivery, record: JobRecord, event: Event, result: StoredResult | None
-    ) -> bool:
-        stored = self._records.get(record.id)
-        if stored is not None and stored.status.terminal:
-            return False
-        self._records[record.id] = _copy(record)
-        if result is not None:
-            self._results[record.id] = (time.time() + self.result_ttl, result)
-        self._cancel.discard(record.id)
-        self._events.setdefault(record.id, []).append(event)
-        await self._notify()
-        return True
-
-    async def release(self, delivery: Delivery) -> None:
-        record = self._records.get(delivery.job_id)
-        if record is not None and not record.status.terminal:
-            record.status = JobStatus.QUEUED
-            self._queue.appendleft(delivery.job_id)
-            await self._notify()
 
     async def cancel_requested(self, job_ids: list[str]) -> set[str]:
         return self._cancel.intersection(job_ids)

@@ -5,8 +5,10 @@ refreshes its deliveries' idle time (XCLAIM to itself, JUSTID) with every heartb
 with ``claim_idle`` re-delivers only the work of a worker that stopped heartbeating. Each
 delivery's counter bounds retries: past ``max_deliveries`` the job goes to a dead-letter stream
 and fails. Records, results (TTL) and a per-job event stream live beside the queue; waiting API
-replicas block on the event stream (XREAD BLOCK) instead of polling. Terminal states are written
-under WATCH, so the first completion wins and a re-run's result is discarded.
+replicas block on the event stream (XREAD BLOCK) instead of polling. Every transition of a
+record (``service.jobs``) is written under WATCH/MULTI with its event, so the first terminal state
+wins and a re-run's result is discarded. Times on records come from the injected clock; TTLs
+are Redis's own.
 """
 
 from __future__ import annotations
@@ -22,14 +24,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service import jobs
+from service.jobs import Change
 from service.messages import Event, JobRecord, JobStatus, StoredResult
-from service.queue.base import (
-    BackendUnavailable,
-    Delivery,
-    QueueBackend,
-    QueueFull,
-    finished_record,
-)
+from service.queue.base import BackendUnavailable, Delivery, QueueBackend, QueueFull, Transition
 from service.queue.keys import Keys
 
 P = ParamSpec("P")
@@ -73,6 +71,7 @@ class RedisBackend(QueueBackend):
         prefix: str = "skipdit",
         retry_after: float = 1,
         socket_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
     ):
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
@@ -84,6 +83,7 @@ class RedisBackend(QueueBackend):
         self.claim_idle_ms = int(claim_idle * 1000)
         self.max_deliveries = max_deliveries
         self.retry_after = retry_after
+        self.clock = clock
         self._group_ready = False
 
     async def _ensure_group(self) -> None:
@@ -96,32 +96,61 @@ class RedisBackend(QueueBackend):
                 raise
         self._group_ready = True
 
-    async def _update(
-        self,
-        job_id: str,
-        change: Callable[[JobRecord], JobRecord | None],
-        also: Callable[[Any, JobRecord], None] | None = None,
+    # -- storage under the base class's transitions (guarded like every public method)
+
+    @guarded
+    async def _commit(
+        self, job_id: str, transition: Transition, result: StoredResult | None = None
     ) -> tuple[JobRecord | None, bool]:
-        """Atomically read-modify-write a record. ``change`` returns None to leave it as is.
-        Returns (record, written)."""
         key = self.keys.job(job_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(key)
                     record = _record(await pipe.get(key))
-                    new = change(record) if record is not None else None
-                    if new is None:
+                    change = None if record is None else transition(record)
+                    if change is None:
                         await pipe.unwatch()
                         return record, False
                     pipe.multi()
-                    pipe.set(key, _dump(new), keepttl=True)
-                    if also is not None:
-                        also(pipe, new)
+                    self._store(pipe, change, result)
                     await pipe.execute()
-                    return new, True
+                    return change.record, True
                 except WatchError:
                     continue
+
+    def _store(self, pipe: Any, change: Change, result: StoredResult | None) -> None:
+        """Queue the writes of one change on a MULTI pipeline."""
+        record = change.record
+        pipe.set(self.keys.job(record.id), _dump(record), keepttl=True)
+        if change.event is not None:
+            pipe.xadd(self.keys.events(record.id), {"e": _dump(change.event)})
+        if record.status.terminal:
+            pipe.expire(self.keys.job(record.id), self.job_ttl)
+            pipe.delete(self.keys.cancel(record.id))
+        if result is not None:
+            key = self.keys.result(record.id)
+            fields: dict[str, Any] = {
+                "content_type": result.content_type,
+                "n": len(result.images),
+                "meta": json.dumps(result.meta),
+            }
+            fields |= {str(i): image for i, image in enumerate(result.images)}
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, self.result_ttl)
+
+    @guarded
+    async def _flag_cancel(self, job_id: str) -> None:
+        await self.redis.set(self.keys.cancel(job_id), 1, ex=self.job_ttl)
+
+    @guarded
+    async def _requeue(self, delivery: Delivery) -> None:
+        await self.redis.xadd(self.keys.stream, {"id": delivery.job_id})
+
+    @guarded
+    async def _retire(self, delivery: Delivery) -> None:
+        await self.redis.xack(self.keys.stream, self.keys.group, delivery.token)
+        await self.redis.xdel(self.keys.stream, delivery.token)
 
     # -- API side
 
@@ -142,7 +171,7 @@ class RedisBackend(QueueBackend):
             if idem is not None:
                 await self.redis.delete(idem)
             raise QueueFull(waiting, self.retry_after)
-        queued = Event("queued", record.id, total=record.total_steps)
+        queued = jobs.submit(record, self.clock()).event
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.job(record.id), _dump(record), ex=self.job_ttl)
             pipe.xadd(self.keys.events(record.id), {"e": _dump(queued)})
@@ -166,22 +195,6 @@ class RedisBackend(QueueBackend):
             images=[raw[str(i).encode()] for i in range(n)],
             meta=json.loads(raw[b"meta"]),
         )
-
-    @guarded
-    async def request_cancel(self, job_id: str) -> JobRecord | None:
-        def cancel_queued(record: JobRecord) -> JobRecord | None:
-            if record.status is not JobStatus.QUEUED:
-                return None
-            return finished_record(record, JobStatus.CANCELLED)
-
-        def publish(pipe: Any, record: JobRecord) -> None:
-            event = Event("cancelled", record.id, record.step, record.total_steps)
-            pipe.xadd(self.keys.events(record.id), {"e": _dump(event)})
-
-        record, written = await self._update(job_id, cancel_queued, publish)
-        if record is not None and not written and not record.status.terminal:
-            await self.redis.set(self.keys.cancel(job_id), 1, ex=self.job_ttl)
-        return record
 
     async def events(self, job_id: str) -> AsyncIterator[Event]:
         last = b"0-0"
@@ -243,86 +256,16 @@ class RedisBackend(QueueBackend):
         return out
 
     async def _dead_letter(self, delivery: Delivery) -> None:
-        message = f"gave up after {delivery.attempts - 1} deliveries"
-
-        def fail(record: JobRecord) -> JobRecord | None:
-            if record.status.terminal:
-                return None
-            error = {"code": "poison_job", "message": message}
-            return finished_record(record, JobStatus.FAILED, error=error)
-
-        def publish(pipe: Any, record: JobRecord) -> None:
-            event = Event("failed", record.id, record.step, record.total_steps, message=message)
-            pipe.xadd(self.keys.events(record.id), {"e": _dump(event)})
-
-        await self._update(delivery.job_id, fail, publish)
-        fields = {"id": delivery.job_id, "attempts": delivery.attempts, "at": time.time()}
+        now = self.clock()
+        error = {
+            "code": "poison_job",
+            "message": f"gave up after {delivery.attempts - 1} deliveries",
+        }
+        await self._commit(
+            delivery.job_id, lambda r: jobs.finish(r, JobStatus.FAILED, now, error=error)
+        )
+        fields = {"id": delivery.job_id, "attempts": delivery.attempts, "at": now}
         await self.redis.xadd(self.keys.dead_letter, fields)
-        await self._retire(delivery)
-
-    async def _retire(self, delivery: Delivery) -> None:
-        await self.redis.xack(self.keys.stream, self.keys.group, delivery.token)
-        await self.redis.xdel(self.keys.stream, delivery.token)
-
-    @guarded
-    async def start(self, delivery: Delivery) -> JobRecord | None:
-        def run(record: JobRecord) -> JobRecord | None:
-            if record.status.terminal:
-                return None
-            record.status = JobStatus.RUNNING
-            record.started_at = time.time()
-            record.worker = delivery.consumer
-            return record
-
-        record, written = await self._update(delivery.job_id, run)
-        if not written:
-            await self._retire(delivery)  # cancelled while queued, finished, or expired away
-            return None
-        return record
-
-    @guarded
-    async def progress(self, record: JobRecord, event: Event) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.job(record.id), _dump(record), keepttl=True)
-            pipe.xadd(self.keys.events(record.id), {"e": _dump(event)})
-            await pipe.execute()
-
-    @guarded
-    async def finish(
-        self, delivery: Delivery, record: JobRecord, event: Event, result: StoredResult | None
-    ) -> bool:
-        def once(stored: JobRecord) -> JobRecord | None:
-            return None if stored.status.terminal else record
-
-        def write(pipe: Any, new: JobRecord) -> None:
-            if result is not None:
-                key = self.keys.result(new.id)
-                fields: dict[str, Any] = {
-                    "content_type": result.content_type,
-                    "n": len(result.images),
-                    "meta": json.dumps(result.meta),
-                }
-                fields |= {str(i): image for i, image in enumerate(result.images)}
-                pipe.hset(key, mapping=fields)
-                pipe.expire(key, self.result_ttl)
-            pipe.expire(self.keys.job(new.id), self.job_ttl)
-            pipe.xadd(self.keys.events(new.id), {"e": _dump(event)})
-            pipe.delete(self.keys.cancel(new.id))
-
-        _, written = await self._update(record.id, once, write)
-        await self._retire(delivery)
-        return written
-
-    @guarded
-    async def release(self, delivery: Delivery) -> None:
-        def requeue(record: JobRecord) -> JobRecord | None:
-            if record.status.terminal:
-                return None
-            record.status = JobStatus.QUEUED
-            return record
-
-        await self._update(delivery.job_id, requeue)
-        await self.redis.xadd(self.keys.stream, {"id": delivery.job_id})
         await self._retire(delivery)
 
     @guarded
@@ -334,7 +277,7 @@ class RedisBackend(QueueBackend):
 
     @guarded
     async def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
-        await self.redis.set(self.keys.worker(consumer), time.time(), px=self.claim_idle_ms)
+        await self.redis.set(self.keys.worker(consumer), self.clock(), px=self.claim_idle_ms)
         if deliveries:
             await self.redis.xclaim(
                 self.keys.stream,
