@@ -13,7 +13,6 @@ Skip-DiT and its DiT twin).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -29,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model import data, registry
 from model.cache import Mode
-from model.checkpoint import load_state
+from model.checkpoint import load_state, read_pretrained_meta
 from model.evaluate import (
     DigitClassifier,
     accuracy,
@@ -38,6 +37,8 @@ from model.evaluate import (
     load_classifier,
     psnr_ssim,
 )
+from model.images import grid, to_pil
+from model.options import BenchOptions
 from model.pipeline import Job, Pipeline, denoise_step
 from model.request import GenerateParams
 from model.skip_dit import SkipDiT
@@ -109,89 +110,101 @@ def timed_run(pipeline: Pipeline, batch: list[GenerateParams]) -> tuple[Any, flo
     return results, time.perf_counter() - began, peak
 
 
+def _measure(
+    pipeline: Pipeline, batch: list[GenerateParams], uncached: list[GenerateParams], repeats: int
+) -> tuple[list, float, float]:
+    """(results, median wall speedup against an uncached run timed right after, peak cache
+    bytes per image) for one setting; same seeds give the same images, only the time varies."""
+    results, seconds, peak = timed_run(pipeline, batch)
+    ratios = []
+    for i in range(repeats):
+        if i:
+            seconds = timed_run(pipeline, batch)[1]
+        base = seconds if batch[0].cache_policy == "none" else timed_run(pipeline, uncached)[1]
+        ratios.append(base / seconds)
+    return results, statistics.median(ratios), peak
+
+
 def bench_model(
-    name: str,
-    pipeline: Pipeline,
-    classifier: DigitClassifier,
-    real_features: Any,
-    args: argparse.Namespace,
+    name: str, pipeline: Pipeline, judge: _Judge, opts: BenchOptions
 ) -> tuple[list[Row], dict[str, torch.Tensor]]:
     classes = pipeline.model.config.num_classes
-    labels = torch.arange(classes).repeat_interleave(args.per_class)
+    labels = torch.arange(classes).repeat_interleave(opts.per_class)
     pipeline.generate(requests("none", {}, 1, 2, 0, 1))  # warm-up
     rows, grids = [], {}
     reference: torch.Tensor | None = None
     base_flops = 0.0
-    uncached = requests("none", {}, args.per_class, args.steps, args.seed, classes)
-    for label, policy, options in settings(args.intervals, args.thresholds):
-        batch = requests(policy, options, args.per_class, args.steps, args.seed, classes)
-        results, seconds, peak = timed_run(pipeline, batch)
-        ratios = []
-        for i in range(args.repeats):  # same seeds, same images: only the time differs
-            if i:
-                seconds = timed_run(pipeline, batch)[1]
-            base = seconds if policy == "none" else timed_run(pipeline, uncached)[1]
-            ratios.append(base / seconds)
+    uncached = requests("none", {}, opts.per_class, opts.steps, opts.seed, classes)
+    for label, policy, options in settings(opts.intervals, opts.thresholds):
+        batch = requests(policy, options, opts.per_class, opts.steps, opts.seed, classes)
+        results, speedup, peak = _measure(pipeline, batch, uncached, opts.repeats)
         images = torch.cat([r.images for r in results])  # (n, H, W, 1)
         flops = counted_flops(pipeline, batch[0])
         if reference is None:
             reference, base_flops = images, flops
         psnr, ssim = psnr_ssim(images, reference)
-        cached = sum(r.stats.steps[Mode.CACHED] for r in results) / (len(results) * args.steps)
+        cached = sum(r.stats.steps[Mode.CACHED] for r in results) / (len(results) * opts.steps)
         rows.append(
             Row(
                 model=name,
                 label=label,
                 policy=policy,
-                speedup=statistics.median(ratios),
+                speedup=speedup,
                 flop_ratio=base_flops / flops,
                 cache_bytes_per_image=peak,
                 psnr=psnr,
                 ssim=ssim,
-                accuracy=accuracy(classifier, images, labels),
-                fid=frechet_distance(features(classifier, images), real_features),
+                accuracy=accuracy(judge.classifier, images, labels),
+                fid=judge.fid(images),
                 steps_cached=cached,
             )
         )
-        grids[label] = images[:: args.per_class]  # first image of each class
-        log.info("%s %s: %.2fx, PSNR %.1f", name, label, rows[-1].speedup, psnr)
+        grids[label] = images[:: opts.per_class]  # first image of each class
+        log.info("%s %s: %.2fx, PSNR %.1f", name, label, speedup, psnr)
     return rows, grids
 
 
-def training_curves(run_dirs: list[Path], args: argparse.Namespace, classifier, real) -> dict:
+@dataclass
+class _Judge:
+    """The shipped classifier and the features of held-out real digits, for accuracy and FID."""
+
+    classifier: DigitClassifier
+    real_features: Any  # (n, 128)
+
+    @classmethod
+    def load(cls) -> _Judge:
+        classifier = load_classifier()
+        real = data.load(classifier.source, classifier.size, "held_out")
+        return cls(classifier, features(classifier, real.images))
+
+    def fid(self, images: torch.Tensor) -> float:
+        return frechet_distance(features(self.classifier, images), self.real_features)
+
+
+def training_curves(run_dirs: list[Path], opts: BenchOptions, judge: _Judge) -> dict:
     """Loss and FID against training step, from each run's loss.csv and EMA snapshots."""
     curves = {}
     for run in run_dirs:
-        card = json.loads((run / "final" / "config.json").read_text())
-        config = registry.describe(str(run / "final"))[1]
+        config, card = read_pretrained_meta(run / "final")
         with (run / "loss.csv").open() as f:
             loss = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
         fids = []
         for snap in sorted((run / "snapshots").glob("step_*.safetensors")):
             model = load_state(SkipDiT(config), load_file(snap))
-            pipeline = Pipeline(model, default_guidance=card["card"].get("default_guidance", 2.0))
-            batch = requests("none", {}, args.per_class, args.curve_steps, args.seed, 10)
+            pipeline = Pipeline(model, default_guidance=card.get("default_guidance", 2.0))
+            batch = requests("none", {}, opts.per_class, opts.curve_steps, opts.seed, 10)
             images = torch.cat([r.images for r in pipeline.generate(batch)])
-            fids.append(
-                (int(snap.stem.split("_")[1]), frechet_distance(features(classifier, images), real))
-            )
-        curves[card["card"].get("architecture", run.name)] = {"loss": loss, "fid": fids}
+            fids.append((int(snap.stem.split("_")[1]), judge.fid(images)))
+        curves[card.get("architecture", run.name)] = {"loss": loss, "fid": fids}
     return curves
 
 
-def write_outputs(rows: list[Row], grids: dict, curves: dict, out: Path, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    out.mkdir(parents=True, exist_ok=True)
+def _table(rows: list[Row], curves: dict, opts: BenchOptions) -> list[str]:
     lines = [
         "# Cache policies on the shipped digit models\n",
-        f"`{args.command_line}` — {args.per_class} images per class, DDIM {args.steps} steps, "
+        f"`{opts.command_line}` — {opts.per_class} images per class, DDIM {opts.steps} steps, "
         f"guidance from each model card, one batch per setting, wall speedup "
-        f"against an uncached run timed right after (median of {args.repeats} pair(s)), this "
+        f"against an uncached run timed right after (median of {opts.repeats} pair(s)), this "
         f"machine's CPU.\n",
         "| model | setting | speedup (wall) | FLOP ratio | cached steps | cache / image "
         "| PSNR dB | SSIM | accuracy | FID |",
@@ -205,22 +218,29 @@ def write_outputs(rows: list[Row], grids: dict, curves: dict, out: Path, args) -
             f"{r.accuracy:.1%} | {r.fid:.2f} |"
         )
     if len(curves) == 2 and all(c["fid"] for c in curves.values()):
-        lines += ["", "## Training comparison", ""]
-        lines += [
-            f"- {name}: FID by step "
-            + ", ".join(f"{step}: {fid:.2f}" for step, fid in curve["fid"])
-            for name, curve in curves.items()
-        ]
-        (a_name, a), (b_name, b) = curves.items()
-        for (x_name, x), (y_name, y) in (((a_name, a), (b_name, b)), ((b_name, b), (a_name, a))):
-            target = y["fid"][-1][1]
-            reached = next((step for step, fid in x["fid"] if fid <= target), None)
-            lines.append(
-                f"- {x_name} reached {y_name}'s final FID ({target:.2f}) "
-                + (f"at step {reached}" if reached is not None else "not within its run")
-            )
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+        lines += ["", "## Training comparison", "", *_training_lines(curves)]
+    return lines
+
+
+def _training_lines(curves: dict) -> list[str]:
+    """FID by step per run, and the step at which each reached the other's final FID."""
+    lines = [
+        f"- {name}: FID by step " + ", ".join(f"{step}: {fid:.2f}" for step, fid in c["fid"])
+        for name, c in curves.items()
+    ]
+    (a_name, a), (b_name, b) = curves.items()
+    for (x_name, x), (y_name, y) in (((a_name, a), (b_name, b)), ((b_name, b), (a_name, a))):
+        target = y["fid"][-1][1]
+        reached = next((step for step, fid in x["fid"] if fid <= target), None)
+        lines.append(
+            f"- {x_name} reached {y_name}'s final FID ({target:.2f}) "
+            + (f"at step {reached}" if reached is not None else "not within its run")
+        )
+    return lines
+
+
+def _plot_speedup(rows: list[Row], path: Path) -> None:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in sorted({r.model for r in rows}):
@@ -234,68 +254,62 @@ def write_outputs(rows: list[Row], grids: dict, curves: dict, out: Path, args) -
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "speedup_vs_psnr.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
-    first = next(iter(grids.values()))
-    sheet = torch.cat([grids[k] for k in grids])  # rows: settings, columns: classes
-    cols = first.shape[0]
-    h, w = sheet.shape[1:3]
-    canvas = torch.zeros((len(grids) * (h + 2), cols * (w + 2), 1), dtype=torch.uint8)
-    for i, image in enumerate(sheet):
-        r, c = divmod(i, cols)
-        canvas[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = image
-    Image.fromarray(canvas[..., 0].numpy()).save(out / "grid.png")
+
+def _plot_training(curves: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, curve in curves.items():
+        steps, losses = zip(*curve["loss"], strict=True)
+        k = 50
+        smooth = [sum(losses[max(0, i - k) : i + 1]) / len(losses[max(0, i - k) : i + 1])
+                  for i in range(len(losses))]  # fmt: skip
+        a.plot(steps, smooth, label=name)
+        if curve["fid"]:
+            b.plot(*zip(*curve["fid"], strict=True), marker="o", label=name)
+    a.set_xlabel("training step")
+    a.set_ylabel("loss (moving mean)")
+    b.set_xlabel("training step")
+    b.set_ylabel("classifier FID")
+    a.legend()
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(
+    rows: list[Row], grids: dict[str, torch.Tensor], curves: dict, opts: BenchOptions
+) -> None:
+    """results.md/json, speedup_vs_psnr.png, grid.png (a row per setting, a column per class)
+    with grid_rows.txt naming its rows, and training.png when there are curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text("\n".join(_table(rows, curves, opts)) + "\n")
+    (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+    _plot_speedup(rows, out / "speedup_vs_psnr.png")
+    sheet = torch.cat(list(grids.values()))  # (settings * classes, H, W, 1)
+    to_pil(grid(sheet, cols=len(next(iter(grids.values()))))).save(out / "grid.png")
     (out / "grid_rows.txt").write_text("\n".join(grids) + "\n")
-
     if curves:
-        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-        for name, curve in curves.items():
-            steps, losses = zip(*curve["loss"], strict=True)
-            k = 50
-            smooth = [sum(losses[max(0, i - k) : i + 1]) / len(losses[max(0, i - k) : i + 1])
-                      for i in range(len(losses))]  # fmt: skip
-            a.plot(steps, smooth, label=name)
-            if curve["fid"]:
-                b.plot(*zip(*curve["fid"], strict=True), marker="o", label=name)
-        a.set_xlabel("training step")
-        a.set_ylabel("loss (moving mean)")
-        b.set_xlabel("training step")
-        b.set_ylabel("classifier FID")
-        a.legend()
-        b.legend()
-        fig.tight_layout()
-        fig.savefig(out / "training.png", dpi=120)
-        plt.close(fig)
+        _plot_training(curves, out / "training.png")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", default=None, help="default: every shipped model")
-    p.add_argument("--per-class", type=int, default=10)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1, help="timed (setting, uncached) pairs")
-    p.add_argument("--runs", type=Path, nargs="*", default=[], help="training runs to plot")
-    p.add_argument("--curve-steps", type=int, default=25, help="DDIM steps for training FID")
-    p.add_argument("--out", type=Path, default=Path("docs/bench"))
-
-
-def bench(args: argparse.Namespace) -> list[Row]:
-    classifier = load_classifier()
-    real = data.load(classifier.source, classifier.size, "held_out")
-    real_features = features(classifier, real.images)
+def bench(opts: BenchOptions) -> list[Row]:
+    judge = _Judge.load()
     rows: list[Row] = []
     grids: dict[str, torch.Tensor] = {}
-    for name in args.models or registry.shipped_models():
-        loaded = registry.load(name)
-        model_rows, model_grids = bench_model(
-            name, loaded.pipeline, classifier, real_features, args
-        )
+    for name in opts.models or registry.shipped_models():
+        model_rows, model_grids = bench_model(name, registry.load(name).pipeline, judge, opts)
         rows += model_rows
         if not grids:
             grids = model_grids  # the grid shows the first model
-    curves = training_curves(args.runs, args, classifier, real_features) if args.runs else {}
-    write_outputs(rows, grids, curves, args.out, args)
+    curves = training_curves(opts.runs, opts, judge) if opts.runs else {}
+    write_outputs(rows, grids, curves, opts)
     return rows

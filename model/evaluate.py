@@ -22,8 +22,7 @@ from torchmetrics.functional.image import (
 )
 
 from model import data
-
-CLASSIFIER_DIR = Path(__file__).parent / "weights" / "classifier"
+from model.options import CLASSIFIER_DIR
 
 
 class DigitClassifier(nn.Module):

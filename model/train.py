@@ -9,15 +9,16 @@ Writes into ``--out``: ``checkpoint.pt`` (``{model, ema, opt, step, args}``, the
 training-checkpoint layout, replaced atomically every ``--checkpoint-every`` steps),
 ``loss.csv`` (step, loss, seconds), ``snapshots/step_XXXXXX.safetensors`` (EMA weights, for
 quality-vs-step curves) and ``final/`` (EMA weights in our pretrained format with a model card).
+Options: ``model.options.TrainOptions``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,32 +30,11 @@ from tqdm import tqdm
 
 from model import data
 from model.checkpoint import load_state, save_pretrained
-from model.skip_dit import SkipDiT, preset
+from model.errors import FieldError
+from model.options import TrainOptions
+from model.skip_dit import DiTConfig, SkipDiT, preset
 
 log = logging.getLogger(__name__)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="digits-small")
-    p.add_argument("--vanilla", action="store_true", help="train the DiT twin (no long skips)")
-    p.add_argument("--data", default="sklearn", help="sklearn | mnist")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--ema-decay", type=float, default=0.999, help="cap of a warmed-up decay")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--label-init-std",
-        type=float,
-        default=0.02,
-        help="std of the class embedding init (DiT: 0.02); larger lets short runs condition",
-    )
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--snapshot-every", type=int, default=250)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--name", default=None, help="model name written in the card")
 
 
 def _ema_update(ema: SkipDiT, model: SkipDiT, decay: float) -> None:
@@ -70,108 +50,138 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def train(args: argparse.Namespace) -> Path:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out: Path = args.out
-    (out / "snapshots").mkdir(parents=True, exist_ok=True)
-    config = preset(args.preset, long_skip=not args.vanilla)
-    digits = data.load(args.data, size=config.input_size, split="train")
-    if config.in_channels != 1 or config.num_classes != 10:
-        raise ValueError(f"preset: {args.preset} is not a 1-channel 10-class digit model")
+@dataclass
+class _Run:
+    """What a checkpoint holds: the weights, the optimizer and where the run stands."""
 
-    torch.manual_seed(args.seed)
-    model = SkipDiT(config).train()
-    torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=args.label_init_std)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    start, seconds = 0, 0.0
-    lr_history = [[0, args.lr]]  # [step, lr]: a resumed run may change the learning rate
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        load_state(model, ckpt["model"])
-        load_state(ema, ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        start, seconds = ckpt["step"], ckpt.get("seconds", 0.0)
-        lr_history = ckpt.get("lr_history", [[0, ckpt["opt"]["param_groups"][0]["lr"]]])
+    model: SkipDiT
+    ema: SkipDiT
+    opt: torch.optim.Optimizer
+    step: int = 0
+    seconds: float = 0.0  # training time so far, resumed runs included
+    lr_history: list[list[float]] = field(default_factory=list)  # [step, lr] pairs
+
+    @classmethod
+    def fresh(cls, config: DiTConfig, opts: TrainOptions) -> _Run:
+        torch.manual_seed(opts.seed)
+        model = SkipDiT(config).train()
+        torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=opts.label_init_std)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
+        return cls(model, ema, opt, lr_history=[[0, opts.lr]])
+
+    def resume(self, path: Path, lr: float) -> None:
+        """Load ``path`` (also the global RNG: class dropout draws from it) and set ``lr``."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        load_state(self.model, ckpt["model"])
+        load_state(self.ema, ckpt["ema"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.step, self.seconds = ckpt["step"], ckpt.get("seconds", 0.0)
+        self.lr_history = ckpt.get("lr_history", [[0, ckpt["opt"]["param_groups"][0]["lr"]]])
         torch.set_rng_state(ckpt["rng"])
-        if lr_history[-1][1] != args.lr:
-            lr_history.append([start, args.lr])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
-        log.info("resumed %s at step %d (lr %g)", ckpt_path, start, args.lr)
-    loss_path = out / "loss.csv"
-    if start > 0 and loss_path.exists():  # drop rows logged after the checkpoint we resume from
-        rows = loss_path.read_text().splitlines()
+        if self.lr_history[-1][1] != lr:
+            self.lr_history.append([self.step, lr])
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        log.info("resumed %s at step %d (lr %g)", path, self.step, lr)
+
+    def save(self, path: Path, opts: TrainOptions) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "seconds": self.seconds,
+            "lr_history": self.lr_history,
+            "rng": torch.get_rng_state(),
+            "args": opts.model_dump(mode="json"),
+        }
+        _atomic_save(state, path)
+
+
+def _loss_log(path: Path, start: int) -> tuple[Any, Any]:
+    """(file, csv writer) appending to ``path``, without rows past ``start`` (a resume)."""
+    if start > 0 and path.exists():  # drop rows logged after the checkpoint we resume from
+        rows = path.read_text().splitlines()
         kept = [r for r in rows[1:] if int(r.split(",")[0]) <= start]
-        loss_path.write_text("\n".join([rows[0], *kept]) + "\n")
-    loss_file = loss_path.open("a", newline="")
-    writer = csv.writer(loss_file)
+        path.write_text("\n".join([rows[0], *kept]) + "\n")
+    file = path.open("a", newline="")
+    writer = csv.writer(file)
     if start == 0:
         writer.writerow(["step", "loss", "seconds"])
+    return file, writer
 
-    def save(step: int) -> None:
-        state = {
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "opt": opt.state_dict(),
-            "step": step,
-            "seconds": seconds,
-            "lr_history": lr_history,
-            "rng": torch.get_rng_state(),
-            "args": {
-                k: str(v) if isinstance(v, Path) else v
-                for k, v in vars(args).items()
-                if isinstance(v, int | float | str | bool | Path | None)
-            },
-        }
-        _atomic_save(state, ckpt_path)
-        loss_file.flush()
 
-    n = len(digits.labels)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=str(out.name))
-    for step in bar:
+def _train_step(
+    run: _Run, digits: data.Digits, schedule: DDPMScheduler, opts: TrainOptions
+) -> float:
+    """One optimizer step on the batch, timesteps and noise seeded by (seed, step)."""
+    g = torch.Generator().manual_seed(opts.seed * 1_000_003 + run.step)
+    idx = torch.randint(0, len(digits.labels), (opts.batch_size,), generator=g)
+    x0, y = digits.images[idx], digits.labels[idx]  # (B, 1, S, S), (B,)
+    t = torch.randint(0, 1000, (opts.batch_size,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    xt = schedule.add_noise(x0, noise, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.bf16):
+        pred = run.model(xt, t, y)
+    loss = F.mse_loss(pred.float(), noise)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    _ema_update(run.ema, run.model, min(opts.ema_decay, (1 + run.step) / (10 + run.step)))
+    run.step += 1
+    return loss.item()
+
+
+def train(opts: TrainOptions) -> Path:
+    """Train (or resume) the run in ``opts.out``; returns the exported ``final/`` directory."""
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out = opts.out
+    (out / "snapshots").mkdir(parents=True, exist_ok=True)
+    config = preset(opts.preset, long_skip=not opts.vanilla)
+    if config.in_channels != 1 or config.num_classes != 10:
+        raise FieldError("preset", f"{opts.preset} is not a 1-channel 10-class digit model")
+    digits = data.load(opts.data, size=config.input_size, split="train")
+    run = _Run.fresh(config, opts)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        run.resume(ckpt_path, opts.lr)
+    schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    loss_file, writer = _loss_log(out / "loss.csv", run.step)
+    bar = tqdm(range(run.step, opts.steps), initial=run.step, total=opts.steps, desc=out.name)
+    for _ in bar:
         began = time.perf_counter()
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.randint(0, n, (args.batch_size,), generator=g)
-        x0, y = digits.images[idx], digits.labels[idx]  # (B, 1, S, S), (B,)
-        t = torch.randint(0, 1000, (args.batch_size,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        xt = noise_schedule.add_noise(x0, noise, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            pred = model(xt, t, y)
-        loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
-        seconds += time.perf_counter() - began
-        writer.writerow([step + 1, f"{loss.item():.5f}", f"{seconds:.1f}"])
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        done = step + 1
-        if done % args.snapshot_every == 0 or done == args.steps:
-            snap = {k: v.contiguous() for k, v in ema.state_dict().items()}
-            save_file(snap, out / "snapshots" / f"step_{done:06d}.safetensors")
-        if done % args.checkpoint_every == 0 or done == args.steps:
-            save(done)
+        loss = _train_step(run, digits, schedule, opts)
+        run.seconds += time.perf_counter() - began
+        writer.writerow([run.step, f"{loss:.5f}", f"{run.seconds:.1f}"])
+        bar.set_postfix(loss=f"{loss:.4f}")
+        last = run.step == opts.steps
+        if run.step % opts.snapshot_every == 0 or last:
+            snap = {k: v.contiguous() for k, v in run.ema.state_dict().items()}
+            save_file(snap, out / "snapshots" / f"step_{run.step:06d}.safetensors")
+        if run.step % opts.checkpoint_every == 0 or last:
+            run.save(ckpt_path, opts)
+            loss_file.flush()
     loss_file.close()
-    card = {
-        "name": args.name or out.name,
+    final = save_pretrained(run.ema, out / "final", card=_card(config, opts, run, digits))
+    log.info("wrote %s after %d steps (%.0fs)", final, opts.steps, run.seconds)
+    return final
+
+
+def _card(config: DiTConfig, opts: TrainOptions, run: _Run, digits: data.Digits) -> dict:
+    side = config.input_size
+    return {
+        "name": opts.name or opts.out.name,
         "architecture": "Skip-DiT" if config.long_skip else "DiT",
-        "data": f"{args.data} digits, {config.input_size}x{config.input_size}, train split "
-        f"({n} images)",
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr_history": lr_history,
-        "ema_decay": args.ema_decay,
-        "bf16": args.bf16,
-        "seed": args.seed,
-        "label_init_std": args.label_init_std,
-        "train_seconds": round(seconds, 1),
+        "data": f"{opts.data} digits, {side}x{side}, train split ({len(digits.labels)} images)",
+        "steps": opts.steps,
+        "batch_size": opts.batch_size,
+        "lr_history": run.lr_history,
+        "ema_decay": opts.ema_decay,
+        "bf16": opts.bf16,
+        "seed": opts.seed,
+        "label_init_std": opts.label_init_std,
+        "train_seconds": round(run.seconds, 1),
         "default_guidance": 2.0,
     }
-    final = save_pretrained(ema, out / "final", card=card)
-    log.info("wrote %s after %d steps (%.0fs)", final, args.steps, seconds)
-    return final

@@ -1,7 +1,10 @@
 """The ``skipdit`` command line.
 
-``skipdit generate`` samples images with the pipeline and writes a PNG grid; every invalid
-input exits with status 2 and one line that names the field.
+Options are derived from the pydantic schemas (``model.request.GenerateParams``,
+``model.options``): names, defaults, ranges and help live in the fields, once. Every invalid input
+exits with status 2 and one line that names the field. ``train``, ``train-classifier`` and
+``bench`` need the ``train`` extra; the base install describes them and, when run, says which
+extra to install instead of failing with a traceback.
 """
 
 from __future__ import annotations
@@ -10,22 +13,30 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from model import registry
 from model.cache import Mode
 from model.checkpoint import CheckpointError
 from model.errors import FieldError
+from model.images import grid
+from model.options import BenchOptions, ClassifierOptions, TrainOptions
 from model.pipeline import Job
 from model.request import GenerateParams
-from service.images import encode, grid
+from service.images import encode
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+Command = Callable[[argparse.Namespace, str], int]
+Schema = TypeVar("Schema", bound=BaseModel)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,27 +55,101 @@ def _validation_message(err: ValidationError) -> str:
     return f"{field}: {first['msg']}, got {first.get('input')!r}"
 
 
+# ----------------------------------------------------------------------------- schema -> flags
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (annotation, False)."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], len(rest) < len(args)
+    return annotation, False
+
+
+def _range(info: FieldInfo) -> str:
+    """The field's numeric bounds as an interval, e.g. " Range: [1, 1000]." ("" if none)."""
+    b = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
+    low = f"[{b['ge']}" if "ge" in b else f"({b['gt']}" if "gt" in b else ""
+    high = f"{b['le']}]" if "le" in b else f"{b['lt']})" if "lt" in b else ""
+    if not (low or high):
+        return ""
+    return f" Range: {low or '(-inf'}, {high or 'inf)'}."
+
+
+def _add_field(parser: argparse.ArgumentParser, name: str, info: FieldInfo, default: Any) -> None:
+    kind, optional = _unwrap(info.annotation)
+    flag = "--" + name.replace("_", "-")
+    help_ = (info.description or "") + _range(info)
+    if kind is bool:
+        parser.add_argument(flag, dest=name, action="store_true", help=help_)
+        return
+    options: dict[str, Any] = {"dest": name, "default": default}
+    if typing.get_origin(kind) is list:
+        kind = typing.get_args(kind)[0]
+        options["nargs"] = "*" if default == [] else "+"
+    if typing.get_origin(kind) is typing.Literal:  # validated by the schema: its own message
+        help_ += f" One of: {', '.join(map(str, typing.get_args(kind)))}."
+        kind = type(typing.get_args(kind)[0])
+    if info.is_required():
+        options["required"] = True
+    elif default is not None:
+        help_ += f" Default: {default}."
+    elif optional:
+        help_ += " Default: unset."
+    parser.add_argument(flag, type=kind, help=help_.strip(), **options)
+
+
+def add_schema(
+    parser: argparse.ArgumentParser,
+    schema: type[BaseModel],
+    defaults: dict[str, Any] | None = None,
+    skip: Sequence[str] = (),
+) -> None:
+    """One flag per field of ``schema`` (``--cache-interval`` for ``cache_interval``)."""
+    defaults = defaults or {}
+    for name, info in schema.model_fields.items():
+        if name in skip:
+            continue
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        _add_field(parser, name, info, defaults.get(name, default))
+
+
+def parse_schema(schema: type[Schema], args: argparse.Namespace, prog: str, **extra: Any) -> Schema:
+    """The schema instance from parsed flags; a bad value exits 2 naming the field."""
+    values = {n: getattr(args, n) for n in schema.model_fields if hasattr(args, n)}
+    try:
+        return schema(**values, **extra)
+    except ValidationError as e:
+        _fail(prog, _validation_message(e))
+
+
+def _needs_extra(extra: str, command: Command) -> Command:
+    """Run ``command``; a module of the ``extra`` that is not installed exits 2 naming it."""
+
+    def run(args: argparse.Namespace, prog: str) -> int:
+        try:
+            return command(args, prog)
+        except ModuleNotFoundError as e:
+            _fail(
+                prog,
+                f'needs the "{extra}" extra (module {e.name!r} is not installed): '
+                f'pip install -e ".[{extra}]"',
+            )
+
+    return run
+
+
+# ----------------------------------------------------------------------------- generate
+
+# The CLI's own defaults where they differ from the API's (a grid reads better than one image).
+_GENERATE_DEFAULTS = {"num_images": 4}
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images and write a PNG grid")
-    p.add_argument("--model", default=None, help="shipped name, random:<preset> or local path")
+    add_schema(p, GenerateParams, _GENERATE_DEFAULTS)
     p.add_argument("--vae", default=None, help="local AutoencoderKL directory (latent models)")
-    p.add_argument("--class-label", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=4)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim", help="ddim | ddpm | dpm++")
-    p.add_argument("--guidance-scale", type=float, default=None, help="1 = off; default: model's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--cache-policy",
-        default="skip_cache",
-        help="none | skip_cache | fora | delta_dit | toca | fbcache",
-    )
-    p.add_argument("--cache-threshold", type=float, default=None, help="fbcache threshold")
-    p.add_argument("--cache-ratio", type=float, default=None, help="toca: tokens refreshed")
-    p.add_argument("--cache-interval", type=int, default=1, help="full step every N (1 = off)")
-    p.add_argument("--cache-depth", type=int, default=None, help="K blocks fresh at each end")
-    p.add_argument("--cache-t-start", type=float, default=None)
-    p.add_argument("--cache-t-end", type=float, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="PNG grid path")
     p.add_argument("--json", action="store_true", help="print stats as one JSON object")
@@ -72,33 +157,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace, prog: str) -> int:
+    params = parse_schema(GenerateParams, args, prog)
     try:
-        params = GenerateParams(
-            model=args.model,
-            class_label=args.class_label,
-            num_images=args.num_images,
-            steps=args.steps,
-            sampler=args.sampler,
-            guidance_scale=args.guidance_scale,
-            seed=args.seed,
-            cache_policy=args.cache_policy,
-            cache_interval=args.cache_interval,
-            cache_depth=args.cache_depth,
-            cache_t_start=args.cache_t_start,
-            cache_t_end=args.cache_t_end,
-            cache_threshold=args.cache_threshold,
-            cache_ratio=args.cache_ratio,
-        )
         loaded = registry.load(params.model, device=args.device, vae_path=args.vae)
         params.check_for(loaded.config)
-    except ValidationError as e:
-        _fail(prog, _validation_message(e))
     except (FieldError, CheckpointError) as e:
         _fail(prog, str(e))
-    if loaded.random_weights:
-        print(f"model: {loaded.name} (RANDOM untrained weights: smoke test only)")
-    else:
-        print(f"model: {loaded.name}")
+    random_note = " (RANDOM untrained weights: smoke test only)" if loaded.random_weights else ""
+    print(f"model: {loaded.name}{random_note}")
 
     def progress(job: Job, mode: Mode) -> None:
         log.info("step %d/%d %s", job.step, job.total_steps, mode.value)
@@ -116,26 +182,21 @@ def _generate(args: argparse.Namespace, prog: str) -> int:
     }
     if args.json:
         print(json.dumps(stats))
-    else:
-        s = result.stats
-        full_ms = (s.mean_seconds(Mode.FULL) or 0) * 1e3
-        cached = s.mean_seconds(Mode.CACHED)
-        print(
-            f"steps: {s.steps[Mode.FULL]} full ({full_ms:.1f} ms each), "
-            f"{s.steps[Mode.CACHED]} cached"
-            + (f" ({cached * 1e3:.1f} ms each)" if cached is not None else "")
-        )
-        print(f"time: {result.seconds:.2f} s total, model speedup {s.speedup():.2f}x")
-        print(f"wrote {args.out}")
+        return 0
+    s = result.stats
+    full_ms = (s.mean_seconds(Mode.FULL) or 0) * 1e3
+    cached = s.mean_seconds(Mode.CACHED)
+    cached_ms = f" ({cached * 1e3:.1f} ms each)" if cached is not None else ""
+    print(
+        f"steps: {s.steps[Mode.FULL]} full ({full_ms:.1f} ms each), "
+        f"{s.steps[Mode.CACHED]} cached{cached_ms}"
+    )
+    print(f"time: {result.seconds:.2f} s total, model speedup {s.speedup():.2f}x")
+    print(f"wrote {args.out}")
     return 0
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    from model import train
-
-    p = sub.add_parser("train", help="train a digit Skip-DiT / DiT (resumable)")
-    train.add_arguments(p)
-    p.set_defaults(func=lambda args, prog: train.train(args) and 0)
+# ----------------------------------------------------------------------------- serve, worker
 
 
 def _settings(prog: str, **overrides: object) -> Settings:
@@ -179,50 +240,63 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     w.set_defaults(func=_worker)
 
 
-def _train_classifier(args: argparse.Namespace, prog: str) -> int:
-    from model.evaluate import save_classifier, train_classifier
+# ----------------------------------------------------------------------------- train extra
 
-    model, acc = train_classifier(args.data, args.size, args.epochs, args.seed)
-    card = {
-        "data": f"{args.data} digits {args.size}x{args.size}, train split",
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "held_out_accuracy": round(acc, 4),
-        "command": f"skipdit train-classifier --data {args.data} --epochs {args.epochs} "
-        f"--seed {args.seed}",
-    }
-    save_classifier(model, args.out, card)
-    print(f"held-out accuracy {acc:.4f}; wrote {args.out}")
+
+def _train(args: argparse.Namespace, prog: str) -> int:
+    opts = parse_schema(TrainOptions, args, prog)
+    from model.train import train
+
+    try:
+        final = train(opts)
+    except FieldError as e:
+        _fail(prog, str(e))
+    print(f"wrote {final}")
     return 0
 
 
-def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
-    from model.evaluate import CLASSIFIER_DIR
+def _train_classifier(args: argparse.Namespace, prog: str) -> int:
+    opts = parse_schema(ClassifierOptions, args, prog)
+    from model.evaluate import save_classifier, train_classifier
 
-    p = sub.add_parser("train-classifier", help="train the digit classifier used to evaluate")
-    p.add_argument("--data", default="sklearn")
-    p.add_argument("--size", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=CLASSIFIER_DIR)
-    p.set_defaults(func=_train_classifier)
+    model, acc = train_classifier(opts.data, opts.size, opts.epochs, opts.seed)
+    card = {
+        "data": f"{opts.data} digits {opts.size}x{opts.size}, train split",
+        "epochs": opts.epochs,
+        "seed": opts.seed,
+        "held_out_accuracy": round(acc, 4),
+        "command": f"skipdit train-classifier --data {opts.data} --epochs {opts.epochs} "
+        f"--seed {opts.seed}",
+    }
+    save_classifier(model, opts.out, card)
+    print(f"held-out accuracy {acc:.4f}; wrote {opts.out}")
+    return 0
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from model import bench
+def _bench(args: argparse.Namespace, prog: str) -> int:
+    command_line = "skipdit " + " ".join(sys.argv[1:])
+    opts = parse_schema(BenchOptions, args, prog, command_line=command_line)
+    from model.bench import bench
 
-    p = sub.add_parser("bench", help="every cache policy on the shipped models: speed and quality")
-    bench.add_arguments(p)
+    for row in bench(opts):
+        print(f"{row.model} {row.label}: {row.speedup:.2f}x wall, {row.flop_ratio:.2f}x FLOPs, "
+              f"PSNR {row.psnr:.1f}, acc {row.accuracy:.1%}, FID {row.fid:.2f}")  # fmt: skip
+    print(f"wrote {opts.out}")
+    return 0
 
-    def run(args: argparse.Namespace, prog: str) -> int:
-        args.command_line = "skipdit " + " ".join(sys.argv[1:])
-        for row in bench.bench(args):
-            print(f"{row.model} {row.label}: {row.speedup:.2f}x wall, {row.flop_ratio:.2f}x FLOPs, "
-                  f"PSNR {row.psnr:.1f}, acc {row.accuracy:.1%}, FID {row.fid:.2f}")  # fmt: skip
-        print(f"wrote {args.out}")
-        return 0
 
-    p.set_defaults(func=run)
+def _add_train_extra(sub: argparse._SubParsersAction) -> None:
+    commands: list[tuple[str, str, type[BaseModel], Command]] = [
+        ("train", "train a digit Skip-DiT / DiT (resumable)", TrainOptions, _train),
+        ("train-classifier", "train the digit classifier used to evaluate", ClassifierOptions,
+         _train_classifier),
+        ("bench", "every cache policy on the shipped models: speed and quality", BenchOptions,
+         _bench),
+    ]  # fmt: skip
+    for name, help_, schema, command in commands:
+        p = sub.add_parser(name, help=f"{help_} [needs the train extra]")
+        add_schema(p, schema, skip=("command_line",))
+        p.set_defaults(func=_needs_extra("train", command))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,10 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
-    _add_train(sub)
     _add_serve(sub)
-    _add_train_classifier(sub)
-    _add_bench(sub)
+    _add_train_extra(sub)
     return parser
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 from model import bench, data
 from model.checkpoint import load_pretrained
 from model.evaluate import frechet_distance, load_classifier, psnr_ssim
+from model.options import BenchOptions
 from service.cli import build_parser
 
 
@@ -88,12 +88,12 @@ def test_metrics_behave() -> None:
 
 
 def test_bench_writes_tables_plots_and_grid(runs: dict[str, Path], tmp_path: Path) -> None:
-    args = argparse.Namespace(
+    opts = BenchOptions(
         models=[str(runs["straight"] / "final")], per_class=1, steps=6, intervals=[2],
         thresholds=[0.1], seed=0, runs=[runs["straight"], runs["vanilla"]], curve_steps=3,
         repeats=2, out=tmp_path / "bench", command_line="skipdit bench (test)",
     )  # fmt: skip
-    rows = bench.bench(args)
+    rows = bench.bench(opts)
     labels = ["none", "skip_cache N=2", "fora N=2", "delta_dit N=2", "toca N=2 r=0.25"]
     labels.append("fbcache th=0.1")
     assert [r.label for r in rows] == labels

@@ -101,3 +101,59 @@ def test_invalid_input_from_a_real_process_on_the_default_model(tmp_path: Path) 
     assert proc.stderr.strip().splitlines() == [
         "skipdit generate: error: class_label: must be in [0, 9], got 12"
     ]
+
+
+# Runs the CLI with the train extra's modules made unimportable, as on a base install (a None
+# entry in sys.modules: importing it raises ModuleNotFoundError, find_spec answers None).
+WITHOUT_TRAIN_EXTRA = """
+import sys
+for name in ("sklearn", "mlxtend", "torchmetrics", "matplotlib"):
+    sys.modules[name] = None
+import service.api  # the served app imports nothing from an extra
+from service.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def run_without_train_extra(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRAIN_EXTRA, *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--preset", "digits-tiny", "--steps", "1", "--out"],
+        ["train-classifier", "--epochs", "1", "--out"],
+        ["bench", "--per-class", "1", "--steps", "2", "--out"],
+    ],
+)
+def test_train_extra_commands_name_the_extra_without_a_traceback(
+    tmp_path: Path, args: list[str]
+) -> None:
+    proc = run_without_train_extra(*args, str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f'skipdit {args[0]}: error: needs the "train" extra')
+    assert 'pip install -e ".[train]"' in lines[0]
+    assert not (tmp_path / "out").exists() or args[0] == "train"
+
+
+def test_generate_and_help_work_without_the_train_extra(tmp_path: Path) -> None:
+    proc = run_without_train_extra(
+        "generate",
+        "--model",
+        "random:digits-tiny",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "g.png"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "g.png").format == "PNG"
+    for command in ("train", "train-classifier", "bench"):
+        proc = run_without_train_extra(command, "--help")
+        assert proc.returncode == 0 and "--out" in proc.stdout, proc.stderr

@@ -1,0 +1,73 @@
+"""Typed options of the offline commands (train, train-classifier, bench).
+
+Each command's options are one pydantic model: ranges and help live in the fields, and the CLI
+derives its flags from them. This module imports nothing from the ``train`` extra, so the CLI can
+describe (and ``--help``) every command on the base install; the commands themselves need it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DigitSource = Literal["sklearn", "mnist"]
+CLASSIFIER_DIR = Path(__file__).parent / "weights" / "classifier"
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainOptions(_Options):
+    """``skipdit train``: a class-conditional (Skip-)DiT on bundled digits, resumable."""
+
+    out: Path = Field(..., description="Run directory (resumed when it holds a checkpoint).")
+    preset: str = Field("digits-small", description="Network preset.")
+    vanilla: bool = Field(False, description="Train the DiT twin (no long skips).")
+    data: DigitSource = Field("sklearn", description="Bundled digit set.")
+    steps: int = Field(2000, ge=1, description="Optimizer steps in all (a resume continues).")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant).")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="Cap of a warmed-up EMA decay.")
+    seed: int = Field(0, ge=0)
+    label_init_std: float = Field(
+        0.02,
+        gt=0,
+        description="Std of the class embedding init (DiT: 0.02); larger lets short runs "
+        "condition.",
+    )
+    bf16: bool = Field(False, description="bf16 autocast for the forward.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between resumable checkpoints.")
+    snapshot_every: int = Field(250, ge=1, description="Steps between EMA weight snapshots.")
+    name: str | None = Field(None, description="Model name in the card (default: out's name).")
+
+
+class ClassifierOptions(_Options):
+    """``skipdit train-classifier``: the digit classifier that judges generated samples."""
+
+    data: DigitSource = Field("sklearn", description="Bundled digit set.")
+    size: int = Field(16, ge=8, le=64, description="Input side in pixels.")
+    epochs: int = Field(15, ge=1)
+    seed: int = Field(0, ge=0)
+    out: Path = Field(CLASSIFIER_DIR, description="Directory to write the classifier to.")
+
+
+class BenchOptions(_Options):
+    """``skipdit bench``: every cache policy at several settings on the shipped models."""
+
+    models: list[str] | None = Field(None, description="Models (default: every shipped one).")
+    per_class: int = Field(10, ge=1, description="Images per class and setting.")
+    steps: int = Field(50, ge=1, le=1000, description="DDIM steps.")
+    intervals: list[int] = Field([2, 3, 4], min_length=1, description="Cache intervals N.")
+    thresholds: list[float] = Field(
+        [0.05, 0.1, 0.2], min_length=1, description="fbcache thresholds."
+    )
+    seed: int = Field(0, ge=0)
+    repeats: int = Field(1, ge=1, description="Timed (setting, uncached) pairs; the median.")
+    runs: list[Path] = Field([], description="Training runs whose curves to plot.")
+    curve_steps: int = Field(25, ge=1, description="DDIM steps for the training-curve FID.")
+    out: Path = Field(Path("docs/bench"), description="Output directory.")
+    command_line: str = Field("skipdit bench", description="Recorded in results.md.")
