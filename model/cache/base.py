@@ -4,7 +4,8 @@ A policy never lives on the network. Per request it keeps a state object (create
 ``new_state``); each step the sampler asks ``decide`` for the mode, runs every FULL row of the
 batch in one plain forward (capturing the hidden states policies asked for) and hands each
 request its captured rows through ``on_full``; CACHED rows are grouped by ``cached_group_key``
-and each group runs through the policy's ``run_cached``.
+and each group runs through the policy's ``run_cached``, which hands the policy's own
+``forward_cached`` the group as one ``CachedBatch``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import enum
 from abc import ABC
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, ClassVar
 
 import torch
@@ -49,7 +51,8 @@ class CachePolicy(ABC):
         return type(self).decide_rule(step, t, config, state)
 
     def planned_modes(self, config: Any, timesteps: Sequence[int]) -> list[Mode]:
-        """The modes a fresh request will run, for time estimates (static policies are exact)."""
+        """The modes a fresh request will run, for time estimates. Static policies are exact;
+        this default, every step FULL, is the upper bound a dynamic policy (fbcache) gives."""
         return [Mode.FULL] * len(timesteps)
 
     def capture_blocks(self, config: Any, model: DiTConfig) -> tuple[int, ...]:
@@ -73,6 +76,10 @@ class CachePolicy(ABC):
         states: Sequence[Any],
     ) -> torch.Tensor:
         """One forward for the cached rows of ``states`` (in order, concatenated in x/t/y)."""
+        return self.forward_cached(model, CachedBatch(x, t, y, states), config)
+
+    def forward_cached(self, model: SkipDiT, batch: CachedBatch, config: Any) -> torch.Tensor:
+        """The policy's cached forward of one group (``run_cached`` bundles its arguments)."""
         raise NotImplementedError(f"cache policy {self.name!r} has no cached mode")
 
     def realized_mode(self, state: Any, decided: Mode) -> Mode:
@@ -82,6 +89,21 @@ class CachePolicy(ABC):
     def state_bytes(self, state: Any) -> int:
         """Memory the request's cache holds now."""
         return 0
+
+
+@dataclass(frozen=True)
+class CachedBatch:
+    """The rows of one cached group: each request's rows consecutive, in the order of states."""
+
+    x: torch.Tensor  # (B, C, H, W)
+    t: torch.Tensor  # (B,)
+    y: torch.Tensor  # (B,)
+    states: Sequence[Any]  # one per request
+
+    def row_slices(self, rows: Iterable[int]) -> list[slice]:
+        """Each request's rows of the batch, given each one's row count (states' order)."""
+        ends = list(accumulate(rows))
+        return [slice(start, end) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:

@@ -4,24 +4,26 @@ On a full step the deviation of the front range (blocks 0..n-1: output minus inp
 rear range (blocks D-n..D-1) are stored. On a cached step one range is skipped and its stored
 deviation added to its fresh input: while t > ``boundary`` (early, outline-forming steps) the
 rear range is skipped; after it, the front range. With long skips, the outputs the skipped front
-blocks would push are rebuilt the same way, from their stored deviations.
+blocks would push are rebuilt the same way, from their stored deviations. Full and cached steps
+follow the shared interval rule (``model.cache.interval``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from model.cache.base import CachePolicy, Mode, tensor_bytes
+from model.cache.base import CachedBatch
+from model.cache.interval import IntervalConfig, IntervalPolicy, StoredState, stack
 from model.errors import FieldError
 from model.skip_dit import DiTConfig, SkipDiT
 
 
 @dataclass(frozen=True)
-class DeltaDiTConfig:
+class DeltaDiTConfig(IntervalConfig):
     """interval: a full step every ``interval`` steps (1 = no caching); larger is faster.
     blocks: n, blocks per cached range; more blocks skipped is faster and drifts further.
     boundary: timestep splitting the rear-cached (t > boundary) and front-cached stages.
@@ -32,36 +34,21 @@ class DeltaDiTConfig:
     boundary: float = 500.0
 
     def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise FieldError("cache_interval", f"must be >= 1, got {self.interval}")
+        super().__post_init__()
         if self.blocks < 1:
             raise FieldError("cache_depth", f"must be >= 1, got {self.blocks}")
 
 
 @dataclass
-class DeltaDiTState:
-    # Full-step hidden states: key k enters block k (pre-fusion); "final" enters the head.
-    stored: dict[Hashable, torch.Tensor] | None = None
-
-    def reset(self) -> None:
-        self.stored = None
+class DeltaDiTState(StoredState):
+    """stored: full-step hidden states; key k enters block k (pre-fusion), "final" the head."""
 
 
-def decide(step: int, t: int, config: DeltaDiTConfig, state: DeltaDiTState) -> Mode:
-    if state.stored is None or step % config.interval == 0:
-        return Mode.FULL
-    return Mode.CACHED
-
-
-class DeltaDiT(CachePolicy):
+class DeltaDiT(IntervalPolicy):
     name = "delta_dit"
     config_cls = DeltaDiTConfig
     state_cls = DeltaDiTState
-    decide_rule = staticmethod(decide)
-    request_fields: ClassVar[dict[str, str]] = {
-        "cache_interval": "interval",
-        "cache_depth": "blocks",
-    }
+    request_fields = IntervalPolicy.request_fields | {"cache_depth": "blocks"}
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> DeltaDiTConfig:
         config = replace(DeltaDiTConfig(blocks=max(1, model.depth // 4)), **overrides)
@@ -75,26 +62,16 @@ class DeltaDiT(CachePolicy):
         n, d = config.blocks, model.depth
         return (*range(n + 1), d - n, "final")
 
-    def on_full(
-        self, config: DeltaDiTConfig, state: DeltaDiTState, captured: dict[Hashable, torch.Tensor]
-    ) -> None:
-        state.stored = {k: v.clone() for k, v in captured.items()}
-
     def cached_group_key(self, config: DeltaDiTConfig) -> tuple[Any, ...]:
         return (self.name, config.blocks, config.boundary)
 
-    def run_cached(
-        self,
-        model: SkipDiT,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        config: DeltaDiTConfig,
-        states: Sequence[DeltaDiTState],
+    def forward_cached(
+        self, model: SkipDiT, batch: CachedBatch, config: DeltaDiTConfig
     ) -> torch.Tensor:
         n, d = config.blocks, model.config.depth
-        stored = {k: torch.cat([s.stored[k] for s in states]) for k in states[0].stored}
-        tokens, c = model.embed(x, t, y)
+        x, t = batch.x, batch.t
+        stored = stack(batch.states)
+        tokens, c = model.embed(x, t, batch.y)
         out = x.new_empty((x.shape[0], model.config.out_channels, *x.shape[2:]))
         early = t >= config.boundary  # (B,): these rows skip the rear range, the others the front
         for rows in (early, ~early):
@@ -111,6 +88,3 @@ class DeltaDiT(CachePolicy):
                 h = model.run_blocks(skips[-1], cc, range(n, d), skips)
             out[rows] = model.head(h, cc)
         return out
-
-    def state_bytes(self, state: DeltaDiTState) -> int:
-        return tensor_bytes((state.stored or {}).values())

@@ -11,13 +11,13 @@ from that request's own rows, never from a batch-wide average, so batch-mates ca
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from model.cache.base import CachePolicy, Mode, tensor_bytes
+from model.cache.base import CachedBatch, CachePolicy, Mode, tensor_bytes
 from model.errors import FieldError
 from model.skip_dit import DiTConfig, SkipDiT
 
@@ -78,23 +78,15 @@ class FBCache(CachePolicy):
         state.residual = captured["final"] - captured[1]
         state.last_mode = Mode.FULL
 
-    def run_cached(
-        self,
-        model: SkipDiT,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        config: FBCacheConfig,
-        states: Sequence[FBCacheState],
+    def forward_cached(
+        self, model: SkipDiT, batch: CachedBatch, config: FBCacheConfig
     ) -> torch.Tensor:
-        tokens, c = model.embed(x, t, y)
+        tokens, c = model.embed(batch.x, batch.t, batch.y)
         skips: list[torch.Tensor] = []
         first = model.run_blocks(tokens, c, range(1), skips)  # (B, T, D)
         hidden = torch.empty_like(first)
-        offset = 0
-        for state in states:
-            rows = slice(offset, offset + state.first.shape[0])
-            offset = rows.stop
+        states = batch.states
+        for state, rows in zip(states, batch.row_slices(len(s.first) for s in states), strict=True):
             # Only this request's rows decide (the group shares one config: see group key).
             if relative_change(first[rows], state.first) < config.threshold:
                 hidden[rows] = first[rows] + state.residual

@@ -3,25 +3,26 @@
 On a full step the hidden state entering block D-K (before its long-skip fusion) is stored. On a
 cached step only blocks 0..K-1 run fresh; their outputs reach blocks D-K..D-1 through the long
 skips while the stored deep feature replaces everything between. Cost of a cached step is about
-(2K blocks + K fusions + embed + final) / (D blocks + D/2 fusions + embed + final).
+(2K blocks + K fusions + embed + final) / (D blocks + D/2 fusions + embed + final). Full and
+cached steps follow the shared interval rule (``model.cache.interval``) plus a timestep window.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from model.cache.base import CachePolicy, Mode, tensor_bytes
+from model.cache.base import CachedBatch, Mode, tensor_bytes
+from model.cache.interval import IntervalConfig, IntervalPolicy, interval_mode
 from model.errors import FieldError
 from model.skip_dit import DiTConfig, SkipDiT
 
 
 @dataclass(frozen=True)
-class SkipCacheConfig:
+class SkipCacheConfig(IntervalConfig):
     """Knobs and their trade-offs.
 
     interval: a full step every ``interval`` steps (1 = no caching). Larger is faster and drifts
@@ -41,14 +42,17 @@ class SkipCacheConfig:
     t_end: float = 20.0
 
     def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise FieldError("cache_interval", f"must be >= 1, got {self.interval}")
+        super().__post_init__()
         if self.depth < 1:
             raise FieldError("cache_depth", f"must be >= 1, got {self.depth}")
         if self.t_end >= self.t_start:
             raise FieldError(
                 "cache_t_end", f"must be below cache_t_start ({self.t_start}), got {self.t_end}"
             )
+
+    def full_at(self, step: int, t: float) -> bool:
+        """Every ``interval``-th step, and every step with t >= t_start, t <= t_end."""
+        return super().full_at(step, t) or t >= self.t_start or t <= self.t_end
 
 
 @dataclass
@@ -60,14 +64,8 @@ class SkipCacheState:
 
 
 def decide(step: int, t: int, config: SkipCacheConfig, state: SkipCacheState) -> Mode:
-    if (
-        state.deep is None
-        or step % config.interval == 0
-        or t >= config.t_start
-        or t <= config.t_end
-    ):
-        return Mode.FULL
-    return Mode.CACHED
+    """The paper's rule: full when step % N == 0, no deep feature yet, t >= t_start, t <= t_end."""
+    return interval_mode(step, t, config, cached=state.deep is not None)
 
 
 def default_depth(model: DiTConfig) -> int:
@@ -75,13 +73,12 @@ def default_depth(model: DiTConfig) -> int:
     return max(1, min(model.depth // 2, round(model.depth * 4 / 28)))
 
 
-class SkipCache(CachePolicy):
+class SkipCache(IntervalPolicy):
     name = "skip_cache"
     config_cls = SkipCacheConfig
     state_cls = SkipCacheState
     decide_rule = staticmethod(decide)
-    request_fields: ClassVar[dict[str, str]] = {
-        "cache_interval": "interval",
+    request_fields = IntervalPolicy.request_fields | {
         "cache_depth": "depth",
         "cache_t_start": "t_start",
         "cache_t_end": "t_end",
@@ -97,12 +94,6 @@ class SkipCache(CachePolicy):
             )
         return config
 
-    def planned_modes(self, config: SkipCacheConfig, timesteps: Sequence[int]) -> list[Mode]:
-        warm = SkipCacheState(deep=torch.empty(0))
-        return [
-            decide(i, t, config, warm if i else SkipCacheState()) for i, t in enumerate(timesteps)
-        ]
-
     def capture_blocks(self, config: SkipCacheConfig, model: DiTConfig) -> tuple[int, ...]:
         return (model.depth - config.depth,)
 
@@ -115,17 +106,11 @@ class SkipCache(CachePolicy):
     def cached_group_key(self, config: SkipCacheConfig) -> tuple[str, int]:
         return (self.name, config.depth)
 
-    def run_cached(
-        self,
-        model: SkipDiT,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        config: SkipCacheConfig,
-        states: Any,
+    def forward_cached(
+        self, model: SkipDiT, batch: CachedBatch, config: SkipCacheConfig
     ) -> torch.Tensor:
-        deep = torch.cat([s.deep for s in states])  # (B, T, D)
-        return model.forward_cached(x, t, y, deep, config.depth)
+        deep = torch.cat([s.deep for s in batch.states])  # (B, T, D)
+        return model.forward_cached(batch.x, batch.t, batch.y, deep, config.depth)
 
     def state_bytes(self, state: SkipCacheState) -> int:
         return tensor_bytes((state.deep,))

@@ -10,20 +10,22 @@ values of all tokens.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from model.cache.base import CachePolicy, Mode, tensor_bytes
+from model.cache.base import CachedBatch
+from model.cache.fora import branch_keys
+from model.cache.interval import IntervalConfig, IntervalPolicy, StoredState, stack
 from model.errors import FieldError
 from model.skip_dit import Attention, DiTConfig, SkipDiT
 
 
 @dataclass(frozen=True)
-class ToCaConfig:
+class ToCaConfig(IntervalConfig):
     """interval: a full step every ``interval`` steps (1 = no caching).
     ratio: fraction of tokens each block recomputes on a cached step; lower is faster and
     drifts further (ToCa's image settings refresh roughly 10-30% of tokens)."""
@@ -32,25 +34,21 @@ class ToCaConfig:
     ratio: float = 0.25
 
     def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise FieldError("cache_interval", f"must be >= 1, got {self.interval}")
+        super().__post_init__()
         if not 0 < self.ratio <= 1:
             raise FieldError("cache_ratio", f"must be in (0, 1], got {self.ratio}")
 
 
 @dataclass
-class ToCaState:
-    branches: dict[Hashable, torch.Tensor] | None = None  # ("attn"|"mlp", k) -> (rows, T, D)
+class ToCaState(StoredState):
+    """stored: ("attn"|"mlp", k) -> (rows, T, D), block k's branch outputs, fresh per token.
+    Its memory is what ``state_bytes`` counts; the staleness counters are left out."""
+
     staleness: torch.Tensor | None = None  # (rows, T) steps since each token was recomputed
 
     def reset(self) -> None:
-        self.branches = self.staleness = None
-
-
-def decide(step: int, t: int, config: ToCaConfig, state: ToCaState) -> Mode:
-    if state.branches is None or step % config.interval == 0:
-        return Mode.FULL
-    return Mode.CACHED
+        super().reset()
+        self.staleness = None
 
 
 def partial_attention(attn: Attention, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -67,39 +65,30 @@ def partial_attention(attn: Attention, h: torch.Tensor, idx: torch.Tensor) -> to
     return attn.proj(out.transpose(1, 2).reshape(b, -1, d))  # (B, m, D)
 
 
-class ToCa(CachePolicy):
+class ToCa(IntervalPolicy):
     name = "toca"
     config_cls = ToCaConfig
     state_cls = ToCaState
-    decide_rule = staticmethod(decide)
-    request_fields: ClassVar[dict[str, str]] = {
-        "cache_interval": "interval",
-        "cache_ratio": "ratio",
-    }
+    request_fields = IntervalPolicy.request_fields | {"cache_ratio": "ratio"}
 
-    def capture_blocks(self, config: ToCaConfig, model: DiTConfig) -> tuple[Hashable, ...]:
-        return tuple((kind, k) for k in range(model.depth) for kind in ("attn", "mlp"))
+    def capture_blocks(self, config: ToCaConfig, model: DiTConfig) -> tuple[tuple[str, int], ...]:
+        return branch_keys(model)
 
     def on_full(
         self, config: ToCaConfig, state: ToCaState, captured: dict[Hashable, torch.Tensor]
     ) -> None:
-        state.branches = {key: value.clone() for key, value in captured.items()}
+        super().on_full(config, state, captured)
         rows, tokens = next(iter(captured.values())).shape[:2]
         state.staleness = torch.zeros(rows, tokens, dtype=torch.long)
 
     def cached_group_key(self, config: ToCaConfig) -> tuple[Any, ...]:
         return (self.name, config.ratio)
 
-    def run_cached(
-        self,
-        model: SkipDiT,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        config: ToCaConfig,
-        states: Sequence[ToCaState],
+    def forward_cached(
+        self, model: SkipDiT, batch: CachedBatch, config: ToCaConfig
     ) -> torch.Tensor:
-        stored = {key: torch.cat([s.branches[key] for s in states]) for key in states[0].branches}
+        x, states = batch.x, batch.states
+        stored = stack(states)
         staleness = torch.cat([s.staleness for s in states]).to(x.device)  # (B, T)
         tokens = staleness.shape[1]
         m = max(1, round(config.ratio * tokens))
@@ -124,15 +113,11 @@ class ToCa(CachePolicy):
 
             return attn, mlp
 
-        out = model(x, t, y, branches=branches)
+        out = model(x, batch.t, batch.y, branches=branches)
         staleness = (staleness + 1).scatter(1, idx, 0)
-        offset = 0
-        for state in states:
-            rows = slice(offset, offset + state.staleness.shape[0])
-            offset = rows.stop
-            state.branches = {key: value[rows] for key, value in stored.items()}
+        for state, rows in zip(
+            states, batch.row_slices(len(s.staleness) for s in states), strict=True
+        ):
+            state.stored = {key: value[rows] for key, value in stored.items()}
             state.staleness = staleness[rows].cpu()
         return out
-
-    def state_bytes(self, state: ToCaState) -> int:
-        return tensor_bytes((state.branches or {}).values())  # staleness counters not counted

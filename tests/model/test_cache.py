@@ -83,6 +83,49 @@ def test_state_reset_forgets_the_cache(tiny_pipeline: Pipeline, name: str) -> No
     assert job.cache.decide(1, 500) is Mode.FULL
 
 
+# Policies whose modes depend on the run itself: their planned_modes is an estimate.
+DYNAMIC = {"fbcache"}
+# Request options the planning contract tries; each policy takes those of its request_fields.
+PLAN_OPTIONS = [
+    {"cache_interval": 3, "cache_ratio": 0.5, "cache_threshold": 0.5},
+    {"cache_interval": 2, "cache_t_start": 700, "cache_t_end": 300},
+    {"cache_interval": 4, "cache_depth": 2, "cache_t_end": 150},
+]
+PLAN_RUNS = [("ddim", 10), ("ddpm", 13), ("dpm++", 7)]  # (sampler, steps)
+
+
+def _plan_and_run(pipeline: Pipeline, params: GenerateParams) -> tuple[list[Mode], list[Mode]]:
+    """A fresh request's planned modes, and the modes a real run of it reports step by step."""
+    job = pipeline.start(params)
+    planned = job.cache.policy.planned_modes(
+        job.cache.config, [int(t) for t in job.scheduler.timesteps]
+    )
+    ran: list[Mode] = []
+    pipeline.generate([params], progress=lambda _job, mode: ran.append(mode))
+    return planned, ran
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_planned_modes_are_what_a_run_reports(tiny_pipeline: Pipeline, name: str) -> None:
+    """Static policies plan exactly; a dynamic one plans every step FULL, an upper bound on time
+    (its 'cached' steps may compute fully)."""
+    assert set(POLICIES) >= DYNAMIC
+    fields = POLICIES[name].request_fields
+    settings = {tuple((k, v) for k, v in o.items() if k in fields) for o in PLAN_OPTIONS}
+    seen: set[Mode] = set()
+    for options in sorted(settings):
+        for sampler, steps in PLAN_RUNS:
+            params = GenerateParams(
+                steps=steps, sampler=sampler, seed=3, cache_policy=name, **dict(options)
+            )
+            planned, ran = _plan_and_run(tiny_pipeline, params)
+            assert len(ran) == steps
+            expected = [Mode.FULL] * steps if name in DYNAMIC else ran
+            assert planned == expected, (options, sampler)
+            seen.update(ran)
+    assert name == "none" or Mode.CACHED in seen  # the schedules tried really cache
+
+
 # ----------------------------------------------------------------------------- Skip-Cache rule
 
 
