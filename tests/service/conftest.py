@@ -22,6 +22,19 @@ from service.settings import Settings
 from tests.conftest import tiny
 
 
+class Clock:
+    """A clock that moves only when a test moves it (Unix seconds)."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,16 +6,9 @@ from model.pipeline import Pipeline
 from model.request import GenerateParams
 from service.engine import Engine, EngineEvent, EngineRequest, EventKind
 from tests.conftest import BATCH_TOL
+from tests.service.conftest import Clock
 
 TOKENS = 16  # digits-tiny: 8x8 pixels, patch 2
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def run_all(engine: Engine, limit: int = 200) -> list[EngineEvent]:
@@ -82,7 +75,7 @@ def test_deadline_passed_expires_at_the_next_step_boundary(tiny_pipeline: Pipeli
     engine.submit(EngineRequest("keep", GenerateParams(steps=4, seed=9)))
     engine.step()
     engine.step()
-    clock.now += 11
+    clock.advance(11)
     events, _ = engine.step()
     expired = by_kind(events, EventKind.EXPIRED)
     assert expired["run"].step == 2 and "run" not in engine.active_ids

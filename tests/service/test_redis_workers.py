@@ -1,4 +1,5 @@
-"""HTTP -> Redis -> separate worker processes: kills, drains, dead letters, Redis outages."""
+"""HTTP -> Redis -> separate worker processes: kills, drains, dead letters, Redis outages; and
+the Redis backend's transitions on their own (the first terminal state wins)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
+from service.messages import EventKind, JobRecord, JobStatus, StoredResult
 from service.queue.keys import Keys
-from tests.service.conftest import RedisServer, free_port, running_app, settings_for
+from service.queue.redis import RedisBackend
+from tests.service.conftest import Clock, RedisServer, free_port, running_app, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -187,3 +190,71 @@ async def test_redis_down_gives_503_and_the_service_recovers(
     assert submit.status_code == 503 and health.status_code == 200
     assert recovered.status_code == 200
     assert after.status_code == 200, after.text
+
+
+@pytest.fixture
+async def backend(redis_server: RedisServer) -> AsyncIterator[RedisBackend]:
+    backend = RedisBackend(
+        redis_server.url, max_queue=10, result_ttl=60, job_ttl=600, claim_idle=30,
+        max_deliveries=3, prefix=f"b{uuid.uuid4().hex[:8]}", clock=Clock(),
+    )  # fmt: skip
+    yield backend
+    await backend.close()
+
+
+async def stored_kinds(backend: RedisBackend, job_id: str) -> list[str]:
+    entries = await backend.redis.xrange(backend.keys.events(job_id))
+    return [json.loads(fields[b"e"])["type"] for _, fields in entries]
+
+
+async def test_redis_backend_first_finish_wins_and_late_progress_is_refused(
+    backend: RedisBackend,
+) -> None:
+    record, _ = await backend.submit(JobRecord(request={"steps": 10}, total_steps=10))
+    (delivery,) = await backend.claim("a", 1, 0)
+    running = await backend.start(delivery)
+    assert running is not None and running.started_at == backend.clock()
+    backend.clock.advance(5)
+    error = {"code": "poison_job", "message": "gave up"}
+    failed = await backend.finish(delivery, JobStatus.FAILED, error=error)
+    await backend.progress(record.id, EventKind.STEP, 4, 10, "full")  # a late, stale worker
+    late = await backend.finish(delivery, JobStatus.DONE, StoredResult("image/png", [b"x"], {}))
+    assert failed is not None and failed.finished_at == backend.clock() and late is None
+    final = await backend.get(record.id)
+    assert final is not None and final.status is JobStatus.FAILED and final.step == 0
+    assert await backend.get_result(record.id) is None
+    assert await stored_kinds(backend, record.id) == ["queued", "failed"]
+    assert await backend.depth() == 0
+
+
+async def test_redis_backend_cancel_flags_running_jobs_and_ends_queued_ones(
+    backend: RedisBackend,
+) -> None:
+    first, _ = await backend.submit(JobRecord(request={"steps": 10}))
+    second, _ = await backend.submit(JobRecord(request={"steps": 10}))
+    (delivery,) = await backend.claim("a", 1, 0)
+    await backend.start(delivery)
+    flagged = await backend.request_cancel(first.id)
+    cancelled = await backend.request_cancel(second.id)
+    assert flagged is not None and flagged.status is JobStatus.RUNNING
+    assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+    assert await backend.cancel_requested([first.id, second.id]) == {first.id}
+    (stale,) = await backend.claim("a", 1, 0)
+    assert await backend.start(stale) is None  # cancelled while queued: acked, never run
+    await backend.finish(delivery, JobStatus.CANCELLED)
+    assert await backend.cancel_requested([first.id]) == set()
+    assert await stored_kinds(backend, second.id) == ["queued", "cancelled"]
+
+
+async def test_redis_backend_release_requeues_only_unfinished_jobs(backend: RedisBackend) -> None:
+    record, _ = await backend.submit(JobRecord(request={"steps": 10}))
+    (delivery,) = await backend.claim("a", 1, 0)
+    await backend.start(delivery)
+    await backend.release(delivery)
+    assert (await backend.get(record.id)).status is JobStatus.QUEUED
+    assert await backend.depth() == 1
+    (again,) = await backend.claim("b", 1, 0)
+    assert again.job_id == record.id and (await backend.start(again)).worker == "b"
+    await backend.finish(again, JobStatus.DONE, StoredResult("image/png", [b"x"], {"seed": 1}))
+    await backend.release(again)
+    assert await backend.depth() == 0

@@ -1,0 +1,116 @@
+"""Stats objects in, Prometheus series out: names in base units, explicit buckets, labels."""
+
+from __future__ import annotations
+
+from model.cache import Mode
+from model.pipeline import Pipeline
+from model.request import GenerateParams
+from service.engine import Engine, EngineRequest, StepReport
+from service.metrics import LATENCY_BUCKETS, SPEEDUP_BUCKETS, STEP_BUCKETS, Metrics
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_both_cache_modes_are_exported_before_any_step() -> None:
+    metrics = Metrics()
+    for mode in ("full", "cached"):
+        assert value(metrics, "skipdit_steps_total", mode=mode) == 0
+        assert value(metrics, "skipdit_step_duration_seconds_count", mode=mode) == 0
+
+
+def test_every_series_is_in_base_units_with_the_project_prefix() -> None:
+    families = list(Metrics().registry.collect())
+    names = {f.name for f in families}
+    assert names == {
+        "skipdit_request_duration_seconds",
+        "skipdit_queue_wait_seconds",
+        "skipdit_step_duration_seconds",
+        "skipdit_batch_size",
+        "skipdit_steps",
+        "skipdit_speedup_ratio",
+        "skipdit_queue_depth",
+        "skipdit_inflight_requests",
+        "skipdit_requests",
+        "skipdit_errors",
+    }
+    counters = {f.name for f in families if f.type == "counter"}
+    assert counters == {"skipdit_steps", "skipdit_requests", "skipdit_errors"}  # *_total
+
+
+def test_a_real_engine_step_becomes_batch_mode_and_duration_series(
+    tiny_pipeline: Pipeline,
+) -> None:
+    metrics = Metrics()
+    engine = Engine(tiny_pipeline, max_batch_tokens=10_000)
+    engine.submit(EngineRequest("a", GenerateParams(steps=6, cache_interval=3)))
+    engine.submit(EngineRequest("b", GenerateParams(steps=6, cache_interval=1, seed=1)))
+    reports = []
+    while engine.has_work():
+        _, report = engine.step()
+        metrics.observe_step(report)
+        reports.append(report)
+    assert value(metrics, "skipdit_batch_size_count") == len(reports) == 6
+    assert value(metrics, "skipdit_batch_size_sum") == 12  # two requests in every step
+    full, cached = (value(metrics, "skipdit_steps_total", mode=m) for m in ("full", "cached"))
+    assert (full, cached) == (9, 3)  # a: 3 full + 3 cached; b: 6 full
+    full_count = value(metrics, "skipdit_step_duration_seconds_count", mode="full")
+    cached_count = value(metrics, "skipdit_step_duration_seconds_count", mode="cached")
+    assert (full_count, cached_count) == (6, 3)  # one observation per step and mode that ran
+    assert value(metrics, "skipdit_step_duration_seconds_sum", mode="full") > 0
+
+
+def test_an_empty_step_records_nothing() -> None:
+    metrics = Metrics()
+    metrics.observe_step(StepReport())
+    assert value(metrics, "skipdit_batch_size_count") == 0
+    assert value(metrics, "skipdit_steps_total", mode="full") == 0
+
+
+def test_a_step_report_counts_requests_per_mode() -> None:
+    metrics = Metrics()
+    report = StepReport(requests=5, rows=10, seconds=0.03)
+    report.mode_requests = {Mode.FULL: 2, Mode.CACHED: 3}
+    report.mode_seconds = {Mode.FULL: 0.02, Mode.CACHED: 0.004}
+    metrics.observe_step(report)
+    assert value(metrics, "skipdit_steps_total", mode="full") == 2
+    assert value(metrics, "skipdit_steps_total", mode="cached") == 3
+    assert value(metrics, "skipdit_step_duration_seconds_bucket", mode="cached", le="0.005") == 1
+    assert value(metrics, "skipdit_step_duration_seconds_bucket", mode="full", le="0.01") == 0
+    assert value(metrics, "skipdit_batch_size_bucket", le="4.0") == 0
+    assert value(metrics, "skipdit_batch_size_bucket", le="8.0") == 1
+
+
+def test_the_end_of_a_request_records_latency_status_and_speedup() -> None:
+    metrics = Metrics()
+    metrics.observe_end("tiny", "done", 3.0, speedup=1.8)
+    metrics.observe_end("tiny", "failed", 0.2)
+    assert value(metrics, "skipdit_request_duration_seconds_sum", model="tiny", status="done") == 3
+    assert value(metrics, "skipdit_request_duration_seconds_count", model="tiny", status="failed")
+    assert value(metrics, "skipdit_requests_total", status="done") == 1
+    assert value(metrics, "skipdit_requests_total", status="failed") == 1
+    assert value(metrics, "skipdit_speedup_ratio_count") == 1  # only where a speedup was given
+    assert value(metrics, "skipdit_speedup_ratio_bucket", le="1.75") == 0
+    assert value(metrics, "skipdit_speedup_ratio_bucket", le="2.0") == 1
+
+
+def test_buckets_are_the_explicit_ones() -> None:
+    metrics = Metrics()
+    metrics.observe_end("tiny", "done", 1.0, speedup=1.0)
+    metrics.queue_wait.observe(0.1)
+    for name, buckets, labels in (
+        ("skipdit_request_duration_seconds", LATENCY_BUCKETS, {"model": "tiny", "status": "done"}),
+        ("skipdit_queue_wait_seconds", LATENCY_BUCKETS, {}),
+        ("skipdit_step_duration_seconds", STEP_BUCKETS, {"mode": "full"}),
+        ("skipdit_speedup_ratio", SPEEDUP_BUCKETS, {}),
+    ):
+        for le in buckets:
+            assert value(metrics, f"{name}_bucket", **labels, le=str(float(le))) is not None, le
+
+
+def test_registries_are_per_instance() -> None:
+    one, two = Metrics(), Metrics()
+    one.errors.labels("backend_unavailable").inc()
+    assert value(one, "skipdit_errors_total", reason="backend_unavailable") == 1
+    assert value(two, "skipdit_errors_total", reason="backend_unavailable") is None

@@ -1,0 +1,185 @@
+"""The worker loop over the in-process backend, a real engine on the tiny model, a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+from PIL import Image
+
+from model.pipeline import Pipeline
+from service.engine import Engine
+from service.messages import EventKind, JobRecord, JobRequest, JobStatus
+from service.metrics import Metrics
+from service.queue.base import Delivery
+from service.queue.memory import MemoryBackend
+from service.worker import Worker
+from tests.service.conftest import Clock
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "tiny"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Rig:
+    def __init__(self, pipeline: Pipeline, max_inflight: int = 8, drain_timeout: float = 60):
+        self.clock = Clock()
+        self.backend = MemoryBackend(100, result_ttl=60, job_ttl=600, clock=self.clock)
+        self.metrics = Metrics()
+        engine = Engine(pipeline, max_batch_tokens=10_000, clock=self.clock)
+        self.worker = Worker(
+            self.backend, engine, self.metrics, MODEL, "w1", max_inflight,
+            heartbeat=0.5, drain_timeout=drain_timeout,
+        )  # fmt: skip
+
+    async def submit(self, **params: object) -> JobRecord:
+        body = JobRequest(**params)
+        record = JobRecord(
+            request=body.model_dump(mode="json", by_alias=True),
+            created_at=self.clock(),
+            total_steps=body.steps,
+        )
+        return (await self.backend.submit(record))[0]
+
+    async def until(self, job_id: str, check: Callable[[JobRecord], bool]) -> JobRecord:
+        """The job's record once ``check`` holds, following its events (bounded)."""
+        async with asyncio.timeout(60):
+            async for _ in self.backend.events(job_id):
+                record = await self.backend.get(job_id)
+                if record is not None and check(record):
+                    return record
+        raise AssertionError(f"job {job_id} ended without {check}")
+
+    async def kinds(self, job_id: str) -> list[EventKind]:
+        async with asyncio.timeout(5):
+            return [e.type async for e in self.backend.events(job_id)]
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Worker]:
+        task = asyncio.create_task(self.worker.run())
+        try:
+            yield self.worker
+        finally:
+            self.worker.stop()
+            async with asyncio.timeout(60):
+                await task
+
+
+@pytest.fixture
+def rig(tiny_pipeline: Pipeline) -> Rig:
+    return Rig(tiny_pipeline)
+
+
+async def test_a_job_runs_to_done_with_its_images_events_and_metrics(
+    rig: Rig, tiny_pipeline: Pipeline
+) -> None:
+    async with rig.running():
+        job = await rig.submit(steps=6, seed=3, class_label=2, cache_interval=2, num_images=2)
+        done = await rig.until(job.id, lambda r: r.status.terminal)
+    assert done.status is JobStatus.DONE and done.worker == "w1" and done.step == 6
+    assert done.result is not None and done.result["model"] == MODEL and done.result["seed"] == 3
+    result = await rig.backend.get_result(job.id)
+    assert result is not None and result.content_type == "image/png"
+    assert [Image.open(io.BytesIO(b)).size for b in result.images] == [(8, 8), (8, 8)]
+    assert await rig.kinds(job.id) == ["queued", "started"] + ["step"] * 6 + ["done"]
+    assert rig.sample("skipdit_requests_total", status="done") == 1
+    steps = [rig.sample("skipdit_steps_total", mode=m) for m in ("full", "cached")]
+    assert sum(steps) == 6 and steps[1] > 0
+    assert rig.sample("skipdit_speedup_ratio_count") == 1
+
+
+async def test_a_deadline_passed_on_the_clock_expires_the_running_job(rig: Rig) -> None:
+    async with rig.running():
+        job = await rig.submit(steps=1000, timeout_s=30)
+        await rig.until(job.id, lambda r: r.step >= 2)
+        rig.clock.advance(31)
+        expired = await rig.until(job.id, lambda r: r.status.terminal)
+    assert expired.status is JobStatus.EXPIRED and 2 <= expired.step < 1000
+    assert expired.error == {"code": "expired", "message": "deadline passed while running"}
+    assert expired.finished_at == rig.clock()
+    assert rig.sample("skipdit_errors_total", reason="expired") == 1
+
+
+async def test_cancel_reaches_a_running_job_through_the_backend(rig: Rig) -> None:
+    async with rig.running():
+        job = await rig.submit(steps=1000)
+        await rig.until(job.id, lambda r: r.step >= 1)
+        await rig.backend.request_cancel(job.id)
+        cancelled = await rig.until(job.id, lambda r: r.status.terminal)
+    assert cancelled.status is JobStatus.CANCELLED and cancelled.step < 1000
+    assert (await rig.kinds(job.id))[-1] == "cancelled"
+    assert await rig.backend.cancel_requested([job.id]) == set()
+
+
+async def test_a_bad_request_fails_alone(rig: Rig) -> None:
+    async with rig.running():
+        bad = await rig.submit(steps=3, class_label=99)
+        good = await rig.submit(steps=3)
+        failed = await rig.until(bad.id, lambda r: r.status.terminal)
+        done = await rig.until(good.id, lambda r: r.status.terminal)
+    assert failed.status is JobStatus.FAILED and failed.error is not None
+    assert failed.error["code"] == "generation_failed" and "class_label" in failed.error["message"]
+    assert done.status is JobStatus.DONE
+    assert rig.sample("skipdit_errors_total", reason="generation_failed") == 1
+
+
+async def test_a_job_ended_elsewhere_keeps_its_state_and_this_run_is_dropped(
+    tiny_pipeline: Pipeline,
+) -> None:
+    rig = Rig(tiny_pipeline, max_inflight=1)
+    async with rig.running():
+        job = await rig.submit(steps=1000)
+        later = await rig.submit(steps=2)
+        await rig.until(job.id, lambda r: r.step >= 2)
+        error = {"code": "poison_job", "message": "ended by another worker"}
+        elsewhere = Delivery(job.id, job.id, "w2")
+        assert await rig.backend.finish(elsewhere, JobStatus.FAILED, error=error) is not None
+        # max_inflight=1: the later job starts only once the worker has let the first go.
+        await rig.until(later.id, lambda r: r.status.terminal)
+    record = await rig.backend.get(job.id)
+    assert record is not None and record.status is JobStatus.FAILED and record.error == error
+    assert await rig.backend.get_result(job.id) is None
+    assert (await rig.kinds(job.id))[-1] == "failed"
+    assert rig.sample("skipdit_requests_total", status="done") == 1  # only the later job
+    assert rig.sample("skipdit_requests_total", status="failed") == 0  # not this worker's end
+
+
+async def test_stop_drains_running_work_and_stops_intake(tiny_pipeline: Pipeline) -> None:
+    rig = Rig(tiny_pipeline, max_inflight=1)
+    task = asyncio.create_task(rig.worker.run())
+    first = await rig.submit(steps=40)
+    second = await rig.submit(steps=2)
+    await rig.until(first.id, lambda r: r.step >= 1)
+    rig.worker.stop()
+    async with asyncio.timeout(60):
+        await task
+    assert (await rig.backend.get(first.id)).status is JobStatus.DONE
+    assert (await rig.backend.get(second.id)).status is JobStatus.QUEUED
+    assert await rig.backend.depth() == 1
+
+
+async def test_past_the_drain_timeout_held_jobs_go_back_to_the_queue(
+    tiny_pipeline: Pipeline,
+) -> None:
+    rig = Rig(tiny_pipeline, drain_timeout=0)
+    task = asyncio.create_task(rig.worker.run())
+    job = await rig.submit(steps=1000)
+    await rig.until(job.id, lambda r: r.step >= 1)
+    rig.worker.stop()
+    async with asyncio.timeout(60):
+        await task
+    record = await rig.backend.get(job.id)
+    assert record is not None and record.status is JobStatus.QUEUED and record.finished_at is None
+    assert [d.job_id for d in await rig.backend.claim("w2", 1, 0)] == [job.id]
+    assert rig.worker.engine.has_work() is False
