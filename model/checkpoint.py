@@ -5,10 +5,11 @@ Formats read:
 - the official DiT release (``DiT-XL-2-256x256.pt``): a plain state dict;
 - the official Skip-DiT release (``DiT-XL-2-skip.pt``): ``{model, ema, opt, args}``; ``ema`` is
   used for inference.
-Official state dicts carry no config: it is read off the tensor shapes (heads from the preset
-with the same depth and width, or given). Every load compares key sets and shapes and raises
-with the names that differ. Latent models decode with a diffusers AutoencoderKL from a local
-directory.
+Official files are memory-mapped: only the tensors used are ever read (the EMA weights of a
+training checkpoint, none at all to describe one). Their state dicts carry no config: it is read
+off the tensor shapes (heads from the preset with the same depth and width, or given), plus the
+official sampler's guidance. Every load compares key sets and shapes and raises with the names
+that differ. Latent models decode with a diffusers AutoencoderKL from a local directory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,10 @@ from model.skip_dit import PRESETS, DiTConfig, SkipDiT
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# The official samplers guide eps channels 0-2 of the 4 latent channels only (facebookresearch/DiT
+# and Skip-DiT ``forward_with_cfg``: "for exact reproducibility").
+OFFICIAL_GUIDED_CHANNELS = 3
+VAE_DOWNSCALE = 8  # sd-vae-ft-mse: image pixels per latent pixel, along each side
 
 
 class CheckpointError(ValueError):
@@ -133,10 +139,25 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -
     )
 
 
+def official_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
+    """The config of an official release: its shapes plus the official sampler's guidance."""
+    config = infer_config(state, num_heads)
+    if config.in_channels > OFFICIAL_GUIDED_CHANNELS:
+        config = config.replace(guided_channels=OFFICIAL_GUIDED_CHANNELS)
+    return config
+
+
 def official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The inference weights of an official DiT or Skip-DiT ``.pt`` file."""
+    """The inference weights of an official DiT or Skip-DiT ``.pt`` file, memory-mapped.
+
+    Nothing is read until used: the tensors are views of a private (copy-on-write) mapping of
+    the file, which lives as long as any of them. Of a training checkpoint ``{model, ema, opt,
+    args}`` only ``ema`` is kept; the other entries are mapped but never touched.
+    """
+    path = Path(path)
+    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be mapped: read whole
     with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if isinstance(obj, dict) and "ema" in obj:  # training checkpoint: {model, ema, opt, args}
         return obj["ema"]
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -145,8 +166,18 @@ def official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_official(path: str | Path, num_heads: int | None = None) -> SkipDiT:
+    """An official ``.pt`` as a network whose parameters are the file's mapped EMA tensors.
+
+    Built on the meta device and assigned, not copied: resident memory grows only by the EMA
+    pages as they are read, once. Moving the network to another device or dtype copies it and
+    releases the mapping.
+    """
     state = official_state_dict(path)
-    return load_state(SkipDiT(infer_config(state, num_heads)), state)
+    with torch.device("meta"):
+        model = SkipDiT(official_config(state, num_heads))  # shapes only: no memory, no init
+    check_state_dict(model, state)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
 
 
 def load_vae(directory: str | Path) -> Any:

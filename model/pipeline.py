@@ -105,6 +105,7 @@ class Job:
     cache: RequestCache
     guidance: float
     null_class: int
+    guided_channels: int | None = None  # eps channels guidance mixes (DiTConfig); None: all
     step: int = 0
     stats: StepStats = field(default_factory=StepStats)
     cancelled: bool = False
@@ -144,14 +145,27 @@ class Job:
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         return x, tt, y
 
+    def guide(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This job's rows of the model output -> (eps, rest) of its n samples, guided.
+
+        Guidance mixes eps channels ``0..guided_channels-1`` of the conditional and
+        unconditional rows; every other channel (rest: the learned variance, if any) comes
+        from the conditional rows, as in the official DiT sampler.
+        """
+        n, channels = self.latents.shape[:2]
+        eps, rest = out[:, :channels], out[:, channels:]  # rest: learned variance, if any
+        if not self.uses_guidance:
+            return eps, rest
+        g = self.guided_channels or channels
+        cond, uncond = eps[:n], eps[n:]  # (n, C, H, W) each
+        guided = uncond[:, :g] + self.guidance * (cond[:, :g] - uncond[:, :g])  # (n, g, H, W)
+        if g < channels:
+            guided = torch.cat([guided, cond[:, g:]], dim=1)  # (n, C, H, W)
+        return guided, rest[:n]
+
     def advance(self, out: torch.Tensor, mode: Mode, seconds: float) -> None:
         """Apply guidance and the scheduler step to this job's rows of the model output."""
-        channels = self.latents.shape[1]
-        n = self.latents.shape[0]
-        eps, rest = out[:, :channels], out[:, channels:]  # rest: learned variance, if any
-        if self.uses_guidance:
-            cond, uncond = eps[:n], eps[n:]
-            eps, rest = uncond + self.guidance * (cond - uncond), rest[:n]
+        eps, rest = self.guide(out)
         wants_variance = getattr(self.scheduler.config, "variance_type", None) in (
             "learned",
             "learned_range",
@@ -272,6 +286,7 @@ class Pipeline:
             cache=params.cache_for(config),
             guidance=params.guidance_for(config, self.default_guidance),
             null_class=config.num_classes,
+            guided_channels=config.guided_channels,
         )
 
     @torch.inference_mode()

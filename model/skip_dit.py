@@ -214,7 +214,8 @@ class FinalLayer(nn.Module):
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """Everything that fixes the network's shape. Passed whole; saved as config.json."""
+    """Everything that fixes the network's shape, and how its sampler guides it. Passed whole;
+    saved as config.json."""
 
     depth: int = 28
     hidden_size: int = 1152
@@ -227,6 +228,10 @@ class DiTConfig:
     class_dropout_prob: float = 0.1  # > 0 adds the null-class row used for guidance
     learn_sigma: bool = True  # output 2*C channels: eps then variance interpolation
     long_skip: bool = True  # Skip-DiT; False gives the vanilla DiT
+    # Eps channels that classifier-free guidance mixes, from channel 0; None: all of them. The
+    # official DiT / Skip-DiT samplers guide channels 0-2 of 4 ("for exact reproducibility"); their
+    # published samples and FIDs come from that sampler.
+    guided_channels: int | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -234,6 +239,8 @@ class DiTConfig:
             "hidden_size": self.hidden_size % self.num_heads == 0 and self.hidden_size % 4 == 0,
             "input_size": self.input_size % self.patch_size == 0,
             "num_classes": self.num_classes >= 1,
+            "guided_channels": self.guided_channels is None
+            or 1 <= self.guided_channels <= self.in_channels,
         }
         if self.long_skip:
             checks["depth"] = self.depth >= 2 and self.depth % 2 == 0

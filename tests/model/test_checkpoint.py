@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +17,15 @@ from model.checkpoint import (
     infer_config,
     load_official,
     load_pretrained,
+    official_config,
     official_state_dict,
     save_pretrained,
 )
 from model.errors import FieldError
-from model.skip_dit import SkipDiT, preset
+from model.skip_dit import DiTConfig, SkipDiT, preset
 from tests.conftest import tiny
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def official_keys(depth: int, long_skip: bool) -> set[str]:
@@ -45,11 +51,13 @@ def test_network_uses_the_official_key_layout(long_skip: bool) -> None:
     assert set(model.state_dict()) == official_keys(model.config.depth, long_skip)
 
 
-def test_skip_dit_release_loads_its_ema_weights(tmp_path: Path) -> None:
-    trained, ema = tiny(seed=1, learn_sigma=True), tiny(seed=2, learn_sigma=True)
-    opt = torch.optim.AdamW(trained.parameters(), lr=1e-4)
-    path = tmp_path / "DiT-XL-2-skip.pt"
-    args = argparse.Namespace(model="DiT-XL/2", image_size=16, num_classes=10)
+def save_training_checkpoint(path: Path, trained: SkipDiT, ema: SkipDiT) -> None:
+    """The official Skip-DiT training checkpoint: {model, ema, opt (AdamW with its state), args}."""
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-4, weight_decay=0)
+    for p in trained.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # creates the state: step, exp_avg, exp_avg_sq of every parameter
+    args = argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000)
     torch.save(
         {
             "model": trained.state_dict(),
@@ -59,6 +67,12 @@ def test_skip_dit_release_loads_its_ema_weights(tmp_path: Path) -> None:
         },
         path,
     )
+
+
+def test_skip_dit_release_loads_its_ema_weights(tmp_path: Path) -> None:
+    trained, ema = tiny(seed=1, learn_sigma=True), tiny(seed=2, learn_sigma=True)
+    path = tmp_path / "DiT-XL-2-skip.pt"
+    save_training_checkpoint(path, trained, ema)
     loaded = load_official(path, num_heads=2)
     assert loaded.config == ema.config
     for key, value in ema.state_dict().items():
@@ -114,6 +128,78 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path: Path, mutate, needle: st
     with pytest.raises(CheckpointError) as err:
         load_official(path, num_heads=2)
     assert needle in str(err.value)
+
+
+def test_legacy_format_release_still_loads(tmp_path: Path) -> None:
+    plain = tiny(long_skip=False)
+    path = tmp_path / "DiT-legacy.pt"
+    torch.save(plain.state_dict(), path, _use_new_zipfile_serialization=False)  # cannot be mapped
+    loaded = load_official(path)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_official_latent_releases_guide_three_channels_ours_all(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        state = SkipDiT(preset("XL/2")).state_dict()
+    assert infer_config(state).guided_channels is None  # shapes alone say nothing of sampling
+    assert official_config(state) == preset("XL/2", guided_channels=3)
+    save_pretrained(tiny(in_channels=4, guided_channels=3), tmp_path / "m")
+    assert load_pretrained(tmp_path / "m")[0].config.guided_channels == 3
+    with pytest.raises(ValueError, match="guided_channels"):
+        DiTConfig(in_channels=4, guided_channels=5)
+
+
+def test_config_json_without_guided_channels_loads_as_all_channels(tmp_path: Path) -> None:
+    save_pretrained(tiny(), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["config"].pop("guided_channels") is None
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))  # as shipped before the field
+    assert load_pretrained(tmp_path / "m")[0].config == tiny().config
+
+
+# Runs in a fresh process. The first random init of a meta tensor imports torch._dynamo (~170
+# MiB, once per process; a serving process has it from importing diffusers): done before the
+# baseline, so that the figures are what describing and loading the file cost.
+_MEASURE_LOAD = """
+import json, sys
+import torch
+from model.checkpoint import load_official, official_config, official_state_dict
+
+def peak_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+torch.nn.init.normal_(torch.empty(1, device="meta"))
+base = peak_mib()
+config = official_config(official_state_dict(sys.argv[1]))  # what registry.describe reads
+described = peak_mib()
+model = load_official(sys.argv[1])
+checksum = sum(float(v.sum(dtype=torch.float64)) for v in model.state_dict().values())  # reads all
+print(json.dumps({"base": base, "described": described, "loaded": peak_mib(), "sum": checksum}))
+"""
+
+
+def test_official_training_checkpoint_reads_only_its_ema_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trained, ema = SkipDiT(preset("S/2")), SkipDiT(preset("S/2"))
+    path = tmp_path / "DiT-S-2-skip.pt"
+    save_training_checkpoint(path, trained, ema)  # model + ema + 2 Adam moments: 4x the EMA
+    ema_mib = sum(v.numel() * v.element_size() for v in ema.state_dict().values()) / 2**20
+    expected = sum(float(v.sum(dtype=torch.float64)) for v in ema.state_dict().values())
+    del trained, ema
+    run = subprocess.run(
+        [sys.executable, "-c", _MEASURE_LOAD, str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rss = json.loads(run.stdout)
+    assert rss["sum"] == pytest.approx(expected, rel=1e-12)  # the EMA weights, all of them read
+    assert rss["described"] - rss["base"] < 0.1 * ema_mib, (rss, ema_mib)
+    assert rss["loaded"] - rss["base"] < 1.5 * ema_mib, (rss, ema_mib)
 
 
 def test_non_checkpoint_file_is_refused(tmp_path: Path) -> None:

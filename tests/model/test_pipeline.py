@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ from model import registry
 from model.cache import Mode
 from model.checkpoint import save_pretrained
 from model.errors import FieldError
-from model.pipeline import Job, Pipeline, denoise_step
+from model.pipeline import Job, Pipeline, denoise_step, make_scheduler
 from model.request import GenerateParams
+from model.skip_dit import SkipDiT
 from tests.conftest import BATCH_TOL, tiny
 
 
@@ -116,7 +118,8 @@ def test_stats_report_cached_steps_cheaper_in_count_and_speedup(tiny_pipeline: P
     assert stats["steps_cached"] > 0 and stats["speedup"] is not None
 
 
-def test_latent_model_decodes_with_a_local_vae(tmp_path: Path) -> None:
+def _save_tiny_vae(directory: Path) -> Path:
+    """A 4-channel AutoencoderKL that downsamples by 2, saved for ``registry.load``."""
     torch.manual_seed(0)
     vae = AutoencoderKL(
         in_channels=3,
@@ -129,7 +132,12 @@ def test_latent_model_decodes_with_a_local_vae(tmp_path: Path) -> None:
         norm_num_groups=8,
         sample_size=16,
     )
-    vae.save_pretrained(tmp_path / "vae")
+    vae.save_pretrained(directory)
+    return directory
+
+
+def test_latent_model_decodes_with_a_local_vae(tmp_path: Path) -> None:
+    _save_tiny_vae(tmp_path / "vae")
     save_pretrained(tiny(in_channels=4, learn_sigma=True), tmp_path / "dit")
     with pytest.raises(FieldError) as err:
         registry.load(str(tmp_path / "dit"))
@@ -154,3 +162,75 @@ def test_an_oracle_denoiser_recovers_its_target(tiny_pipeline: Pipeline, sampler
         x, _, _ = job.model_input()
         job.advance((x - alpha.sqrt() * target) / (1 - alpha).sqrt(), Mode.FULL, 0.0)
     torch.testing.assert_close(job.latents, target, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- official guidance
+
+
+def official_forward_with_cfg(model_out: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """facebookresearch/DiT ``models.py`` ``DiT.forward_with_cfg`` (copied unchanged into every
+    Skip-DiT class-to-image model), restated: rows are [conditional; unconditional] predictions
+    for the same inputs; guidance mixes channels 0-2 only, every other channel (eps channel 3,
+    the learned variance) stays each row's own. The sampler keeps the conditional half."""
+    eps, rest = model_out[:, :3], model_out[:, 3:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    eps = torch.cat([half_eps, half_eps], dim=0)
+    return torch.cat([eps, rest], dim=1)
+
+
+def reference_sample(model: SkipDiT, params: GenerateParams) -> torch.Tensor:
+    """The official sampling loop, one guided forward per step, on our scheduler and noise."""
+    config, n = model.config, params.num_images
+    scheduler = make_scheduler(params.sampler, config.learn_sigma, pixel_space=False)
+    scheduler.set_timesteps(params.steps)
+    generator = torch.Generator().manual_seed(params.seed)
+    shape = (n, config.in_channels, config.input_size, config.input_size)
+    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    y = torch.tensor([params.class_label] * n + [config.num_classes] * n)  # then the null class
+    for t in scheduler.timesteps:
+        half = scheduler.scale_model_input(x, t)
+        with torch.no_grad():
+            out = model(torch.cat([half, half]), t.repeat(2 * n), y)
+        out = official_forward_with_cfg(out, params.guidance_scale)[:n]
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+    return x
+
+
+def _official_release(path: Path) -> SkipDiT:
+    """A small Skip-DiT on 4-channel latents, saved in the official training-checkpoint layout."""
+    model = tiny(in_channels=4, learn_sigma=True)
+    state = model.state_dict()
+    torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace()}, path)
+    return model
+
+
+def test_official_release_guides_eps_channels_0_to_2_as_the_official_sampler(
+    tmp_path: Path,
+) -> None:
+    network = _official_release(tmp_path / "DiT-skip.pt")
+    loaded = registry.load(str(tmp_path / "DiT-skip.pt"), vae_path=_save_tiny_vae(tmp_path / "vae"))
+    assert loaded.config.guided_channels == 3
+    params = GenerateParams(
+        steps=6, sampler="ddpm", guidance_scale=4, num_images=2, seed=5, cache_policy="none"
+    )
+    job = loaded.pipeline.start(params)
+    out = torch.randn(4, 8, 8, 8)  # (2n, 2C, H, W): conditional rows, then unconditional
+    eps, rest = job.guide(out)
+    assert torch.equal(torch.cat([eps, rest], dim=1), official_forward_with_cfg(out, 4.0)[:2])
+    assert torch.equal(eps[:, 3:], out[:2, 3:4]) and not torch.equal(eps[:, :3], out[:2, :3])
+
+    (result,) = loaded.pipeline.generate([params])
+    torch.testing.assert_close(result.latents, reference_sample(network, params), rtol=0, atol=0)
+    all_channels = Pipeline(network, loaded.pipeline.vae)  # the same weights, as our own model
+    assert not torch.allclose(all_channels.generate([params])[0].latents, result.latents)
+
+
+def test_own_models_guide_every_eps_channel() -> None:
+    pipeline = Pipeline(tiny(in_channels=4, learn_sigma=True))
+    assert pipeline.model.config.guided_channels is None
+    job = pipeline.start(GenerateParams(guidance_scale=3, num_images=2))
+    out = torch.randn(4, 8, 8, 8)
+    eps, rest = job.guide(out)
+    cond, uncond = out[:2, :4], out[2:, :4]
+    assert torch.equal(eps, uncond + 3.0 * (cond - uncond)) and torch.equal(rest, out[:2, 4:])
