@@ -1,4 +1,5 @@
-"""Resolving a model name or local path to a ready Pipeline.
+"""Resolving a model name or local path to what it is (``describe``: config and card, no
+weights) or to a ready Pipeline (``load``).
 
 Names, in the order tried:
 - a path: a directory in our format (``config.json`` + ``model.safetensors``), or an official
@@ -9,18 +10,25 @@ Names, in the order tried:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model import cache
 from model.checkpoint import (
     CONFIG_FILE,
+    VAE_DOWNSCALE,
     load_official,
     load_pretrained,
     load_vae,
+    official_config,
+    official_state_dict,
     read_pretrained_meta,
 )
 from model.errors import FieldError
@@ -34,18 +42,79 @@ RANDOM_PREFIX = "random:"
 SHIPPED_DEFAULT = "digits-skip-dit"  # the shipped Skip-DiT, when present
 # Used only if no model ships: untrained, for smoke tests only.
 FALLBACK_DEFAULT = RANDOM_PREFIX + "digits-small"
+PIXEL_CHANNELS = (1, 3)  # grey or RGB samples are images; any other channel count is VAE latents
 
 
-@dataclass
-class LoadedModel:
+@dataclass(frozen=True)
+class ModelInfo:
+    """What serving needs to know of a model, read without its weights."""
+
     name: str
-    pipeline: Pipeline
+    config: DiTConfig
     card: dict[str, Any]
     random_weights: bool
 
     @property
-    def config(self) -> Any:
-        return self.pipeline.model.config
+    def latent(self) -> bool:
+        """Samples are VAE latents (decoded by a VAE), not pixels."""
+        return self.config.in_channels not in PIXEL_CHANNELS
+
+    @property
+    def image_size(self) -> int:
+        """Side of the output images in pixels."""
+        return self.config.input_size * (VAE_DOWNSCALE if self.latent else 1)
+
+    @property
+    def default_guidance(self) -> float:
+        return float(self.card.get("default_guidance", DEFAULT_GUIDANCE))
+
+    def label_from_prompt(self, prompt: str) -> int:
+        """Class-conditional models take the class as the prompt: a card class name, or a
+        number ("7", "class 7", "digit 7"). Anything else raises FieldError('prompt', ...)."""
+        names = [str(n).lower() for n in self.card.get("class_names", [])]
+        text = prompt.strip().lower()
+        if text in names:
+            return names.index(text)
+        match = re.fullmatch(r"(?:class\s*|digit\s*)?(\d+)", text)
+        n = self.config.num_classes
+        if match and int(match.group(1)) < n:
+            return int(match.group(1))
+        raise FieldError(
+            "prompt",
+            f"this model is class-conditional: give a class label 0..{n - 1}, got {prompt!r}",
+        )
+
+    def cache_defaults(self) -> dict[str, dict[str, Any]]:
+        """Each cache policy's default config for this model, JSON-ready (infinity as None)."""
+        return {
+            name: {
+                k: None if isinstance(v, float) and math.isinf(v) else v
+                for k, v in dataclasses.asdict(policy.default_config(self.config)).items()
+            }
+            for name, policy in cache.POLICIES.items()
+        }
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    pipeline: Pipeline
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def config(self) -> DiTConfig:
+        return self.info.config
+
+    @property
+    def card(self) -> dict[str, Any]:
+        return self.info.card
+
+    @property
+    def random_weights(self) -> bool:
+        return self.info.random_weights
 
 
 def shipped_models() -> list[str]:
@@ -79,15 +148,31 @@ def _source(name: str) -> tuple[str, Path | str]:
     raise FieldError("model", f"unknown model {name!r}; known: {known_names()} or a local path")
 
 
-def describe(name_or_path: str | None = None) -> tuple[str, DiTConfig, dict[str, Any], bool]:
-    """(name, config, card, random_weights), without loading weights where avoidable."""
+def describe(name_or_path: str | None = None) -> ModelInfo:
+    """A model's config and card without its weights: ``config.json`` of our format, the
+    tensor shapes of a memory-mapped official ``.pt`` (no tensor data is read), a preset."""
     name = name_or_path or default_model()
     kind, where = _source(name)
     if kind == "pretrained":
-        return name, *read_pretrained_meta(where), False
+        config, card = read_pretrained_meta(where)
+        return ModelInfo(name, config, card, random_weights=False)
     if kind == "official":
-        return name, load_official(where).config, {}, False
-    return name, preset(str(where)), {}, True
+        return ModelInfo(name, official_config(official_state_dict(where)), {}, False)
+    return ModelInfo(name, preset(str(where)), {}, random_weights=True)
+
+
+def _network(info: ModelInfo, seed: int) -> SkipDiT:
+    kind, where = _source(info.name)
+    if kind == "pretrained":
+        return load_pretrained(where)[0]
+    if kind == "official":
+        return load_official(where)
+    torch.manual_seed(seed)
+    log.warning(
+        "model %s has RANDOM, untrained weights: output is noise-like, for smoke tests only",
+        info.name,
+    )
+    return SkipDiT(info.config)
 
 
 def load(
@@ -97,30 +182,15 @@ def load(
     vae_path: str | Path | None = None,
     seed: int = 0,
 ) -> LoadedModel:
-    """Load a model by name or path. Unknown names raise FieldError('model', ...)."""
-    name = name_or_path or default_model()
-    kind, where = _source(name)
-    card: dict[str, Any] = {}
-    if kind == "pretrained":
-        network, card = load_pretrained(where)
-    elif kind == "official":
-        network = load_official(where)
-    else:
-        torch.manual_seed(seed)
-        network = SkipDiT(preset(str(where)))
-        log.warning(
-            "model %s has RANDOM, untrained weights: output is noise-like, for smoke tests only",
-            name,
-        )
-    vae = load_vae(vae_path) if vae_path is not None else None
-    if vae is None and network.config.in_channels not in (1, 3):
+    """Load a model by name or path. Unknown names raise FieldError('model', ...); a latent
+    model without ``vae_path`` raises FieldError('vae', ...) before any weights are read."""
+    info = describe(name_or_path)
+    if info.latent and vae_path is None:
         raise FieldError(
             "vae",
-            f"model {name!r} samples {network.config.in_channels}-channel latents: "
+            f"model {info.name!r} samples {info.config.in_channels}-channel latents: "
             "give the local directory of its AutoencoderKL",
         )
-    network = network.to(device=device, dtype=dtype)
-    if vae is not None:
-        vae = vae.to(device=device, dtype=dtype)
-    guidance = float(card.get("default_guidance", DEFAULT_GUIDANCE))
-    return LoadedModel(name, Pipeline(network, vae, guidance), card, kind == "random")
+    network = _network(info, seed).to(device=device, dtype=dtype)
+    vae = load_vae(vae_path).to(device=device, dtype=dtype) if vae_path is not None else None
+    return LoadedModel(info, Pipeline(network, vae, info.default_guidance))
