@@ -63,6 +63,17 @@ class GenerateParams(BaseModel):
         """Batch rows the request takes: its images, doubled by guidance."""
         return self.num_images * (2 if self.guidance_for(model, default_guidance) > 1 else 1)
 
+    def check_budget(self, model: DiTConfig, default_guidance: float, max_tokens: int) -> None:
+        """The request must fit a batch of ``max_tokens`` (rows x tokens per row) on its own, or
+        no step could ever run it; raises FieldError naming ``num_images``."""
+        tokens = self.rows_for(model, default_guidance) * model.num_tokens
+        if tokens > max_tokens:
+            raise FieldError(
+                "num_images",
+                f"{self.num_images} images need {tokens} tokens per step; the batch budget is "
+                f"{max_tokens}",
+            )
+
     def cache_for(self, model: DiTConfig) -> cache.RequestCache:
         """A fresh per-request cache as this request asks for it."""
         policy = cache.POLICIES[self.cache_policy]

@@ -100,11 +100,6 @@ class Engine:
     def tokens_per_row(self) -> int:
         return self.pipeline.model.config.num_tokens
 
-    def fits_alone(self, params: GenerateParams) -> bool:
-        """Whether the request fits the token budget on its own (else it could never run)."""
-        rows = params.rows_for(self.pipeline.model.config, self.pipeline.default_guidance)
-        return rows * self.tokens_per_row <= self.max_batch_tokens
-
     @property
     def active_ids(self) -> list[str]:
         return [a.request.id for a in self._active]
@@ -208,6 +203,9 @@ class Engine:
 
     def _prepare(self, request: EngineRequest, events: list[EngineEvent]) -> None:
         try:
+            request.params.check_budget(
+                self.pipeline.model.config, self.pipeline.default_guidance, self.max_batch_tokens
+            )
             job = self.pipeline.start(request.params)
         except FieldError as e:
             events.append(EngineEvent(EventKind.FAILED, request.id, error=str(e)))

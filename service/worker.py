@@ -19,11 +19,12 @@ import torch
 
 from model import registry
 from service.engine import Engine, EngineEvent, EngineRequest
+from service.errors import BackendUnavailable
 from service.images import CONTENT_TYPES, encode
 from service.jobs import ENDED_BY
 from service.messages import EventKind, JobRecord, StoredResult
 from service.metrics import Metrics
-from service.queue.base import BackendUnavailable, Delivery, QueueBackend
+from service.queue.base import Delivery, QueueBackend
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -21,16 +21,6 @@ from service.messages import Event, EventKind, JobRecord, JobStatus, StoredResul
 Transition = Callable[[JobRecord], Change | None]
 
 
-class QueueFull(Exception):
-    def __init__(self, depth: int, retry_after: float):
-        super().__init__(f"queue is full ({depth} jobs); retry after {retry_after:.0f}s")
-        self.retry_after = retry_after
-
-
-class BackendUnavailable(Exception):
-    """The queue backend cannot be reached."""
-
-
 @dataclass
 class Delivery:
     """A job handed to a worker; ``token`` identifies the delivery to ack or release."""

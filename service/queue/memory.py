@@ -15,9 +15,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from service import jobs
+from service.errors import QueueFull
 from service.jobs import Change
 from service.messages import Event, JobRecord, StoredResult
-from service.queue.base import Delivery, QueueBackend, QueueFull, Transition
+from service.queue.base import Delivery, QueueBackend, Transition
 
 
 def _copy(record: JobRecord) -> JobRecord:

@@ -25,9 +25,10 @@ from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import jobs
+from service.errors import BackendUnavailable, QueueFull
 from service.jobs import Change
 from service.messages import Event, JobRecord, JobStatus, StoredResult
-from service.queue.base import BackendUnavailable, Delivery, QueueBackend, QueueFull, Transition
+from service.queue.base import Delivery, QueueBackend, Transition
 from service.queue.keys import Keys
 
 P = ParamSpec("P")

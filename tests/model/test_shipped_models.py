@@ -12,9 +12,10 @@ from model.request import GenerateParams
 def test_default_model_is_the_shipped_skip_dit_with_its_dit_twin() -> None:
     assert registry.default_model() == registry.SHIPPED_DEFAULT
     assert {"digits-skip-dit", "digits-dit"} <= set(registry.shipped_models())
-    _, skip, card, random_weights = registry.describe()
-    _, plain, _, _ = registry.describe("digits-dit")
-    assert skip.long_skip and not plain.long_skip and not random_weights
+    info = registry.describe()
+    skip, card = info.config, info.card
+    plain = registry.describe("digits-dit").config
+    assert skip.long_skip and not plain.long_skip and not info.random_weights
     assert skip.replace(long_skip=True) == plain.replace(long_skip=True)  # same size: twins
     assert card["steps"] > 0 and card["train_seconds"] > 0
 

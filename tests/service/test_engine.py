@@ -56,6 +56,18 @@ def test_token_budget_caps_the_batch_and_new_requests_join_between_steps(
     assert "r2" in by_kind(events, EventKind.STARTED) and report.requests == 1
 
 
+def test_a_request_over_the_budget_on_its_own_fails_alone_naming_the_field(
+    tiny_pipeline: Pipeline,
+) -> None:
+    engine = Engine(tiny_pipeline, max_batch_tokens=64)  # 2 rows x 16 tokens per image
+    engine.submit(EngineRequest("big", GenerateParams(steps=2, num_images=3, guidance_scale=2)))
+    engine.submit(EngineRequest("ok", GenerateParams(steps=2, num_images=2, guidance_scale=2)))
+    events = run_all(engine)
+    failed = by_kind(events, EventKind.FAILED)
+    assert set(failed) == {"big"} and "ok" in by_kind(events, EventKind.DONE)
+    assert failed["big"].error.startswith("num_images: 3 images need 96 tokens")
+
+
 def test_priority_then_least_slack_decide_admission(tiny_pipeline: Pipeline) -> None:
     clock = Clock()
     engine = Engine(tiny_pipeline, max_batch_tokens=32, clock=clock)

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
+from service.errors import QueueFull
 from service.messages import EventKind, JobRecord, JobStatus, StoredResult
-from service.queue.base import Delivery, QueueFull
+from service.queue.base import Delivery
 from service.queue.memory import MemoryBackend
 from tests.service.conftest import Clock
 

@@ -1,0 +1,62 @@
+"""The HTTP API: ``build_app(settings)`` wires the routers, the error mapping and a lifespan that
+owns the queue backend, the model description and (embedded mode) the worker.
+
+Routers, one per resource: ``generate`` (POST /generate), ``jobs`` (/jobs/{id}...), ``openai``
+(POST /v1/images/generations), ``system`` (/models, /healthz, /readyz, /metrics). Errors are
+typed (``service/errors.py``) and mapped to status + code once (``service/api/errors.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from model import registry
+from service.api import errors, generate, jobs, openai, system
+from service.api.deps import Service
+from service.metrics import Metrics
+from service.queue import make_backend
+from service.settings import Settings
+from service.worker import make_worker
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    backend = make_backend(settings)
+    info = await asyncio.to_thread(registry.describe, settings.model)
+    if info.random_weights:
+        log.warning("serving %s: RANDOM untrained weights, for smoke tests only", info.name)
+    svc = Service(settings, backend, Metrics(), info)
+    if settings.embedded_worker:
+        svc.worker = await asyncio.to_thread(make_worker, settings, backend, svc.metrics)
+        svc.worker_task = asyncio.create_task(svc.worker.run(), name="skipdit-worker")
+    app.state.service = svc
+    log.info("serving model %s with %s backend", info.name, backend.name)
+    try:
+        yield
+    finally:
+        if svc.worker is not None and svc.worker_task is not None:
+            svc.worker.stop()
+            await svc.worker_task
+        await backend.close()
+
+
+def build_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="skipdit-serve",
+        version="0.1.0",
+        description="Skip-DiT image generation with Skip-Cache, queued and step-batched.",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings or Settings()
+    errors.install(app)
+    for module in (generate, jobs, openai, system):
+        app.include_router(module.router)
+    return app

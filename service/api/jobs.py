@@ -1,0 +1,55 @@
+"""``/jobs/{id}``: status, result bytes, server-sent progress events, cancellation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from model.errors import FieldError
+from service import errors
+from service.api.deps import ServiceDep, record_view
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.get("/{job_id}", summary="Job status and progress")
+async def job(job_id: str, svc: ServiceDep) -> dict[str, Any]:
+    return record_view(await svc.known(job_id))
+
+
+@router.get("/{job_id}/result", summary="One generated image, as bytes")
+async def job_result(
+    job_id: str, svc: ServiceDep, index: Annotated[int, Query(ge=0)] = 0
+) -> Response:
+    result = await svc.result(await svc.known(job_id))
+    if index >= len(result.images):
+        raise FieldError("index", f"must be < {len(result.images)}")
+    return Response(result.images[index], media_type=result.content_type)
+
+
+@router.get("/{job_id}/events", summary="Server-sent events until the job ends")
+async def job_events(job_id: str, svc: ServiceDep) -> StreamingResponse:
+    await svc.known(job_id)
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            async for event in svc.backend.events(job_id):
+                yield f"event: {event.type}\ndata: {json.dumps(event.to_dict())}\n\n"
+        except errors.BackendUnavailable as e:
+            payload = json.dumps({"type": "error", "message": str(e)})
+            yield f"event: error\ndata: {payload}\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+@router.delete("/{job_id}", summary="Cancel: queued jobs never start, running ones stop")
+async def cancel(job_id: str, svc: ServiceDep) -> JSONResponse:
+    await svc.known(job_id)
+    record = await svc.backend.request_cancel(job_id)
+    if record is None:
+        raise errors.JobNotFound(job_id)
+    return JSONResponse(record_view(record), status_code=200 if record.status.terminal else 202)

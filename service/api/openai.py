@@ -1,0 +1,48 @@
+"""``POST /v1/images/generations``: the OpenAI Images API subset (prompt = class, b64_json)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header
+from pydantic import BaseModel, Field
+
+from model.errors import FieldError
+from service.api.deps import ServiceDep
+from service.messages import JobRequest
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+class OpenAIImageRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    prompt: str = Field(..., min_length=1, max_length=1000)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=16)
+    size: str | None = Field(None, description="WxH; must be the model's size")
+    response_format: Literal["b64_json"] = "b64_json"
+
+
+@router.post("/images/generations", summary="OpenAI Images API subset (b64_json)")
+async def openai_images(
+    body: OpenAIImageRequest,
+    svc: ServiceDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> dict[str, Any]:
+    side = svc.model.image_size
+    if body.size is not None and body.size != f"{side}x{side}":
+        raise FieldError("size", f"this model makes {side}x{side} images, got {body.size!r}")
+    request = JobRequest(
+        model=body.model,
+        class_label=svc.model.label_from_prompt(body.prompt),
+        num_images=body.n,
+        timeout_s=svc.settings.default_timeout_s,
+    )
+    record = await svc.submit(request, idempotency_key)
+    _, result = await svc.wait_done(record)
+    return {
+        "created": int(record.created_at),
+        "data": [{"b64_json": base64.b64encode(i).decode()} for i in result.images],
+    }

@@ -1,0 +1,52 @@
+"""Typed errors of the service layer. They say what went wrong, not how HTTP shows it: the API
+maps each type to a status and a code once (``service/api/errors.py``)."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of the errors a client can be told about; ``str(e)`` is the message."""
+
+    field: str | None = None  # the request field at fault, where there is one
+
+
+class JobNotFound(ServiceError):
+    def __init__(self, job_id: str, message: str | None = None):
+        super().__init__(message or f"unknown job {job_id}")
+        self.field = "job_id"
+
+
+class ResultNotReady(ServiceError):
+    """The job has not finished (yet): there is no result to read."""
+
+
+class JobCancelled(ServiceError):
+    """The job was cancelled before it finished."""
+
+
+class ResultExpired(ServiceError):
+    """The job finished but its result outlived its TTL."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The job's deadline passed before it finished."""
+
+
+class GenerationFailed(ServiceError):
+    """The worker ran the job and it failed."""
+
+
+class WorkerStopped(ServiceError):
+    """The embedded worker is no longer running."""
+
+
+class QueueFull(ServiceError):
+    """Too many jobs wait; retry after ``retry_after`` seconds."""
+
+    def __init__(self, depth: int, retry_after: float):
+        super().__init__(f"queue is full ({depth} jobs); retry after {retry_after:.0f}s")
+        self.retry_after = retry_after
+
+
+class BackendUnavailable(ServiceError):
+    """The queue backend cannot be reached."""
