@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    backend = make_backend(settings)
+    backend = make_backend(settings, app.state.clock)
     info = await asyncio.to_thread(registry.describe, settings.model)
     if info.random_weights:
         log.warning("serving %s: RANDOM untrained weights, for smoke tests only", info.name)
@@ -48,7 +49,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await backend.close()
 
 
-def build_app(settings: Settings | None = None) -> FastAPI:
+def build_app(settings: Settings | None = None, clock: Callable[[], float] = time.time) -> FastAPI:
+    """The app; ``clock`` (Unix seconds) is the queue backend's, injectable for tests."""
     app = FastAPI(
         title="skipdit-serve",
         version="0.1.0",
@@ -56,6 +58,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings or Settings()
+    app.state.clock = clock
     errors.install(app)
     for module in (generate, jobs, openai, system):
         app.include_router(module.router)

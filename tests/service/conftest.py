@@ -9,7 +9,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -102,8 +102,10 @@ def settings_for(backend: str, model_dir: Path, redis_url: str | None, **kw: obj
 
 
 @contextlib.asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = build_app(settings)
+async def running_app(
+    settings: Settings, clock: Callable[[], float] = time.time
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = build_app(settings, clock)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:

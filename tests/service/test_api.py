@@ -6,19 +6,22 @@ import asyncio
 import base64
 import io
 import json
+import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import redis
 import torch
 from PIL import Image
 
 from model.checkpoint import load_pretrained
 from model.pipeline import Pipeline
 from model.request import GenerateParams
+from service.queue.keys import Keys
 from tests.conftest import BATCH_TOL
-from tests.service.conftest import RedisServer, running_app, settings_for
+from tests.service.conftest import Clock, RedisServer, running_app, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -197,11 +200,25 @@ async def test_unknown_and_unfinished_jobs(make_settings) -> None:
     assert early.status_code == 409 and early.json()["error"]["code"] == "not_ready"
 
 
-async def test_expired_result_is_410(make_settings) -> None:
-    async with running_app(make_settings(result_ttl_s=1)) as client:
+async def test_expired_result_is_410(backend, make_settings, redis_server) -> None:
+    """Expiry without waiting it out: the memory backend runs on a clock the test moves; Redis
+    keeps the result under a key with the TTL, whose expiry (the key's removal) the test does."""
+    settings = make_settings(result_ttl_s=60)
+    clock = Clock(time.time())
+    async with running_app(settings, clock) as client:
         done = (await client.post("/generate", json={"steps": 2})).json()
-        await asyncio.sleep(1.3)
+        kept = await client.get(f"/jobs/{done['id']}/result")
+        if backend == "memory":
+            clock.advance(59)
+            assert (await client.get(f"/jobs/{done['id']}/result")).status_code == 200
+            clock.advance(2)
+        else:
+            key = Keys(settings.redis_prefix).result(done["id"])
+            r = redis.Redis(port=redis_server.port)
+            assert 55_000 < r.pttl(key) <= 60_000
+            r.delete(key)
         gone = await client.get(f"/jobs/{done['id']}/result")
+    assert kept.status_code == 200
     assert gone.status_code == 410 and gone.json()["error"]["code"] == "expired"
 
 
