@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# No GPU: Triton kernels run in Triton's CPU interpreter. Triton reads this when it is first
+# imported, and importing diffusers (model.pipeline, below) imports it: set it before that.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from model.pipeline import Pipeline
 from model.skip_dit import SkipDiT, preset

@@ -1,0 +1,53 @@
+"""Which implementation runs a kernel op: ``auto | triton | torch``.
+
+- ``torch``: the op's plain torch reference, everywhere.
+- ``triton``: the Triton kernel. On CUDA tensors when triton imports; on a CPU only under
+  ``TRITON_INTERPRET=1`` (the interpreter: tests at small sizes). Anything else raises
+  ``KernelUnavailable``: an explicitly asked backend never falls back silently.
+- ``auto``: Triton on CUDA when it can run, torch elsewhere (never the interpreter).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Literal
+
+import torch
+
+Backend = Literal["auto", "triton", "torch"]
+Resolved = Literal["triton", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel backend asked for cannot run here; the message says why."""
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_missing_reason(device: torch.device) -> str | None:
+    """Why Triton cannot run on ``device``, or None when it can."""
+    if importlib.util.find_spec("triton") is None:
+        return 'triton is not installed (pip install -e ".[gpu]")'
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return None
+    return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on a CPU), got {device}"
+
+
+def resolve(requested: str, device: torch.device | str) -> Resolved:
+    """The backend that runs for ``requested`` on ``device``; raises KernelUnavailable."""
+    device = torch.device(device)
+    if requested not in BACKENDS:
+        raise KernelUnavailable(f"unknown kernel backend {requested!r}; known: {list(BACKENDS)}")
+    if requested == "torch":
+        return "torch"
+    reason = triton_missing_reason(device)
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and reason is None else "torch"
+    if reason is not None:
+        raise KernelUnavailable(f"kernel backend 'triton' cannot run: {reason}")
+    return "triton"
