@@ -4,8 +4,13 @@ A ``Job`` owns everything of one request: its latents, its diffusers scheduler i
 random generator, its cache state and its stats. ``denoise_step`` advances any set of jobs by
 one step each (they may be at different steps, use different samplers and cache intervals):
 every FULL row goes through one plain forward, CACHED rows through one forward per cache
-group, classifier-free guidance rows ride in the same forward as their conditional rows.
-A request's result does not depend on its batch-mates (same seed, same image).
+group, classifier-free guidance rows ride in the same forward as their conditional rows; then
+all requests of one sampler family take their scheduler step in one batched tensor update
+(``model.samplers``). A request's result does not depend on its batch-mates (same seed, same
+image).
+
+Nothing in a step waits for the device: forwards are timed with CUDA events that are read one
+step late (see ``ForwardTimer``); on the CPU a forward's wall time is known at once.
 
 ``Pipeline.generate`` runs a list of requests to completion; a serving engine calls
 ``denoise_step`` itself to let requests join and leave between steps.
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +34,7 @@ from diffusers import (
 
 from model.cache import Mode, RequestCache
 from model.request import GenerateParams
+from model.samplers import Member, batch_key, coefficient_table, step_batch
 from model.skip_dit import SkipDiT
 
 log = logging.getLogger(__name__)
@@ -51,18 +57,83 @@ def make_scheduler(sampler: str, learn_sigma: bool, pixel_space: bool) -> Schedu
     raise ValueError(f"sampler: unknown sampler {sampler!r}")
 
 
+class ForwardTimer:
+    """Seconds of one group's forward.
+
+    CPU: wall time, known when ``stop`` returns. CUDA: events recorded on the device's stream
+    before and after the forward; reading them waits for the forward's end (not for later
+    work), so the pipeline reads them a step late, when the next step is already queued.
+    """
+
+    def __init__(self, device: torch.device):
+        self._seconds: float | None = None
+        self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        if self._stream is None:
+            self._begin = time.perf_counter()
+        else:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record(self._stream)
+
+    def stop(self) -> None:
+        if self._stream is None:
+            self._seconds = time.perf_counter() - self._begin
+        else:
+            self._end.record(self._stream)
+
+    @property
+    def ready(self) -> bool:
+        return self._seconds is not None
+
+    def seconds(self) -> float:
+        if self._seconds is None:
+            self._end.synchronize()  # the forward's end only
+            self._seconds = self._start.elapsed_time(self._end) / 1000
+        return self._seconds
+
+
 @dataclass
 class StepStats:
-    """Steps and seconds by mode. Seconds are the wall time of the forwards this job rode in."""
+    """Steps and seconds by mode. Seconds are the time of the forwards this job rode in.
+
+    Steps count at once. On CUDA a step's seconds arrive one step late (at the job's next
+    step, or at ``settle``, which ``Pipeline.finish`` calls); on the CPU at once.
+    """
 
     steps: dict[Mode, int] = field(default_factory=lambda: {Mode.FULL: 0, Mode.CACHED: 0})
     seconds: dict[Mode, float] = field(default_factory=lambda: {Mode.FULL: 0.0, Mode.CACHED: 0.0})
-    last_seconds: float = 0.0  # the latest step's forward
+    latest: dict[Mode, float] = field(default_factory=dict)  # latest measured forward, by mode
+    mode: Mode | None = None  # the latest step's mode
+    _pending: list[tuple[Mode, ForwardTimer]] = field(default_factory=list, repr=False)
+
+    @property
+    def last_seconds(self) -> float:
+        """The latest measured forward of the latest step's mode (on CUDA: a step late)."""
+        return self.latest.get(self.mode, 0.0) if self.mode is not None else 0.0
 
     def add(self, mode: Mode, seconds: float) -> None:
         self.steps[mode] += 1
+        self.mode = mode
+        self._time(mode, seconds)
+
+    def record(self, mode: Mode, timer: ForwardTimer) -> None:
+        """Count a step now, its seconds when ``timer`` can be read without a stall."""
+        self.settle()  # earlier steps: the device has moved on to this one
+        self.steps[mode] += 1
+        self.mode = mode
+        self._pending.append((mode, timer))
+        if timer.ready:
+            self.settle()
+
+    def settle(self) -> None:
+        """Read every pending timer (on CUDA this waits for those forwards to end)."""
+        for mode, timer in self._pending:
+            self._time(mode, timer.seconds())
+        self._pending.clear()
+
+    def _time(self, mode: Mode, seconds: float) -> None:
         self.seconds[mode] += seconds
-        self.last_seconds = seconds
+        self.latest[mode] = seconds
 
     @property
     def model_seconds(self) -> float:
@@ -100,7 +171,7 @@ class Job:
     params: GenerateParams
     latents: torch.Tensor  # (n, C, H, W), current sample
     labels: torch.Tensor  # (n,) class labels
-    scheduler: SchedulerMixin
+    scheduler: SchedulerMixin  # its timesteps set
     generator: torch.Generator  # this request's randomness (initial noise, sampler noise)
     cache: RequestCache
     guidance: float
@@ -109,6 +180,14 @@ class Job:
     step: int = 0
     stats: StepStats = field(default_factory=StepStats)
     cancelled: bool = False
+    # ``samplers.batch_key`` (None: steps per request) and its (S, k) coefficient table
+    sampler_key: Hashable | None = field(init=False, default=None)
+    sampler_table: torch.Tensor | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.sampler_key = batch_key(self.scheduler)
+        if self.sampler_key is not None:
+            self.sampler_table = coefficient_table(self.scheduler)
 
     @property
     def total_steps(self) -> int:
@@ -164,19 +243,31 @@ class Job:
         return guided, rest[:n]
 
     def advance(self, out: torch.Tensor, mode: Mode, seconds: float) -> None:
-        """Apply guidance and the scheduler step to this job's rows of the model output."""
-        eps, rest = self.guide(out)
-        wants_variance = getattr(self.scheduler.config, "variance_type", None) in (
-            "learned",
-            "learned_range",
-        )
-        model_output = torch.cat([eps, rest], dim=1) if wants_variance else eps
+        """Apply guidance and the per-request scheduler step to this job's rows of the model
+        output (``denoise_step`` steps jobs in batches instead)."""
+        self.scheduler_step(*self.guide(out))
+        self.stats.add(mode, seconds)
+
+    def scheduler_step(self, eps: torch.Tensor, rest: torch.Tensor) -> None:
+        """diffusers' own ``scheduler.step`` on this job alone (the per-request path)."""
+        model_output = torch.cat([eps, rest], dim=1) if self.wants_variance else eps
         t = self.scheduler.timesteps[self.step]
         self.latents = self.scheduler.step(
             model_output, t, self.latents, generator=self.generator
         ).prev_sample
         self.step += 1
-        self.stats.add(mode, seconds)
+
+    @property
+    def wants_variance(self) -> bool:
+        """Whether the scheduler reads the learned variance channels."""
+        variance = getattr(self.scheduler.config, "variance_type", None)
+        return variance in ("learned", "learned_range")
+
+    def member(self) -> Member:
+        """This job in a batched scheduler update."""
+        return Member(
+            self.scheduler, self.step, self.sampler_table, self.generator, self.latents.shape[0]
+        )
 
 
 def synchronize(device: torch.device) -> None:
@@ -185,59 +276,113 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+FULL = "full"  # the group key of FULL rows; CACHED rows group by their policy's key
+
+# One group's batched forward: (model, the group's jobs, FULL?, x, t, y) -> (out, captured).
+GroupForward = Callable[
+    [SkipDiT, Sequence[Job], bool, torch.Tensor, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, dict[int, torch.Tensor]],
+]
+
+
+def forward_group(
+    model: SkipDiT,
+    jobs: Sequence[Job],
+    full: bool,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The eager forward of one group: every forward of a step goes through here.
+
+    x (rows, C, H, W), t (rows,), y (rows,): the group's jobs' rows in order. Returns the
+    output (rows, C', H, W) and, for FULL groups, the block outputs the jobs' cache policies
+    capture ({block: (rows, T, D)}). A captured-graph runner takes this signature.
+    """
+    if full:
+        capture = {
+            k
+            for job in jobs
+            for k in job.cache.policy.capture_blocks(job.cache.config, model.config)
+        }
+        return model(x, t, y, capture=capture) if capture else (model(x, t, y), {})
+    first = jobs[0].cache
+    states = [job.cache.state for job in jobs]
+    return first.policy.run_cached(model, x, t, y, first.config, states), {}
+
+
+def _forward_groups(jobs: Sequence[Job], modes: Sequence[Mode]) -> dict[Hashable, list[int]]:
+    """FULL jobs in one group, CACHED jobs by their policy's cached-forward key."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, (job, mode) in enumerate(zip(jobs, modes, strict=True)):
+        key = FULL if mode is Mode.FULL else job.cache.policy.cached_group_key(job.cache.config)
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
 @torch.inference_mode()
-def denoise_step(model: SkipDiT, jobs: Sequence[Job]) -> list[Mode]:
-    """Advance every job by one step with one batched forward per mode group.
+def denoise_step(
+    model: SkipDiT, jobs: Sequence[Job], forward: GroupForward = forward_group
+) -> list[Mode]:
+    """Advance every job by one step: one batched ``forward`` per mode group, then one batched
+    scheduler update per sampler family. No host synchronisation on CUDA.
 
     Returns each job's mode for this step, in order.
     """
     inputs = [job.model_input() for job in jobs]
     modes = [job.cache.decide(job.step, job.timestep) for job in jobs]
-    outputs: list[torch.Tensor | None] = [None] * len(jobs)
-    seconds = [0.0] * len(jobs)
+    outputs: list[torch.Tensor] = [torch.empty(0)] * len(jobs)
+    timers: list[ForwardTimer] = [None] * len(jobs)  # type: ignore[list-item]
     device = next(model.parameters()).device
 
-    groups: dict[object, list[int]] = {}
-    for i, (job, mode) in enumerate(zip(jobs, modes, strict=True)):
-        key = "full" if mode is Mode.FULL else job.cache.policy.cached_group_key(job.cache.config)
-        groups.setdefault(key, []).append(i)
-
-    for key, members in groups.items():
+    for key, members in _forward_groups(jobs, modes).items():
+        group = [jobs[i] for i in members]
         x = torch.cat([inputs[i][0] for i in members])  # (rows, C, H, W)
         t = torch.cat([inputs[i][1] for i in members])  # (rows,)
         y = torch.cat([inputs[i][2] for i in members])  # (rows,)
-        start = time.perf_counter()
-        if key == "full":
-            capture = {
-                k
-                for i in members
-                for k in jobs[i].cache.policy.capture_blocks(jobs[i].cache.config, model.config)
-            }
-            out, captured = model(x, t, y, capture=capture) if capture else (model(x, t, y), {})
-        else:
-            first = jobs[members[0]].cache
-            out = first.policy.run_cached(
-                model, x, t, y, first.config, [jobs[i].cache.state for i in members]
-            )
-        synchronize(device)
-        elapsed = time.perf_counter() - start
+        timer = ForwardTimer(device)
+        out, captured = forward(model, group, key == FULL, x, t, y)  # (rows, C', H, W)
+        timer.stop()
         offset = 0
-        for i in members:
-            job = jobs[i]
+        for i, job in zip(members, group, strict=True):
             modes[i] = job.cache.policy.realized_mode(job.cache.state, modes[i])
             rows = slice(offset, offset + job.rows)
             offset += job.rows
-            outputs[i] = out[rows]
-            seconds[i] = elapsed
-            if key == "full":
+            outputs[i], timers[i] = out[rows], timer
+            if key == FULL:
                 wanted = job.cache.policy.capture_blocks(job.cache.config, model.config)
                 job.cache.policy.on_full(
                     job.cache.config, job.cache.state, {k: captured[k][rows] for k in wanted}
                 )
 
-    for job, out, mode, sec in zip(jobs, outputs, modes, seconds, strict=True):
-        job.advance(out, mode, sec)
+    step_samplers(jobs, outputs)
+    for job, mode, timer in zip(jobs, modes, timers, strict=True):
+        job.stats.record(mode, timer)  # CUDA: reads the previous step's timers
     return modes
+
+
+def step_samplers(jobs: Sequence[Job], outputs: Sequence[torch.Tensor]) -> None:
+    """Guidance and the scheduler step of every job, given its rows of the model output:
+    one batched update per sampler family, diffusers' per-request step where none applies."""
+    guided = [job.guide(out) for job, out in zip(jobs, outputs, strict=True)]  # (eps, rest)
+    families: dict[Hashable, list[int]] = {}
+    for i, job in enumerate(jobs):
+        families.setdefault(job.sampler_key, []).append(i)
+    for key, members in families.items():
+        if key is None:
+            for i in members:
+                jobs[i].scheduler_step(*guided[i])
+            continue
+        family = [jobs[i] for i in members]
+        sample = torch.cat([job.latents for job in family])  # (R, C, H, W)
+        eps = torch.cat([guided[i][0] for i in members])  # (R, C, H, W)
+        variance = torch.cat([guided[i][1] for i in members]) if family[0].wants_variance else None
+        new = step_batch([job.member() for job in family], sample, eps, variance)  # (R, C, H, W)
+        for job, latents in zip(
+            family, new.split([j.latents.shape[0] for j in family]), strict=True
+        ):
+            job.latents = latents
+            job.step += 1
 
 
 @dataclass
@@ -326,6 +471,7 @@ class Pipeline:
         """The result of a job that is done (decoded) or cancelled (not decoded)."""
         start = time.perf_counter()
         images = None if job.cancelled else self.decode(job.latents)
+        job.stats.settle()
         return Result(
             params=job.params,
             status="cancelled" if job.cancelled else "done",

@@ -1,20 +1,33 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DDPMScheduler
 
 from model import registry
 from model.cache import Mode
 from model.checkpoint import save_pretrained
 from model.errors import FieldError
-from model.pipeline import Job, Pipeline, denoise_step, make_scheduler
+from model.pipeline import (
+    ForwardTimer,
+    Job,
+    Pipeline,
+    StepStats,
+    denoise_step,
+    forward_group,
+    make_scheduler,
+    step_samplers,
+)
 from model.request import GenerateParams
 from model.skip_dit import SkipDiT
 from tests.conftest import BATCH_TOL, tiny
+
+CONFIGS = list(itertools.product(["ddim", "ddpm", "dpm++"], [False, True], [True, False]))
 
 
 def _solo(pipeline: Pipeline, params: GenerateParams) -> torch.Tensor:
@@ -120,8 +133,13 @@ def test_stats_report_cached_steps_cheaper_in_count_and_speedup(tiny_pipeline: P
 
 def _save_tiny_vae(directory: Path) -> Path:
     """A 4-channel AutoencoderKL that downsamples by 2, saved for ``registry.load``."""
+    _tiny_vae().save_pretrained(directory)
+    return directory
+
+
+def _tiny_vae() -> AutoencoderKL:
     torch.manual_seed(0)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -132,8 +150,6 @@ def _save_tiny_vae(directory: Path) -> Path:
         norm_num_groups=8,
         sample_size=16,
     )
-    vae.save_pretrained(directory)
-    return directory
 
 
 def test_latent_model_decodes_with_a_local_vae(tmp_path: Path) -> None:
@@ -234,3 +250,130 @@ def test_own_models_guide_every_eps_channel() -> None:
     eps, rest = job.guide(out)
     cond, uncond = out[:2, :4], out[2:, :4]
     assert torch.equal(eps, uncond + 3.0 * (cond - uncond)) and torch.equal(rest, out[:2, 4:])
+
+
+# ----------------------------------------------------------------------------- batched scheduler
+
+
+def _twin_runs(pipeline: Pipeline, requests: list[GenerateParams], joins: list[int]) -> int:
+    """Step each request twice from the same seed: batched (``step_samplers``, as
+    ``denoise_step`` does) and per request (diffusers' ``scheduler.step``), on the same model
+    outputs; request i joins at iteration ``joins[i]``. Asserts bitwise equal latents after
+    every step; returns how many updates mixed step indices."""
+    ours = [pipeline.start(p) for p in requests]
+    ref = [pipeline.start(p) for p in requests]
+    c = pipeline.model.config.out_channels
+    mixed = 0
+    for iteration in itertools.count():
+        live = [i for i, job in enumerate(ours) if joins[i] <= iteration and not job.done]
+        if not live:
+            if all(job.done for job in ours):
+                return mixed
+            continue
+        mixed += len({ours[i].step for i in live}) > 1
+        gen = torch.Generator().manual_seed(iteration)
+        outs = [torch.randn(ours[i].rows, c, 8, 8, generator=gen).tanh() for i in live]
+        step_samplers([ours[i] for i in live], outs)
+        for i, out in zip(live, outs, strict=True):
+            ref[i].advance(out, Mode.FULL, 0.0)
+            assert ours[i].step == ref[i].step
+            assert torch.equal(ours[i].latents, ref[i].latents), (iteration, i)
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize(("sampler", "learn_sigma", "pixel"), CONFIGS)
+def test_batched_scheduler_update_equals_diffusers_per_request_step(
+    sampler: str, learn_sigma: bool, pixel: bool
+) -> None:
+    # Every scheduler make_scheduler builds (DDPM: learned or fixed variance; pixel space
+    # clips x0, latent space does not), requests at different step indices and step counts.
+    if pixel:
+        pipeline = Pipeline(tiny(learn_sigma=learn_sigma))
+    else:
+        pipeline = Pipeline(tiny(in_channels=4, learn_sigma=learn_sigma), _tiny_vae())
+    requests = [
+        GenerateParams(steps=6, seed=1, sampler=sampler),
+        GenerateParams(steps=16, seed=2, num_images=2, sampler=sampler, guidance_scale=1),
+        GenerateParams(steps=9, seed=3, sampler=sampler, guidance_scale=4),
+    ]
+    job = pipeline.start(requests[0])
+    assert job.sampler_key is not None and job.scheduler.config.get("clip_sample", False) is (
+        pixel and sampler != "dpm++"
+    )
+    assert _twin_runs(pipeline, requests, joins=[0, 2, 5]) > 5
+
+
+def test_sampler_families_and_a_per_request_fallback_share_one_step(
+    tiny_pipeline: Pipeline,
+) -> None:
+    requests = [
+        GenerateParams(steps=7, seed=1, sampler="ddim"),
+        GenerateParams(steps=5, seed=2, sampler="ddpm", num_images=2),
+        GenerateParams(steps=8, seed=3, sampler="dpm++"),
+        GenerateParams(steps=6, seed=4, sampler="ddpm"),
+    ]
+    assert _twin_runs(tiny_pipeline, requests, joins=[0, 1, 0, 3]) > 0
+    # A scheduler configuration without a batched update steps through diffusers alone.
+    job = tiny_pipeline.start(requests[3])
+    odd = DDPMScheduler(variance_type="fixed_large", clip_sample=True)
+    odd.set_timesteps(6)
+    job = dataclasses.replace(job, scheduler=odd)
+    assert job.sampler_key is None and job.sampler_table is None
+    ddim = tiny_pipeline.start(requests[0])
+    while not job.done:
+        before = job.step
+        step_samplers([job, ddim], [torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)])
+        assert job.step == before + 1 and torch.isfinite(job.latents).all()
+
+
+# ----------------------------------------------------------------------------- timing, forward seam
+
+
+class _LateTimer:
+    """A timer whose forward has not ended yet (as CUDA events until the next step)."""
+
+    ready = False
+
+    def __init__(self, seconds: float):
+        self._seconds = seconds
+        self.reads = 0
+
+    def seconds(self) -> float:
+        self.reads += 1
+        return self._seconds
+
+
+def test_device_timings_arrive_a_step_late_and_keep_their_mode() -> None:
+    stats = StepStats()
+    full, cached = _LateTimer(0.5), _LateTimer(0.2)
+    stats.record(Mode.FULL, full)
+    assert stats.steps[Mode.FULL] == 1 and stats.seconds[Mode.FULL] == 0.0 and full.reads == 0
+    stats.record(Mode.CACHED, cached)  # the next step reads the previous one's timer
+    assert full.reads == 1 and cached.reads == 0
+    assert stats.seconds == {Mode.FULL: 0.5, Mode.CACHED: 0.0}
+    assert stats.last_seconds == 0.0  # no cached forward measured yet: never the full one's
+    stats.settle()  # Pipeline.finish
+    assert stats.seconds == {Mode.FULL: 0.5, Mode.CACHED: 0.2} and stats.last_seconds == 0.2
+
+
+def test_cpu_timings_are_read_at_once() -> None:
+    timer = ForwardTimer(torch.device("cpu"))
+    timer.stop()
+    stats = StepStats()
+    stats.record(Mode.FULL, timer)
+    assert timer.ready and stats.seconds[Mode.FULL] == stats.last_seconds == timer.seconds() > 0
+
+
+def test_every_forward_of_a_step_goes_through_the_forward_seam(tiny_pipeline: Pipeline) -> None:
+    calls: list[tuple[bool, int]] = []
+
+    def counting(model, jobs, full, x, t, y):  # type: ignore[no-untyped-def]
+        calls.append((full, x.shape[0]))
+        return forward_group(model, jobs, full, x, t, y)
+
+    a = tiny_pipeline.start(GenerateParams(steps=4, seed=1, cache_interval=2))
+    b = tiny_pipeline.start(GenerateParams(steps=4, seed=2, cache_interval=1, guidance_scale=1))
+    modes = denoise_step(tiny_pipeline.model, [a, b], forward=counting)
+    assert modes == [Mode.FULL, Mode.FULL] and calls == [(True, 3)]
+    modes = denoise_step(tiny_pipeline.model, [a, b], forward=counting)
+    assert modes == [Mode.CACHED, Mode.FULL] and sorted(calls[1:]) == [(False, 2), (True, 1)]
