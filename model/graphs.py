@@ -1,0 +1,343 @@
+"""Captured denoising steps: the full and cached forwards per padded batch bucket, replayed as
+CUDA graphs or compiled with ``torch.compile``.
+
+On a GPU the eager step is bound by kernel launches, not FLOPs (DESIGN.md, Kernels: ~640
+launches per full XL/2 step). A replayed CUDA graph issues the whole forward at once.
+
+Prepared by ``warmup()``, per bucket ``b`` (rows a forward runs: 1, 2, 4, ..., 64):
+- a *full* forward that also captures the deep feature of every prepared Skip-Cache depth K
+  (the hidden state entering block D-K, ``model.cache.skip_cache``);
+- a *cached* forward per prepared depth K (``SkipDiT.forward_cached``).
+
+Modes: ``cuda_graphs`` captures each as a CUDA graph over static input buffers, all graphs in one
+memory pool; ``compile`` compiles each with ``torch.compile`` (static shapes, one graph, and a
+request that would recompile raises); ``off`` runs the same padded batches eagerly (the
+reference for the padding and the baseline to measure against).
+
+A batch of n rows runs in the smallest bucket b >= n; rows n..b-1 are padding, copies of row 0: a
+valid input, so padding brings no NaN/inf the real rows do not have. No op of the network mixes
+rows (per-sample attention, per-token norms), so padding never changes real rows. A batch above
+the largest bucket is split into chunks of the largest bucket, the last one padded.
+
+Every tensor returned is the caller's own: graph outputs are copied out of the static buffers
+that the next replay (of any graph: they share one pool) overwrites.
+
+Served: the plain forward with Skip-Cache's capture and Skip-Cache's cached forward (policies
+``none`` and ``skip_cache``, see ``served``/``serves``). FORA, ToCa, Delta-DiT and fbcache
+capture branch outputs or override branches and stay eager in the pipeline.
+
+Capture needs no host synchronisation inside the forward: ``SkipDiT.forward`` and
+``forward_cached`` have no ``.item()``, ``.cpu()`` or branch on tensor values (keep it so). The
+network must not change after ``warmup()``: a graph keeps the parameters' addresses and the
+kernel backend chosen by ``use_kernels``; weights updated in place are seen, replaced ones not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Collection, Hashable
+from typing import Literal
+
+import torch
+
+from model.cache import Mode, RequestCache
+from model.cache.none import NoCache
+from model.cache.skip_cache import SkipCache
+from model.skip_dit import SkipDiT
+
+log = logging.getLogger(__name__)
+
+RunMode = Literal["cuda_graphs", "compile", "off"]
+RUN_MODES: tuple[str, ...] = ("cuda_graphs", "compile", "off")
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (autotune, cuBLAS workspace)
+
+# What a prepared forward computes: "full", or the cache depth K of a cached forward.
+Kind = Literal["full"] | int
+FULL: Kind = "full"
+# Inputs and outputs of a prepared forward, batch first: (x, t, y) for a full forward, plus deep
+# for a cached one; (out, *deep features in capture-key order) or (out,).
+Tensors = tuple[torch.Tensor, ...]
+
+
+class ModeUnavailable(RuntimeError):
+    """The asked run mode cannot run here; the message names the mode and why."""
+
+
+def stage(dest: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Write ``real`` (n rows) into ``dest`` (bucket rows); rows n.. become copies of row 0."""
+    rows = real.shape[0]
+    dest[:rows].copy_(real)
+    dest[rows:].copy_(real[:1].expand_as(dest[rows:]))
+    return dest
+
+
+class _Padded:
+    """One (kind, bucket) forward over freshly padded tensors: eager, or compiled ``fn``."""
+
+    def __init__(self, fn: Callable[..., Tensors], bucket: int, compiled: bool):
+        self.fn = fn
+        self.bucket = bucket
+        self.compiled = compiled
+
+    def run(self, inputs: Tensors, rows: int) -> Tensors:
+        padded = tuple(
+            stage(real.new_empty((self.bucket, *real.shape[1:])), real) for real in inputs
+        )
+        outputs = self.fn(*padded)
+        return tuple(out[:rows] for out in outputs)  # views of fresh tensors: the caller's
+
+    def __call__(self, inputs: Tensors, rows: int) -> Tensors:
+        if not self.compiled:
+            return self.run(inputs, rows)
+        with torch.compiler.set_stance("fail_on_recompile"):  # compiling belongs to warmup()
+            return self.run(inputs, rows)
+
+
+class _Replay:
+    """One (kind, bucket) forward captured as a CUDA graph over static input buffers."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: Tensors, outputs: Tensors):
+        self.graph = graph
+        self.inputs = inputs  # static, bucket rows; the graph reads them
+        self.outputs = outputs  # static, bucket rows; every replay in the pool overwrites them
+
+    def __call__(self, inputs: Tensors, rows: int) -> Tensors:
+        for static, real in zip(self.inputs, inputs, strict=True):
+            stage(static, real)
+        self.graph.replay()
+        return tuple(out[:rows].clone() for out in self.outputs)
+
+
+def capture_graph(
+    fn: Callable[..., Tensors], inputs: Tensors, pool: tuple[int, int]
+) -> tuple[torch.cuda.CUDAGraph, Tensors]:
+    """Capture ``fn(*inputs)`` as a CUDA graph in ``pool``; returns it and its static outputs.
+
+    Warm-up runs on a side stream first, as CUDA graph capture requires: lazy initialisation,
+    cuBLAS workspaces and Triton autotuning (which synchronises) happen outside the capture."""
+    side = torch.cuda.Stream(inputs[0].device)
+    side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP_RUNS):
+            fn(*inputs)
+    torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn(*inputs)
+    return graph, outputs
+
+
+class BucketedForward:
+    """The step's forwards (full, cached per depth K) per padded batch bucket, in one run mode.
+
+    ``model``: the network, in eval mode, already on ``device`` in ``dtype`` (defaults: where
+    its weights are); it is not moved. ``buckets``: batch sizes to prepare. ``depths``: the
+    Skip-Cache depths K to prepare (each adds a cached forward per bucket and a captured deep
+    feature to the full forward). Call ``warmup()`` once at worker start, then ``full`` and
+    ``cached`` per step group.
+    """
+
+    def __init__(
+        self,
+        model: SkipDiT,
+        mode: RunMode = "off",
+        buckets: Collection[int] = DEFAULT_BUCKETS,
+        depths: Collection[int] = (),
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        weight = next(model.parameters())
+        self.model = model
+        self.mode = mode
+        self.buckets = tuple(sorted(set(buckets)))
+        self.depths = tuple(sorted(set(depths)))
+        self.dtype = dtype or weight.dtype
+        self.device = weight.device  # cuda:i, where the weights are
+        self._check(weight.dtype, torch.device(device) if device is not None else weight.device)
+        self._dtypes = (self.dtype, torch.long, torch.long, self.dtype)  # x, t, y, deep
+        d = model.config.depth
+        self.capture_keys: tuple[int, ...] = tuple(d - k for k in self.depths)  # block D-K per K
+        self._forwards: dict[tuple[Kind, int], _Padded | _Replay] = {}
+        self._pool: tuple[int, int] | None = None  # the CUDA graphs' shared memory pool
+
+    def _check(self, weight_dtype: torch.dtype, asked: torch.device) -> None:
+        if self.mode not in RUN_MODES:
+            raise ValueError(f"mode must be one of {list(RUN_MODES)}, got {self.mode!r}")
+        if self.mode == "cuda_graphs" and not (
+            self.device.type == "cuda" and torch.cuda.is_available()
+        ):
+            raise ModeUnavailable(
+                f"mode 'cuda_graphs' needs a CUDA device; the model is on {self.device}, "
+                f"torch.cuda.is_available() = {torch.cuda.is_available()}"
+            )
+        if not self.buckets or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be positive batch sizes, got {self.buckets}")
+        half = self.model.config.depth // 2
+        if any(not 1 <= k <= half for k in self.depths):
+            raise ValueError(f"cache depths must be in [1, {half}], got {self.depths}")
+        on = asked.type == self.device.type and asked.index in (None, self.device.index)
+        if not on or weight_dtype != self.dtype:
+            raise ValueError(
+                f"the model's weights are {weight_dtype} on {self.device}, the runner was "
+                f"asked for {self.dtype} on {asked}: move or cast the model first"
+            )
+        if self.model.training:
+            raise ValueError("the model must be in eval mode (training draws label dropout)")
+
+    # -- routing
+
+    @property
+    def served(self) -> frozenset[tuple[str, Mode]]:
+        """(policy name, step mode) pairs this runner runs; others stay eager."""
+        pairs = {(NoCache.name, Mode.FULL)}
+        if self.depths:
+            pairs |= {(SkipCache.name, Mode.FULL), (SkipCache.name, Mode.CACHED)}
+        return frozenset(pairs)
+
+    def serves(self, cache: RequestCache, mode: Mode) -> bool:
+        """Whether this request's rows in ``mode`` run here (Skip-Cache: its depth prepared)."""
+        if (cache.policy.name, mode) not in self.served:
+            return False
+        return cache.policy.name != SkipCache.name or cache.config.depth in self.depths
+
+    # -- warm-up, at worker start
+
+    @torch.inference_mode()
+    def warmup(self) -> float:
+        """Capture (or compile, or run once) every prepared forward; returns the seconds taken.
+
+        Largest buckets first: smaller graphs then reuse the pool memory they freed. Calling
+        again prepares everything anew (after the model's weights were replaced)."""
+        start = time.perf_counter()
+        self._forwards = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.mode == "cuda_graphs" else None
+        with self._room_to_compile():
+            for kind in (FULL, *self.depths):
+                fn = self._eager(kind)
+                if self.mode == "compile":
+                    fn = torch.compile(fn, dynamic=False, fullgraph=True)
+                for bucket in reversed(self.buckets):
+                    self._forwards[kind, bucket] = self._prepare(fn, kind, bucket)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        log.info(
+            "prepared %d forwards (mode %s, buckets %s, depths %s) in %.1fs",
+            len(self._forwards), self.mode, self.buckets, self.depths, seconds,
+        )  # fmt: skip
+        return seconds
+
+    def _eager(self, kind: Kind) -> Callable[..., Tensors]:
+        """The plain forward of ``kind``: batch-first tensors in, a tuple of tensors out."""
+        model, keys = self.model, self.capture_keys
+
+        def full(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Tensors:
+            if not keys:
+                return (model(x, t, y),)
+            out, captured = model(x, t, y, capture=keys)  # (B, C_out, H, W), {k: (B, T, D)}
+            return (out, *(captured[k] for k in keys))
+
+        def cached(
+            x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, deep: torch.Tensor
+        ) -> Tensors:
+            return (model.forward_cached(x, t, y, deep, kind),)  # (B, C_out, H, W)
+
+        return full if kind == FULL else cached
+
+    def _prepare(self, fn: Callable[..., Tensors], kind: Kind, bucket: int) -> _Padded | _Replay:
+        inputs = self._dummy(kind, bucket)
+        if self.mode == "cuda_graphs":
+            graph, outputs = capture_graph(fn, inputs, self._pool)
+            return _Replay(graph, inputs, outputs)
+        forward = _Padded(fn, bucket, compiled=self.mode == "compile")
+        forward.run(inputs, bucket)  # compile now, never in a request
+        return forward
+
+    def _dummy(self, kind: Kind, bucket: int) -> Tensors:
+        """Zero inputs of ``kind`` at ``bucket`` rows (timestep 0, label 0: valid values). In
+        cuda_graphs mode these are the graph's static inputs."""
+        return tuple(
+            torch.zeros((bucket, *shape), dtype=dtype, device=self.device)
+            for shape, dtype in zip(self._row_shapes(kind), self._dtypes, strict=False)
+        )  # x (B, C, H, W), t (B,), y (B,)[, deep (B, T, D)]
+
+    def _room_to_compile(self) -> contextlib.AbstractContextManager[object]:
+        """Dynamo keeps 8 compiled versions per function by default (shared by every runner in
+        the process); the cached forward needs one per (bucket, depth). Lookups past the limit
+        work, so only warmup() raises it."""
+        if self.mode != "compile":
+            return contextlib.nullcontext()
+        needed = len(self.buckets) * max(1, len(self.depths))
+        limit = torch._dynamo.config.recompile_limit + needed
+        return torch._dynamo.config.patch(recompile_limit=limit)
+
+    # -- steps
+
+    @torch.inference_mode()
+    def full(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        capture: Collection[Hashable] = (),
+    ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
+        """``model(x, t, y, capture=capture)`` for prepared capture keys (blocks D-K), always
+        with the dict. x: (B, C, H, W); t, y: (B,). Returns (B, C_out, H, W), {k: (B, T, D)}."""
+        wanted = set(capture)
+        if not wanted <= set(self.capture_keys):
+            raise ValueError(
+                f"capture keys {sorted(wanted - set(self.capture_keys), key=repr)} are not "
+                f"prepared (prepared: {self.capture_keys}, for depths {self.depths})"
+            )
+        out, *deep = self._run(FULL, (x, t, y))
+        return out, {k: h for k, h in zip(self.capture_keys, deep, strict=True) if k in wanted}
+
+    @torch.inference_mode()
+    def cached(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        deep: torch.Tensor,
+        depth: int,
+    ) -> torch.Tensor:
+        """``model.forward_cached(x, t, y, deep, depth)`` for a prepared depth. deep: (B, T, D).
+        Returns (B, C_out, H, W)."""
+        if depth not in self.depths:
+            raise ValueError(f"cache depth {depth} is not prepared (prepared: {self.depths})")
+        (out,) = self._run(depth, (x, t, y, deep))
+        return out
+
+    def _run(self, kind: Kind, inputs: Tensors) -> Tensors:
+        if not self._forwards:
+            raise RuntimeError("BucketedForward: call warmup() at worker start, before steps")
+        inputs = self._checked(kind, inputs)
+        rows, largest = inputs[0].shape[0], self.buckets[-1]
+        if rows > largest:  # chunks of the largest bucket, the last one padded
+            parts = [
+                self._run(kind, tuple(i[s : s + largest] for i in inputs))
+                for s in range(0, rows, largest)
+            ]
+            return tuple(torch.cat(chunks) for chunks in zip(*parts, strict=True))
+        bucket = next(b for b in self.buckets if b >= rows)
+        return self._forwards[kind, bucket](inputs, rows)
+
+    def _checked(self, kind: Kind, inputs: Tensors) -> Tensors:
+        """Inputs on the device in the prepared dtypes; raises on shapes a bucket cannot take
+        (a static buffer's copy_ would broadcast them silently)."""
+        rows = inputs[0].shape[0]
+        expected = [(rows, *shape) for shape in self._row_shapes(kind)]
+        got = [tuple(i.shape) for i in inputs]
+        if rows < 1 or got != expected:
+            raise ValueError(f"{kind} forward takes shapes {expected} (B >= 1), got {got}")
+        return tuple(i.to(self.device, d) for i, d in zip(inputs, self._dtypes, strict=False))
+
+    def _row_shapes(self, kind: Kind) -> list[tuple[int, ...]]:
+        """Shape of one row of each input of ``kind``: x, t, y (and deep when cached)."""
+        c = self.model.config
+        shapes = [(c.in_channels, c.input_size, c.input_size), (), ()]
+        return shapes if kind == FULL else [*shapes, (c.num_tokens, c.hidden_size)]
