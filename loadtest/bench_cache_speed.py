@@ -25,7 +25,7 @@ import torch
 
 from model.bench import counted_flops, requests, settings
 from model.cache import Mode
-from model.pipeline import Pipeline, denoise_step, synchronize
+from model.pipeline import Pipeline, synchronize
 from model.request import GenerateParams, Sampler
 from model.skip_dit import SkipDiT, preset
 
@@ -46,7 +46,7 @@ def loop_seconds(pipeline: Pipeline, batch: list[GenerateParams]) -> tuple[float
     synchronize(pipeline.device)
     began = time.perf_counter()
     while not jobs[0].done:  # all requests have the same step count
-        denoise_step(pipeline.model, jobs)
+        pipeline.step(jobs)
     synchronize(pipeline.device)
     seconds = time.perf_counter() - began
     cached = sum(j.stats.steps[Mode.CACHED] for j in jobs) / sum(j.total_steps for j in jobs)

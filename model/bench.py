@@ -39,7 +39,7 @@ from model.evaluate import (
 )
 from model.images import grid, to_pil
 from model.options import BenchOptions
-from model.pipeline import Job, Pipeline, denoise_step
+from model.pipeline import Job, Pipeline
 from model.request import GenerateParams
 from model.skip_dit import SkipDiT
 
@@ -92,7 +92,7 @@ def counted_flops(pipeline: Pipeline, params: GenerateParams) -> float:
     job = pipeline.start(params)
     with FlopCounterMode(display=False) as counter:
         while not job.done:
-            denoise_step(pipeline.model, [job])
+            pipeline.step([job])
     return float(counter.get_total_flops())
 
 

@@ -37,8 +37,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Hashable
-from typing import Literal
+from collections.abc import Callable, Collection, Hashable, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -54,6 +54,10 @@ RUN_MODES: tuple[str, ...] = ("cuda_graphs", "compile", "off")
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (autotune, cuBLAS workspace)
 
+# One step group's forward: (model, jobs, FULL?, x, t, y) -> (out, captured), as
+# ``model.pipeline.forward_group`` (jobs are ``model.pipeline.Job``s).
+GroupForward = Callable[..., tuple[torch.Tensor, dict[Hashable, torch.Tensor]]]
+
 # What a prepared forward computes: "full", or the cache depth K of a cached forward.
 Kind = Literal["full"] | int
 FULL: Kind = "full"
@@ -64,6 +68,16 @@ Tensors = tuple[torch.Tensor, ...]
 
 class ModeUnavailable(RuntimeError):
     """The asked run mode cannot run here; the message names the mode and why."""
+
+
+def resolve_mode(requested: str, device: torch.device) -> RunMode:
+    """``auto``: CUDA graphs on a CUDA device, ``off`` elsewhere; an explicit mode as asked
+    (``BucketedForward`` raises ModeUnavailable where it cannot run)."""
+    if requested == "auto":
+        return "cuda_graphs" if device.type == "cuda" else "off"
+    if requested not in RUN_MODES:
+        raise ValueError(f"graphs mode must be auto or one of {list(RUN_MODES)}, got {requested!r}")
+    return requested  # type: ignore[return-value]
 
 
 def stage(dest: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -203,6 +217,29 @@ class BucketedForward:
         if (cache.policy.name, mode) not in self.served:
             return False
         return cache.policy.name != SkipCache.name or cache.config.depth in self.depths
+
+    def group_forward(self, eager: GroupForward) -> GroupForward:
+        """A step group's forward (``model.pipeline.forward_group``'s signature) through this
+        runner where it serves every job of the group, through ``eager`` otherwise."""
+
+        def forward(
+            model: SkipDiT,
+            jobs: Sequence[Any],
+            full: bool,
+            x: torch.Tensor,
+            t: torch.Tensor,
+            y: torch.Tensor,
+        ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
+            mode = Mode.FULL if full else Mode.CACHED
+            if not all(self.serves(job.cache, mode) for job in jobs):
+                return eager(model, jobs, full, x, t, y)
+            if full:
+                capture = {k for job in jobs for k in job.cache.capture_blocks(model.config)}
+                return self.full(x, t, y, capture)
+            deep = torch.cat([job.cache.state.deep for job in jobs])  # (rows, T, D)
+            return self.cached(x, t, y, deep, jobs[0].cache.config.depth), {}
+
+        return forward
 
     # -- warm-up, at worker start
 

@@ -33,6 +33,8 @@ from diffusers import (
 )
 
 from model.cache import Mode, RequestCache
+from model.cache.skip_cache import default_depth
+from model.graphs import DEFAULT_BUCKETS, BucketedForward, GroupForward, resolve_mode
 from model.request import GenerateParams
 from model.samplers import Member, batch_key, coefficient_table, step_batch
 from model.skip_dit import SkipDiT
@@ -278,12 +280,6 @@ def synchronize(device: torch.device) -> None:
 
 FULL = "full"  # the group key of FULL rows; CACHED rows group by their policy's key
 
-# One group's batched forward: (model, the group's jobs, FULL?, x, t, y) -> (out, captured).
-GroupForward = Callable[
-    [SkipDiT, Sequence[Job], bool, torch.Tensor, torch.Tensor, torch.Tensor],
-    tuple[torch.Tensor, dict[int, torch.Tensor]],
-]
-
 
 def forward_group(
     model: SkipDiT,
@@ -300,11 +296,7 @@ def forward_group(
     capture ({block: (rows, T, D)}). A captured-graph runner takes this signature.
     """
     if full:
-        capture = {
-            k
-            for job in jobs
-            for k in job.cache.policy.capture_blocks(job.cache.config, model.config)
-        }
+        capture = {k for job in jobs for k in job.cache.capture_blocks(model.config)}
         return model(x, t, y, capture=capture) if capture else (model(x, t, y), {})
     first = jobs[0].cache
     states = [job.cache.state for job in jobs]
@@ -350,7 +342,7 @@ def denoise_step(
             offset += job.rows
             outputs[i], timers[i] = out[rows], timer
             if key == FULL:
-                wanted = job.cache.policy.capture_blocks(job.cache.config, model.config)
+                wanted = job.cache.capture_blocks(model.config)
                 job.cache.policy.on_full(
                     job.cache.config, job.cache.state, {k: captured[k][rows] for k in wanted}
                 )
@@ -395,6 +387,15 @@ class Result:
     seconds: float  # wall time from start to finish, decode included
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """How a pipeline's steps run (``Pipeline.use_fast_path``)."""
+
+    kernels: str  # the kernel backend that runs: triton | torch
+    graphs: str  # captured steps: cuda_graphs | compile | off
+    warmup_seconds: float  # capture / compile time at start
+
+
 class Pipeline:
     """A loaded network (and VAE for latent models) that turns requests into images."""
 
@@ -407,6 +408,28 @@ class Pipeline:
         self.model = model.eval()
         self.vae = vae.eval() if vae is not None else None
         self.default_guidance = default_guidance
+        self.forward: GroupForward = forward_group  # a step group's forward, see use_fast_path
+
+    def use_fast_path(
+        self, kernels: str = "auto", graphs: str = "auto", buckets: Sequence[int] = DEFAULT_BUCKETS
+    ) -> FastPath:
+        """Choose the kernel backend (``auto | triton | torch``) and the captured steps
+        (``auto | cuda_graphs | compile | off``) for this device, and prepare them now: the
+        warm-up (capture or compile per batch bucket) happens here, at worker start, never in a
+        request. ``auto`` is the fast path on CUDA and plain eager torch elsewhere. Raises
+        KernelUnavailable / ModeUnavailable for an explicit choice that cannot run."""
+        kernel_backend = self.model.use_kernels(kernels)
+        mode = resolve_mode(graphs, self.device)
+        self.forward, seconds = forward_group, 0.0
+        if mode != "off":
+            runner = BucketedForward(self.model, mode, buckets, {default_depth(self.model.config)})
+            seconds = runner.warmup()
+            self.forward = runner.group_forward(forward_group)
+        return FastPath(kernel_backend, mode, seconds)
+
+    def step(self, jobs: Sequence[Job]) -> list[Mode]:
+        """``denoise_step`` of ``jobs`` on this pipeline's network and forward path."""
+        return denoise_step(self.model, jobs, self.forward)
 
     @property
     def device(self) -> torch.device:
@@ -456,7 +479,7 @@ class Pipeline:
         results: dict[int, Result] = {}
         active = list(jobs)
         while active:
-            modes = denoise_step(self.model, active)
+            modes = self.step(active)
             if progress is not None:
                 for job, mode in zip(active, modes, strict=True):
                     progress(job, mode)

@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import attention, dispatch, lsc_fusion
+from kernels.dispatch import Resolved
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -117,6 +120,8 @@ class LabelEmbedder(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm layout)."""
 
+    kernels: Resolved = "torch"  # set by SkipDiT.use_kernels
+
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -126,6 +131,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        if self.kernels == "triton":  # reads q, k, v in place; no permute copies
+            return self.proj(attention.attention(qkv))  # (B, T, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
@@ -267,6 +274,8 @@ class DiTConfig:
 class SkipDiT(nn.Module):
     """DiT / Skip-DiT. x: (B, C, H, W); t: (B,) timesteps, one per sample; y: (B,) labels."""
 
+    kernels: Resolved = "torch"  # the kernel backend that runs, see use_kernels
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
@@ -314,14 +323,37 @@ class SkipDiT(nn.Module):
     def embed(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D), strides of (B, D, T)
+        if self.kernels == "triton":  # the kernels read rows of D: make the stream row-major
+            tokens = tokens.contiguous()  # (the torch path keeps its layout: same bits as ever)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         return tokens, c
 
     def fuse(self, k: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Long-skip fusion before block ``k >= D/2``: replaces x, main path first."""
         j = k - self.config.depth // 2
+        if self.kernels == "triton":  # one GEMM; the concat and the normalised tensor never exist
+            return lsc_fusion.lsc_fusion(x, skip, self._folded[j])  # (B, T, D)
         return self.skip_linears[j](self.skip_norms[j](torch.cat([x, skip], dim=-1)))  # (B, T, D)
+
+    # -- kernels
+
+    def use_kernels(self, backend: str = "auto") -> Resolved:
+        """Choose the kernel backend (``auto | triton | torch``, see ``kernels.dispatch``) for
+        the device the weights are on; returns the one that runs. Triton folds each long skip's
+        LayerNorm affine into its linear here, once: call again after moving or casting the
+        network or changing its weights. Raises KernelUnavailable for a backend that cannot run."""
+        self.kernels = dispatch.resolve(backend, self.x_embedder.proj.weight.device)
+        for block in self.blocks:
+            block.attn.kernels = self.kernels
+        self._folded = []
+        if self.kernels == "triton" and self.config.long_skip:
+            with torch.no_grad():
+                self._folded = [
+                    lsc_fusion.fold(norm, skip.linear)
+                    for norm, skip in zip(self.skip_norms, self.skip_linears, strict=True)
+                ]
+        return self.kernels
 
     def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Final layer and unpatchify: (B, T, D) -> (B, C_out, H, W)."""

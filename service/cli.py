@@ -51,7 +51,9 @@ def _fail(prog: str, message: str) -> NoReturn:
 
 def _validation_message(err: ValidationError) -> str:
     first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "request"
+    if not first["loc"]:  # a check across fields names the fields itself
+        return first["msg"].removeprefix("Value error, ")
+    field = ".".join(str(p) for p in first["loc"])
     return f"{field}: {first['msg']}, got {first.get('input')!r}"
 
 

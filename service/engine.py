@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from model.cache import Mode
 from model.errors import FieldError
-from model.pipeline import Job, Pipeline, Result, denoise_step
+from model.pipeline import Job, Pipeline, Result
 from model.request import GenerateParams
 from service.messages import EventKind  # plain messages: no HTTP, no Redis
 
@@ -138,7 +138,8 @@ class Engine:
         for job, mode in zip(jobs, modes, strict=True):
             if mode is not None:
                 report.mode_requests[mode] += 1
-                report.mode_seconds[mode] = job.stats.last_seconds
+                if job.stats.last_seconds > 0:  # on CUDA a mode's first step is not timed yet
+                    report.mode_seconds[mode] = job.stats.last_seconds
         for mode, sec in report.mode_seconds.items():
             old = self.step_seconds[mode]
             self.step_seconds[mode] = sec if old is None else 0.8 * old + 0.2 * sec
@@ -161,7 +162,7 @@ class Engine:
     def _run(self, jobs: list[Job], events: list[EngineEvent]) -> list[Mode | None]:
         """One batched step; if it raises, step each job alone so one bad request fails alone."""
         try:
-            return list(denoise_step(self.pipeline.model, jobs))
+            return self.pipeline.step(jobs)
         except Exception as e:
             if len(jobs) == 1:
                 log.exception("request %s failed", self._active[0].request.id)
@@ -173,7 +174,7 @@ class Engine:
         modes: list[Mode | None] = []
         for entry in self._active:
             try:
-                modes.append(denoise_step(self.pipeline.model, [entry.job])[0])
+                modes.append(self.pipeline.step([entry.job])[0])
             except Exception as e:
                 log.exception("request %s failed", entry.request.id)
                 events.append(EngineEvent(EventKind.FAILED, entry.request.id, error=str(e)))

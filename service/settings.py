@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kernels import dispatch
 
 
 class Settings(BaseSettings):
@@ -23,6 +26,12 @@ class Settings(BaseSettings):
     vae: str | None = None
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    kernels: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="fused Triton kernels; auto: on CUDA, plain torch elsewhere"
+    )
+    graphs: Literal["auto", "cuda_graphs", "compile", "off"] = Field(
+        "auto", description="captured steps per batch bucket; auto: on CUDA, off elsewhere"
+    )
 
     max_batch_tokens: int = Field(4096, ge=1, description="batch rows x tokens per row, per step")
     max_inflight: int = Field(32, ge=1, description="jobs one worker holds (running + waiting)")
@@ -57,6 +66,21 @@ class Settings(BaseSettings):
             )
         if self.embedded_worker is False and self.redis_url is None:
             raise ValueError("SKIPDIT_RUN_WORKER=false needs SKIPDIT_REDIS_URL: no one would run")
+        return self
+
+    @model_validator(mode="after")
+    def _runnable(self) -> Settings:
+        """An explicitly asked fast path that cannot run on this device stops the boot."""
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"SKIPDIT_DEVICE: {e}") from e
+        if self.kernels == "triton":
+            reason = dispatch.triton_missing_reason(device)
+            if reason is not None:
+                raise ValueError(f"SKIPDIT_KERNELS=triton cannot run: {reason}")
+        if self.graphs == "cuda_graphs" and device.type != "cuda":
+            raise ValueError(f"SKIPDIT_GRAPHS=cuda_graphs needs a CUDA device, got {device}")
         return self
 
     @property

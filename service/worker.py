@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import time
+from typing import Any
 
 import torch
 
@@ -45,6 +46,7 @@ class Worker:
         max_inflight: int = 32,
         heartbeat: float = 5.0,
         drain_timeout: float = 60.0,
+        runtime: dict[str, Any] | None = None,
     ):
         self.backend = backend
         self.engine = engine
@@ -54,6 +56,7 @@ class Worker:
         self.max_inflight = max_inflight
         self.heartbeat_every = heartbeat
         self.drain_timeout = drain_timeout
+        self.runtime = runtime or {}  # how the model runs: device, dtype, kernels, graphs
         self._held: dict[str, tuple[Delivery, JobRecord]] = {}
         self._stopping = asyncio.Event()
 
@@ -64,7 +67,13 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        log.info("worker %s started (backend %s)", self.name, self.backend.name)
+        log.info(
+            "worker %s started: model %s, backend %s, %s",
+            self.name,
+            self.model_name,
+            self.backend.name,
+            ", ".join(f"{k}={v}" for k, v in self.runtime.items()),
+        )
         last_beat = 0.0
         drain_until: float | None = None
         while True:
@@ -191,6 +200,14 @@ def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> 
         dtype=getattr(torch, settings.dtype),
         vae_path=settings.vae,
     )
+    fast = loaded.pipeline.use_fast_path(settings.kernels, settings.graphs)
+    runtime = {
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "kernels": fast.kernels,
+        "graphs": fast.graphs,
+        "warmup_s": round(fast.warmup_seconds, 2),
+    }
     engine = Engine(loaded.pipeline, settings.max_batch_tokens)
     return Worker(
         backend,
@@ -201,6 +218,7 @@ def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> 
         max_inflight=settings.max_inflight,
         heartbeat=settings.heartbeat_s,
         drain_timeout=settings.drain_timeout_s,
+        runtime=runtime,
     )
 
 

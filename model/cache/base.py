@@ -128,3 +128,7 @@ class RequestCache:
 
     def reset(self) -> None:
         self.state.reset()
+
+    def capture_blocks(self, model: DiTConfig) -> tuple[int, ...]:
+        """Block indices whose entering hidden state this request's full steps hand on."""
+        return self.policy.capture_blocks(self.config, model)

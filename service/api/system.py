@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model import cache
 from service import errors
-from service.api.deps import ServiceDep
+from service.api.deps import Service, ServiceDep
 
 router = APIRouter(tags=["system"])
 
@@ -30,9 +30,18 @@ async def models(svc: ServiceDep) -> dict[str, Any]:
                 "cache_policies": sorted(cache.POLICIES),
                 "cache_defaults": info.cache_defaults(),
                 "card": info.card,
+                "runtime": _runtime(svc),
             }
         ]
     }
+
+
+def _runtime(svc: Service) -> dict[str, Any]:
+    """How the model runs: the embedded worker's resolved path, else what workers are asked."""
+    if svc.worker is not None:
+        return svc.worker.runtime
+    s = svc.settings
+    return {"where": "worker processes", "kernels": s.kernels, "graphs": s.graphs}
 
 
 @router.get("/healthz", summary="Liveness")

@@ -247,6 +247,8 @@ async def test_models_health_ready_and_openapi(make_settings, tiny_model_dir) ->
         openapi = (await client.get("/openapi.json")).json()
     assert models["id"] == str(tiny_model_dir) and models["random_weights"] is False
     assert models["cache_defaults"]["skip_cache"]["depth"] == 1
+    runtime = models["runtime"]  # auto on a CPU: plain eager torch
+    assert (runtime["kernels"], runtime["graphs"], runtime["warmup_s"]) == ("torch", "off", 0)
     assert health.json() == {"status": "ok"} and ready.status_code == 200
     assert {
         "/generate",

@@ -1,0 +1,99 @@
+"""The pipeline's fast path: kernel backend and captured steps chosen per device, routed per
+step group; on a CPU it stays plain eager torch, and every path gives the eager results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.dispatch import KernelUnavailable
+from model.graphs import BucketedForward, ModeUnavailable
+from model.pipeline import Pipeline, forward_group
+from model.request import GenerateParams
+from tests.conftest import BATCH_TOL, tiny
+
+MIXED = [
+    GenerateParams(steps=6, seed=1, class_label=2, cache_interval=2),  # skip_cache: graphed
+    GenerateParams(steps=6, seed=2, class_label=5, num_images=3, cache_interval=1),
+    GenerateParams(steps=5, seed=3, class_label=7, cache_policy="none", sampler="ddpm"),
+    GenerateParams(steps=6, seed=4, class_label=1, cache_policy="fora", cache_interval=2),
+    GenerateParams(steps=6, seed=5, class_label=3, cache_interval=3, cache_depth=2),  # eager
+]
+
+
+def latents(pipeline: Pipeline) -> list[torch.Tensor]:
+    return [r.latents for r in pipeline.generate(MIXED)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults")
+def test_auto_on_a_cpu_is_plain_eager_torch() -> None:
+    pipeline = Pipeline(tiny(), default_guidance=2.0)
+    fast = pipeline.use_fast_path()
+    assert (fast.kernels, fast.graphs, fast.warmup_seconds) == ("torch", "off", 0.0)
+    assert pipeline.forward is forward_group and pipeline.model.kernels == "torch"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only machine")
+def test_an_explicit_path_that_cannot_run_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = Pipeline(tiny(), default_guidance=2.0)
+    with pytest.raises(ModeUnavailable, match="cuda_graphs"):
+        pipeline.use_fast_path(graphs="cuda_graphs")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(KernelUnavailable, match="triton"):
+        pipeline.use_fast_path(kernels="triton")
+
+
+def test_bucketed_steps_route_per_group_and_equal_eager() -> None:
+    """Padded buckets (mode off: the same padding the graphs replay) for none and Skip-Cache
+    at the prepared depth; FORA and another depth fall back to eager, in the same steps."""
+    eager = Pipeline(tiny(), default_guidance=2.0)
+    bucketed = Pipeline(tiny(), default_guidance=2.0)
+    runner = BucketedForward(bucketed.model, "off", buckets=(1, 2, 4), depths={1})
+    runner.warmup()
+    calls = {"runner": 0, "eager": 0}
+
+    def counted_eager(*args: object) -> object:
+        calls["eager"] += 1
+        return forward_group(*args)  # type: ignore[arg-type]
+
+    routed = runner.group_forward(counted_eager)
+
+    def forward(*args: object) -> object:
+        calls["runner"] += 1
+        return routed(*args)
+
+    bucketed.forward = forward  # type: ignore[assignment]
+    for got, want in zip(latents(bucketed), latents(eager), strict=True):
+        torch.testing.assert_close(got, want, **BATCH_TOL)
+    assert calls["eager"] > 0 and calls["runner"] > calls["eager"]
+
+
+def test_triton_kernels_give_the_torch_networks_full_and_cached_forwards() -> None:
+    """Both kernels (LSC fusion, attention) in the network, Triton's interpreter on a CPU."""
+    plain, fused = tiny(), tiny()  # same seed: same weights
+    assert fused.use_kernels("triton") == "triton" and plain.use_kernels("torch") == "torch"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 1, 8, 8, generator=g)
+    t = torch.tensor([999, 500, 250, 10, 0])
+    y = torch.tensor([0, 3, 9, 10, 1])  # 10: the null class
+    deep_key = plain.config.depth - 1
+    with torch.no_grad():
+        want, want_captured = plain(x, t, y, capture={deep_key})
+        got, got_captured = fused(x, t, y, capture={deep_key})
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_captured[deep_key], want_captured[deep_key])
+        deep = want_captured[deep_key]
+        torch.testing.assert_close(
+            fused.forward_cached(x, t, y, deep, 1),
+            plain.forward_cached(x, t, y, deep, 1),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_a_pipeline_on_triton_kernels_makes_the_eager_images() -> None:
+    eager = Pipeline(tiny(), default_guidance=2.0)
+    fused = Pipeline(tiny(), default_guidance=2.0)
+    assert fused.use_fast_path(kernels="triton", graphs="off").kernels == "triton"
+    for got, want in zip(latents(fused), latents(eager), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
