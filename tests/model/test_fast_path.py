@@ -97,3 +97,35 @@ def test_a_pipeline_on_triton_kernels_makes_the_eager_images() -> None:
     assert fused.use_fast_path(kernels="triton", graphs="off").kernels == "triton"
     for got, want in zip(latents(fused), latents(eager), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the full-size check needs a GPU")
+def test_full_size_fast_paths_match_the_fp32_reference_on_a_gpu() -> None:
+    """Skip-DiT-XL/2 in bf16, 16 rows: the Triton kernels and the CUDA-graph replays are within
+    twice the eager bf16 network's own error against the same network in fp32."""
+    from model.skip_dit import SkipDiT, preset
+
+    torch.manual_seed(0)
+    network = SkipDiT(preset("XL/2"))
+    with torch.no_grad():
+        for p in network.parameters():
+            if not p.any():
+                p.normal_(std=0.02)
+    reference = network.to("cuda").eval()
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(16, 4, 32, 32, device="cuda", generator=g)
+    t = torch.randint(0, 1000, (16,), device="cuda", generator=g)
+    y = torch.randint(0, 1001, (16,), device="cuda", generator=g)
+    with torch.no_grad():
+        want = reference(x, t, y).float()
+        bf16 = SkipDiT(reference.config).to("cuda", torch.bfloat16).eval()
+        bf16.load_state_dict(reference.state_dict())
+        eager_err = (bf16(x.bfloat16(), t, y).float() - want).abs().max().item()
+        bf16.use_kernels("triton")
+        triton_err = (bf16(x.bfloat16(), t, y).float() - want).abs().max().item()
+        runner = BucketedForward(bf16, "cuda_graphs", buckets=(16,), depths={4})
+        runner.warmup()
+        graph_err = (runner.full(x.bfloat16(), t, y)[0].float() - want).abs().max().item()
+    assert triton_err <= 2 * eager_err and graph_err <= 2 * eager_err, (
+        eager_err, triton_err, graph_err,
+    )  # fmt: skip
