@@ -145,15 +145,7 @@ def _attn_fwd(
 def _kernel() -> Any:
     """Import triton, jit-wrap the functions above (once) and return the autotuned kernel."""
     global tl, _load_tile, _store_tile
-    import triton
-    import triton.language
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if dispatch.interpreting() and not isinstance(triton.language.zeros, InterpretedFunction):
-        raise dispatch.KernelUnavailable(
-            "TRITON_INTERPRET=1 was set after triton was imported (torch._dynamo, which diffusers "
-            "imports, imports it): set it before the first import of triton"
-        )
+    triton = dispatch.import_triton()
     tl = triton.language
     _load_tile = triton.jit(_load_tile)
     _store_tile = triton.jit(_store_tile)

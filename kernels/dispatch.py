@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -51,3 +52,19 @@ def resolve(requested: str, device: torch.device | str) -> Resolved:
     if reason is not None:
         raise KernelUnavailable(f"kernel backend 'triton' cannot run: {reason}")
     return "triton"
+
+
+def import_triton() -> ModuleType:
+    """triton, imported for a launch, checked to run as ``interpreting()`` says. Triton reads
+    TRITON_INTERPRET when it is first imported (diffusers imports it through torch._dynamo), so
+    setting it later has no effect: that raises KernelUnavailable instead of failing obscurely."""
+    import triton
+    import triton.language
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if interpreting() and not isinstance(triton.language.zeros, InterpretedFunction):
+        raise KernelUnavailable(
+            "TRITON_INTERPRET=1 was set after triton was imported (torch._dynamo, which diffusers "
+            "imports, imports it): set it before the first import of triton"
+        )
+    return triton

@@ -235,15 +235,7 @@ def _kernel() -> Any:
     extra; TRITON_INTERPRET is read now); returns the autotuned kernel. ``tl`` and the helpers are
     rebound as module globals: Triton's interpreter runs kernel source against them."""
     global tl, _row_offsets, _row_shift, _walk_k
-    import triton
-    import triton.language
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if dispatch.interpreting() and not isinstance(triton.language.zeros, InterpretedFunction):
-        raise dispatch.KernelUnavailable(
-            "TRITON_INTERPRET=1 was set after triton was imported (torch._dynamo, which diffusers "
-            "imports, imports it): set it before the first import of triton"
-        )
+    triton = dispatch.import_triton()
     tl = triton.language
     _row_offsets = triton.jit(_row_offsets)
     _row_shift = triton.jit(_row_shift)
