@@ -57,3 +57,46 @@ def load(source: str = "mnist", size: int = 16, split: str = "train") -> Digits:
     else:
         raise ValueError(f"split: must be 'train' or 'held_out', got {split!r}")
     return Digits(images[pick].contiguous(), labels[pick].contiguous())
+
+
+def moving(
+    digits: Digits,
+    index: torch.Tensor,
+    generator: torch.Generator,
+    frames: int = 8,
+    size: int = 16,
+    digit_size: int = 10,
+    max_speed: int = 2,
+) -> torch.Tensor:
+    """Clips of the digits ``index`` picks, each bouncing at a constant velocity on a
+    ``size`` x ``size`` black canvas: (n, 1, frames, size, size) in [-1, 1].
+
+    Start position and velocity (each axis 1..max_speed pixels a frame, either sign) come from
+    ``generator``; a digit that would leave the canvas reverses that axis, so the whole digit
+    stays in view and every frame holds the same ink."""
+    if digit_size > size:
+        raise ValueError(f"digit_size: must be <= size {size}, got {digit_size}")
+    n, room = len(index), size - digit_size
+    glyphs = F.interpolate(
+        (digits.images[index] + 1) / 2, size=(digit_size, digit_size), mode="area"
+    )  # (n, 1, d, d) in [0, 1]
+    pos = torch.randint(0, room + 1, (n, 2), generator=generator)  # (n, 2) top, left
+    speed = torch.randint(1, max_speed + 1, (n, 2), generator=generator)
+    sign = torch.randint(0, 2, (n, 2), generator=generator) * 2 - 1
+    velocity = speed * sign  # (n, 2) pixels per frame
+    clips = torch.zeros(n, 1, frames, size, size)
+    for f in range(frames):
+        for i in range(n):
+            top, left = pos[i].tolist()
+            clips[i, 0, f, top : top + digit_size, left : left + digit_size] = glyphs[i, 0]
+        pos, velocity = _bounce(pos + velocity, velocity, room)
+    return clips * 2 - 1
+
+
+def _bounce(
+    pos: torch.Tensor, velocity: torch.Tensor, room: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reflect positions that left [0, room] back inside and reverse those velocities."""
+    low, high = pos < 0, pos > room
+    pos = torch.where(low, -pos, torch.where(high, 2 * room - pos, pos))
+    return pos.clamp(0, room), torch.where(low | high, -velocity, velocity)
