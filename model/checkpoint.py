@@ -1,10 +1,13 @@
 """Loading and saving weights, strictly.
 
 Formats read:
-- our own directory: ``config.json`` (the DiTConfig plus a model card) + ``model.safetensors``;
+- our own directory: ``config.json`` (the network's kind, ``image`` or ``video``, its config
+  and a model card; a file without ``kind`` is an image model) + ``model.safetensors``;
 - the official DiT release (``DiT-XL-2-256x256.pt``): a plain state dict;
 - the official Skip-DiT release (``DiT-XL-2-skip.pt``): ``{model, ema, opt, args}``; ``ema`` is
-  used for inference.
+  used for inference;
+- the official class-to-video Latte / Skip-Latte weights: a plain state dict (or ``{ema, ...}``)
+  in the official key layout, told from an image DiT by its ``temp_embed``.
 Official files are memory-mapped: only the tensors used are ever read (the EMA weights of a
 training checkpoint, none at all to describe one). Their state dicts carry no config: it is read
 off the tensor shapes (heads from the preset with the same depth and width, or given), plus the
@@ -25,7 +28,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.skip_dit import PRESETS, DiTConfig, SkipDiT
+from model.networks import CONFIGS, PRESETS, Config, build
+from model.skip_dit import DiTConfig, SkipDiT
+from model.skip_latte import LatteConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -74,42 +79,51 @@ def save_pretrained(
     """Write ``config.json`` (config + card) and ``model.safetensors`` into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"config": dataclasses.asdict(model.config), "card": card or {}}
+    meta = {
+        "kind": model.config.kind,
+        "config": dataclasses.asdict(model.config),
+        "card": card or {},
+    }
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, directory / WEIGHTS_FILE)
     return directory
 
 
-def read_pretrained_meta(directory: str | Path) -> tuple[DiTConfig, dict[str, Any]]:
+def read_pretrained_meta(directory: str | Path) -> tuple[Config, dict[str, Any]]:
     meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    kind = meta.get("kind", DiTConfig.kind)  # written before video models existed: an image
+    if kind not in CONFIGS:
+        raise CheckpointError(f"{directory}/{CONFIG_FILE}: unknown kind {kind!r}")
+    config_cls = CONFIGS[kind]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(meta["config"]) - fields)
     if unknown:
         raise CheckpointError(f"{directory}/{CONFIG_FILE}: unknown config fields {unknown}")
-    return DiTConfig(**meta["config"]), meta.get("card", {})
+    return config_cls(**meta["config"]), meta.get("card", {})
 
 
 def load_pretrained(directory: str | Path) -> tuple[SkipDiT, dict[str, Any]]:
     """Our directory format -> (model, card)."""
     config, card = read_pretrained_meta(directory)
-    model = load_state(SkipDiT(config), load_file(Path(directory) / WEIGHTS_FILE))
+    model = load_state(build(config), load_file(Path(directory) / WEIGHTS_FILE))
     return model, card
 
 
 # ----------------------------------------------------------------------------- official format
 
 
-def _heads_for(depth: int, hidden: int) -> int | None:
+def _heads_for(kind: str, depth: int, hidden: int) -> int | None:
     for make in PRESETS.values():
         c = make()
-        if (c.depth, c.hidden_size) == (depth, hidden):
+        if (c.kind, c.depth, c.hidden_size) == (kind, depth, hidden):
             return c.num_heads
     return None
 
 
-def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
-    """Read a DiTConfig off an official state dict's shapes."""
+def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -> Config:
+    """Read a DiTConfig (a LatteConfig where there is a ``temp_embed``: (1, F, D)) off an
+    official state dict's shapes."""
     try:
         proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
         tokens = state["pos_embed"].shape[1]
@@ -117,32 +131,41 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -
         final = state["final_layer.linear.weight"]  # (p*p*C_out, D)
         fc1 = state["blocks.0.mlp.fc1.weight"]  # (D*ratio, D)
     except KeyError as e:
-        raise CheckpointError(f"not a DiT state dict: missing key {e.args[0]!r}") from None
+        raise CheckpointError(
+            f"not a class-conditional DiT or Latte state dict: missing key {e.args[0]!r}"
+        ) from None
     hidden, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-    heads = num_heads or _heads_for(depth, hidden)
+    video = "temp_embed" in state
+    kind = LatteConfig.kind if video else DiTConfig.kind
+    heads = num_heads or _heads_for(kind, depth, hidden)
     if heads is None:
         raise CheckpointError(
-            f"num_heads: no preset has depth {depth} and hidden size {hidden}; pass num_heads"
+            f"num_heads: no {kind} preset has depth {depth} and hidden size {hidden}; "
+            "pass num_heads"
         )
-    return DiTConfig(
-        depth=depth,
-        hidden_size=hidden,
-        num_heads=heads,
-        patch_size=patch,
-        mlp_ratio=fc1.shape[0] / hidden,
-        input_size=round(tokens**0.5) * patch,
-        in_channels=channels,
-        num_classes=table.shape[0] - 1,  # the official table always has the null-class row
-        learn_sigma=final.shape[0] == 2 * channels * patch * patch,
-        long_skip=any(k.startswith("skip_norms.") for k in state),
-    )
+    fields: dict[str, Any] = {
+        "depth": depth,
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "patch_size": patch,
+        "mlp_ratio": fc1.shape[0] / hidden,
+        "input_size": round(tokens**0.5) * patch,
+        "in_channels": channels,
+        "num_classes": table.shape[0] - 1,  # the official table always has the null-class row
+        "learn_sigma": final.shape[0] == 2 * channels * patch * patch,
+        "long_skip": any(k.startswith("skip_norms.") for k in state),
+    }
+    if video:
+        return LatteConfig(**fields, num_frames=state["temp_embed"].shape[1])
+    return DiTConfig(**fields)
 
 
-def official_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
-    """The config of an official release: its shapes plus the official sampler's guidance."""
+def official_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -> Config:
+    """The config of an official release: its shapes plus the official sampler's guidance
+    (Latte's sampler guides all channels: ``forward_with_cfg`` mixes ``model_out[:, :, :4]``)."""
     config = infer_config(state, num_heads)
-    if config.in_channels > OFFICIAL_GUIDED_CHANNELS:
+    if config.kind == DiTConfig.kind and config.in_channels > OFFICIAL_GUIDED_CHANNELS:
         config = config.replace(guided_channels=OFFICIAL_GUIDED_CHANNELS)
     return config
 
@@ -174,7 +197,7 @@ def load_official(path: str | Path, num_heads: int | None = None) -> SkipDiT:
     """
     state = official_state_dict(path)
     with torch.device("meta"):
-        model = SkipDiT(official_config(state, num_heads))  # shapes only: no memory, no init
+        model = build(official_config(state, num_heads))  # shapes only: no memory, no init
     check_state_dict(model, state)
     model.load_state_dict(state, strict=True, assign=True)
     return model

@@ -173,8 +173,8 @@ class BucketedForward:
         self.device = weight.device  # cuda:i, where the weights are
         self._check(weight.dtype, torch.device(device) if device is not None else weight.device)
         self._dtypes = (self.dtype, torch.long, torch.long, self.dtype)  # x, t, y, deep
-        d = model.config.depth
-        self.capture_keys: tuple[int, ...] = tuple(d - k for k in self.depths)  # block D-K per K
+        d = model.config.units  # blocks; Skip-Latte: block pairs
+        self.capture_keys: tuple[int, ...] = tuple(d - k for k in self.depths)  # unit D-K per K
         self._forwards: dict[tuple[Kind, int], _Padded | _Replay] = {}
         self._pool: tuple[int, int] | None = None  # the CUDA graphs' shared memory pool
 
@@ -190,7 +190,7 @@ class BucketedForward:
             )
         if not self.buckets or self.buckets[0] < 1:
             raise ValueError(f"buckets must be positive batch sizes, got {self.buckets}")
-        half = self.model.config.depth // 2
+        half = self.model.config.units // 2
         if any(not 1 <= k <= half for k in self.depths):
             raise ValueError(f"cache depths must be in [1, {half}], got {self.depths}")
         on = asked.type == self.device.type and asked.index in (None, self.device.index)
@@ -376,5 +376,5 @@ class BucketedForward:
     def _row_shapes(self, kind: Kind) -> list[tuple[int, ...]]:
         """Shape of one row of each input of ``kind``: x, t, y (and deep when cached)."""
         c = self.model.config
-        shapes = [(c.in_channels, c.input_size, c.input_size), (), ()]
-        return shapes if kind == FULL else [*shapes, (c.num_tokens, c.hidden_size)]
+        shapes = [c.sample_shape, (), ()]  # x (C, H, W); video (C, F, H, W)
+        return shapes if kind == FULL else [*shapes, c.hidden_shape]  # deep (T, D); (F, T, D)

@@ -14,6 +14,10 @@ step late (see ``ForwardTimer``); on the CPU a forward's wall time is known at o
 
 ``Pipeline.generate`` runs a list of requests to completion; a serving engine calls
 ``denoise_step`` itself to let requests join and leave between steps.
+
+Video models (``model.skip_latte``) run through the same code: a sample is (C, F, H, W) instead
+of (C, H, W) (``config.sample_shape``), channel dim 1 either way, and a result's images are the
+video's frames.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ log = logging.getLogger(__name__)
 
 VAE_SCALE = 0.18215  # sd-vae-ft-mse latent scale used by DiT
 DEFAULT_GUIDANCE = 1.5  # DiT's ImageNet default; a model card may choose its own
+VAE_DECODE_ROWS = 16  # images (video frames) the VAE decodes at once: bounds its activations
 
 
 def make_scheduler(sampler: str, learn_sigma: bool, pixel_space: bool) -> SchedulerMixin:
@@ -171,7 +176,7 @@ class Job:
     """The sampling state of one request."""
 
     params: GenerateParams
-    latents: torch.Tensor  # (n, C, H, W), current sample
+    latents: torch.Tensor  # (n, C, H, W), current sample; video (n, C, F, H, W)
     labels: torch.Tensor  # (n,) class labels
     scheduler: SchedulerMixin  # its timesteps set
     generator: torch.Generator  # this request's randomness (initial noise, sampler noise)
@@ -381,8 +386,10 @@ def step_samplers(jobs: Sequence[Job], outputs: Sequence[torch.Tensor]) -> None:
 class Result:
     params: GenerateParams
     status: str  # "done" or "cancelled"
-    latents: torch.Tensor  # (n, C, H, W), final sample (fp32, CPU)
-    images: torch.Tensor | None  # (n, H, W, channels) uint8, None when cancelled
+    latents: torch.Tensor  # (n, *sample_shape): (n, C, H, W); video (n, C, F, H, W) (fp32, CPU)
+    # (n, H, W, channels) uint8; video: (n, F, H, W, channels), each sample's frames in order.
+    # None when cancelled.
+    images: torch.Tensor | None
     stats: StepStats
     seconds: float  # wall time from start to finish, decode included
 
@@ -442,7 +449,7 @@ class Pipeline:
         scheduler = make_scheduler(params.sampler, config.learn_sigma, self.vae is None)
         scheduler.set_timesteps(params.steps)
         generator = torch.Generator("cpu").manual_seed(params.seed)
-        shape = (params.num_images, config.in_channels, config.input_size, config.input_size)
+        shape = (params.num_images, *config.sample_shape)  # (n, C, H, W) or (n, C, F, H, W)
         noise = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
         dtype = next(self.model.parameters()).dtype
         return Job(
@@ -459,9 +466,19 @@ class Pipeline:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(n, C, H, W) samples -> (n, H', W', channels) uint8 images."""
+        """(n, C, H, W) samples -> (n, H', W', channels) uint8 images; video samples
+        (n, C, F, H, W) -> (n, F, H', W', channels), the VAE decoding frames as images."""
+        if latents.dim() == 5:  # video: every frame an image
+            n, f = latents.shape[0], latents.shape[2]
+            frames = latents.transpose(1, 2).flatten(0, 1)  # (n*F, C, H, W)
+            return self.decode(frames).unflatten(0, (n, f))  # (n, F, H', W', channels)
         if self.vae is not None:
-            pixels = self.vae.decode(latents.to(self.vae.dtype) / VAE_SCALE).sample
+            pixels = torch.cat(
+                [
+                    self.vae.decode(chunk.to(self.vae.dtype) / VAE_SCALE).sample
+                    for chunk in latents.split(VAE_DECODE_ROWS)
+                ]
+            )  # (n, channels, H', W')
         else:
             pixels = latents
         pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -3,9 +3,10 @@ weights) or to a ready Pipeline (``load``).
 
 Names, in the order tried:
 - a path: a directory in our format (``config.json`` + ``model.safetensors``), or an official
-  ``.pt`` file (DiT or Skip-DiT release);
+  ``.pt`` file (DiT or Skip-DiT release, Latte / Skip-Latte class-to-video weights);
 - a shipped model: a directory under ``model/weights/`` committed with this project;
-- ``random:<preset>``: untrained weights of a preset, for smoke tests only (says so loudly).
+- ``random:<preset>``: untrained weights of a preset (image or video, e.g. ``random:XL/2``,
+  ``random:Latte-XL/2``), for smoke tests only (says so loudly).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from model.checkpoint import (
     read_pretrained_meta,
 )
 from model.errors import FieldError
+from model.networks import PRESETS, Config, build, preset
 from model.pipeline import DEFAULT_GUIDANCE, Pipeline
-from model.skip_dit import PRESETS, DiTConfig, SkipDiT, preset
+from model.skip_dit import SkipDiT
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,19 @@ class ModelInfo:
     """What serving needs to know of a model, read without its weights."""
 
     name: str
-    config: DiTConfig
+    config: Config
     card: dict[str, Any]
     random_weights: bool
+
+    @property
+    def kind(self) -> str:
+        """What a sample is: "image" or "video"."""
+        return self.config.kind
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per sample: 1 for image models."""
+        return self.config.num_frames
 
     @property
     def latent(self) -> bool:
@@ -61,7 +73,7 @@ class ModelInfo:
 
     @property
     def image_size(self) -> int:
-        """Side of the output images in pixels."""
+        """Side of the output images (video frames) in pixels."""
         return self.config.input_size * (VAE_DOWNSCALE if self.latent else 1)
 
     @property
@@ -85,13 +97,15 @@ class ModelInfo:
         )
 
     def cache_defaults(self) -> dict[str, dict[str, Any]]:
-        """Each cache policy's default config for this model, JSON-ready (infinity as None)."""
+        """Each cache policy's default config for this model, JSON-ready (infinity as None);
+        policies that do not apply to the model's kind are left out."""
         return {
             name: {
                 k: None if isinstance(v, float) and math.isinf(v) else v
                 for k, v in dataclasses.asdict(policy.default_config(self.config)).items()
             }
             for name, policy in cache.POLICIES.items()
+            if policy.applies_to(self.config)
         }
 
 
@@ -105,7 +119,7 @@ class LoadedModel:
         return self.info.name
 
     @property
-    def config(self) -> DiTConfig:
+    def config(self) -> Config:
         return self.info.config
 
     @property
@@ -172,7 +186,7 @@ def _network(info: ModelInfo, seed: int) -> SkipDiT:
         "model %s has RANDOM, untrained weights: output is noise-like, for smoke tests only",
         info.name,
     )
-    return SkipDiT(info.config)
+    return build(info.config)
 
 
 def load(

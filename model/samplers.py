@@ -164,8 +164,10 @@ def _noise(members: Sequence[Member], eps: torch.Tensor) -> torch.Tensor:
     return _to_device(torch.cat(draws), eps.device)  # (R, C, H, W)
 
 
-def _col(coef: torch.Tensor, j: int) -> torch.Tensor:
-    return coef[:, j, None, None, None]  # (R, 1, 1, 1)
+def _col(coef: torch.Tensor, j: int, like: torch.Tensor) -> torch.Tensor:
+    """Column j of (R, k) coefficients shaped to broadcast over ``like``'s rows: (R, 1, 1, 1)
+    for images (R, C, H, W), (R, 1, 1, 1, 1) for videos (R, C, F, H, W)."""
+    return coef[:, j].view(-1, *[1] * (like.dim() - 1))
 
 
 # ---------------------------------------------------------------------------------- DDIM (eta 0)
@@ -191,10 +193,15 @@ def ddim_update(
     sample: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, clip: float | None
 ) -> torch.Tensor:
     """DDIM (eta 0): (R, C, H, W) sample, eps and (R, 4) coefficients -> previous sample."""
-    pred_x0 = (sample - _col(coef, DDIM_SQRT_BETA) * eps) / _col(coef, DDIM_SQRT_ALPHA)
+    pred_x0 = (sample - _col(coef, DDIM_SQRT_BETA, sample) * eps) / _col(
+        coef, DDIM_SQRT_ALPHA, sample
+    )
     if clip is not None:
         pred_x0 = pred_x0.clamp(-clip, clip)
-    return _col(coef, DDIM_SQRT_ALPHA_PREV) * pred_x0 + _col(coef, DDIM_DIRECTION) * eps
+    return (
+        _col(coef, DDIM_SQRT_ALPHA_PREV, sample) * pred_x0
+        + _col(coef, DDIM_DIRECTION, sample) * eps
+    )
 
 
 # ---------------------------------------------------------------------------------- DDPM
@@ -243,17 +250,23 @@ def ddpm_update(
     """DDPM: (R, C, H, W) sample, eps, noise (zero rows where t == 0), (R, 8) coefficients
     -> previous sample. ``learned``: the model's variance channels (learned_range), else the
     fixed small variance."""
-    pred_x0 = (sample - _col(coef, DDPM_SQRT_BETA) * eps) / _col(coef, DDPM_SQRT_ALPHA)
+    pred_x0 = (sample - _col(coef, DDPM_SQRT_BETA, sample) * eps) / _col(
+        coef, DDPM_SQRT_ALPHA, sample
+    )
     if clip is not None:
         pred_x0 = pred_x0.clamp(-clip, clip)
-    prev = _col(coef, DDPM_X0) * pred_x0 + _col(coef, DDPM_SAMPLE) * sample  # (R, C, H, W)
+    prev = (
+        _col(coef, DDPM_X0, sample) * pred_x0 + _col(coef, DDPM_SAMPLE, sample) * sample
+    )  # (R, C, H, W)
     if learned is None:
-        return prev + _col(coef, DDPM_STD) * noise
+        return prev + _col(coef, DDPM_STD, sample) * noise
     frac = (learned + 1) / 2
-    log_var = frac * _col(coef, DDPM_MAX_LOG) + (1 - frac) * _col(coef, DDPM_MIN_LOG)
+    log_var = frac * _col(coef, DDPM_MAX_LOG, sample) + (1 - frac) * _col(
+        coef, DDPM_MIN_LOG, sample
+    )
     # exp of an extreme prediction may overflow (inf * 0 = nan): where diffusers adds no noise
     # (t == 0) neither do we
-    noisy = _col(coef, DDPM_NOISY) > 0  # (R, 1, 1, 1)
+    noisy = _col(coef, DDPM_NOISY, sample) > 0  # (R, 1, 1, 1)
     return torch.where(noisy, prev + torch.exp(0.5 * log_var) * noise, prev)
 
 
@@ -307,14 +320,14 @@ def dpm_update(
 ) -> torch.Tensor:
     """DPM-Solver++(2M) midpoint: (R, C, H, W) sample, this step's and the previous step's x0
     predictions, (R, 6) coefficients -> next sample (float32, as diffusers computes it)."""
-    x = _col(coef, DPM_RATIO) * sample.float() - _col(coef, DPM_B) * x0
-    d1 = _col(coef, DPM_C) * (x0 - prev_x0)  # 0 on first-order rows
-    return x - _col(coef, DPM_E) * d1
+    x = _col(coef, DPM_RATIO, sample) * sample.float() - _col(coef, DPM_B, sample) * x0
+    d1 = _col(coef, DPM_C, sample) * (x0 - prev_x0)  # 0 on first-order rows
+    return x - _col(coef, DPM_E, sample) * d1
 
 
 def dpm_x0(sample: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """``convert_model_output`` (dpmsolver++, epsilon): the x0 prediction (R, C, H, W)."""
-    return (sample - _col(coef, DPM_SIGMA) * eps) / _col(coef, DPM_ALPHA)
+    return (sample - _col(coef, DPM_SIGMA, sample) * eps) / _col(coef, DPM_ALPHA, sample)
 
 
 def _dpm_step(

@@ -21,6 +21,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -240,6 +241,9 @@ class DiTConfig:
     # published samples and FIDs come from that sampler.
     guided_channels: int | None = None
 
+    kind: ClassVar[str] = "image"  # what a sample is: "image" here, "video" for Skip-Latte
+    num_frames: ClassVar[int] = 1  # an image is one frame
+
     def __post_init__(self) -> None:
         checks = {
             "depth": self.depth >= 1,
@@ -267,12 +271,32 @@ class DiTConfig:
     def has_null_class(self) -> bool:
         return self.class_dropout_prob > 0
 
+    @property
+    def units(self) -> int:
+        """What ``run_blocks`` indexes, long skips pair and Skip-Cache's K counts: blocks here
+        (Skip-Latte: (spatial, temporal) block pairs)."""
+        return self.depth
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample: (C, H, W)."""
+        return (self.in_channels, self.input_size, self.input_size)
+
+    @property
+    def hidden_shape(self) -> tuple[int, ...]:
+        """One sample's hidden state between units (what captures and caches hold): (T, D)."""
+        return (self.num_tokens, self.hidden_size)
+
     def replace(self, **changes: object) -> DiTConfig:
         return dataclasses.replace(self, **changes)
 
 
 class SkipDiT(nn.Module):
-    """DiT / Skip-DiT. x: (B, C, H, W); t: (B,) timesteps, one per sample; y: (B,) labels."""
+    """DiT / Skip-DiT. x: (B, C, H, W); t: (B,) timesteps, one per sample; y: (B,) labels.
+
+    Skip-Latte (``model.skip_latte``) subclasses it: everything here that counts blocks counts
+    ``config.units`` (blocks here, block pairs there), and the per-frame token grid is
+    ``input_size / patch_size`` on each side."""
 
     kernels: Resolved = "torch"  # the kernel backend that runs, see use_kernels
 
@@ -283,7 +307,8 @@ class SkipDiT(nn.Module):
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, d), requires_grad=False)
+        grid = config.input_size // config.patch_size  # tokens per side of one frame
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, d), requires_grad=False)
         self.blocks = nn.ModuleList(
             DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
         )
@@ -291,7 +316,7 @@ class SkipDiT(nn.Module):
         self._init_weights()
         if config.long_skip:
             # Created after the DiT init, as in the official code: default nn init for these.
-            n = config.depth // 2
+            n = config.units // 2
             self.skip_norms = nn.ModuleList(FP32LayerNorm(2 * d, eps=1e-6) for _ in range(n))
             self.skip_linears = nn.ModuleList(SkipLinear(d) for _ in range(n))
 
@@ -302,7 +327,7 @@ class SkipDiT(nn.Module):
                 nn.init.zeros_(module.bias)
 
         self.apply(basic)
-        grid = int(self.config.num_tokens**0.5)
+        grid = self.config.input_size // self.config.patch_size
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.config.hidden_size, grid)[None])
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -330,8 +355,8 @@ class SkipDiT(nn.Module):
         return tokens, c
 
     def fuse(self, k: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """Long-skip fusion before block ``k >= D/2``: replaces x, main path first."""
-        j = k - self.config.depth // 2
+        """Long-skip fusion before unit ``k >= units/2``: replaces x, main path first."""
+        j = k - self.config.units // 2
         if self.kernels == "triton":  # one GEMM; the concat and the normalised tensor never exist
             return lsc_fusion.lsc_fusion(x, skip, self._folded[j])  # (B, T, D)
         return self.skip_linears[j](self.skip_norms[j](torch.cat([x, skip], dim=-1)))  # (B, T, D)
@@ -380,7 +405,7 @@ class SkipDiT(nn.Module):
         and ``("attn", k)`` / ``("mlp", k)`` that block's branch outputs, into ``captured``.
         ``branches(k)`` may replace block k's branch modules.
         """
-        half = self.config.depth // 2
+        half = self.config.units // 2
         for k in blocks:
             if k in capture:
                 captured[k] = x
@@ -411,7 +436,7 @@ class SkipDiT(nn.Module):
         want = set(capture)
         tokens, c = self.embed(x, t, y)
         captured: dict[Hashable, torch.Tensor] = {}
-        h = self.run_blocks(tokens, c, range(self.config.depth), [], want, captured, branches)
+        h = self.run_blocks(tokens, c, range(self.config.units), [], want, captured, branches)
         if "final" in want:
             captured["final"] = h
         out = self.head(h, c)
@@ -428,7 +453,7 @@ class SkipDiT(nn.Module):
         """Cached step: blocks 0..depth-1 fresh, then ``deep`` (the hidden state that entered
         block D-depth on the last full step) goes through blocks D-depth..D-1, each fused with
         the fresh shallow output it pairs with. ``deep``: (B, T, D)."""
-        d = self.config.depth
+        d = self.config.units
         if not 1 <= depth <= d // 2:
             raise ValueError(f"cache depth must be in [1, {d // 2}] for depth {d}, got {depth}")
         tokens, c = self.embed(x, t, y)

@@ -22,11 +22,16 @@ POLICIES: dict[str, CachePolicy] = {
 def build(name: str, model: DiTConfig, **options: Any) -> RequestCache:
     """A fresh per-request cache for policy ``name`` with the model's defaults plus ``options``.
 
-    Raises FieldError naming the offending field.
+    Raises FieldError naming the offending field (``cache_policy`` for a policy that does not
+    apply to the model's kind).
     """
     if name not in POLICIES:
         raise FieldError("cache_policy", f"unknown policy {name!r}; known: {sorted(POLICIES)}")
     policy = POLICIES[name]
+    if not policy.applies_to(model):
+        raise FieldError(
+            "cache_policy", f"{name!r} does not apply to {model.kind} models: {policy.refusal}"
+        )
     return RequestCache(policy, policy.default_config(model, **options))
 
 

@@ -22,6 +22,8 @@ import torch
 
 from model.skip_dit import DiTConfig, SkipDiT
 
+IMAGE_AND_VIDEO = frozenset({"image", "video"})
+
 
 class Mode(enum.StrEnum):
     FULL = "full"
@@ -38,6 +40,13 @@ class CachePolicy(ABC):
     state_cls: ClassVar[type]  # per-request state with reset()
     # Pure rule (step, t, config, state) -> Mode; a staticmethod of the policy's module function.
     decide_rule: ClassVar[Callable[[int, int, Any, Any], Mode]]
+    # Model kinds (``config.kind``: image, video) the policy runs on; ``cache.build`` refuses
+    # the others with ``refusal``, the reason.
+    kinds: ClassVar[frozenset[str]] = IMAGE_AND_VIDEO
+    refusal: ClassVar[str] = ""
+
+    def applies_to(self, model: DiTConfig) -> bool:
+        return model.kind in self.kinds
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> Any:
         """The paper's defaults for this model, with ``overrides`` applied (validated)."""
@@ -56,7 +65,8 @@ class CachePolicy(ABC):
         return [Mode.FULL] * len(timesteps)
 
     def capture_blocks(self, config: Any, model: DiTConfig) -> tuple[int, ...]:
-        """Block indices whose entering hidden state a full step must hand to ``on_full``."""
+        """Capture keys (``SkipDiT.run_blocks``: a unit index for the hidden state entering it,
+        ``(branch, block)`` for branch outputs) a full step must hand to ``on_full``."""
         return ()
 
     def on_full(self, config: Any, state: Any, captured: dict[int, torch.Tensor]) -> None:
@@ -95,7 +105,7 @@ class CachePolicy(ABC):
 class CachedBatch:
     """The rows of one cached group: each request's rows consecutive, in the order of states."""
 
-    x: torch.Tensor  # (B, C, H, W)
+    x: torch.Tensor  # (B, C, H, W); video (B, C, F, H, W)
     t: torch.Tensor  # (B,)
     y: torch.Tensor  # (B,)
     states: Sequence[Any]  # one per request

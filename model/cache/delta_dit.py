@@ -6,6 +6,9 @@ deviation added to its fresh input: while t > ``boundary`` (early, outline-formi
 rear range is skipped; after it, the front range. With long skips, the outputs the skipped front
 blocks would push are rebuilt the same way, from their stored deviations. Full and cached steps
 follow the shared interval rule (``model.cache.interval``).
+
+Ranges count the network's units (``config.units``): blocks of the image DiT, (spatial,
+temporal) pairs of Skip-Latte, whose pairs are its blocks as far as this rule goes.
 """
 
 from __future__ import annotations
@@ -51,15 +54,15 @@ class DeltaDiT(IntervalPolicy):
     request_fields = IntervalPolicy.request_fields | {"cache_depth": "blocks"}
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> DeltaDiTConfig:
-        config = replace(DeltaDiTConfig(blocks=max(1, model.depth // 4)), **overrides)
-        if config.blocks > model.depth // 2:
+        config = replace(DeltaDiTConfig(blocks=max(1, model.units // 4)), **overrides)
+        if config.blocks > model.units // 2:
             raise FieldError(
-                "cache_depth", f"must be in [1, {model.depth // 2}], got {config.blocks}"
+                "cache_depth", f"must be in [1, {model.units // 2}], got {config.blocks}"
             )
         return config
 
     def capture_blocks(self, config: DeltaDiTConfig, model: DiTConfig) -> tuple[Hashable, ...]:
-        n, d = config.blocks, model.depth
+        n, d = config.blocks, model.units
         return (*range(n + 1), d - n, "final")
 
     def cached_group_key(self, config: DeltaDiTConfig) -> tuple[Any, ...]:
@@ -68,7 +71,7 @@ class DeltaDiT(IntervalPolicy):
     def forward_cached(
         self, model: SkipDiT, batch: CachedBatch, config: DeltaDiTConfig
     ) -> torch.Tensor:
-        n, d = config.blocks, model.config.depth
+        n, d = config.blocks, model.config.units
         x, t = batch.x, batch.t
         stored = stack(batch.states)
         tokens, c = model.embed(x, t, batch.y)

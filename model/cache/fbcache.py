@@ -7,6 +7,9 @@ magnitude). Below ``threshold`` the remaining blocks are skipped and the stored 
 (final hidden state minus block-0 output) is added back; otherwise the rest of the network runs
 for that request's rows alone and the stored pair is refreshed. The decision is made per request
 from that request's own rows, never from a batch-wide average, so batch-mates cannot change it.
+
+"Block" is the network's unit (``config.units``): for Skip-Latte the first (spatial, temporal)
+pair, the smallest piece whose output is in the layout every later unit starts from.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class FBCache(CachePolicy):
                 state.last_mode = Mode.CACHED
                 continue
             own = [s[rows] for s in skips]
-            h = model.run_blocks(first[rows], c[rows], range(1, model.config.depth), own)
+            h = model.run_blocks(first[rows], c[rows], range(1, model.config.units), own)
             hidden[rows] = h
             state.first, state.residual = first[rows].clone(), h - first[rows]
             state.last_mode = Mode.FULL

@@ -4,7 +4,8 @@ On a full step each block's attention and MLP branch outputs are stored. On a ca
 block still runs its adaLN modulation, norms and residual adds, but both branches return the
 stored tensors instead of being computed. Cheap cached steps, but the cache is large: 2 x depth
 hidden states per request (Skip-Cache keeps one). Full and cached steps follow the shared
-interval rule (``model.cache.interval``).
+interval rule (``model.cache.interval``). Video models too: every block, spatial and temporal,
+keeps its own branches' outputs (batch-first, ``model.skip_latte``).
 """
 
 from __future__ import annotations

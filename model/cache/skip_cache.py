@@ -2,7 +2,9 @@
 
 On a full step the hidden state entering block D-K (before its long-skip fusion) is stored. On a
 cached step only blocks 0..K-1 run fresh; their outputs reach blocks D-K..D-1 through the long
-skips while the stored deep feature replaces everything between. Cost of a cached step is about
+skips while the stored deep feature replaces everything between. "Block" is the network's unit
+(``config.units``): a block of the image DiT, a (spatial, temporal) pair of Skip-Latte, so K and
+D count pairs for video. Cost of a cached step is about
 (2K blocks + K fusions + embed + final) / (D blocks + D/2 fusions + embed + final). Full and
 cached steps follow the shared interval rule (``model.cache.interval``) plus a timestep window.
 """
@@ -28,8 +30,9 @@ class SkipCacheConfig(IntervalConfig):
     interval: a full step every ``interval`` steps (1 = no caching). Larger is faster and drifts
         further from the uncached image (paper, DiT-XL/2 DDPM-250: N=2 1.46x FID 2.31, N=3 1.73x
         FID 2.40, N=4 1.93x FID 2.54, against 2.29 uncached).
-    depth: K, how many blocks run fresh at each end of a cached step. Larger K costs more per
-        cached step and keeps more of the image fresh. Paper: K=4 of 28 blocks.
+    depth: K, how many units run fresh at each end of a cached step (blocks; pairs for video).
+        Larger K costs more per cached step and keeps more of the sample fresh. Paper: K=4 of 28
+        blocks (image), K=1 of 14 pairs (video).
     t_start: steps with timestep t >= t_start are always full (early, structure-forming steps).
         Paper image default: never (inf); video: 900 (class-to-video), 700 (text-to-video).
     t_end: once t <= t_end every remaining step is full (late, detail-forming steps). Paper: 20
@@ -57,7 +60,7 @@ class SkipCacheConfig(IntervalConfig):
 
 @dataclass
 class SkipCacheState:
-    deep: torch.Tensor | None = None  # (rows, T, D): hidden state entering block D-K
+    deep: torch.Tensor | None = None  # (rows, *hidden_shape): hidden state entering unit D-K
 
     def reset(self) -> None:
         self.deep = None
@@ -68,9 +71,17 @@ def decide(step: int, t: int, config: SkipCacheConfig, state: SkipCacheState) ->
     return interval_mode(step, t, config, cached=state.deep is not None)
 
 
+# The paper's defaults by model kind: K as (k of n units), t_start, t_end.
+PAPER_DEFAULTS: dict[str, tuple[tuple[int, int], float, float]] = {
+    "image": ((4, 28), math.inf, 20.0),  # DiT-XL/2 DDPM-250: K=4 of 28 blocks
+    "video": ((1, 14), 900.0, 50.0),  # Latte-XL/2 class-to-video: K=1 of 14 pairs
+}
+
+
 def default_depth(model: DiTConfig) -> int:
-    """The paper's K=4 of 28 blocks, as a fraction of depth: at least 1, at most D/2."""
-    return max(1, min(model.depth // 2, round(model.depth * 4 / 28)))
+    """The paper's K as a fraction of the model's units: at least 1, at most units/2."""
+    (k, of), _, _ = PAPER_DEFAULTS[model.kind]
+    return max(1, min(model.units // 2, round(model.units * k / of)))
 
 
 class SkipCache(IntervalPolicy):
@@ -85,17 +96,20 @@ class SkipCache(IntervalPolicy):
     }
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> SkipCacheConfig:
-        config = replace(SkipCacheConfig(depth=default_depth(model)), **overrides)
-        if config.depth > model.depth // 2:
+        _, t_start, t_end = PAPER_DEFAULTS[model.kind]
+        paper = SkipCacheConfig(depth=default_depth(model), t_start=t_start, t_end=t_end)
+        config = replace(paper, **overrides)
+        if config.depth > model.units // 2:
+            unit = "depth" if model.kind == "image" else "block pairs"
             raise FieldError(
                 "cache_depth",
-                f"must be in [1, {model.depth // 2}] for a model of depth {model.depth}, "
+                f"must be in [1, {model.units // 2}] for a model of {unit} {model.units}, "
                 f"got {config.depth}",
             )
         return config
 
     def capture_blocks(self, config: SkipCacheConfig, model: DiTConfig) -> tuple[int, ...]:
-        return (model.depth - config.depth,)
+        return (model.units - config.depth,)
 
     def on_full(
         self, config: SkipCacheConfig, state: SkipCacheState, captured: dict[int, torch.Tensor]

@@ -6,6 +6,8 @@ tokens and reuses the stored outputs for the rest, writing the fresh ones back. 
 per request by staleness (steps since a token was last recomputed), so every token is refreshed
 in turn; ties go to a fixed token order. Attention of a refreshed token still sees the keys and
 values of all tokens.
+
+Image models only: see ``ToCa.refusal``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ class ToCa(IntervalPolicy):
     config_cls = ToCaConfig
     state_cls = ToCaState
     request_fields = IntervalPolicy.request_fields | {"cache_ratio": "ratio"}
+    kinds = frozenset({"image"})
+    refusal = (
+        "ToCa picks tokens along one token axis per sample and recomputes only their rows of "
+        "attention and MLP; Skip-Latte's blocks alternate between frames' token rows (spatial) "
+        "and positions' frame rows (temporal), so a chosen token is not a row of every block "
+        "and its partial attention and staleness bookkeeping do not carry over"
+    )
 
     def capture_blocks(self, config: ToCaConfig, model: DiTConfig) -> tuple[tuple[str, int], ...]:
         return branch_keys(model)
