@@ -201,9 +201,14 @@ def _generate(args: argparse.Namespace, prog: str) -> int:
 # ----------------------------------------------------------------------------- serve, worker
 
 
-def _settings(prog: str, **overrides: object) -> Settings:
+def _settings(prog: str, models: list[str] | None, **overrides: object) -> Settings:
+    """Settings from the environment; flags given override it. ``--model`` (repeatable) replaces
+    both SKIPDIT_MODEL and SKIPDIT_MODELS."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if models:
+        values |= {"models": models, "model": None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**values)
     except ValidationError as e:
         _fail(prog, _validation_message(e))
 
@@ -213,7 +218,7 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
 
     from service.api import build_app
 
-    settings = _settings(prog, host=args.host, port=args.port, model=args.model)
+    settings = _settings(prog, args.model, host=args.host, port=args.port)
     logging.getLogger().setLevel(settings.log_level)
     app = build_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
@@ -223,7 +228,7 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
 def _worker(args: argparse.Namespace, prog: str) -> int:
     from service.worker import run_worker_process
 
-    settings = _settings(prog, model=args.model, metrics_port=args.metrics_port)
+    settings = _settings(prog, args.model, metrics_port=args.metrics_port)
     if settings.redis_url is None:
         _fail(prog, "SKIPDIT_REDIS_URL: a worker process needs Redis (serve embeds its own worker)")
     logging.getLogger().setLevel(settings.log_level)
@@ -234,10 +239,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the HTTP API (embedded queue + worker without Redis)")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
-    p.add_argument("--model", default=None)
+    models_help = "a model to serve; repeat for several (default: SKIPDIT_MODELS / SKIPDIT_MODEL)"
+    p.add_argument("--model", action="append", help=models_help)
     p.set_defaults(func=_serve)
     w = sub.add_parser("worker", help="run a GPU/CPU worker that takes jobs from Redis")
-    w.add_argument("--model", default=None)
+    w.add_argument("--model", action="append", help=models_help)
     w.add_argument("--metrics-port", type=int, default=None)
     w.set_defaults(func=_worker)
 

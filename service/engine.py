@@ -6,7 +6,8 @@ the batch stays under a token budget, run ONE denoising step for every active re
 batched forward per cache-mode group, see ``model.pipeline.denoise_step``), and report what
 happened as events. Requests join and leave only at step boundaries and never wait for a batch
 to fill. Output never depends on batch composition: each request owns its latents, scheduler,
-generator and cache state.
+generator and cache state. An engine runs one pipeline (one model); a worker holding several
+models owns one engine each, so requests of different models never share a batch.
 
 ``submit`` and ``cancel`` may be called from any thread; ``step`` from one thread at a time.
 """
@@ -130,6 +131,9 @@ class Engine:
         report = StepReport()
         if not self._active:
             return events, report
+        # One engine serves one model, so every active request joins one batch. Requests that
+        # cannot share a forward (video of different frame counts) would get a batch key here:
+        # group ``self._active`` by it and run one ``_run`` per group.
         jobs = [a.job for a in self._active]
         report.requests, report.rows = len(jobs), sum(j.rows for j in jobs)
         begin = time.perf_counter()

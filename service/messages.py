@@ -82,6 +82,14 @@ class JobRecord:
             self.deadline = self.created_at + float(self.request.get("timeout_s", 300.0))
 
     @property
+    def model(self) -> str:
+        """The model that runs the job: the API writes the resolved name into the request."""
+        name = self.request.get("model")
+        if not name:
+            raise ValueError(f"job {self.id} names no model")
+        return name
+
+    @property
     def params(self) -> JobRequest:
         return JobRequest.model_validate(self.request)
 

@@ -1,7 +1,13 @@
 """Prometheus series, in base units. The engine and worker report plain stats objects; this
-module alone turns them into series. One registry per app/worker (tests build many)."""
+module alone turns them into series. One registry per app/worker (tests build many).
+
+Every series carries a ``model`` label: one deployment serves several models, each with its own
+engine and queue. Errors not tied to one model (the queue backend is down) have ``model=""``.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -13,10 +19,12 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SPEEDUP_BUCKETS = (0.5, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 6, 8)
+NO_MODEL = ""  # the model label of errors that concern no one model
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, models: Sequence[str] = (), registry: CollectorRegistry | None = None):
+        """``models``: exported (at zero) from the start, per cache mode."""
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.request_duration = Histogram(
@@ -29,52 +37,65 @@ class Metrics:
         self.queue_wait = Histogram(
             "skipdit_queue_wait_seconds",
             "Submit to first step.",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.step_duration = Histogram(
             "skipdit_step_duration_seconds",
             "One batched forward, by cache mode.",
-            ["mode"],
+            ["model", "mode"],
             buckets=STEP_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
-            "skipdit_batch_size", "Requests per engine step.", buckets=BATCH_BUCKETS, registry=r
+            "skipdit_batch_size",
+            "Requests per engine step.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.steps = Counter(
-            "skipdit_steps", "Request-steps run, by cache mode.", ["mode"], registry=r
+            "skipdit_steps", "Request-steps run, by cache mode.", ["model", "mode"], registry=r
         )
         self.speedup = Histogram(
             "skipdit_speedup_ratio",
             "Per request: uncached-equivalent model time / actual.",
+            ["model"],
             buckets=SPEEDUP_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("skipdit_queue_depth", "Jobs waiting for a worker.", registry=r)
-        self.inflight = Gauge("skipdit_inflight_requests", "Jobs held by this worker.", registry=r)
-        self.requests = Counter(
-            "skipdit_requests", "Jobs ended, by status.", ["status"], registry=r
+        self.queue_depth = Gauge(
+            "skipdit_queue_depth", "Jobs waiting for a worker.", ["model"], registry=r
         )
-        self.errors = Counter("skipdit_errors", "Errors, by reason.", ["reason"], registry=r)
-        for mode in Mode:  # export both modes from the start
-            self.step_duration.labels(mode.value)
-            self.steps.labels(mode.value)
+        self.inflight = Gauge(
+            "skipdit_inflight_requests", "Jobs held by this worker.", ["model"], registry=r
+        )
+        self.requests = Counter(
+            "skipdit_requests", "Jobs ended, by status.", ["model", "status"], registry=r
+        )
+        self.errors = Counter(
+            "skipdit_errors", "Errors, by reason.", ["model", "reason"], registry=r
+        )
+        for model in models:
+            for mode in Mode:  # export both modes from the start
+                self.step_duration.labels(model, mode.value)
+                self.steps.labels(model, mode.value)
 
-    def observe_step(self, report: StepReport) -> None:
+    def observe_step(self, model: str, report: StepReport) -> None:
         if report.requests == 0:
             return
-        self.batch_size.observe(report.requests)
+        self.batch_size.labels(model).observe(report.requests)
         for mode, n in report.mode_requests.items():
             if n:
-                self.steps.labels(mode.value).inc(n)
+                self.steps.labels(model, mode.value).inc(n)
         for mode, seconds in report.mode_seconds.items():
-            self.step_duration.labels(mode.value).observe(seconds)
+            self.step_duration.labels(model, mode.value).observe(seconds)
 
     def observe_end(
         self, model: str, status: str, seconds: float, speedup: float | None = None
     ) -> None:
         self.request_duration.labels(model, status).observe(seconds)
-        self.requests.labels(status).inc()
+        self.requests.labels(model, status).inc()
         if speedup is not None:
-            self.speedup.observe(speedup)
+            self.speedup.labels(model).observe(speedup)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kernels import dispatch
+from model import registry
+
+
+def default_models() -> list[str]:
+    """What a deployment serves when neither SKIPDIT_MODELS nor SKIPDIT_MODEL is set: the shipped
+    image model (the first serves requests that name no model). The shipped video model joins
+    this list where it ships."""
+    return [registry.default_model()]
 
 
 class Settings(BaseSettings):
@@ -22,7 +31,12 @@ class Settings(BaseSettings):
         None, description="run the engine inside the API process; default: only without Redis"
     )
 
-    model: str | None = Field(None, description="model name or path; default: the shipped one")
+    models: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="models every worker loads, comma-separated or a JSON list; the first serves "
+        "requests that name none; default: default_models(). After validation: always the list",
+    )
+    model: str | None = Field(None, description="one model: the single-model form of models")
     vae: str | None = None
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -35,7 +49,7 @@ class Settings(BaseSettings):
 
     max_batch_tokens: int = Field(4096, ge=1, description="batch rows x tokens per row, per step")
     max_inflight: int = Field(32, ge=1, description="jobs one worker holds (running + waiting)")
-    max_queue: int = Field(256, ge=1, description="jobs waiting before submits get 429")
+    max_queue: int = Field(256, ge=1, description="jobs waiting per model before submits get 429")
     retry_after_s: float = Field(2.0, gt=0)
     max_num_images: int = Field(8, ge=1)
     max_steps: int = Field(250, ge=1)
@@ -66,6 +80,42 @@ class Settings(BaseSettings):
             )
         if self.embedded_worker is False and self.redis_url is None:
             raise ValueError("SKIPDIT_RUN_WORKER=false needs SKIPDIT_REDIS_URL: no one would run")
+        return self
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        """``a,b`` or ``["a", "b"]`` from the environment."""
+        if not isinstance(value, str):
+            return value
+        if value.strip().startswith("["):
+            return json.loads(value)
+        return [name.strip() for name in value.split(",") if name.strip()]
+
+    @model_validator(mode="after")
+    def _served(self) -> Settings:
+        """Resolve ``models``; every name must be a model the registry knows (read without
+        weights), listed once."""
+        if self.models is not None and self.model is not None and self.models != [self.model]:
+            raise ValueError(
+                f"SKIPDIT_MODEL ({self.model!r}) and SKIPDIT_MODELS ({self.models}) are both set: "
+                "set one (SKIPDIT_MODEL is the single-model form)"
+            )
+        setting = "SKIPDIT_MODELS" if self.models is not None else "SKIPDIT_MODEL"
+        names = self.models
+        if names is None:
+            names = [self.model] if self.model is not None else default_models()
+        if not names:
+            raise ValueError("SKIPDIT_MODELS is empty: name at least one model")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"SKIPDIT_MODELS names {twice} more than once")
+        for name in names:
+            try:
+                registry.describe(name)
+            except ValueError as e:  # FieldError (unknown: lists the known names), CheckpointError
+                raise ValueError(f"{setting}: {getattr(e, 'message', e)}") from e
+        self.models = names
         return self
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""The worker loop: claims jobs from a queue backend, feeds the engine, publishes what happens.
+"""The worker loop: claims jobs from a queue backend, feeds one engine per model, publishes what
+happens.
 
 Runs inside ``skipdit serve`` (embedded) or as ``skipdit worker`` (Redis). The engine's step
 runs in a thread so the event loop stays free for the API and for heartbeats. ``stop()``
@@ -24,7 +25,7 @@ from service.errors import BackendUnavailable
 from service.images import CONTENT_TYPES, encode
 from service.jobs import ENDED_BY
 from service.messages import EventKind, JobRecord, StoredResult
-from service.metrics import Metrics
+from service.metrics import NO_MODEL, Metrics
 from service.queue.base import Delivery, QueueBackend
 from service.settings import Settings
 
@@ -36,29 +37,37 @@ def default_worker_name() -> str:
 
 
 class Worker:
+    """Holds one engine per model it loaded and claims only those models' jobs. Engines step in
+    turn (round-robin among those with work, one step each), so requests of different models
+    never share a batch and each engine keeps its own token budget."""
+
     def __init__(
         self,
         backend: QueueBackend,
-        engine: Engine,
+        engines: dict[str, Engine],
         metrics: Metrics,
-        model_name: str,
         name: str | None = None,
         max_inflight: int = 32,
         heartbeat: float = 5.0,
         drain_timeout: float = 60.0,
-        runtime: dict[str, Any] | None = None,
+        runtimes: dict[str, dict[str, Any]] | None = None,
     ):
         self.backend = backend
-        self.engine = engine
+        self.engines = engines  # model name -> its engine
         self.metrics = metrics
-        self.model_name = model_name
         self.name = name or default_worker_name()
         self.max_inflight = max_inflight
         self.heartbeat_every = heartbeat
         self.drain_timeout = drain_timeout
-        self.runtime = runtime or {}  # how the model runs: device, dtype, kernels, graphs
+        # How each model runs: device, dtype, kernels, graphs.
+        self.runtimes = runtimes or {model: {} for model in engines}
         self._held: dict[str, tuple[Delivery, JobRecord]] = {}
         self._stopping = asyncio.Event()
+        self._turn = 0  # the engine to try first at the next step
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.engines)
 
     def stop(self) -> None:
         """Stop taking work; running jobs get ``drain_timeout`` seconds, the rest go back."""
@@ -66,14 +75,18 @@ class Worker:
             log.info("worker %s stopping: %d jobs held", self.name, len(self._held))
         self._stopping.set()
 
+    def has_work(self) -> bool:
+        return any(engine.has_work() for engine in self.engines.values())
+
     async def run(self) -> None:
-        log.info(
-            "worker %s started: model %s, backend %s, %s",
-            self.name,
-            self.model_name,
-            self.backend.name,
-            ", ".join(f"{k}={v}" for k, v in self.runtime.items()),
-        )
+        for model, runtime in self.runtimes.items():
+            log.info(
+                "worker %s: model %s, backend %s, %s",
+                self.name,
+                model,
+                self.backend.name,
+                ", ".join(f"{k}={v}" for k, v in runtime.items()),
+            )
         last_beat = 0.0
         drain_until: float | None = None
         while True:
@@ -84,37 +97,59 @@ class Worker:
                     break
             try:
                 if now - last_beat >= self.heartbeat_every:
-                    await self.backend.heartbeat(self.name, [d for d, _ in self._held.values()])
+                    await self._heartbeat()
                     last_beat = now
                 if not self._stopping.is_set():
                     await self._intake()
                 await self._cancellations()
             except BackendUnavailable as e:
-                self.metrics.errors.labels("backend_unavailable").inc()
+                self.metrics.errors.labels(NO_MODEL, "backend_unavailable").inc()
                 log.warning("worker %s: %s; retrying", self.name, e)
                 await asyncio.sleep(1.0)
                 continue
-            if self.engine.has_work():
-                events, report = await asyncio.to_thread(self.engine.step)
-                self.metrics.observe_step(report)
-                for event in events:
-                    await self._publish(event)
-            self.metrics.inflight.set(len(self._held))
+            await self._step()
         await self._hand_back()
         log.info("worker %s stopped", self.name)
+
+    async def _heartbeat(self) -> None:
+        """Keep the held deliveries ours; advertise the models while taking work."""
+        models = [] if self._stopping.is_set() else self.models
+        await self.backend.heartbeat(self.name, [d for d, _ in self._held.values()], models)
+
+    def _next_engine(self) -> str | None:
+        """The next model in turn whose engine has work (round-robin), or None."""
+        names = self.models
+        for i in range(len(names)):
+            model = names[(self._turn + i) % len(names)]
+            if self.engines[model].has_work():
+                self._turn = (self._turn + i + 1) % len(names)
+                return model
+        return None
+
+    async def _step(self) -> None:
+        """One step of one engine, in a thread; publish what it did."""
+        model = self._next_engine()
+        if model is not None:
+            events, report = await asyncio.to_thread(self.engines[model].step)
+            self.metrics.observe_step(model, report)
+            for event in events:
+                await self._publish(model, event)
+        held = [d.model for d, _ in self._held.values()]
+        for name in self.engines:
+            self.metrics.inflight.labels(name).set(held.count(name))
 
     async def _intake(self) -> None:
         room = self.max_inflight - len(self._held)
         if room <= 0:
             return
-        block = 0.0 if self.engine.has_work() else 0.5
-        for delivery in await self.backend.claim(self.name, room, block):
+        block = 0.0 if self.has_work() else 0.5
+        for delivery in await self.backend.claim(self.name, self.models, room, block):
             record = await self.backend.start(delivery)
             if record is None:
                 continue  # cancelled while queued, or already ended
             params = record.params
             self._held[record.id] = (delivery, record)
-            self.engine.submit(
+            self.engines[delivery.model].submit(
                 EngineRequest(
                     record.id,
                     params,
@@ -126,9 +161,9 @@ class Worker:
 
     async def _cancellations(self) -> None:
         for job_id in await self.backend.cancel_requested(list(self._held)):
-            self.engine.cancel(job_id)
+            self.engines[self._held[job_id][0].model].cancel(job_id)
 
-    async def _publish(self, event: EngineEvent) -> None:
+    async def _publish(self, model: str, event: EngineEvent) -> None:
         held = self._held.get(event.request_id)
         if held is None:
             return
@@ -137,32 +172,33 @@ class Worker:
                 await self._finish(event, *held)
                 return
             if event.kind is EventKind.STARTED and event.queue_wait is not None:
-                self.metrics.queue_wait.observe(event.queue_wait)
+                self.metrics.queue_wait.labels(model).observe(event.queue_wait)
             mode = event.mode.value if event.mode is not None else None
             await self.backend.progress(event.request_id, event.kind, event.step, event.total, mode)
         except BackendUnavailable:
-            self.metrics.errors.labels("backend_unavailable").inc()
+            self.metrics.errors.labels(model, "backend_unavailable").inc()
             log.exception("could not publish %s of job %s", event.kind, event.request_id)
 
     async def _finish(self, event: EngineEvent, delivery: Delivery, record: JobRecord) -> None:
         # Let go first: if the backend cannot be told, the unacked delivery is re-delivered.
         del self._held[record.id]
+        model = delivery.model
         status = ENDED_BY[event.kind]
-        result = self._result(record, event) if event.kind is EventKind.DONE else None
+        result = self._result(model, record, event) if event.kind is EventKind.DONE else None
         error = None
         if event.kind in (EventKind.FAILED, EventKind.EXPIRED):
             code = "expired" if event.kind is EventKind.EXPIRED else "generation_failed"
             error = {"code": code, "message": event.error or code}
-            self.metrics.errors.labels(code).inc()
+            self.metrics.errors.labels(model, code).inc()
         ended = await self.backend.finish(delivery, status, result, error)
         if ended is None:
             log.info("job %s had already ended elsewhere; result of this run dropped", record.id)
             return
         seconds = (ended.finished_at or ended.created_at) - ended.created_at
         speedup = result.meta["speedup"] if result is not None else None
-        self.metrics.observe_end(self.model_name, status.value, seconds, speedup)
+        self.metrics.observe_end(model, status.value, seconds, speedup)
 
-    def _result(self, record: JobRecord, event: EngineEvent) -> StoredResult | None:
+    def _result(self, model: str, record: JobRecord, event: EngineEvent) -> StoredResult | None:
         """The encoded images and their metadata."""
         if event.result is None:
             return None
@@ -171,7 +207,7 @@ class Worker:
         images = [encode(image, fmt) for image in event.result.images]
         meta = {
             "seed": params.seed,
-            "model": self.model_name,
+            "model": model,
             "cache_interval": params.cache_interval,
             "cache_policy": params.cache_policy,
             **event.result.stats.as_dict(),
@@ -181,24 +217,22 @@ class Worker:
 
     async def _hand_back(self) -> None:
         for job_id, (delivery, _) in list(self._held.items()):
-            self.engine.cancel(job_id)
+            self.engines[delivery.model].cancel(job_id)
             try:
                 await self.backend.release(delivery)
                 log.info("handed job %s back to the queue", job_id)
             except BackendUnavailable:
                 log.exception("could not hand back job %s; it will be re-delivered", job_id)
         self._held.clear()
-        if self.engine.has_work():
-            self.engine.step()  # drain the cancellations
+        for engine in self.engines.values():
+            if engine.has_work():
+                engine.step()  # drain the cancellations
 
 
-def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> Worker:
-    """Load the model and build an engine + worker over ``backend``."""
+def _load(settings: Settings, name: str) -> tuple[Engine, dict[str, Any]]:
+    """One model loaded onto its fast path, its engine, and how it runs."""
     loaded = registry.load(
-        settings.model,
-        device=settings.device,
-        dtype=getattr(torch, settings.dtype),
-        vae_path=settings.vae,
+        name, device=settings.device, dtype=getattr(torch, settings.dtype), vae_path=settings.vae
     )
     fast = loaded.pipeline.use_fast_path(settings.kernels, settings.graphs)
     runtime = {
@@ -208,17 +242,24 @@ def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> 
         "graphs": fast.graphs,
         "warmup_s": round(fast.warmup_seconds, 2),
     }
-    engine = Engine(loaded.pipeline, settings.max_batch_tokens)
+    return Engine(loaded.pipeline, settings.max_batch_tokens), runtime
+
+
+def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> Worker:
+    """Load every configured model and build an engine per model + a worker over ``backend``."""
+    engines: dict[str, Engine] = {}
+    runtimes: dict[str, dict[str, Any]] = {}
+    for name in settings.models or []:
+        engines[name], runtimes[name] = _load(settings, name)
     return Worker(
         backend,
-        engine,
+        engines,
         metrics,
-        loaded.name,
         name=settings.worker_name,
         max_inflight=settings.max_inflight,
         heartbeat=settings.heartbeat_s,
         drain_timeout=settings.drain_timeout_s,
-        runtime=runtime,
+        runtimes=runtimes,
     )
 
 
@@ -229,7 +270,7 @@ def run_worker_process(settings: Settings) -> int:
     from service.queue import make_backend
 
     async def main() -> None:
-        metrics = Metrics()
+        metrics = Metrics(settings.models or [])
         if settings.metrics_port is not None:
             start_http_server(settings.metrics_port, registry=metrics.registry)
         backend = make_backend(settings)

@@ -29,9 +29,12 @@ def test_compose_services_use_real_commands_and_settings() -> None:
 def test_k8s_manifests_use_known_settings_and_the_stream_keys() -> None:
     docs = list(yaml.safe_load_all((ROOT / "deploy/k8s/skipdit.yaml").read_text()))
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
-    Settings(**{k.removeprefix("SKIPDIT_").lower(): v for k, v in config.items()})
-    scaler = next(d for d in docs if d["kind"] == "ScaledObject")["spec"]["triggers"][0]["metadata"]
-    assert scaler["stream"] == Keys().stream and scaler["consumerGroup"] == Keys().group
+    settings = Settings(**{k.removeprefix("SKIPDIT_").lower(): v for k, v in config.items()})
+    triggers = next(d for d in docs if d["kind"] == "ScaledObject")["spec"]["triggers"]
+    scalers = [t["metadata"] for t in triggers]
+    # One trigger per served model's stream, on the workers' consumer group.
+    assert sorted(s["stream"] for s in scalers) == sorted(map(Keys().stream, settings.models))
+    assert {s["consumerGroup"] for s in scalers} == {Keys().group}
 
 
 def test_dockerfile_copies_every_package_and_runs_the_cli() -> None:

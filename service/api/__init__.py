@@ -1,5 +1,5 @@
 """The HTTP API: ``build_app(settings)`` wires the routers, the error mapping and a lifespan that
-owns the queue backend, the model description and (embedded mode) the worker.
+owns the queue backend, the served models' descriptions and (embedded mode) the worker.
 
 Routers, one per resource: ``generate`` (POST /generate), ``jobs`` (/jobs/{id}...), ``openai``
 (POST /v1/images/generations), ``system`` (/models, /healthz, /readyz, /metrics). Errors are
@@ -31,15 +31,17 @@ log = logging.getLogger(__name__)
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     backend = make_backend(settings, app.state.clock)
-    info = await asyncio.to_thread(registry.describe, settings.model)
-    if info.random_weights:
-        log.warning("serving %s: RANDOM untrained weights, for smoke tests only", info.name)
-    svc = Service(settings, backend, Metrics(), info)
+    names = settings.models or []
+    infos = await asyncio.to_thread(lambda: {name: registry.describe(name) for name in names})
+    for info in infos.values():
+        if info.random_weights:
+            log.warning("serving %s: RANDOM untrained weights, for smoke tests only", info.name)
+    svc = Service(settings, backend, Metrics(names), infos)
     if settings.embedded_worker:
         svc.worker = await asyncio.to_thread(make_worker, settings, backend, svc.metrics)
         svc.worker_task = asyncio.create_task(svc.worker.run(), name="skipdit-worker")
     app.state.service = svc
-    log.info("serving model %s with %s backend", info.name, backend.name)
+    log.info("serving models %s with %s backend", ", ".join(infos), backend.name)
     try:
         yield
     finally:

@@ -27,29 +27,41 @@ class Service:
     settings: Settings
     backend: QueueBackend
     metrics: Metrics
-    model: ModelInfo
+    models: dict[str, ModelInfo]  # served name -> description; the first is the default
     worker: Worker | None = None
     worker_task: asyncio.Task | None = None
 
-    def check(self, body: JobRequest) -> None:
-        """The deployment's limits and the model's own checks; raise FieldError."""
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.models))
+
+    def model_for(self, name: str | None) -> ModelInfo:
+        """The served model a request names (None: the default); FieldError('model') if none."""
+        info = self.models.get(name or self.default_model)
+        if info is None:
+            raise FieldError("model", f"unknown model {name!r}; served: {list(self.models)}")
+        return info
+
+    def check(self, body: JobRequest) -> ModelInfo:
+        """The deployment's limits and the requested model's own checks; raise FieldError.
+        Returns the model that runs the request."""
         s = self.settings
-        if body.model is not None and body.model != self.model.name:
-            raise FieldError(
-                "model", f"unknown model {body.model!r}; served: [{self.model.name!r}]"
-            )
+        info = self.model_for(body.model)
         if body.num_images > s.max_num_images:
             raise FieldError(
                 "num_images", f"must be in [1, {s.max_num_images}], got {body.num_images}"
             )
         if body.steps > s.max_steps:
             raise FieldError("steps", f"must be in [1, {s.max_steps}], got {body.steps}")
-        body.check_for(self.model.config)
-        body.check_budget(self.model.config, self.model.default_guidance, s.max_batch_tokens)
+        body.check_for(info.config)
+        body.check_budget(info.config, info.default_guidance, s.max_batch_tokens)
+        return info
 
     async def submit(self, body: JobRequest, idempotency_key: str | None) -> JobRecord:
-        self.check(body)
-        record = JobRecord(request=body.model_dump(mode="json", by_alias=True))
+        """Check and enqueue on the model's queue; the record names the model that runs it."""
+        info = self.check(body)
+        request = body.model_dump(mode="json", by_alias=True) | {"model": info.name}
+        record = JobRecord(request=request)
         record.total_steps = body.steps
         record, _ = await self.backend.submit(record, idempotency_key)
         return record

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from model.errors import FieldError
 from service import errors
+from service.metrics import NO_MODEL
 
 # type -> (status, code); looked up along the raised type's MRO.
 STATUS: dict[type[Exception], tuple[int, str]] = {
@@ -44,7 +45,7 @@ async def _typed(request: Request, e: Exception) -> JSONResponse:
     if isinstance(e, errors.QueueFull):
         headers = {"Retry-After": str(max(1, round(e.retry_after)))}
     if isinstance(e, errors.BackendUnavailable):  # other failures are counted by the worker
-        request.app.state.service.metrics.errors.labels(code).inc()
+        request.app.state.service.metrics.errors.labels(NO_MODEL, code).inc()
     return error_response(status, code, str(e), getattr(e, "field", None), headers)
 
 

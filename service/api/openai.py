@@ -31,12 +31,13 @@ async def openai_images(
     svc: ServiceDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
-    side = svc.model.image_size
+    info = svc.model_for(body.model)
+    side = info.image_size
     if body.size is not None and body.size != f"{side}x{side}":
         raise FieldError("size", f"this model makes {side}x{side} images, got {body.size!r}")
     request = JobRequest(
-        model=body.model,
-        class_label=svc.model.label_from_prompt(body.prompt),
+        model=info.name,
+        class_label=info.label_from_prompt(body.prompt),
         num_images=body.n,
         timeout_s=svc.settings.default_timeout_s,
     )

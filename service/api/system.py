@@ -1,4 +1,4 @@
-"""The served model and its cache defaults, liveness, readiness, Prometheus metrics."""
+"""The served models and their cache defaults, liveness, readiness, Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -10,36 +10,37 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from model import cache
+from model.registry import ModelInfo
 from service import errors
 from service.api.deps import Service, ServiceDep
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/models", summary="The served model and its cache defaults")
+@router.get("/models", summary="The served models, their cache defaults and runtimes")
 async def models(svc: ServiceDep) -> dict[str, Any]:
-    info = svc.model
+    return {"data": [_model(svc, name, info) for name, info in svc.models.items()]}
+
+
+def _model(svc: Service, name: str, info: ModelInfo) -> dict[str, Any]:
     return {
-        "data": [
-            {
-                "id": info.name,
-                "random_weights": info.random_weights,
-                "config": dataclasses.asdict(info.config),
-                "default_guidance": info.default_guidance,
-                "cache_policies": sorted(cache.POLICIES),
-                "cache_defaults": info.cache_defaults(),
-                "card": info.card,
-                "runtime": _runtime(svc),
-            }
-        ]
+        "id": name,
+        "kind": getattr(info, "kind", "image"),  # ModelInfo.kind arrives with video models
+        "default": name == svc.default_model,
+        "random_weights": info.random_weights,
+        "config": dataclasses.asdict(info.config),
+        "default_guidance": info.default_guidance,
+        "cache_policies": sorted(info.cache_defaults()),  # those that apply to its kind
+        "cache_defaults": info.cache_defaults(),
+        "card": info.card,
+        "runtime": _runtime(svc, name),
     }
 
 
-def _runtime(svc: Service) -> dict[str, Any]:
+def _runtime(svc: Service, name: str) -> dict[str, Any]:
     """How the model runs: the embedded worker's resolved path, else what workers are asked."""
     if svc.worker is not None:
-        return svc.worker.runtime
+        return svc.worker.runtimes[name]
     s = svc.settings
     return {"where": "worker processes", "kernels": s.kernels, "graphs": s.graphs}
 
@@ -49,16 +50,28 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Model loaded and queue reachable")
+@router.get("/readyz", summary="Queue reachable; per model, the live workers that hold it")
 async def readyz(svc: ServiceDep) -> dict[str, Any]:
+    """Ready once the queue answers: jobs of a model no worker holds wait in its queue (workers
+    scale on the backlog), so ``models`` reports coverage without failing the probe."""
     await svc.backend.ping()
     if svc.worker_task is not None and svc.worker_task.done():
         raise errors.WorkerStopped("the embedded worker has stopped")
-    return {"status": "ready", "model": svc.model.name, "backend": svc.backend.name}
+    held = await svc.backend.holders()
+    return {
+        "status": "ready",
+        "model": svc.default_model,
+        "models": {
+            name: {"held": bool(held.get(name)), "workers": held.get(name, [])}
+            for name in svc.models
+        },
+        "backend": svc.backend.name,
+    }
 
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(svc: ServiceDep) -> Response:
     with contextlib.suppress(errors.BackendUnavailable):
-        svc.metrics.queue_depth.set(await svc.backend.depth())
+        for name in svc.models:
+            svc.metrics.queue_depth.labels(name).set(await svc.backend.depth(name))
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

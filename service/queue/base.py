@@ -1,16 +1,18 @@
 """The interface every queue backend implements, and the errors the API maps to HTTP.
 
-API side: submit (with idempotency and a bounded queue), read records/results, request a
-cancel, follow a job's events. Worker side: claim deliveries, move a job's record through its
-states, publish events, ack. The states and their transitions are ``service.jobs``; this class
-applies them through one primitive, ``_commit``, that each backend makes atomic.
+API side: submit (with idempotency and a bounded queue per model), read records/results, request
+a cancel, follow a job's events, see which models live workers hold. Worker side: claim
+deliveries of the models it holds, move a job's record through its states, publish events, ack,
+heartbeat (which also advertises its models). The states and their transitions are
+``service.jobs``; this class applies them through one primitive, ``_commit``, that each backend
+makes atomic.
 """
 
 from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +30,23 @@ class Delivery:
     job_id: str
     token: str
     consumer: str  # the worker it was delivered to
+    model: str  # the model whose queue it came from
     attempts: int = 1
+
+
+def holders_of(models_by_worker: Iterable[tuple[str, Sequence[str]]]) -> dict[str, list[str]]:
+    """(worker, its models) pairs -> model -> the workers that hold it."""
+    held: dict[str, list[str]] = {}
+    for worker, models in models_by_worker:
+        for model in models:
+            held.setdefault(model, []).append(worker)
+    return held
 
 
 class QueueBackend(ABC):
     name: str
     clock: Callable[[], float]  # Unix seconds: the times written on records and events
+    _turn: int = 0  # which model's queue ``_fairly`` asks first, rotating
 
     # -- storage: what each backend provides
 
@@ -82,8 +95,12 @@ class QueueBackend(ABC):
         """Every event of the job from its first, ending after a terminal one."""
 
     @abstractmethod
-    async def depth(self) -> int:
-        """Jobs submitted and not yet claimed by a worker."""
+    async def depth(self, model: str) -> int:
+        """Jobs of ``model`` submitted and not yet claimed by a worker."""
+
+    @abstractmethod
+    async def holders(self) -> dict[str, list[str]]:
+        """Model -> the live workers that hold it (from their heartbeats)."""
 
     @abstractmethod
     async def ping(self) -> None:
@@ -103,8 +120,28 @@ class QueueBackend(ABC):
     # -- worker side
 
     @abstractmethod
-    async def claim(self, consumer: str, count: int, block: float) -> list[Delivery]:
-        """Up to ``count`` deliveries, waiting at most ``block`` seconds for the first."""
+    async def claim(
+        self, consumer: str, models: Sequence[str], count: int, block: float
+    ) -> list[Delivery]:
+        """Up to ``count`` deliveries of jobs of ``models``, waiting at most ``block`` seconds for
+        the first."""
+
+    async def _fairly(
+        self,
+        models: Sequence[str],
+        count: int,
+        take: Callable[[str, int], Awaitable[list[Delivery]]],
+    ) -> list[Delivery]:
+        """Up to ``count`` deliveries from ``take(model, n)``, shared among the models' queues:
+        each is asked for its share of what is left, the first asked rotates between calls."""
+        self._turn = (self._turn + 1) % max(1, len(models))
+        order = [*models[self._turn :], *models[: self._turn]]
+        out: list[Delivery] = []
+        for i, model in enumerate(order):
+            share = -(-(count - len(out)) // (len(order) - i))  # ceil
+            if share > 0:
+                out += await take(model, share)
+        return out
 
     async def start(self, delivery: Delivery) -> JobRecord | None:
         """Mark a claimed job running; None (and acked) if it was cancelled or already ended."""
@@ -153,8 +190,12 @@ class QueueBackend(ABC):
     @abstractmethod
     async def cancel_requested(self, job_ids: list[str]) -> set[str]: ...
 
-    async def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
-        """Tell the backend this worker and its deliveries are alive."""
+    @abstractmethod
+    async def heartbeat(
+        self, consumer: str, deliveries: list[Delivery], models: Sequence[str]
+    ) -> None:
+        """Tell the backend this worker and its deliveries are alive, and which models it holds
+        (none while it drains)."""
 
     async def close(self) -> None:
         """Release connections."""

@@ -1,4 +1,5 @@
-"""Every Redis key name in one place (one prefix per deployment)."""
+"""Every Redis key name in one place (one prefix per deployment). Each model has its own job
+stream, so a worker reads only the streams of the models it holds."""
 
 from __future__ import annotations
 
@@ -9,17 +10,15 @@ from dataclasses import dataclass
 class Keys:
     prefix: str = "skipdit"
 
-    @property
-    def stream(self) -> str:  # jobs waiting for / held by workers (consumer group below)
-        return f"{self.prefix}:jobs"
+    def stream(self, model: str) -> str:  # jobs of a model waiting for / held by workers
+        return f"{self.prefix}:jobs:{model}"
 
     @property
-    def group(self) -> str:
+    def group(self) -> str:  # the consumer group, same name on every model's stream
         return f"{self.prefix}:workers"
 
-    @property
-    def dead_letter(self) -> str:  # jobs that failed delivery too often
-        return f"{self.prefix}:jobs:dead"
+    def dead_letter(self, model: str) -> str:  # jobs of a model that failed delivery too often
+        return f"{self.prefix}:dead:{model}"
 
     def job(self, job_id: str) -> str:  # JSON JobRecord, TTL job_ttl
         return f"{self.prefix}:job:{job_id}"
@@ -36,5 +35,9 @@ class Keys:
     def idempotency(self, key: str) -> str:  # -> job id
         return f"{self.prefix}:idem:{key}"
 
-    def worker(self, name: str) -> str:  # heartbeat, TTL
+    def worker(self, name: str) -> str:  # heartbeat: JSON {"at", "models"}, TTL claim_idle
         return f"{self.prefix}:worker:{name}"
+
+    @property
+    def worker_names(self) -> str:  # set of workers that heartbeat; pruned once a beat expires
+        return f"{self.prefix}:worker-names"

@@ -1,9 +1,9 @@
 """In-process backend: the embedded default when no Redis URL is configured.
 
-Same semantics as the Redis backend, inside one event loop: a FIFO of job ids, records, events
-and results in dicts (results and records dropped after their TTLs, by the injected clock),
-conditions to wake waiters. A transition is atomic because no ``await`` separates its read from
-its write.
+Same semantics as the Redis backend, inside one event loop: a FIFO of job ids per model, records,
+events and results in dicts (results and records dropped after their TTLs, by the injected clock),
+conditions to wake waiters. A transition is atomic because no ``await`` separates its read from its
+write.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from service import jobs
 from service.errors import QueueFull
 from service.jobs import Change
 from service.messages import Event, JobRecord, StoredResult
-from service.queue.base import Delivery, QueueBackend, Transition
+from service.queue.base import Delivery, QueueBackend, Transition, holders_of
 
 
 def _copy(record: JobRecord) -> JobRecord:
@@ -42,7 +42,8 @@ class MemoryBackend(QueueBackend):
         self.job_ttl = job_ttl
         self.retry_after = retry_after
         self.clock = clock
-        self._queue: deque[str] = deque()
+        self._queues: defaultdict[str, deque[str]] = defaultdict(deque)  # model -> job ids
+        self._models: dict[str, list[str]] = {}  # worker -> the models it advertises
         self._records: dict[str, JobRecord] = {}
         self._results: dict[str, tuple[float, StoredResult]] = {}  # expires at, result
         self._events: dict[str, list[Event]] = {}
@@ -84,8 +85,9 @@ class MemoryBackend(QueueBackend):
             self._events.setdefault(record.id, []).append(change.event)
         if record.status.terminal:
             self._cancel.discard(record.id)
-            if record.id in self._queue:  # cancelled while queued
-                self._queue.remove(record.id)
+            queue = self._queues[record.model]
+            if record.id in queue:  # cancelled while queued
+                queue.remove(record.id)
         if result is not None:
             self._results[record.id] = (self.clock() + self.result_ttl, result)
 
@@ -93,7 +95,7 @@ class MemoryBackend(QueueBackend):
         self._cancel.add(job_id)
 
     async def _requeue(self, delivery: Delivery) -> None:
-        self._queue.appendleft(delivery.job_id)
+        self._queues[delivery.model].appendleft(delivery.job_id)
         await self._notify()
 
     # -- API side
@@ -106,12 +108,13 @@ class MemoryBackend(QueueBackend):
             known = self._records.get(self._idempotency[idempotency_key])
             if known is not None:
                 return _copy(known), False
-        if len(self._queue) >= self.max_queue:  # waiting, not yet claimed
-            raise QueueFull(len(self._queue), self.retry_after)
+        queue = self._queues[record.model]
+        if len(queue) >= self.max_queue:  # waiting, not yet claimed
+            raise QueueFull(len(queue), self.retry_after)
         self._store(jobs.submit(record, self.clock()), None)
         if idempotency_key is not None:
             self._idempotency[idempotency_key] = record.id
-        self._queue.append(record.id)
+        queue.append(record.id)
         await self._notify()
         return record, True
 
@@ -139,26 +142,41 @@ class MemoryBackend(QueueBackend):
                 if event.terminal:
                     return
 
-    async def depth(self) -> int:
-        return len(self._queue)
+    async def depth(self, model: str) -> int:
+        return len(self._queues[model])
+
+    async def holders(self) -> dict[str, list[str]]:
+        return holders_of(self._models.items())
 
     async def ping(self) -> None:
         return None
 
     # -- worker side
 
-    async def claim(self, consumer: str, count: int, block: float) -> list[Delivery]:
-        if not self._queue and block > 0:
+    async def claim(
+        self, consumer: str, models: Sequence[str], count: int, block: float
+    ) -> list[Delivery]:
+        def waiting() -> bool:
+            return any(self._queues[m] for m in models)
+
+        if not waiting() and block > 0:
             try:
                 async with asyncio.timeout(block), self._changed:
-                    await self._changed.wait_for(lambda: bool(self._queue))
+                    await self._changed.wait_for(waiting)
             except TimeoutError:
                 return []
-        out = []
-        while self._queue and len(out) < count:
-            job_id = self._queue.popleft()
-            out.append(Delivery(job_id, job_id, consumer))
-        return out
+
+        async def take(model: str, n: int) -> list[Delivery]:
+            queue = self._queues[model]
+            ids = [queue.popleft() for _ in range(min(n, len(queue)))]
+            return [Delivery(job_id, job_id, consumer, model) for job_id in ids]
+
+        return await self._fairly(models, count, take)
 
     async def cancel_requested(self, job_ids: list[str]) -> set[str]:
         return self._cancel.intersection(job_ids)
+
+    async def heartbeat(
+        self, consumer: str, deliveries: list[Delivery], models: Sequence[str]
+    ) -> None:
+        self._models[consumer] = list(models)

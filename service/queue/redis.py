@@ -1,14 +1,15 @@
-"""Redis backend: Streams with a consumer group carry jobs to workers.
+"""Redis backend: Streams with a consumer group carry jobs to workers, one stream per model.
 
-XADD submits; XREADGROUP hands a job to one worker; XACK + XDEL retire it. A live worker
-refreshes its deliveries' idle time (XCLAIM to itself, JUSTID) with every heartbeat, so XAUTOCLAIM
-with ``claim_idle`` re-delivers only the work of a worker that stopped heartbeating. Each
-delivery's counter bounds retries: past ``max_deliveries`` the job goes to a dead-letter stream
-and fails. Records, results (TTL) and a per-job event stream live beside the queue; waiting API
-replicas block on the event stream (XREAD BLOCK) instead of polling. Every transition of a
-record (``service.jobs``) is written under WATCH/MULTI with its event, so the first terminal state
-wins and a re-run's result is discarded. Times on records come from the injected clock; TTLs
-are Redis's own.
+XADD submits to the job's model stream; XREADGROUP hands a job to one worker, which reads only the
+streams of the models it holds; XACK + XDEL retire it. A live worker refreshes its deliveries' idle
+time (XCLAIM to itself, JUSTID) with every heartbeat, so XAUTOCLAIM with ``claim_idle`` re-delivers
+only the work of a worker that stopped heartbeating. Each delivery's counter bounds retries: past
+``max_deliveries`` the job goes to its model's dead-letter stream and fails. A worker's heartbeat
+key (TTL ``claim_idle``) names the models it holds; a set of worker names finds the keys. Records,
+results (TTL) and a per-job event stream live beside the queues; waiting API replicas block on the
+event stream (XREAD BLOCK) instead of polling. Every transition of a record (``service.jobs``) is
+written under WATCH/MULTI with its event, so the first terminal state wins and a re-run's result is
+discarded. Times on records come from the injected clock; TTLs are Redis's own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -28,7 +29,7 @@ from service import jobs
 from service.errors import BackendUnavailable, QueueFull
 from service.jobs import Change
 from service.messages import Event, JobRecord, JobStatus, StoredResult
-from service.queue.base import Delivery, QueueBackend, Transition
+from service.queue.base import Delivery, QueueBackend, Transition, holders_of
 from service.queue.keys import Keys
 
 P = ParamSpec("P")
@@ -44,7 +45,7 @@ def guarded(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         try:
             return await fn(*args, **kwargs)
         except DOWN as e:
-            args[0]._group_ready = False  # type: ignore[attr-defined]
+            args[0]._groups_ready.clear()  # type: ignore[attr-defined]
             raise BackendUnavailable(f"redis unreachable: {e}") from e
 
     return wrapper
@@ -85,17 +86,19 @@ class RedisBackend(QueueBackend):
         self.max_deliveries = max_deliveries
         self.retry_after = retry_after
         self.clock = clock
-        self._group_ready = False
+        self._groups_ready: set[str] = set()  # models whose stream has the group
 
-    async def _ensure_group(self) -> None:
-        if self._group_ready:
+    async def _ensure_group(self, model: str) -> None:
+        if model in self._groups_ready:
             return
         try:
-            await self.redis.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
+            await self.redis.xgroup_create(
+                self.keys.stream(model), self.keys.group, id="0", mkstream=True
+            )
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
-        self._group_ready = True
+        self._groups_ready.add(model)
 
     # -- storage under the base class's transitions (guarded like every public method)
 
@@ -146,12 +149,13 @@ class RedisBackend(QueueBackend):
 
     @guarded
     async def _requeue(self, delivery: Delivery) -> None:
-        await self.redis.xadd(self.keys.stream, {"id": delivery.job_id})
+        await self.redis.xadd(self.keys.stream(delivery.model), {"id": delivery.job_id})
 
     @guarded
     async def _retire(self, delivery: Delivery) -> None:
-        await self.redis.xack(self.keys.stream, self.keys.group, delivery.token)
-        await self.redis.xdel(self.keys.stream, delivery.token)
+        stream = self.keys.stream(delivery.model)
+        await self.redis.xack(stream, self.keys.group, delivery.token)
+        await self.redis.xdel(stream, delivery.token)
 
     # -- API side
 
@@ -159,7 +163,7 @@ class RedisBackend(QueueBackend):
     async def submit(
         self, record: JobRecord, idempotency_key: str | None = None
     ) -> tuple[JobRecord, bool]:
-        await self._ensure_group()
+        await self._ensure_group(record.model)
         idem = self.keys.idempotency(idempotency_key) if idempotency_key else None
         if idem is not None and not await self.redis.set(idem, record.id, nx=True, ex=self.job_ttl):
             known = await self.redis.get(idem)
@@ -167,7 +171,7 @@ class RedisBackend(QueueBackend):
             if existing is not None:
                 return existing, False
             await self.redis.set(idem, record.id, ex=self.job_ttl)
-        waiting = await self.depth()
+        waiting = await self.depth(record.model)
         if waiting >= self.max_queue:
             if idem is not None:
                 await self.redis.delete(idem)
@@ -177,7 +181,7 @@ class RedisBackend(QueueBackend):
             pipe.set(self.keys.job(record.id), _dump(record), ex=self.job_ttl)
             pipe.xadd(self.keys.events(record.id), {"e": _dump(queued)})
             pipe.expire(self.keys.events(record.id), self.job_ttl)
-            pipe.xadd(self.keys.stream, {"id": record.id})
+            pipe.xadd(self.keys.stream(record.model), {"id": record.id})
             await pipe.execute()
         return record, True
 
@@ -214,46 +218,91 @@ class RedisBackend(QueueBackend):
                         return
 
     @guarded
-    async def depth(self) -> int:
-        await self._ensure_group()
-        length = await self.redis.xlen(self.keys.stream)
-        pending = await self.redis.xpending(self.keys.stream, self.keys.group)
+    async def depth(self, model: str) -> int:
+        await self._ensure_group(model)
+        stream = self.keys.stream(model)
+        length = await self.redis.xlen(stream)
+        pending = await self.redis.xpending(stream, self.keys.group)
         return max(0, length - int(pending["pending"]))
+
+    @guarded
+    async def holders(self) -> dict[str, list[str]]:
+        names = sorted(n.decode() for n in await self.redis.smembers(self.keys.worker_names))
+        if not names:
+            return {}
+        beats = await self.redis.mget([self.keys.worker(n) for n in names])
+        gone = [n for n, beat in zip(names, beats, strict=True) if beat is None]
+        if gone:
+            await self.redis.srem(self.keys.worker_names, *gone)
+        return holders_of(
+            (n, json.loads(beat)["models"])
+            for n, beat in zip(names, beats, strict=True)
+            if beat is not None
+        )
 
     @guarded
     async def ping(self) -> None:
         await self.redis.ping()
-        await self._ensure_group()
 
     # -- worker side
 
     @guarded
-    async def claim(self, consumer: str, count: int, block: float) -> list[Delivery]:
-        await self._ensure_group()
+    async def claim(
+        self, consumer: str, models: Sequence[str], count: int, block: float
+    ) -> list[Delivery]:
+        for model in models:
+            await self._ensure_group(model)
+        out: list[Delivery] = []
+        for model in models:  # first the work of dead workers
+            if len(out) < count:
+                out += await self._reclaim(consumer, model, count - len(out))
+
+        async def take(model: str, n: int) -> list[Delivery]:
+            return await self._read(consumer, [model], n, None)
+
+        out += await self._fairly(models, count - len(out), take)
+        if out or block <= 0:
+            return out
+        # Nothing waits: block on every stream at once; each may answer with one entry.
+        woken = await self._read(consumer, models, 1, int(block * 1000))
+        for extra in woken[count:]:
+            await self._requeue(extra)
+            await self._retire(extra)
+        return woken[:count]
+
+    async def _read(
+        self, consumer: str, models: Sequence[str], count: int, block_ms: int | None
+    ) -> list[Delivery]:
+        """New entries of the models' streams, ``count`` at most per stream."""
+        model_of = {self.keys.stream(m): m for m in models}
+        reply = await self.redis.xreadgroup(
+            self.keys.group, consumer, dict.fromkeys(model_of, ">"), count=count, block=block_ms
+        )
+        return [
+            Delivery(fields[b"id"].decode(), entry_id.decode(), consumer, model_of[key.decode()])
+            for key, entries in reply or []
+            for entry_id, fields in entries
+        ]
+
+    async def _reclaim(self, consumer: str, model: str, count: int) -> list[Delivery]:
+        """Entries of ``model`` idle past ``claim_idle`` (their worker died); past
+        ``max_deliveries`` a job goes to the dead letters instead."""
+        stream = self.keys.stream(model)
         out: list[Delivery] = []
         _, reclaimed, _ = await self.redis.xautoclaim(
-            self.keys.stream, self.keys.group, consumer, self.claim_idle_ms, "0-0", count=count
+            stream, self.keys.group, consumer, self.claim_idle_ms, "0-0", count=count
         )
         for entry_id, fields in reclaimed:
             info = await self.redis.xpending_range(
-                self.keys.stream, self.keys.group, min=entry_id, max=entry_id, count=1
+                stream, self.keys.group, min=entry_id, max=entry_id, count=1
             )
             attempts = int(info[0]["times_delivered"]) if info else 1
-            delivery = Delivery(fields[b"id"].decode(), entry_id.decode(), consumer, attempts)
+            job_id = fields[b"id"].decode()
+            delivery = Delivery(job_id, entry_id.decode(), consumer, model, attempts)
             if attempts > self.max_deliveries:
                 await self._dead_letter(delivery)
             else:
                 out.append(delivery)
-        if len(out) < count:
-            reply = await self.redis.xreadgroup(
-                self.keys.group,
-                consumer,
-                {self.keys.stream: ">"},
-                count=count - len(out),
-                block=int(block * 1000) if block > 0 else None,
-            )
-            for _, entries in reply or []:
-                out += [Delivery(f[b"id"].decode(), eid.decode(), consumer) for eid, f in entries]
         return out
 
     async def _dead_letter(self, delivery: Delivery) -> None:
@@ -266,7 +315,7 @@ class RedisBackend(QueueBackend):
             delivery.job_id, lambda r: jobs.finish(r, JobStatus.FAILED, now, error=error)
         )
         fields = {"id": delivery.job_id, "attempts": delivery.attempts, "at": now}
-        await self.redis.xadd(self.keys.dead_letter, fields)
+        await self.redis.xadd(self.keys.dead_letter(delivery.model), fields)
         await self._retire(delivery)
 
     @guarded
@@ -277,16 +326,20 @@ class RedisBackend(QueueBackend):
         return {i for i, flag in zip(job_ids, flags, strict=True) if flag is not None}
 
     @guarded
-    async def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
-        await self.redis.set(self.keys.worker(consumer), self.clock(), px=self.claim_idle_ms)
-        if deliveries:
+    async def heartbeat(
+        self, consumer: str, deliveries: list[Delivery], models: Sequence[str]
+    ) -> None:
+        beat = json.dumps({"at": self.clock(), "models": list(models)})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.worker(consumer), beat, px=self.claim_idle_ms)
+            pipe.sadd(self.keys.worker_names, consumer)
+            await pipe.execute()
+        tokens: dict[str, list[str]] = {}
+        for d in deliveries:
+            tokens.setdefault(d.model, []).append(d.token)
+        for model, held in tokens.items():  # reset their idle time: not for XAUTOCLAIM
             await self.redis.xclaim(
-                self.keys.stream,
-                self.keys.group,
-                consumer,
-                0,
-                [d.token for d in deliveries],
-                justid=True,
+                self.keys.stream(model), self.keys.group, consumer, 0, held, justid=True
             )
 
     async def close(self) -> None:

@@ -1,5 +1,6 @@
 """Service fixtures: a real redis-server per test session (and private ones on demand), the
-tiny model saved as a real model directory, and an app client with its lifespan running."""
+tiny models saved as real model directories (a Skip-DiT and a vanilla DiT), and an app client
+with its lifespan running."""
 
 from __future__ import annotations
 
@@ -92,8 +93,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_pretrained(tiny(), tmp_path_factory.mktemp("models") / "tiny", card=card)
 
 
+@pytest.fixture(scope="session")
+def tiny_dit_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second served model: the vanilla DiT (no long skips), other weights."""
+    card = {"name": "tiny-dit", "default_guidance": 3.0}
+    model = tiny(seed=1, long_skip=False)
+    return save_pretrained(model, tmp_path_factory.mktemp("models") / "tiny-dit", card=card)
+
+
 def settings_for(backend: str, model_dir: Path, redis_url: str | None, **kw: object) -> Settings:
     base: dict[str, object] = {"model": str(model_dir), "max_steps": 1000, "heartbeat_s": 0.2}
+    if "models" in kw:
+        base["model"] = None
     base["claim_idle_s"] = 1.0
     if backend == "redis":
         base |= {"redis_url": redis_url, "redis_prefix": f"t{uuid.uuid4().hex[:8]}"}

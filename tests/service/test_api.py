@@ -15,6 +15,7 @@ import pytest
 import redis
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import load_pretrained
 from model.pipeline import Pipeline
@@ -246,6 +247,7 @@ async def test_models_health_ready_and_openapi(make_settings, tiny_model_dir) ->
         ready = await client.get("/readyz")
         openapi = (await client.get("/openapi.json")).json()
     assert models["id"] == str(tiny_model_dir) and models["random_weights"] is False
+    assert models["kind"] == "image" and models["default"] is True
     assert models["cache_defaults"]["skip_cache"]["depth"] == 1
     runtime = models["runtime"]  # auto on a CPU: plain eager torch
     assert (runtime["kernels"], runtime["graphs"], runtime["warmup_s"]) == ("torch", "off", 0)
@@ -258,19 +260,32 @@ async def test_models_health_ready_and_openapi(make_settings, tiny_model_dir) ->
     } <= set(openapi["paths"])
 
 
-SERIES = [
-    "skipdit_request_duration_seconds_count",
-    "skipdit_queue_wait_seconds_count",
-    'skipdit_step_duration_seconds_count{mode="full"}',
-    'skipdit_step_duration_seconds_count{mode="cached"}',
-    "skipdit_batch_size_count",
-    'skipdit_steps_total{mode="full"}',
-    'skipdit_steps_total{mode="cached"}',
-    "skipdit_speedup_ratio_count",
-    'skipdit_requests_total{status="done"}',
-    "skipdit_inflight_requests",
-    "skipdit_queue_depth",
+SERIES = [  # (name, labels beside model): every series carries the model
+    ("skipdit_request_duration_seconds_count", {"status": "done"}),
+    ("skipdit_queue_wait_seconds_count", {}),
+    ("skipdit_step_duration_seconds_count", {"mode": "full"}),
+    ("skipdit_step_duration_seconds_count", {"mode": "cached"}),
+    ("skipdit_batch_size_count", {}),
+    ("skipdit_steps_total", {"mode": "full"}),
+    ("skipdit_steps_total", {"mode": "cached"}),
+    ("skipdit_speedup_ratio_count", {}),
+    ("skipdit_requests_total", {"status": "done"}),
+    ("skipdit_inflight_requests", {}),
+    ("skipdit_queue_depth", {}),
 ]
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text -> {(name, labels): value}."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(values: dict, name: str, **labels: str) -> float | None:
+    return values.get((name, frozenset(labels.items())))
 
 
 async def test_concurrent_mixed_requests_batch_and_match_solo_runs(
@@ -290,22 +305,16 @@ async def test_concurrent_mixed_requests_batch_and_match_solo_runs(
         (solo,) = pipeline.generate([GenerateParams(**body)])
         got = pixels(base64.b64decode(response.json()["images"][0]))
         assert np.abs(got - solo.images[0, ..., 0].numpy().astype(np.int16)).max() <= 1
-    values = {}
-    for line in metrics.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    batch_count = values["skipdit_batch_size_count"]
-    batch_sum = values["skipdit_batch_size_sum"]
+    values = parse_metrics(metrics)
+    name = str(tiny_model_dir)
+    batch_count = sample(values, "skipdit_batch_size_count", model=name)
+    batch_sum = sample(values, "skipdit_batch_size_sum", model=name)
     assert batch_sum / batch_count > 1  # steps ran more than one request at a time
-    assert values['skipdit_steps_total{mode="cached"}'] > 0
-    for series in SERIES:
-        matching = [v for k, v in values.items() if k.split("{")[0] == series.split("{")[0]]
-        assert matching, f"{series} missing from /metrics"
-        if "{" in series:
-            assert values[series] > 0, series
-        elif series not in ("skipdit_inflight_requests", "skipdit_queue_depth"):
-            assert max(matching) > 0, series
+    for series, labels in SERIES:
+        got = sample(values, series, model=name, **labels)
+        assert got is not None, f"{series}{labels} missing from /metrics"
+        if series not in ("skipdit_inflight_requests", "skipdit_queue_depth"):
+            assert got > 0, series
 
 
 def test_engine_output_independent_of_batch_at_latent_level(tiny_model_dir) -> None:

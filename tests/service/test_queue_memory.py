@@ -15,6 +15,7 @@ from tests.service.conftest import Clock
 pytestmark = pytest.mark.anyio
 
 RESULT_TTL, JOB_TTL = 60.0, 600.0
+MODEL = "tiny"
 
 
 @pytest.fixture
@@ -33,7 +34,8 @@ def backend(clock: Clock) -> MemoryBackend:
 
 
 def new_record(backend: MemoryBackend, steps: int = 10) -> JobRecord:
-    return JobRecord(request={"steps": steps}, created_at=backend.clock(), total_steps=steps)
+    request = {"model": MODEL, "steps": steps}
+    return JobRecord(request=request, created_at=backend.clock(), total_steps=steps)
 
 
 async def submitted(backend: MemoryBackend) -> JobRecord:
@@ -43,7 +45,7 @@ async def submitted(backend: MemoryBackend) -> JobRecord:
 
 
 async def started(backend: MemoryBackend, consumer: str = "w1") -> tuple[Delivery, JobRecord]:
-    (delivery,) = await backend.claim(consumer, 1, 0)
+    (delivery,) = await backend.claim(consumer, [MODEL], 1, 0)
     record = await backend.start(delivery)
     assert record is not None
     return delivery, record
@@ -62,10 +64,10 @@ async def test_a_job_goes_through_queue_claim_start_and_done(
     backend: MemoryBackend, clock: Clock
 ) -> None:
     record = await submitted(backend)
-    assert await backend.depth() == 1
+    assert await backend.depth(MODEL) == 1
     clock.advance(2)
     delivery, running = await started(backend)
-    assert await backend.depth() == 0
+    assert await backend.depth(MODEL) == 0
     assert (running.status, running.worker, running.started_at) == ("running", "w1", clock())
     await backend.progress(record.id, EventKind.STARTED, 0, 10)
     await backend.progress(record.id, EventKind.STEP, 1, 10, "full")
@@ -92,7 +94,7 @@ async def test_an_idempotency_key_returns_the_first_job(backend: MemoryBackend) 
     first, created = await backend.submit(new_record(backend), idempotency_key="k")
     second, again = await backend.submit(new_record(backend), idempotency_key="k")
     assert created and not again and second.id == first.id
-    assert await backend.depth() == 1
+    assert await backend.depth(MODEL) == 1
 
 
 async def test_a_full_queue_refuses_with_retry_after(backend: MemoryBackend) -> None:
@@ -109,7 +111,7 @@ async def test_cancel_of_a_queued_job_ends_it_and_no_worker_gets_it(backend: Mem
     record = await submitted(backend)
     cancelled = await backend.request_cancel(record.id)
     assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
-    assert await backend.depth() == 0 and await backend.claim("w1", 1, 0) == []
+    assert await backend.depth(MODEL) == 0 and await backend.claim("w1", [MODEL], 1, 0) == []
     assert await event_kinds(backend, record.id) == ["queued", "cancelled"]
     assert await backend.cancel_requested([record.id]) == set()
 
@@ -127,7 +129,7 @@ async def test_cancel_of_a_running_job_flags_it_for_its_worker(backend: MemoryBa
 
 async def test_a_claimed_job_cancelled_before_start_is_not_started(backend: MemoryBackend) -> None:
     record = await submitted(backend)
-    (delivery,) = await backend.claim("w1", 1, 0)
+    (delivery,) = await backend.claim("w1", [MODEL], 1, 0)
     await backend.request_cancel(record.id)  # still queued in the record: cancelled at once
     assert await backend.start(delivery) is None
 
@@ -152,7 +154,7 @@ async def test_release_puts_the_job_back_at_the_head_of_the_queue(backend: Memor
     delivery, _ = await started(backend)
     await backend.release(delivery)
     assert (await backend.get(first.id)).status is JobStatus.QUEUED
-    assert [d.job_id for d in await backend.claim("w2", 2, 0)] == [first.id, second.id]
+    assert [d.job_id for d in await backend.claim("w2", [MODEL], 2, 0)] == [first.id, second.id]
 
 
 async def test_release_of_an_ended_job_does_not_requeue_it(backend: MemoryBackend) -> None:
@@ -160,7 +162,7 @@ async def test_release_of_an_ended_job_does_not_requeue_it(backend: MemoryBacken
     delivery, _ = await started(backend)
     await backend.finish(delivery, JobStatus.DONE, png())
     await backend.release(delivery)
-    assert await backend.depth() == 0
+    assert await backend.depth(MODEL) == 0
 
 
 async def test_results_then_records_expire_by_the_clock(
@@ -181,9 +183,9 @@ async def test_results_then_records_expire_by_the_clock(
 
 
 async def test_claim_blocks_until_a_job_arrives(backend: MemoryBackend) -> None:
-    assert await backend.claim("w1", 1, 0.01) == []
+    assert await backend.claim("w1", [MODEL], 1, 0.01) == []
     async with asyncio.timeout(5):
-        claiming = asyncio.create_task(backend.claim("w1", 4, 10))
+        claiming = asyncio.create_task(backend.claim("w1", [MODEL], 4, 10))
         await asyncio.sleep(0)  # let it start waiting
         record = await submitted(backend)
         assert [d.job_id for d in await claiming] == [record.id]

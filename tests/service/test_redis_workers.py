@@ -23,6 +23,7 @@ from service.queue.redis import RedisBackend
 from tests.service.conftest import Clock, RedisServer, free_port, running_app, settings_for
 
 pytestmark = pytest.mark.anyio
+MODEL = "tiny"  # the backend tests' model name (no model is loaded there)
 
 
 @pytest.fixture
@@ -38,6 +39,7 @@ class Workers:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, **env: str) -> subprocess.Popen:
+        """A worker named ``name``; ``env`` adds or overrides variables ("" unsets one)."""
         environ = os.environ | {
             "SKIPDIT_REDIS_URL": self.url,
             "SKIPDIT_REDIS_PREFIX": self.prefix,
@@ -50,7 +52,7 @@ class Workers:
         }
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "worker"],
-            env=environ,
+            env={k: v for k, v in environ.items() if v != ""},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -145,7 +147,8 @@ async def test_a_job_that_keeps_killing_workers_goes_to_the_dead_letter_stream(
         workers.start("b", **env)
         failed = await wait_for(client, job_id, lambda r: r["status"] == "failed", timeout=120)
     assert failed["error"]["code"] == "poison_job"
-    dead = redis.Redis.from_url(workers.url).xrange(Keys(workers.prefix).dead_letter)
+    dead_key = Keys(workers.prefix).dead_letter(str(workers.model_dir))
+    dead = redis.Redis.from_url(workers.url).xrange(dead_key)
     assert [fields[b"id"].decode() for _, fields in dead] == [job_id]
 
 
@@ -210,8 +213,9 @@ async def stored_kinds(backend: RedisBackend, job_id: str) -> list[str]:
 async def test_redis_backend_first_finish_wins_and_late_progress_is_refused(
     backend: RedisBackend,
 ) -> None:
-    record, _ = await backend.submit(JobRecord(request={"steps": 10}, total_steps=10))
-    (delivery,) = await backend.claim("a", 1, 0)
+    request = {"model": MODEL, "steps": 10}
+    record, _ = await backend.submit(JobRecord(request=request, total_steps=10))
+    (delivery,) = await backend.claim("a", [MODEL], 1, 0)
     running = await backend.start(delivery)
     assert running is not None and running.started_at == backend.clock()
     backend.clock.advance(5)
@@ -224,22 +228,22 @@ async def test_redis_backend_first_finish_wins_and_late_progress_is_refused(
     assert final is not None and final.status is JobStatus.FAILED and final.step == 0
     assert await backend.get_result(record.id) is None
     assert await stored_kinds(backend, record.id) == ["queued", "failed"]
-    assert await backend.depth() == 0
+    assert await backend.depth(MODEL) == 0
 
 
 async def test_redis_backend_cancel_flags_running_jobs_and_ends_queued_ones(
     backend: RedisBackend,
 ) -> None:
-    first, _ = await backend.submit(JobRecord(request={"steps": 10}))
-    second, _ = await backend.submit(JobRecord(request={"steps": 10}))
-    (delivery,) = await backend.claim("a", 1, 0)
+    first, _ = await backend.submit(JobRecord(request={"model": MODEL, "steps": 10}))
+    second, _ = await backend.submit(JobRecord(request={"model": MODEL, "steps": 10}))
+    (delivery,) = await backend.claim("a", [MODEL], 1, 0)
     await backend.start(delivery)
     flagged = await backend.request_cancel(first.id)
     cancelled = await backend.request_cancel(second.id)
     assert flagged is not None and flagged.status is JobStatus.RUNNING
     assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
     assert await backend.cancel_requested([first.id, second.id]) == {first.id}
-    (stale,) = await backend.claim("a", 1, 0)
+    (stale,) = await backend.claim("a", [MODEL], 1, 0)
     assert await backend.start(stale) is None  # cancelled while queued: acked, never run
     await backend.finish(delivery, JobStatus.CANCELLED)
     assert await backend.cancel_requested([first.id]) == set()
@@ -247,14 +251,14 @@ async def test_redis_backend_cancel_flags_running_jobs_and_ends_queued_ones(
 
 
 async def test_redis_backend_release_requeues_only_unfinished_jobs(backend: RedisBackend) -> None:
-    record, _ = await backend.submit(JobRecord(request={"steps": 10}))
-    (delivery,) = await backend.claim("a", 1, 0)
+    record, _ = await backend.submit(JobRecord(request={"model": MODEL, "steps": 10}))
+    (delivery,) = await backend.claim("a", [MODEL], 1, 0)
     await backend.start(delivery)
     await backend.release(delivery)
     assert (await backend.get(record.id)).status is JobStatus.QUEUED
-    assert await backend.depth() == 1
-    (again,) = await backend.claim("b", 1, 0)
+    assert await backend.depth(MODEL) == 1
+    (again,) = await backend.claim("b", [MODEL], 1, 0)
     assert again.job_id == record.id and (await backend.start(again)).worker == "b"
     await backend.finish(again, JobStatus.DONE, StoredResult("image/png", [b"x"], {"seed": 1}))
     await backend.release(again)
-    assert await backend.depth() == 0
+    assert await backend.depth(MODEL) == 0

@@ -36,12 +36,12 @@ class Rig:
         self.metrics = Metrics()
         engine = Engine(pipeline, max_batch_tokens=10_000, clock=self.clock)
         self.worker = Worker(
-            self.backend, engine, self.metrics, MODEL, "w1", max_inflight,
+            self.backend, {MODEL: engine}, self.metrics, "w1", max_inflight,
             heartbeat=0.5, drain_timeout=drain_timeout,
         )  # fmt: skip
 
     async def submit(self, **params: object) -> JobRecord:
-        body = JobRequest(**params)
+        body = JobRequest(**{"model": MODEL, **params})
         record = JobRecord(
             request=body.model_dump(mode="json", by_alias=True),
             created_at=self.clock(),
@@ -63,6 +63,7 @@ class Rig:
             return [e.type async for e in self.backend.events(job_id)]
 
     def sample(self, name: str, **labels: str) -> float:
+        labels = {"model": MODEL} | labels
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
     @asynccontextmanager
@@ -143,7 +144,7 @@ async def test_a_job_ended_elsewhere_keeps_its_state_and_this_run_is_dropped(
         later = await rig.submit(steps=2)
         await rig.until(job.id, lambda r: r.step >= 2)
         error = {"code": "poison_job", "message": "ended by another worker"}
-        elsewhere = Delivery(job.id, job.id, "w2")
+        elsewhere = Delivery(job.id, job.id, "w2", MODEL)
         assert await rig.backend.finish(elsewhere, JobStatus.FAILED, error=error) is not None
         # max_inflight=1: the later job starts only once the worker has let the first go.
         await rig.until(later.id, lambda r: r.status.terminal)
@@ -166,7 +167,7 @@ async def test_stop_drains_running_work_and_stops_intake(tiny_pipeline: Pipeline
         await task
     assert (await rig.backend.get(first.id)).status is JobStatus.DONE
     assert (await rig.backend.get(second.id)).status is JobStatus.QUEUED
-    assert await rig.backend.depth() == 1
+    assert await rig.backend.depth(MODEL) == 1
 
 
 async def test_past_the_drain_timeout_held_jobs_go_back_to_the_queue(
@@ -181,5 +182,5 @@ async def test_past_the_drain_timeout_held_jobs_go_back_to_the_queue(
         await task
     record = await rig.backend.get(job.id)
     assert record is not None and record.status is JobStatus.QUEUED and record.finished_at is None
-    assert [d.job_id for d in await rig.backend.claim("w2", 1, 0)] == [job.id]
-    assert rig.worker.engine.has_work() is False
+    assert [d.job_id for d in await rig.backend.claim("w2", [MODEL], 1, 0)] == [job.id]
+    assert rig.worker.has_work() is False

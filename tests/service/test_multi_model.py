@@ -1,0 +1,201 @@
+"""One deployment, several models: requests route by ``model``, each model has its own engine
+(never a shared batch) and its own queue, and a Redis worker takes only the models it holds."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.checkpoint import load_pretrained
+from model.pipeline import Pipeline
+from model.request import GenerateParams
+from service.engine import Engine
+from service.messages import JobRecord, JobRequest, JobStatus
+from service.metrics import Metrics
+from service.queue.memory import MemoryBackend
+from service.worker import Worker
+from tests.service.conftest import Clock, RedisServer, running_app, settings_for
+from tests.service.test_api import parse_metrics, sample
+from tests.service.test_redis_workers import Workers, api_settings, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def two(tiny_model_dir: Path, tiny_dit_model_dir: Path) -> list[str]:
+    """The served names: the tiny Skip-DiT (default, first) and the tiny vanilla DiT."""
+    return [str(tiny_model_dir), str(tiny_dit_model_dir)]
+
+
+def pipeline_of(model_dir: str) -> Pipeline:
+    model, card = load_pretrained(model_dir)
+    return Pipeline(model, default_guidance=card["default_guidance"])
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+
+
+def assert_solo(pipeline: Pipeline, body: dict, encoded: str) -> None:
+    """The served image is the request run alone on ``pipeline`` (within 1/255)."""
+    params = GenerateParams(**{k: v for k, v in body.items() if k != "model"})
+    (solo,) = pipeline.generate([params])
+    expected = solo.images[0, ..., 0].numpy().astype(np.int16)
+    assert np.abs(pixels(base64.b64decode(encoded)) - expected).max() <= 1
+
+
+async def test_interleaved_requests_route_by_model_and_match_their_solo_runs(
+    backend: str, two: list[str], redis_server: RedisServer
+) -> None:
+    a, b = two
+    bodies = []
+    for i in range(12):
+        body = {"class_label": i % 10, "steps": 8, "seed": 10 + i}
+        if i % 2:
+            bodies.append(body | {"model": b})  # vanilla DiT: no long skips to cache with
+        else:
+            bodies.append(body | {"cache_interval": 1 + i % 3} | ({"model": a} if i % 4 else {}))
+    settings = settings_for(backend, Path(a), redis_server.url, models=two)
+    async with running_app(settings) as client:
+        responses = await asyncio.gather(*(client.post("/generate", json=x) for x in bodies))
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    pipelines = {a: pipeline_of(a), b: pipeline_of(b)}
+    for body, response in zip(bodies, responses, strict=True):
+        out = response.json()
+        name = body.get("model", a)  # none named: the first served model
+        assert out["result"]["model"] == name and out["request"]["model"] == name
+        assert_solo(pipelines[name], body, out["images"][0])
+    for name in two:  # each engine ran exactly its own model's request-steps, none of the other's
+        own = sum(x["steps"] for x in bodies if x.get("model", a) == name)
+        assert sample(metrics, "skipdit_batch_size_sum", model=name) == own
+        modes = ("full", "cached")
+        assert sum(sample(metrics, "skipdit_steps_total", model=name, mode=m) for m in modes) == own
+        assert sample(metrics, "skipdit_requests_total", model=name, status="done") == 6
+        assert sample(metrics, "skipdit_queue_depth", model=name) == 0
+    assert sample(metrics, "skipdit_batch_size_sum", model=a) > sample(
+        metrics, "skipdit_batch_size_count", model=a
+    )  # requests of one model did batch together
+
+
+async def test_unknown_model_models_list_readiness_and_openai_route(
+    two: list[str], tiny_model_dir: Path
+) -> None:
+    a, b = two
+    settings = settings_for("memory", tiny_model_dir, None, models=two)
+    async with running_app(settings) as client:
+        unknown = await client.post("/generate", json={"model": "nope", "steps": 2})
+        unknown_openai = await client.post(
+            "/v1/images/generations", json={"prompt": "3", "model": "nope"}
+        )
+        models = (await client.get("/models")).json()["data"]
+        ready = await until_ready(client, lambda r: all(m["held"] for m in r["models"].values()))
+        openai = await client.post("/v1/images/generations", json={"prompt": "3", "model": b})
+    for response in (unknown, unknown_openai):
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["field"] == "model" and a in error["message"] and b in error["message"]
+    assert [m["id"] for m in models] == two and [m["default"] for m in models] == [True, False]
+    assert {m["kind"] for m in models} == {"image"}
+    assert [m["card"]["name"] for m in models] == ["tiny", "tiny-dit"]
+    assert [m["default_guidance"] for m in models] == [2.0, 3.0]
+    assert [m["config"]["long_skip"] for m in models] == [True, False]
+    for m in models:
+        assert set(m["cache_defaults"]) == set(m["cache_policies"]) and m["cache_policies"]
+        assert m["runtime"]["kernels"] == "torch"  # each model's own resolved path (CPU)
+    assert ready["model"] == a and set(ready["models"]) == set(two)
+    assert openai.status_code == 200, openai.text
+    assert_solo(pipeline_of(b), {"class_label": 3}, openai.json()["data"][0]["b64_json"])
+
+
+async def until_ready(client: httpx.AsyncClient, check: Callable[[dict], bool]) -> dict:
+    """/readyz once ``check`` holds (workers advertise their models with their heartbeat)."""
+    async with asyncio.timeout(30):
+        while True:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            if check(ready.json()):
+                return ready.json()
+            await asyncio.sleep(0.05)
+
+
+async def test_the_worker_steps_its_engines_in_turn(tiny_pipeline: Pipeline) -> None:
+    """Round-robin: while both engines have work, steps alternate between the models."""
+    clock = Clock()
+    backend = MemoryBackend(100, result_ttl=60, job_ttl=600, clock=clock)
+    engines = {m: Engine(tiny_pipeline, max_batch_tokens=10_000, clock=clock) for m in "ab"}
+    stepped: list[str] = []
+    for name, engine in engines.items():
+        step = engine.step
+
+        def recording(name: str = name, step: Callable = step) -> object:
+            stepped.append(name)
+            return step()
+
+        engine.step = recording  # type: ignore[method-assign]
+    worker = Worker(backend, engines, Metrics(list(engines)), "w1", heartbeat=0.5)
+    jobs = []
+    for model, steps in (("a", 6), ("b", 3)):
+        body = JobRequest(model=model, steps=steps)
+        record = JobRecord(request=body.model_dump(mode="json", by_alias=True), total_steps=steps)
+        jobs.append((await backend.submit(record))[0])
+    task = asyncio.create_task(worker.run())
+    async with asyncio.timeout(60):
+        for job in jobs:
+            await backend.wait(job.id, 60)
+    worker.stop()
+    await task
+    assert [(await backend.get(j.id)).status for j in jobs] == [JobStatus.DONE] * 2
+    assert [(await backend.get(j.id)).result["model"] for j in jobs] == ["a", "b"]
+    assert stepped == ["a", "b"] * 3 + ["a"] * 3  # b is done after 3 steps; a runs on alone
+
+
+async def test_a_redis_worker_takes_only_the_models_it_holds(
+    redis_server: RedisServer, two: list[str], tiny_model_dir: Path
+) -> None:
+    a, b = two
+    workers = Workers(redis_server.url, tiny_model_dir, f"m{uuid.uuid4().hex[:8]}")
+    try:
+        workers.start("holds-a", SKIPDIT_MODEL="", SKIPDIT_MODELS=a)
+        async with running_app(api_settings(workers, models=two)) as client:
+            job_a = (await client.post("/generate", json={"steps": 4, "async": True})).json()
+            body_b = {"model": b, "steps": 4, "async": True}
+            job_b = (await client.post("/generate", json=body_b)).json()
+            done_a = await wait_for(client, job_a["id"], lambda r: r["status"] == "done")
+            ready = await until_ready(client, lambda r: r["models"][a]["held"])
+            waiting_b = (await client.get(f"/jobs/{job_b['id']}")).json()
+            depth = parse_metrics((await client.get("/metrics")).text)
+            workers.start("holds-b", SKIPDIT_MODEL="", SKIPDIT_MODELS=f'["{b}"]')
+            done_b = await wait_for(client, job_b["id"], lambda r: r["status"] == "done")
+            both = await until_ready(client, lambda r: r["models"][b]["held"])
+    finally:
+        workers.stop_all()
+    assert done_a["worker"] == "holds-a" and done_a["result"]["model"] == a
+    assert waiting_b["status"] == "queued"  # holds-a never took it
+    assert ready["models"] == {
+        a: {"held": True, "workers": ["holds-a"]},
+        b: {"held": False, "workers": []},
+    }
+    assert sample(depth, "skipdit_queue_depth", model=b) == 1
+    assert sample(depth, "skipdit_queue_depth", model=a) == 0
+    assert done_b["worker"] == "holds-b" and done_b["result"]["model"] == b
+    assert both["models"][b]["workers"] == ["holds-b"]
