@@ -24,7 +24,9 @@ class TrainOptions(_Options):
     """``skipdit train``: a class-conditional (Skip-)DiT on bundled digits, resumable."""
 
     out: Path = Field(..., description="Run directory (resumed when it holds a checkpoint).")
-    preset: str = Field("digits-small", description="Network preset.")
+    preset: str = Field(
+        "digits-small", description="Network preset (digits-video-* trains a video model)."
+    )
     vanilla: bool = Field(False, description="Train the DiT twin (no long skips).")
     data: DigitSource = Field("sklearn", description="Bundled digit set.")
     steps: int = Field(2000, ge=1, description="Optimizer steps in all (a resume continues).")

@@ -1,4 +1,5 @@
-"""Training a class-conditional (Skip-)DiT on bundled digits: ``skipdit train``.
+"""Training a class-conditional (Skip-)DiT on bundled digits, or a (Skip-)Latte on clips of
+them bouncing (``model.data.moving``, video presets): ``skipdit train``.
 
 DiT recipe: AdamW at a constant learning rate, EMA of the weights, class dropout 0.1 (the null
 class that guidance needs), linear beta schedule over 1000 steps, epsilon prediction with MSE.
@@ -31,10 +32,18 @@ from tqdm import tqdm
 from model import data
 from model.checkpoint import load_state, save_pretrained
 from model.errors import FieldError
+from model.networks import Config, build, preset
 from model.options import TrainOptions
-from model.skip_dit import DiTConfig, SkipDiT, preset
+from model.skip_dit import SkipDiT
 
 log = logging.getLogger(__name__)
+
+ARCHITECTURES = {
+    ("image", True): "Skip-DiT",
+    ("image", False): "DiT",
+    ("video", True): "Skip-Latte",
+    ("video", False): "Latte",
+}
 
 
 def _ema_update(ema: SkipDiT, model: SkipDiT, decay: float) -> None:
@@ -62,9 +71,9 @@ class _Run:
     lr_history: list[list[float]] = field(default_factory=list)  # [step, lr] pairs
 
     @classmethod
-    def fresh(cls, config: DiTConfig, opts: TrainOptions) -> _Run:
+    def fresh(cls, config: Config, opts: TrainOptions) -> _Run:
         torch.manual_seed(opts.seed)
-        model = SkipDiT(config).train()
+        model = build(config).train()
         torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=opts.label_init_std)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
@@ -118,7 +127,7 @@ def _train_step(
     """One optimizer step on the batch, timesteps and noise seeded by (seed, step)."""
     g = torch.Generator().manual_seed(opts.seed * 1_000_003 + run.step)
     idx = torch.randint(0, len(digits.labels), (opts.batch_size,), generator=g)
-    x0, y = digits.images[idx], digits.labels[idx]  # (B, 1, S, S), (B,)
+    x0, y = _samples(run.model.config, digits, idx, g), digits.labels[idx]  # (B, ...), (B,)
     t = torch.randint(0, 1000, (opts.batch_size,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     xt = schedule.add_noise(x0, noise, t)
@@ -131,6 +140,17 @@ def _train_step(
     _ema_update(run.ema, run.model, min(opts.ema_decay, (1 + run.step) / (10 + run.step)))
     run.step += 1
     return loss.item()
+
+
+def _samples(
+    config: Config, digits: data.Digits, idx: torch.Tensor, g: torch.Generator
+) -> torch.Tensor:
+    """The batch's training samples: (B, 1, S, S) digits, or (B, 1, F, S, S) clips of them
+    bouncing on an S x S canvas (their motion drawn from ``g``)."""
+    if config.kind == "image":
+        return digits.images[idx]
+    side = config.input_size
+    return data.moving(digits, idx, g, config.num_frames, side, digit_size=side * 5 // 8)
 
 
 def train(opts: TrainOptions) -> Path:
@@ -169,12 +189,13 @@ def train(opts: TrainOptions) -> Path:
     return final
 
 
-def _card(config: DiTConfig, opts: TrainOptions, run: _Run, digits: data.Digits) -> dict:
+def _card(config: Config, opts: TrainOptions, run: _Run, digits: data.Digits) -> dict:
     side = config.input_size
     return {
         "name": opts.name or opts.out.name,
-        "architecture": "Skip-DiT" if config.long_skip else "DiT",
-        "data": f"{opts.data} digits, {side}x{side}, train split ({len(digits.labels)} images)",
+        "architecture": ARCHITECTURES[config.kind, config.long_skip],
+        "data": f"{opts.data} digits, {side}x{side}, train split ({len(digits.labels)} images)"
+        + (f", bouncing, {config.num_frames} frames" if config.kind == "video" else ""),
         "steps": opts.steps,
         "batch_size": opts.batch_size,
         "lr_history": run.lr_history,

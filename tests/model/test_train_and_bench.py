@@ -49,6 +49,17 @@ def test_training_exports_a_loadable_model_with_its_card(runs: dict[str, Path]) 
     assert not model.config.long_skip and card["architecture"] == "DiT" and card["steps"] == 6
 
 
+def test_a_video_preset_trains_on_moving_digits_and_exports_a_video_model(
+    tmp_path: Path,
+) -> None:
+    train(tmp_path / "video", 2, "--preset", "digits-video-tiny")  # overrides digits-tiny
+    model, card = load_pretrained(tmp_path / "video" / "final")
+    assert model.config.kind == "video" and model.config.num_frames > 1
+    assert card["architecture"] == "Skip-Latte" and "frames" in card["data"]
+    rows = (tmp_path / "video" / "loss.csv").read_text().splitlines()
+    assert len(rows) == 3 and float(rows[-1].split(",")[1]) > 0
+
+
 def test_data_splits_are_disjoint_and_scaled() -> None:
     train_set, held = data.load("mnist", 16, "train"), data.load("mnist", 16, "held_out")
     assert len(held.labels) == data.HELD_OUT and len(train_set.labels) == 5000 - data.HELD_OUT
