@@ -203,3 +203,29 @@ async def test_wait_returns_once_terminal_or_the_current_record_after_its_timeou
     async with asyncio.timeout(5):
         final = await waiter
     assert final is not None and final.status is JobStatus.DONE
+
+
+async def test_each_model_has_its_own_queue_shared_fairly_by_a_claim(
+    backend: MemoryBackend,
+) -> None:
+    ids = {}
+    for model in ("a", "b"):
+        for _ in range(3):  # max_queue is per model: 3 each fit
+            record = JobRecord(request={"model": model, "steps": 2}, created_at=backend.clock())
+            ids.setdefault(model, []).append((await backend.submit(record))[0].id)
+    with pytest.raises(QueueFull):
+        await backend.submit(JobRecord(request={"model": "a", "steps": 2}))
+    assert await backend.claim("w1", [MODEL], 10, 0) == []  # holds neither a nor b
+    claimed = await backend.claim("w1", ["a", "b"], 4, 0)
+    assert sorted(d.job_id for d in claimed) == sorted(ids["a"][:2] + ids["b"][:2])
+    assert {d.model for d in claimed if d.job_id in ids["b"]} == {"b"}
+    assert [d.job_id for d in await backend.claim("w2", ["b"], 10, 0)] == ids["b"][2:]
+    assert (await backend.depth("a"), await backend.depth("b")) == (1, 0)
+
+
+async def test_heartbeats_say_which_workers_hold_which_models(backend: MemoryBackend) -> None:
+    await backend.heartbeat("w1", [], ["a", "b"])
+    await backend.heartbeat("w2", [], ["b"])
+    assert await backend.holders() == {"a": ["w1"], "b": ["w1", "w2"]}
+    await backend.heartbeat("w1", [], [])  # draining: takes no new work
+    assert await backend.holders() == {"b": ["w2"]}

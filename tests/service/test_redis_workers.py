@@ -262,3 +262,42 @@ async def test_redis_backend_release_requeues_only_unfinished_jobs(backend: Redi
     await backend.finish(again, JobStatus.DONE, StoredResult("image/png", [b"x"], {"seed": 1}))
     await backend.release(again)
     assert await backend.depth(MODEL) == 0
+
+
+async def test_redis_backend_claims_only_the_named_models_streams_fairly(
+    backend: RedisBackend,
+) -> None:
+    ids: dict[str, list[str]] = {"x": [], "y": []}
+    for model, n in (("x", 3), ("y", 3)):
+        for _ in range(n):
+            record, _ = await backend.submit(JobRecord(request={"model": model, "steps": 2}))
+            ids[model].append(record.id)
+    assert await backend.claim("a", [MODEL], 10, 0) == []
+    claimed = await backend.claim("a", ["x", "y"], 4, 0)
+    assert sorted(d.job_id for d in claimed) == sorted(ids["x"][:2] + ids["y"][:2])
+    assert [d.job_id for d in await backend.claim("b", ["y"], 10, 0)] == ids["y"][2:]
+    assert (await backend.depth("x"), await backend.depth("y")) == (1, 0)
+    assert await backend.redis.exists(backend.keys.stream("x"), backend.keys.stream("y")) == 2
+
+
+async def test_a_blocked_claim_woken_by_two_streams_keeps_its_count_and_loses_nothing(
+    backend: RedisBackend,
+) -> None:
+    for model in ("x", "y"):
+        await backend.depth(model)  # creates the stream and its group
+    claiming = asyncio.create_task(backend.claim("a", ["x", "y"], 1, 10))
+    async with asyncio.timeout(10):
+        while int((await backend.redis.info("clients"))["blocked_clients"]) == 0:
+            await asyncio.sleep(0.01)
+    # Both arrive at once. Redis 7.0 answers with one stream; should a version answer with both,
+    # the claim puts back what is over its count.
+    async with backend.redis.pipeline(transaction=True) as pipe:
+        pipe.xadd(backend.keys.stream("x"), {"id": "job-x"})
+        pipe.xadd(backend.keys.stream("y"), {"id": "job-y"})
+        await pipe.execute()
+    async with asyncio.timeout(10):
+        (delivery,) = await claiming
+    other = "y" if delivery.model == "x" else "x"
+    assert await backend.depth(delivery.model) == 0 and await backend.depth(other) == 1
+    (again,) = await backend.claim("b", [other], 1, 0)
+    assert again.job_id == f"job-{other}"
