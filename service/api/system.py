@@ -25,7 +25,7 @@ async def models(svc: ServiceDep) -> dict[str, Any]:
 def _model(svc: Service, name: str, info: ModelInfo) -> dict[str, Any]:
     return {
         "id": name,
-        "kind": getattr(info, "kind", "image"),  # ModelInfo.kind arrives with video models
+        "kind": info.kind,
         "default": name == svc.default_model,
         "random_weights": info.random_weights,
         "config": dataclasses.asdict(info.config),
