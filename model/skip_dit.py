@@ -21,7 +21,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import torch
 import torch.nn.functional as F
@@ -245,6 +245,12 @@ class DiTConfig:
     num_frames: ClassVar[int] = 1  # an image is one frame
 
     def __post_init__(self) -> None:
+        bad = [name for name, ok in self._checks().items() if not ok]
+        if bad:
+            raise ValueError(f"invalid {type(self).__name__} field(s) {bad}: {self}")
+
+    def _checks(self) -> dict[str, bool]:
+        """Field name -> whether its value is consistent."""
         checks = {
             "depth": self.depth >= 1,
             "hidden_size": self.hidden_size % self.num_heads == 0 and self.hidden_size % 4 == 0,
@@ -255,9 +261,7 @@ class DiTConfig:
         }
         if self.long_skip:
             checks["depth"] = self.depth >= 2 and self.depth % 2 == 0
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid DiTConfig field(s) {bad}: {self}")
+        return checks
 
     @property
     def out_channels(self) -> int:
@@ -287,7 +291,7 @@ class DiTConfig:
         """One sample's hidden state between units (what captures and caches hold): (T, D)."""
         return (self.num_tokens, self.hidden_size)
 
-    def replace(self, **changes: object) -> DiTConfig:
+    def replace(self, **changes: object) -> Self:
         return dataclasses.replace(self, **changes)
 
 

@@ -22,7 +22,6 @@ state (captures, deep features, ``run_blocks``' input and output), it is batch-f
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -30,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from model.skip_dit import Branch, BranchOverride, SkipDiT, _recording
+from model.skip_dit import Branch, BranchOverride, DiTConfig, SkipDiT, _recording
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -57,46 +56,23 @@ def _batch_first(branch: Branch, batch: int) -> Branch:
 
 
 @dataclass(frozen=True)
-class LatteConfig:
-    """Everything that fixes the network's shape, and how its sampler guides it. Passed whole;
-    saved as config.json (with ``kind: video``). ``depth`` counts blocks, as Latte does."""
+class LatteConfig(DiTConfig):
+    """The image config's fields (Latte-XL/2 defaults) plus the frame count. Passed whole;
+    saved as config.json (with ``kind: video``). ``depth`` counts blocks, as Latte does:
+    spatial and temporal alternating, ``depth / 2`` (spatial, temporal) pairs."""
 
-    depth: int = 28  # blocks: spatial, temporal alternating, depth/2 pairs
-    hidden_size: int = 1152
-    num_heads: int = 16
-    patch_size: int = 2
-    mlp_ratio: float = 4.0
     input_size: int = 32  # spatial size of one frame of the model input (latent or pixel)
-    num_frames: int = 16
-    in_channels: int = 4
     num_classes: int = 101  # UCF-101: the official class-to-video release
-    class_dropout_prob: float = 0.1  # > 0 adds the null-class row used for guidance
-    learn_sigma: bool = True
-    long_skip: bool = True  # Skip-Latte; False gives the vanilla Latte
-    # Eps channels guidance mixes, from 0; None: all (Latte's sampler guides all 4 channels).
-    guided_channels: int | None = None
+    num_frames: int = 16  # type: ignore[misc]  # a field here, 1 as a class constant for images
+    # guided_channels None: Latte's sampler guides all 4 eps channels.
 
     kind: ClassVar[str] = "video"
 
-    def __post_init__(self) -> None:
-        checks = {
-            "depth": self.depth >= 2 and self.depth % 2 == 0,
-            "hidden_size": self.hidden_size % self.num_heads == 0 and self.hidden_size % 4 == 0,
-            "input_size": self.input_size % self.patch_size == 0,
-            "num_frames": self.num_frames >= 1,
-            "num_classes": self.num_classes >= 1,
-            "guided_channels": self.guided_channels is None
-            or 1 <= self.guided_channels <= self.in_channels,
-        }
+    def _checks(self) -> dict[str, bool]:
+        checks = super()._checks() | {"num_frames": self.num_frames >= 1}
         if self.long_skip:  # pairs pair up: an even number of them
             checks["depth"] = self.depth >= 4 and self.depth % 4 == 0
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid LatteConfig field(s) {bad}: {self}")
-
-    @property
-    def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+        return checks
 
     @property
     def frame_tokens(self) -> int:
@@ -106,10 +82,6 @@ class LatteConfig:
     def num_tokens(self) -> int:
         """Tokens per sample (the batch token budget counts these): frames x tokens per frame."""
         return self.num_frames * self.frame_tokens
-
-    @property
-    def has_null_class(self) -> bool:
-        return self.class_dropout_prob > 0
 
     @property
     def units(self) -> int:
@@ -125,9 +97,6 @@ class LatteConfig:
     def hidden_shape(self) -> tuple[int, ...]:
         """One sample's hidden state between pairs: (F, T, D)."""
         return (self.num_frames, self.frame_tokens, self.hidden_size)
-
-    def replace(self, **changes: object) -> LatteConfig:
-        return dataclasses.replace(self, **changes)
 
 
 # ----------------------------------------------------------------------------- model
