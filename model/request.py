@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model import cache
 from model.errors import FieldError
-from model.skip_dit import DiTConfig
+from model.networks import Config
 
 Sampler = Literal["ddim", "ddpm", "dpm++"]
 MAX_SEED = 2**63 - 1
@@ -25,6 +25,9 @@ class GenerateParams(BaseModel):
     model: str | None = Field(None, description="Model name or local path; None = default.")
     class_label: int = Field(0, ge=0, description="Class to generate, < the model's num_classes.")
     num_images: int = Field(1, ge=1, le=16, description="Images generated from one seed.")
+    num_frames: int | None = Field(
+        None, ge=1, description="Frames per video (video models only); None: the model's."
+    )
     steps: int = Field(50, ge=1, le=1000, description="Sampler steps.")
     sampler: Sampler = "ddim"
     guidance_scale: float | None = Field(
@@ -43,7 +46,7 @@ class GenerateParams(BaseModel):
         None, gt=0, le=1, description="toca: fraction of tokens recomputed on cached steps."
     )
 
-    def check_for(self, model: DiTConfig) -> None:
+    def check_for(self, model: Config) -> None:
         """Model-dependent checks; raises FieldError naming the field."""
         if self.class_label >= model.num_classes:
             raise FieldError(
@@ -51,19 +54,33 @@ class GenerateParams(BaseModel):
             )
         if self.guidance_scale is not None and self.guidance_scale > 1 and not model.has_null_class:
             raise FieldError("guidance_scale", "this model has no null class: must be 1")
+        self.check_frames(model)
         self.cache_for(model)
 
-    def guidance_for(self, model: DiTConfig, default: float) -> float:
+    def check_frames(self, model: Config) -> None:
+        """``num_frames`` names a video model's own frame count; an image model takes none."""
+        if self.num_frames is None:
+            return
+        if model.kind != "video":
+            raise FieldError("num_frames", "this is an image model: it makes no frames")
+        if self.num_frames != model.num_frames:
+            raise FieldError(
+                "num_frames",
+                f"must be {model.num_frames}, got {self.num_frames}: the model's temporal "
+                "embedding has a fixed length (Latte)",
+            )
+
+    def guidance_for(self, model: Config, default: float) -> float:
         """The guidance scale this request runs with (``default``: the model card's)."""
         if self.guidance_scale is not None:
             return self.guidance_scale
         return default if model.has_null_class else 1.0
 
-    def rows_for(self, model: DiTConfig, default_guidance: float) -> int:
+    def rows_for(self, model: Config, default_guidance: float) -> int:
         """Batch rows the request takes: its images, doubled by guidance."""
         return self.num_images * (2 if self.guidance_for(model, default_guidance) > 1 else 1)
 
-    def check_budget(self, model: DiTConfig, default_guidance: float, max_tokens: int) -> None:
+    def check_budget(self, model: Config, default_guidance: float, max_tokens: int) -> None:
         """The request must fit a batch of ``max_tokens`` (rows x tokens per row) on its own, or
         no step could ever run it; raises FieldError naming ``num_images``."""
         tokens = self.rows_for(model, default_guidance) * model.num_tokens
@@ -74,7 +91,7 @@ class GenerateParams(BaseModel):
                 f"{max_tokens}",
             )
 
-    def cache_for(self, model: DiTConfig) -> cache.RequestCache:
+    def cache_for(self, model: Config) -> cache.RequestCache:
         """A fresh per-request cache as this request asks for it."""
         policy = cache.POLICIES[self.cache_policy]
         options = {}

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import torch
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
@@ -31,7 +32,9 @@ from model.options import BenchOptions, ClassifierOptions, TrainOptions
 from model.pipeline import Job
 from model.request import GenerateParams
 from service.images import encode
+from service.messages import DEFAULT_FPS
 from service.settings import Settings
+from service.video import VIDEO_FORMATS, encode_video
 
 log = logging.getLogger(__name__)
 
@@ -144,22 +147,47 @@ def _needs_extra(extra: str, command: Command) -> Command:
 
 # ----------------------------------------------------------------------------- generate
 
+
+def _write(out: Path, images: torch.Tensor, fps: float) -> None:
+    """(n, H, W, c) images: a PNG grid. (n, F, H, W, c) videos: to .mp4/.gif/.webp an animation
+    whose frame f is the grid of every video's frame f; else a PNG grid, a row per video."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if images.ndim == 4:
+        out.write_bytes(encode(grid(images)))
+        return
+    frames = images.shape[1]
+    fmt = out.suffix.lower().removeprefix(".")
+    if fmt in VIDEO_FORMATS:
+        clip = torch.stack([grid(images[:, f]) for f in range(frames)])  # (F, H', W', c)
+        out.write_bytes(encode_video(clip, fmt, fps))
+    else:
+        out.write_bytes(encode(grid(images.flatten(0, 1), cols=frames)))  # (n*F, H, W, c) in
+
+
 # The CLI's own defaults where they differ from the API's (a grid reads better than one image).
 _GENERATE_DEFAULTS = {"num_images": 4}
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate images and write a PNG grid")
+    p = sub.add_parser("generate", help="generate images (or videos) and write a PNG grid")
     add_schema(p, GenerateParams, _GENERATE_DEFAULTS)
     p.add_argument("--vae", default=None, help="local AutoencoderKL directory (latent models)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=Path("out.png"), help="PNG grid path")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out.png"),
+        help="PNG grid path; video models: .mp4, .gif or .webp writes an animation of the grids",
+    )
+    p.add_argument("--fps", type=float, default=DEFAULT_FPS, help="video models: frames/second")
     p.add_argument("--json", action="store_true", help="print stats as one JSON object")
     p.set_defaults(func=_generate)
 
 
 def _generate(args: argparse.Namespace, prog: str) -> int:
     params = parse_schema(GenerateParams, args, prog)
+    if not 0 < args.fps <= 60:
+        _fail(prog, f"fps: must be in (0, 60], got {args.fps}")
     try:
         loaded = registry.load(params.model, device=args.device, vae_path=args.vae)
         params.check_for(loaded.config)
@@ -172,8 +200,7 @@ def _generate(args: argparse.Namespace, prog: str) -> int:
         log.info("step %d/%d %s", job.step, job.total_steps, mode.value)
 
     (result,) = loaded.pipeline.generate([params], progress=progress)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(encode(grid(result.images)))
+    _write(args.out, result.images, args.fps)
     stats = {
         "model": loaded.name,
         "random_weights": loaded.random_weights,

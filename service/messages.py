@@ -15,19 +15,37 @@ from typing import Any, Literal
 from pydantic import Field
 
 from model.request import GenerateParams
+from service.images import FORMATS as IMAGE_FORMATS
+from service.video import VIDEO_FORMATS
 
-OutputFormat = Literal["png", "jpeg", "webp"]
+# Images: png, jpeg, webp; videos: mp4, gif, webp (animated). Which apply: the model's kind.
+OutputFormat = Literal[tuple(dict.fromkeys([*IMAGE_FORMATS, *VIDEO_FORMATS]))]  # type: ignore[valid-type]
+DEFAULT_FORMATS = {"image": "png", "video": "mp4"}  # model kind -> output format
+DEFAULT_FPS = 8.0
 
 
 class JobRequest(GenerateParams):
     """The body of ``POST /generate``: generation parameters plus serving options."""
 
-    output_format: OutputFormat = "png"
+    output_format: OutputFormat | None = Field(
+        None, description="png, jpeg, webp (images); mp4, gif, webp (videos). None: png | mp4."
+    )
+    fps: float | None = Field(
+        None, gt=0, le=60, description="Video frames per second (video models only); None: 8."
+    )
     priority: int = Field(0, ge=-10, le=10, description="Higher runs first.")
     timeout_s: float = Field(
         300.0, gt=0, le=3600, description="Deadline from submission; past it the job expires."
     )
     async_: bool = Field(False, alias="async", description="Return 202 + Location at once.")
+
+    def format_for(self, kind: str) -> str:
+        """The output format: the one asked for, else the default of the model's kind."""
+        return self.output_format or DEFAULT_FORMATS[kind]
+
+    def fps_for(self, kind: str) -> float | None:
+        """Frames per second of a video (asked for, else 8); None for an image model."""
+        return None if kind != "video" else self.fps or DEFAULT_FPS
 
 
 class JobStatus(enum.StrEnum):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -47,7 +48,8 @@ def _mp4(frames: torch.Tensor, fps: float) -> bytes:
     array[:, :h, :w] = rgb.numpy()
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
+        # Exact for rates like 16/3 (a clip of 16 frames in 3 seconds).
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = array.shape[2], array.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18", "preset": "veryfast"}

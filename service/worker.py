@@ -28,6 +28,7 @@ from service.messages import EventKind, JobRecord, StoredResult
 from service.metrics import NO_MODEL, Metrics
 from service.queue.base import Delivery, QueueBackend
 from service.settings import Settings
+from service.video import VIDEO_CONTENT_TYPES, encode_video
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +200,13 @@ class Worker:
         self.metrics.observe_end(model, status.value, seconds, speedup)
 
     def _result(self, model: str, record: JobRecord, event: EngineEvent) -> StoredResult | None:
-        """The encoded images and their metadata."""
+        """The encoded images (or videos, one file per sample) and their metadata."""
         if event.result is None:
             return None
         params = record.params
-        fmt = params.output_format
-        images = [encode(image, fmt) for image in event.result.images]
+        samples = event.result.images  # (n, H, W, c), or a video's (n, F, H, W, c); uint8
+        kind = "video" if samples.ndim == 5 else "image"
+        fmt = params.format_for(kind)
         meta = {
             "seed": params.seed,
             "model": model,
@@ -213,7 +215,12 @@ class Worker:
             **event.result.stats.as_dict(),
             "seconds_engine": event.result.seconds,
         }
-        return StoredResult(CONTENT_TYPES[fmt], images, meta)
+        fps = params.fps_for(kind)
+        if fps is None:
+            return StoredResult(CONTENT_TYPES[fmt], [encode(i, fmt) for i in samples], meta)
+        videos = [encode_video(clip, fmt, fps) for clip in samples]
+        meta |= {"num_frames": samples.shape[1], "fps": fps}
+        return StoredResult(VIDEO_CONTENT_TYPES[fmt], videos, meta)
 
     async def _hand_back(self) -> None:
         for job_id, (delivery, _) in list(self._held.items()):

@@ -2,8 +2,9 @@
 owns the queue backend, the served models' descriptions and (embedded mode) the worker.
 
 Routers, one per resource: ``generate`` (POST /generate), ``jobs`` (/jobs/{id}...), ``openai``
-(POST /v1/images/generations), ``system`` (/models, /healthz, /readyz, /metrics). Errors are
-typed (``service/errors.py``) and mapped to status + code once (``service/api/errors.py``).
+(POST /v1/images/generations), ``videos`` (/v1/videos...), ``system`` (/models, /healthz,
+/readyz, /metrics). Errors are typed (``service/errors.py``) and mapped to status + code once
+(``service/api/errors.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from model import registry
-from service.api import errors, generate, jobs, openai, system
+from service.api import errors, generate, jobs, openai, system, videos
 from service.api.deps import Service
 from service.metrics import Metrics
 from service.queue import make_backend
@@ -56,12 +57,13 @@ def build_app(settings: Settings | None = None, clock: Callable[[], float] = tim
     app = FastAPI(
         title="skipdit-serve",
         version="0.1.0",
-        description="Skip-DiT image generation with Skip-Cache, queued and step-batched.",
+        description="Skip-DiT image and Skip-Latte video generation with Skip-Cache, queued and "
+        "step-batched.",
         lifespan=_lifespan,
     )
     app.state.settings = settings or Settings()
     app.state.clock = clock
     errors.install(app)
-    for module in (generate, jobs, openai, system):
+    for module in (generate, jobs, openai, videos, system):
         app.include_router(module.router)
     return app

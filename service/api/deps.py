@@ -13,11 +13,15 @@ from fastapi import Depends, Request
 from model.errors import FieldError
 from model.registry import ModelInfo
 from service import errors
+from service.images import FORMATS as IMAGE_FORMATS
 from service.messages import JobRecord, JobRequest, JobStatus, StoredResult
 from service.metrics import Metrics
 from service.queue.base import QueueBackend
 from service.settings import Settings
+from service.video import VIDEO_FORMATS
 from service.worker import Worker
+
+OUTPUT_FORMATS = {"image": tuple(IMAGE_FORMATS), "video": VIDEO_FORMATS}  # model kind -> formats
 
 
 @dataclass
@@ -54,13 +58,18 @@ class Service:
         if body.steps > s.max_steps:
             raise FieldError("steps", f"must be in [1, {s.max_steps}], got {body.steps}")
         body.check_for(info.config)
+        check_output(body, info)
         body.check_budget(info.config, info.default_guidance, s.max_batch_tokens)
         return info
 
     async def submit(self, body: JobRequest, idempotency_key: str | None) -> JobRecord:
-        """Check and enqueue on the model's queue; the record names the model that runs it."""
+        """Check and enqueue on the model's queue; the record names the model that runs it and
+        the output format (and, videos, fps) it gets."""
         info = self.check(body)
-        request = body.model_dump(mode="json", by_alias=True) | {"model": info.name}
+        resolved = {"model": info.name, "output_format": body.format_for(info.kind)}
+        if info.kind == "video":
+            resolved["fps"] = body.fps_for(info.kind)
+        request = body.model_dump(mode="json", by_alias=True) | resolved
         record = JobRecord(request=request)
         record.total_steps = body.steps
         record, _ = await self.backend.submit(record, idempotency_key)
@@ -85,6 +94,14 @@ class Service:
             raise errors.JobNotFound(job_id)
         return record
 
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Ask to cancel: a queued job ends at once, a running one at its next step."""
+        await self.known(job_id)
+        record = await self.backend.request_cancel(job_id)
+        if record is None:
+            raise errors.JobNotFound(job_id)
+        return record
+
     async def result(self, record: JobRecord) -> StoredResult:
         """The stored result of a job that is done."""
         if record.status is not JobStatus.DONE:
@@ -93,6 +110,20 @@ class Service:
         if result is None:
             raise errors.ResultExpired(f"result of job {record.id} has expired")
         return result
+
+
+def check_output(body: JobRequest, info: ModelInfo) -> None:
+    """The output options against the model's kind: a video's fps and formats on an image
+    model, an image format on a video model, raise FieldError naming the field."""
+    if info.kind != "video" and body.fps is not None:
+        raise FieldError("fps", f"model {info.name!r} makes images: fps is for video models")
+    allowed = OUTPUT_FORMATS[info.kind]
+    if body.output_format is not None and body.output_format not in allowed:
+        raise FieldError(
+            "output_format",
+            f"model {info.name!r} makes {info.kind}s: one of {list(allowed)}, "
+            f"got {body.output_format!r}",
+        )
 
 
 def record_view(record: JobRecord) -> dict[str, Any]:

@@ -21,7 +21,7 @@ async def job(job_id: str, svc: ServiceDep) -> dict[str, Any]:
     return record_view(await svc.known(job_id))
 
 
-@router.get("/{job_id}/result", summary="One generated image, as bytes")
+@router.get("/{job_id}/result", summary="One generated image (or video), as bytes")
 async def job_result(
     job_id: str, svc: ServiceDep, index: Annotated[int, Query(ge=0)] = 0
 ) -> Response:
@@ -48,8 +48,5 @@ async def job_events(job_id: str, svc: ServiceDep) -> StreamingResponse:
 
 @router.delete("/{job_id}", summary="Cancel: queued jobs never start, running ones stop")
 async def cancel(job_id: str, svc: ServiceDep) -> JSONResponse:
-    await svc.known(job_id)
-    record = await svc.backend.request_cancel(job_id)
-    if record is None:
-        raise errors.JobNotFound(job_id)
+    record = await svc.cancel(job_id)
     return JSONResponse(record_view(record), status_code=200 if record.status.terminal else 202)

@@ -1,6 +1,6 @@
 """Service fixtures: a real redis-server per test session (and private ones on demand), the
-tiny models saved as real model directories (a Skip-DiT and a vanilla DiT), and an app client
-with its lifespan running."""
+tiny models saved as real model directories (a Skip-DiT, a vanilla DiT and a Skip-Latte video
+model), and an app client with its lifespan running."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import torch
 
 from model.checkpoint import save_pretrained
+from model.networks import build, preset
 from service.api import build_app
 from service.settings import Settings
-from tests.conftest import tiny
+from tests.conftest import randomized, tiny
 
 
 class Clock:
@@ -99,6 +101,15 @@ def tiny_dit_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     card = {"name": "tiny-dit", "default_guidance": 3.0}
     model = tiny(seed=1, long_skip=False)
     return save_pretrained(model, tmp_path_factory.mktemp("models") / "tiny-dit", card=card)
+
+
+@pytest.fixture(scope="session")
+def tiny_video_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A video model: Skip-Latte ``digits-video-tiny`` (4 frames of 8x8 grey, 10 classes)."""
+    torch.manual_seed(2)
+    model = randomized(build(preset("digits-video-tiny")), seed=2)
+    card = {"name": "tiny-video", "default_guidance": 2.0}
+    return save_pretrained(model, tmp_path_factory.mktemp("models") / "tiny-video", card=card)
 
 
 def settings_for(backend: str, model_dir: Path, redis_url: str | None, **kw: object) -> Settings:

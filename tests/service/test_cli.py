@@ -48,6 +48,21 @@ def test_same_seed_writes_the_same_png(model_dir: Path, tmp_path: Path) -> None:
     assert paths[0].read_bytes() == paths[1].read_bytes()
 
 
+@pytest.mark.parametrize(("out", "size"), [("v.gif", (22, 12)), ("v.png", (42, 22))])
+def test_generate_on_a_video_model_writes_an_animation_or_a_grid_of_frames(
+    tmp_path: Path, out: str, size: tuple[int, int]
+) -> None:
+    """Two 4-frame 8x8 videos: a GIF of per-frame grids (2 side by side) or a PNG grid with one
+    row per video, one column per frame."""
+    proc = run(
+        "generate", "--model", "random:digits-video-tiny", "--steps", "2", "--num-images", "2",
+        "--num-frames", "4", "--out", str(tmp_path / out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    image = Image.open(tmp_path / out)
+    assert image.size == size and getattr(image, "n_frames", 1) == (4 if out.endswith("gif") else 1)
+
+
 def test_console_script_says_when_weights_are_random(tmp_path: Path) -> None:
     exe = shutil.which("skipdit")
     assert exe is not None, "the skipdit console script is not installed"
@@ -76,6 +91,9 @@ def test_console_script_says_when_weights_are_random(tmp_path: Path) -> None:
         (["--cache-depth", "3"], "cache_depth"),
         (["--cache-policy", "none", "--cache-interval", "2"], "cache_interval"),
         (["--steps", "abc"], "--steps"),
+        (["--num-frames", "4"], "num_frames"),  # an image model
+        (["--model", "random:digits-video-tiny", "--num-frames", "5"], "num_frames"),
+        (["--fps", "0"], "fps"),
     ],
 )
 def test_invalid_input_exits_nonzero_with_one_line_naming_the_field(
