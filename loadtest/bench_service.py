@@ -74,17 +74,21 @@ async def measure(args: argparse.Namespace, base_url: str) -> None:
     body = {"steps": args.steps, "num_images": 1, "cache_interval": args.cache_interval, "seed": 0}
     loaded = registry.load(args.model)
     params = GenerateParams(**body)
-    loaded.pipeline.generate([params])  # warm-up
-    direct = [loaded.pipeline.generate([params])[0].seconds for _ in range(args.repeats)]
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        # Time the direct call only once the worker has loaded and warmed up its model: on a
+        # small machine its start-up would otherwise share the cores with the direct runs.
         await wait_ready(client)
         await one(client, body)  # warm-up
+        loaded.pipeline.generate([params])  # warm-up
+        direct = [loaded.pipeline.generate([params])[0].seconds for _ in range(args.repeats)]
         served = [await one(client, body) for _ in range(args.repeats)]
         rates = {c: await throughput(client, body, c, args.requests) for c in (1, 4, 16)}
     d, s = statistics.median(direct), statistics.median(served)
     print(f"model {loaded.name}, {args.steps} DDIM steps, cache_interval {args.cache_interval}")
     print(f"single request: direct pipeline {d * 1e3:.1f} ms, HTTP+Redis+worker {s * 1e3:.1f} ms,"
           f" ratio {s / d:.2f}x (medians of {args.repeats})")  # fmt: skip
+    print(f"  spread: direct {min(direct) * 1e3:.1f}-{max(direct) * 1e3:.1f} ms,"
+          f" served {min(served) * 1e3:.1f}-{max(served) * 1e3:.1f} ms")  # fmt: skip
     for c, rate in rates.items():
         print(f"concurrency {c:>2}: {rate:.2f} images/s ({args.requests} requests)")
 
