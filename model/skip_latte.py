@@ -232,10 +232,3 @@ PRESETS: dict[str, Callable[..., LatteConfig]] = {
         }
     ),
 }
-
-
-def preset(name: str, **overrides: object) -> LatteConfig:
-    """A video preset config by name, e.g. ``preset("Latte-XL/2", num_classes=101)``."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown video preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name](**overrides)

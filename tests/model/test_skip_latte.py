@@ -21,10 +21,11 @@ from model.checkpoint import (
 )
 from model.errors import FieldError
 from model.graphs import BucketedForward
+from model.networks import preset
 from model.pipeline import Pipeline, denoise_step, step_samplers
 from model.request import GenerateParams
 from model.skip_dit import DiTConfig, SkipDiT
-from model.skip_latte import LatteConfig, SkipLatte, preset
+from model.skip_latte import LatteConfig, SkipLatte
 from tests.conftest import BATCH_TOL, randomized, tiny
 from tests.model.test_cache import CACHING, DYNAMIC, OFF, PLAN_OPTIONS, PLAN_RUNS, _plan_and_run
 from tests.model.test_pipeline import _tiny_vae

@@ -25,6 +25,17 @@ from service.settings import Settings
 from tests.conftest import randomized, tiny
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The queue backend an app test runs on (queue tests override it with an instance)."""
+    return request.param
+
+
 class Clock:
     """A clock that moves only when a test moves it (Unix seconds)."""
 

@@ -28,16 +28,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=["memory", "redis"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
 def make_settings(backend: str, tiny_model_dir: Path, redis_server: RedisServer):
     def make(**kw: object):
         return settings_for(backend, tiny_model_dir, redis_server.url, **kw)

@@ -41,11 +41,6 @@ EXPECTED = {
 }
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def test_every_service_error_type_is_mapped() -> None:
     assert set(errors.ServiceError.__subclasses__()) <= set(STATUS)
     assert {type(e) for e in RAISED.values()} == set(STATUS)

@@ -27,11 +27,6 @@ FRAMES, SIDE = 4, 8  # digits-video-tiny: 4 frames of 8x8 grey
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def both(tiny_video_model_dir: Path, tiny_model_dir: Path) -> list[str]:
     """The served names: the tiny Skip-Latte (default, first) and the tiny Skip-DiT."""
     return [str(tiny_video_model_dir), str(tiny_model_dir)]

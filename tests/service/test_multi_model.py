@@ -31,16 +31,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=["memory", "redis"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
 def two(tiny_model_dir: Path, tiny_dit_model_dir: Path) -> list[str]:
     """The served names: the tiny Skip-DiT (default, first) and the tiny vanilla DiT."""
     return [str(tiny_model_dir), str(tiny_dit_model_dir)]

@@ -26,11 +26,6 @@ pytestmark = pytest.mark.anyio
 MODEL = "tiny"  # the backend tests' model name (no model is loaded there)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Workers:
     """Starts ``skipdit worker`` processes against one Redis prefix."""
 

@@ -24,11 +24,6 @@ pytestmark = pytest.mark.anyio
 MODEL = "tiny"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Rig:
     def __init__(
         self,
