@@ -2,10 +2,7 @@
 happens.
 
 Runs inside ``skipdit serve`` (embedded) or as ``skipdit worker`` (Redis). The engine's step
-runs in a thread so the event loop stays free for the API and for heartbeats. Events go to the
-backend off the step loop: one publisher task writes them in order (so each job's events keep
-theirs, its terminal event last), and a job's STEP events are coalesced to at most one per
-``progress_interval`` seconds, its last step always published before its terminal event. ``stop()``
+runs in a thread so the event loop stays free for the API and for heartbeats. ``stop()``
 (SIGTERM) stops intake, lets running jobs finish for up to ``drain_timeout`` seconds, then hands
 whatever is left back to the queue.
 """
@@ -18,7 +15,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,12 +52,7 @@ class Worker:
         heartbeat: float = 5.0,
         drain_timeout: float = 60.0,
         runtimes: dict[str, dict[str, Any]] | None = None,
-        progress_interval: float = 0.1,
-        clock: Callable[[], float] = time.monotonic,
-        outbox_size: int = 1024,
     ):
-        """``progress_interval``: seconds between a job's published STEP events (0: every step);
-        ``clock`` times them. ``outbox_size`` bounds the events waiting for the publisher."""
         self.backend = backend
         self.engines = engines  # model name -> its engine
         self.metrics = metrics
@@ -74,12 +65,6 @@ class Worker:
         self._held: dict[str, tuple[Delivery, JobRecord]] = {}
         self._stopping = asyncio.Event()
         self._turn = 0  # the engine to try first at the next step
-        self.progress_interval = progress_interval
-        self.clock = clock
-        self._published: dict[str, float] = {}  # job -> when its last progress event went out
-        self._pending: dict[str, EngineEvent] = {}  # job -> its latest step not published yet
-        self._outbox: asyncio.Queue[tuple[str, EngineEvent]] = asyncio.Queue(outbox_size)
-        self._publisher: asyncio.Task[None] | None = None
 
     @property
     def models(self) -> list[str]:
@@ -103,19 +88,6 @@ class Worker:
                 self.backend.name,
                 ", ".join(f"{k}={v}" for k, v in runtime.items()),
             )
-        publisher = self._publisher = asyncio.create_task(self._publish_loop())
-        try:
-            await self._loop()
-            await self._settle()
-        finally:
-            publisher.cancel()
-            await asyncio.gather(publisher, return_exceptions=True)
-        if not publisher.cancelled() and (error := publisher.exception()) is not None:
-            raise error
-        await self._hand_back()
-        log.info("worker %s stopped", self.name)
-
-    async def _loop(self) -> None:
         last_beat = 0.0
         drain_until: float | None = None
         while True:
@@ -137,6 +109,8 @@ class Worker:
                 await asyncio.sleep(1.0)
                 continue
             await self._step()
+        await self._hand_back()
+        log.info("worker %s stopped", self.name)
 
     async def _heartbeat(self) -> None:
         """Keep the held deliveries ours; advertise the models while taking work."""
@@ -156,17 +130,11 @@ class Worker:
     async def _step(self) -> None:
         """One step of one engine, in a thread; publish what it did."""
         model = self._next_engine()
-        if self._publisher is not None and self._publisher.done():
-            self._publisher.result()  # it stopped: raise what stopped it
         if model is not None:
             events, report = await asyncio.to_thread(self.engines[model].step)
             self.metrics.observe_step(model, report)
-            now = self.clock()
             for event in events:
-                for due in self._due(event, now):
-                    await self._outbox.put((model, due))  # waits only if the backend lags
-        else:
-            await self._settle()  # idle: publish the held jobs' last events, let them go
+                await self._publish(model, event)
         held = [d.model for d, _ in self._held.values()]
         for name in self.engines:
             self.metrics.inflight.labels(name).set(held.count(name))
@@ -195,45 +163,6 @@ class Worker:
     async def _cancellations(self) -> None:
         for job_id in await self.backend.cancel_requested(list(self._held)):
             self.engines[self._held[job_id][0].model].cancel(job_id)
-
-    def _due(self, event: EngineEvent, now: float) -> list[EngineEvent]:
-        """The events to publish for ``event`` at ``now``: a STEP only if the job's last progress
-        went out ``progress_interval`` ago or it is the last step (else it waits as pending);
-        a terminal event after the job's pending step."""
-        rid = event.request_id
-        if event.kind.terminal:
-            self._published.pop(rid, None)
-            pending = self._pending.pop(rid, None)
-            return [event] if pending is None else [pending, event]
-        if event.kind is EventKind.STEP:
-            last = self._published.get(rid)
-            recent = last is not None and now - last < self.progress_interval
-            if recent and event.step < event.total:
-                self._pending[rid] = event
-                return []
-            self._pending.pop(rid, None)
-        self._published[rid] = now
-        return [event]
-
-    async def _publish_loop(self) -> None:
-        """Publish the outbox in order, for as long as the worker runs."""
-        while True:
-            model, event = await self._outbox.get()
-            try:
-                await self._publish(model, event)
-            finally:
-                self._outbox.task_done()
-
-    async def _settle(self) -> None:
-        """Wait until every event in the outbox is published, or the publisher has stopped."""
-        publisher = self._publisher
-        if publisher is None or publisher.done():
-            return
-        joined = asyncio.ensure_future(self._outbox.join())
-        try:
-            await asyncio.wait({joined, publisher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            joined.cancel()
 
     async def _publish(self, model: str, event: EngineEvent) -> None:
         held = self._held.get(event.request_id)
@@ -302,8 +231,6 @@ class Worker:
             except BackendUnavailable:
                 log.exception("could not hand back job %s; it will be re-delivered", job_id)
         self._held.clear()
-        self._pending.clear()
-        self._published.clear()
         for engine in self.engines.values():
             if engine.has_work():
                 engine.step()  # drain the cancellations
@@ -340,7 +267,7 @@ def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> 
         heartbeat=settings.heartbeat_s,
         drain_timeout=settings.drain_timeout_s,
         runtimes=runtimes,
-    )  # progress_interval: the default (a setting for it is not there yet)
+    )
 
 
 def run_worker_process(settings: Settings) -> int:
