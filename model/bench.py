@@ -6,9 +6,12 @@ cancel most of that; the median over ``--repeats`` pairs), FLOP ratio (counted w
 FlopCounterMode over a real run, not a formula: the two differ because cached steps keep fixed
 costs), cache memory per image, PSNR and SSIM against the uncached images of the same seeds,
 class accuracy of the shipped classifier and FID on its features against held-out real digits.
+Video models: the policies that apply to video, PSNR/SSIM over all frames, per-frame accuracy
+(``model.evaluate.frame_accuracy``) and temporal consistency (mean frame-to-frame change,
+against real moving-digit clips) in place of FID.
 Writes ``results.md`` (tables), ``speedup_vs_psnr.png``, ``grid.png`` (same seeds across
-settings) and, given training runs, ``training.png`` (loss and FID against training step for
-Skip-DiT and its DiT twin).
+settings; video: ``strip_<setting>.gif``, the first clip of each class) and, given training
+runs, ``training.png`` (loss and FID against training step for Skip-DiT and its DiT twin).
 """
 
 from __future__ import annotations
@@ -27,21 +30,23 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import data, registry
-from model.cache import Mode
+from model.cache import POLICIES, Mode
 from model.checkpoint import load_state, read_pretrained_meta
 from model.evaluate import (
     DigitClassifier,
     accuracy,
     features,
+    frame_accuracy,
     frechet_distance,
     load_classifier,
     psnr_ssim,
+    temporal_difference,
 )
-from model.images import grid, to_pil
+from model.images import animate, grid, to_pil
 from model.options import BenchOptions
 from model.pipeline import Job, Pipeline
 from model.request import GenerateParams
-from model.skip_dit import SkipDiT
+from model.skip_dit import DiTConfig, SkipDiT
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +61,23 @@ class Row:
     cache_bytes_per_image: float
     psnr: float
     ssim: float
-    accuracy: float
-    fid: float
+    accuracy: float  # video: of every frame
+    fid: float | None  # images only
     steps_cached: float  # mean fraction of steps cached
+    temporal: float | None = None  # video only: mean frame-to-frame change
 
 
-def settings(intervals: list[int], thresholds: list[float]) -> list[tuple[str, str, dict]]:
+def settings(
+    intervals: list[int], thresholds: list[float], model: DiTConfig
+) -> list[tuple[str, str, dict]]:
+    """(label, policy, options) of every setting of the policies that apply to the model."""
     out: list[tuple[str, str, dict]] = [("none", "none", {})]
     for policy in ("skip_cache", "fora", "delta_dit"):
         out += [(f"{policy} N={n}", policy, {"cache_interval": n}) for n in intervals]
     out += [(f"toca N={n} r=0.25", "toca", {"cache_interval": n, "cache_ratio": 0.25})
             for n in intervals]  # fmt: skip
     out += [(f"fbcache th={t}", "fbcache", {"cache_threshold": t}) for t in thresholds]
-    return out
+    return [s for s in out if POLICIES[s[1]].applies_to(model)]
 
 
 def requests(
@@ -128,21 +137,22 @@ def _measure(
 def bench_model(
     name: str, pipeline: Pipeline, judge: _Judge, opts: BenchOptions
 ) -> tuple[list[Row], dict[str, torch.Tensor]]:
-    classes = pipeline.model.config.num_classes
+    config = pipeline.model.config
+    classes = config.num_classes
     labels = torch.arange(classes).repeat_interleave(opts.per_class)
     pipeline.generate(requests("none", {}, 1, 2, 0, 1))  # warm-up
     rows, grids = [], {}
     reference: torch.Tensor | None = None
     base_flops = 0.0
     uncached = requests("none", {}, opts.per_class, opts.steps, opts.seed, classes)
-    for label, policy, options in settings(opts.intervals, opts.thresholds):
+    for label, policy, options in settings(opts.intervals, opts.thresholds, config):
         batch = requests(policy, options, opts.per_class, opts.steps, opts.seed, classes)
         results, speedup, peak = _measure(pipeline, batch, uncached, opts.repeats)
-        images = torch.cat([r.images for r in results])  # (n, H, W, 1)
+        images = torch.cat([r.images for r in results])  # (n, H, W, 1); video (n, F, H, W, 1)
         flops = counted_flops(pipeline, batch[0])
         if reference is None:
             reference, base_flops = images, flops
-        psnr, ssim = psnr_ssim(images, reference)
+        psnr, ssim = psnr_ssim(images.flatten(0, -4), reference.flatten(0, -4))
         cached = sum(r.stats.steps[Mode.CACHED] for r in results) / (len(results) * opts.steps)
         rows.append(
             Row(
@@ -154,9 +164,8 @@ def bench_model(
                 cache_bytes_per_image=peak,
                 psnr=psnr,
                 ssim=ssim,
-                accuracy=accuracy(judge.classifier, images, labels),
-                fid=judge.fid(images),
                 steps_cached=cached,
+                **judge.score(images, labels),
             )
         )
         grids[label] = images[:: opts.per_class]  # first image of each class
@@ -180,6 +189,18 @@ class _Judge:
     def fid(self, images: torch.Tensor) -> float:
         return frechet_distance(features(self.classifier, images), self.real_features)
 
+    def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+        """accuracy and FID of images (n, H, W, 1); accuracy of every frame and temporal
+        consistency of clips (n, F, H, W, 1)."""
+        if images.ndim == 4:
+            return {"accuracy": accuracy(self.classifier, images, labels), "fid": self.fid(images)}
+        box = data.clip_digit_size(images.shape[2])
+        return {
+            "accuracy": frame_accuracy(self.classifier, images, labels, box),
+            "fid": None,
+            "temporal": temporal_difference(images),
+        }
+
 
 def training_curves(run_dirs: list[Path], opts: BenchOptions, judge: _Judge) -> dict:
     """Loss and FID against training step, from each run's loss.csv and EMA snapshots."""
@@ -202,24 +223,30 @@ def training_curves(run_dirs: list[Path], opts: BenchOptions, judge: _Judge) -> 
 def _table(rows: list[Row], curves: dict, opts: BenchOptions) -> list[str]:
     lines = [
         "# Cache policies on the shipped digit models\n",
-        f"`{opts.command_line}` — {opts.per_class} images per class, DDIM {opts.steps} steps, "
-        f"guidance from each model card, one batch per setting, wall speedup "
+        f"`{opts.command_line}` — {opts.per_class} images (video models: clips) per class, DDIM "
+        f"{opts.steps} steps, guidance from each model card, one batch per setting, wall speedup "
         f"against an uncached run timed right after (median of {opts.repeats} pair(s)), this "
-        f"machine's CPU.\n",
+        f"machine's CPU. Video models: PSNR/SSIM and accuracy over every frame (the classifier "
+        f"sees the digit-sized window around each frame's ink), no FID; frame change is the "
+        f"mean absolute change between consecutive frames.\n",
         "| model | setting | speedup (wall) | FLOP ratio | cached steps | cache / image "
-        "| PSNR dB | SSIM | accuracy | FID |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| PSNR dB | SSIM | accuracy | FID | frame change |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r.model} | {r.label} | {r.speedup:.2f}x | {r.flop_ratio:.2f}x | "
             f"{r.steps_cached:.0%} | {r.cache_bytes_per_image / 1024:.0f} KiB | "
             f"{'inf' if r.psnr == float('inf') else f'{r.psnr:.1f}'} | {r.ssim:.3f} | "
-            f"{r.accuracy:.1%} | {r.fid:.2f} |"
+            f"{r.accuracy:.1%} | {_num(r.fid, '.2f')} | {_num(r.temporal, '.3f')} |"
         )
     if len(curves) == 2 and all(c["fid"] for c in curves.values()):
         lines += ["", "## Training comparison", "", *_training_lines(curves)]
     return lines
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _training_lines(curves: dict) -> list[str]:
@@ -281,22 +308,43 @@ def _plot_training(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _write_pictures(grids: dict[str, dict[str, torch.Tensor]], out: Path) -> None:
+    """grid.png (a row per setting, a column per class) of the first image model, with
+    grid_rows.txt naming its rows; per video model and setting a looping GIF whose frames put
+    the first clip of each class side by side (``strip_<model>_<setting>.gif``)."""
+    images = {m: g for m, g in grids.items() if next(iter(g.values())).ndim == 4}
+    if images:
+        first = next(iter(images.values()))
+        sheet = torch.cat(list(first.values()))  # (settings * classes, H, W, 1)
+        to_pil(grid(sheet, cols=len(next(iter(first.values()))))).save(out / "grid.png")
+        (out / "grid_rows.txt").write_text("\n".join(first) + "\n")
+    for model, settings_clips in grids.items():
+        if model in images:
+            continue
+        for label, clips in settings_clips.items():  # clips (classes, F, H, W, 1)
+            frames = torch.stack([grid(clips[:, f], cols=len(clips)) for f in range(clips.size(1))])
+            slug = "".join(ch if ch.isalnum() else "_" for ch in f"{model}_{label}")
+            (out / f"strip_{slug}.gif").write_bytes(animate(frames, "gif", fps=4))
+
+
 def write_outputs(
-    rows: list[Row], grids: dict[str, torch.Tensor], curves: dict, opts: BenchOptions
+    rows: list[Row],
+    grids: dict[str, dict[str, torch.Tensor]],
+    curves: dict,
+    opts: BenchOptions,
+    notes: list[str] = (),
 ) -> None:
-    """results.md/json, speedup_vs_psnr.png, grid.png (a row per setting, a column per class)
-    with grid_rows.txt naming its rows, and training.png when there are curves."""
+    """results.md/json, speedup_vs_psnr.png, the pictures (``_write_pictures``) and
+    training.png when there are curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text("\n".join(_table(rows, curves, opts)) + "\n")
+    (out / "results.md").write_text("\n".join([*_table(rows, curves, opts), *notes]) + "\n")
     (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     _plot_speedup(rows, out / "speedup_vs_psnr.png")
-    sheet = torch.cat(list(grids.values()))  # (settings * classes, H, W, 1)
-    to_pil(grid(sheet, cols=len(next(iter(grids.values()))))).save(out / "grid.png")
-    (out / "grid_rows.txt").write_text("\n".join(grids) + "\n")
+    _write_pictures(grids, out)
     if curves:
         _plot_training(curves, out / "training.png")
 
@@ -304,12 +352,32 @@ def write_outputs(
 def bench(opts: BenchOptions) -> list[Row]:
     judge = _Judge.load()
     rows: list[Row] = []
-    grids: dict[str, torch.Tensor] = {}
+    grids: dict[str, dict[str, torch.Tensor]] = {}
+    notes: list[str] = []
     for name in opts.models or registry.shipped_models():
-        model_rows, model_grids = bench_model(name, registry.load(name).pipeline, judge, opts)
+        pipeline = registry.load(name).pipeline
+        model_rows, grids[name] = bench_model(name, pipeline, judge, opts)
         rows += model_rows
-        if not grids:
-            grids = model_grids  # the grid shows the first model
+        if pipeline.model.config.kind == "video":
+            notes.append(_real_clips_note(name, pipeline.model.config, judge.classifier.source))
     curves = training_curves(opts.runs, opts, judge) if opts.runs else {}
-    write_outputs(rows, grids, curves, opts)
+    write_outputs(rows, grids, curves, opts, notes)
     return rows
+
+
+def _real_clips_note(name: str, config: DiTConfig, source: str) -> str:
+    """Temporal consistency of real moving-digit clips of the model's size (held-out digits),
+    the reference for its generated clips."""
+    digits = data.load(source, config.input_size, "held_out")
+    side = config.input_size
+    clips = data.moving(
+        digits, torch.arange(len(digits.labels)), torch.Generator().manual_seed(0),
+        config.num_frames, side, data.clip_digit_size(side),
+    )  # fmt: skip
+    uint8 = ((clips + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (n, 1, F, H, W)
+    real = temporal_difference(uint8.permute(0, 2, 3, 4, 1))
+    return (
+        f"\n{name}: real moving-digit clips (held-out digits, same size and motion) change by "
+        f"{real:.3f} a frame; generated clips near that move like the data, far below it "
+        f"are frozen, far above it flicker."
+    )

@@ -59,6 +59,12 @@ def load(source: str = "mnist", size: int = 16, split: str = "train") -> Digits:
     return Digits(images[pick].contiguous(), labels[pick].contiguous())
 
 
+def clip_digit_size(size: int) -> int:
+    """Side of the digit in a ``size`` x ``size`` moving-digits frame (10 px on 16): what the
+    video models train on and what the per-frame evaluation crops around the digit."""
+    return size * 5 // 8
+
+
 def moving(
     digits: Digits,
     index: torch.Tensor,

@@ -1,6 +1,10 @@
 """Judging generated digits: a small classifier we train and ship, and the metrics built on it.
 
-- class accuracy: does a requested 7 look like a 7 to the classifier;
+- class accuracy: does a requested 7 look like a 7 to the classifier; for clips, of every
+  frame, the classifier seeing the digit-sized window around the frame's ink (a 10 px digit
+  on a 16 px canvas, seen whole, scores 27% on real clips; cropped and resized, 95%);
+- temporal consistency of clips: mean absolute change between consecutive frames (real clips
+  give the reference: a frozen clip scores 0, flicker scores high);
 - FID on the classifier's penultimate features against held-out real digits (Frechet distance
   of Gaussians fitted to the two feature sets; smaller is closer);
 - PSNR / SSIM of cached against uncached output of the same seed (torchmetrics).
@@ -95,6 +99,37 @@ def load_classifier(directory: Path = CLASSIFIER_DIR) -> DigitClassifier:
 def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     predicted = model(to_input(images, model.size)).argmax(1)
     return (predicted == labels).float().mean().item()
+
+
+def digit_crops(frames: torch.Tensor, box: int) -> torch.Tensor:
+    """(n, 1, S, S) frames in [-1, 1] -> (n, 1, box, box): each frame's window centred on the
+    centre of mass of its ink, moved inside the frame where it would cross the border."""
+    ink = ((frames[:, 0] + 1) / 2).clamp(0, 1)  # (n, S, S)
+    side = frames.shape[-1]
+    at = torch.arange(side, dtype=ink.dtype)
+    mass = ink.sum((1, 2)).clamp_min(1e-6)  # (n,)
+    centre = torch.stack([(ink.sum(2) * at).sum(1), (ink.sum(1) * at).sum(1)], 1) / mass[:, None]
+    corner = (centre - (box - 1) / 2).round().long().clamp(0, side - box)  # (n, 2) top, left
+    windows = zip(frames, corner.tolist(), strict=True)
+    return torch.stack([f[:, top : top + box, left : left + box] for f, (top, left) in windows])
+
+
+@torch.no_grad()
+def frame_accuracy(
+    model: DigitClassifier, clips: torch.Tensor, labels: torch.Tensor, box: int
+) -> float:
+    """Share of all frames of uint8 clips (n, F, H, W, 1) classified as their clip's label
+    (n,), each frame judged on its ``box``-sized window around the digit."""
+    f, side = clips.shape[1:3]
+    frames = to_input(clips.flatten(0, 1), side)  # (n*F, 1, H, W) in [-1, 1]
+    return accuracy(model, digit_crops(frames, box), labels.repeat_interleave(f))
+
+
+def temporal_difference(clips: torch.Tensor) -> float:
+    """Mean absolute change between consecutive frames of uint8 clips (n, F, H, W, c), as a
+    fraction of full scale."""
+    x = clips.float() / 255
+    return (x[:, 1:] - x[:, :-1]).abs().mean().item()
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
-"""Generated images as arrays: one near-square (or fixed-width) grid, and PIL conversion."""
+"""Generated images as arrays: one near-square (or fixed-width) grid, PIL conversion, and
+animated GIF / WebP files of frames."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -29,3 +31,26 @@ def grid(images: torch.Tensor, cols: int | None = None, pad: int = 2) -> torch.T
         top, left = pad + r * (h + pad), pad + col * (w + pad)
         out[top : top + h, left : left + w] = image
     return torch.from_numpy(out)
+
+
+ANIMATION_FORMATS = ("gif", "webp")
+
+
+def animate(frames: torch.Tensor, fmt: str = "gif", fps: float = 8.0) -> bytes:
+    """(F, H, W, channels) uint8 frames -> an endlessly looping animated GIF or (lossless) WebP
+    file's bytes."""
+    if fmt not in ANIMATION_FORMATS:
+        raise ValueError(f"fmt: must be one of {list(ANIMATION_FORMATS)}, got {fmt!r}")
+    images = [to_pil(frame) for frame in frames]
+    buf = io.BytesIO()
+    options = {"lossless": True} if fmt == "webp" else {}
+    images[0].save(
+        buf,
+        format=fmt.upper(),
+        save_all=True,
+        append_images=images[1:],
+        duration=round(1000 / fps),
+        loop=0,
+        **options,
+    )
+    return buf.getvalue()

@@ -150,7 +150,7 @@ def _samples(
     if config.kind == "image":
         return digits.images[idx]
     side = config.input_size
-    return data.moving(digits, idx, g, config.num_frames, side, digit_size=side * 5 // 8)
+    return data.moving(digits, idx, g, config.num_frames, side, data.clip_digit_size(side))
 
 
 def train(opts: TrainOptions) -> Path:

@@ -314,8 +314,10 @@ def _bench(args: argparse.Namespace, prog: str) -> int:
     from model.bench import bench
 
     for row in bench(opts):
+        quality = f", FID {row.fid:.2f}" if row.fid is not None else ""
+        quality += f", frame change {row.temporal:.3f}" if row.temporal is not None else ""
         print(f"{row.model} {row.label}: {row.speedup:.2f}x wall, {row.flop_ratio:.2f}x FLOPs, "
-              f"PSNR {row.psnr:.1f}, acc {row.accuracy:.1%}, FID {row.fid:.2f}")  # fmt: skip
+              f"PSNR {row.psnr:.1f}, acc {row.accuracy:.1%}{quality}")  # fmt: skip
     print(f"wrote {opts.out}")
     return 0
 

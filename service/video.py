@@ -1,4 +1,5 @@
-"""Encoding generated clips: MP4 (H.264 through PyAV), animated GIF and WebP (Pillow)."""
+"""Encoding generated clips: MP4 (H.264 through PyAV), animated GIF and WebP (Pillow, through
+``model.images.animate``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import av
 import numpy as np
 import torch
 
-from model.images import to_pil
+from model.images import animate
 
 VIDEO_FORMATS = ("mp4", "gif", "webp")
 VIDEO_CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif", "webp": "image/webp"}
@@ -25,19 +26,7 @@ def encode_video(frames: torch.Tensor, fmt: str = "mp4", fps: float = 8.0) -> by
         return _mp4(frames, fps)
     if fmt not in VIDEO_FORMATS:
         raise ValueError(f"output_format: must be one of {list(VIDEO_FORMATS)}, got {fmt!r}")
-    images = [to_pil(frame) for frame in frames]
-    buf = io.BytesIO()
-    options = {"lossless": True} if fmt == "webp" else {}
-    images[0].save(
-        buf,
-        format=fmt.upper(),
-        save_all=True,
-        append_images=images[1:],
-        duration=round(1000 / fps),
-        loop=0,
-        **options,
-    )
-    return buf.getvalue()
+    return animate(frames, fmt, fps)
 
 
 def _mp4(frames: torch.Tensor, fps: float) -> bytes:

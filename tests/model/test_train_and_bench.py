@@ -8,11 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from model import bench, data
 from model.checkpoint import load_pretrained
-from model.evaluate import frechet_distance, load_classifier, psnr_ssim
+from model.evaluate import (
+    frame_accuracy,
+    frechet_distance,
+    load_classifier,
+    psnr_ssim,
+    temporal_difference,
+)
 from model.options import BenchOptions
 from service.cli import build_parser
 
@@ -32,6 +39,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train(root / "resumed", 4)
     train(root / "resumed", 6)
     train(root / "vanilla", 6, "--vanilla")
+    train(root / "video", 2, "--preset", "digits-video-tiny")  # overrides digits-tiny
     return {p.name: p for p in root.iterdir()}
 
 
@@ -50,13 +58,12 @@ def test_training_exports_a_loadable_model_with_its_card(runs: dict[str, Path]) 
 
 
 def test_a_video_preset_trains_on_moving_digits_and_exports_a_video_model(
-    tmp_path: Path,
+    runs: dict[str, Path],
 ) -> None:
-    train(tmp_path / "video", 2, "--preset", "digits-video-tiny")  # overrides digits-tiny
-    model, card = load_pretrained(tmp_path / "video" / "final")
+    model, card = load_pretrained(runs["video"] / "final")
     assert model.config.kind == "video" and model.config.num_frames > 1
     assert card["architecture"] == "Skip-Latte" and "frames" in card["data"]
-    rows = (tmp_path / "video" / "loss.csv").read_text().splitlines()
+    rows = (runs["video"] / "loss.csv").read_text().splitlines()
     assert len(rows) == 3 and float(rows[-1].split(",")[1]) > 0
 
 
@@ -74,6 +81,21 @@ def test_shipped_classifier_recognises_held_out_digits() -> None:
     held = data.load(classifier.source, classifier.size, "held_out")
     predicted = classifier(held.images).argmax(1)
     assert (predicted == held.labels).float().mean() > 0.9
+
+
+def test_frames_of_real_clips_are_judged_on_the_digit_they_show() -> None:
+    """The per-frame judge finds the small moving digit: real clips score like still digits,
+    where the whole frame (a 10 px digit on 16 px) fools the classifier."""
+    classifier = load_classifier()
+    held = data.load(classifier.source, 16, "held_out")
+    clips = data.moving(held, torch.arange(200), torch.Generator().manual_seed(0), 8, 16,
+                        data.clip_digit_size(16))  # fmt: skip
+    uint8 = ((clips + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)  # (n,F,H,W,1)
+    labels = held.labels[:200]
+    assert frame_accuracy(classifier, uint8, labels, data.clip_digit_size(16)) > 0.9
+    assert frame_accuracy(classifier, uint8, labels, 16) < 0.5  # the window is the whole frame
+    frozen = uint8[:, :1].expand_as(uint8)
+    assert temporal_difference(frozen) == 0 < temporal_difference(uint8)
 
 
 def test_metrics_behave() -> None:
@@ -118,3 +140,24 @@ def test_bench_writes_tables_plots_and_grid(runs: dict[str, Path], tmp_path: Pat
     assert table.count("\n| ") == 1 + len(rows)
     stored = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert len(stored) == len(rows)
+
+
+def test_bench_judges_a_video_model_per_frame_and_writes_gif_strips(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    opts = BenchOptions(
+        models=[str(runs["video"] / "final")], per_class=1, steps=4, intervals=[2],
+        thresholds=[0.1], out=tmp_path / "bench", command_line="skipdit bench (test)",
+    )  # fmt: skip
+    rows = bench.bench(opts)
+    labels = ["none", "skip_cache N=2", "fora N=2", "delta_dit N=2", "fbcache th=0.1"]
+    assert [r.label for r in rows] == labels  # toca refuses video
+    assert all(r.fid is None and r.temporal is not None and 0 <= r.accuracy <= 1 for r in rows)
+    by = {r.label: r for r in rows}
+    assert by["none"].ssim == pytest.approx(1.0) and by["skip_cache N=2"].flop_ratio > 1
+    gifs = sorted((tmp_path / "bench").glob("strip_*.gif"))
+    assert len(gifs) == len(rows) and not (tmp_path / "bench" / "grid.png").exists()
+    with Image.open(gifs[0]) as gif:
+        assert gif.n_frames == 4  # the tiny preset's frames, classes side by side
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert table.count("\n| ") == 1 + len(rows) and "real moving-digit clips" in table
