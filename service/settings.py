@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kernels import dispatch
@@ -27,6 +28,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     redis_url: str | None = Field(None, description="unset: embedded in-process queue")
     redis_prefix: str = "skipdit"
+    redis_cluster: bool = Field(
+        False, description="SKIPDIT_REDIS_URL names a node of a Redis Cluster (cluster client)"
+    )
     run_worker: bool | None = Field(
         None, description="run the engine inside the API process; default: only without Redis"
     )
@@ -64,6 +68,21 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=1, le=65535, description="worker /metrics port")
     log_level: str = "INFO"
 
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        [], description="bearer keys, comma-separated; unset (and no key file): the API is open"
+    )
+    api_keys_file: Path | None = Field(None, description="a file of bearer keys, one a line")
+    key_rate_per_s: float = Field(5.0, gt=0, description="per key: sustained requests a second")
+    key_burst: int = Field(20, ge=1, description="per key: requests allowed at once")
+    key_max_queued: int = Field(16, ge=1, description="per key: jobs queued or running at once")
+    metrics_need_key: bool = Field(
+        False, description="with keys set, also require one for /metrics on the API port"
+    )
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="a request body must arrive within this; slower clients get 408"
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.redis_url is not None and not self.redis_url.startswith(
@@ -82,7 +101,7 @@ class Settings(BaseSettings):
             raise ValueError("SKIPDIT_RUN_WORKER=false needs SKIPDIT_REDIS_URL: no one would run")
         return self
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "api_keys", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         """``a,b`` or ``["a", "b"]`` from the environment."""
@@ -132,6 +151,25 @@ class Settings(BaseSettings):
         if self.graphs == "cuda_graphs" and device.type != "cuda":
             raise ValueError(f"SKIPDIT_GRAPHS=cuda_graphs needs a CUDA device, got {device}")
         return self
+
+    @model_validator(mode="after")
+    def _keys(self) -> Settings:
+        """Read SKIPDIT_API_KEYS_FILE into ``api_keys`` (blank lines and # comments skipped)."""
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text().splitlines()
+            except OSError as e:
+                raise ValueError(f"SKIPDIT_API_KEYS_FILE: cannot read: {e}") from e
+            keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            self.api_keys = [*self.api_keys, *map(SecretStr, keys)]
+        short = [i for i, k in enumerate(self.api_keys) if len(k.get_secret_value()) < 16]
+        if short:
+            raise ValueError(f"SKIPDIT_API_KEYS: key #{short[0] + 1} is shorter than 16 characters")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
 
     @property
     def embedded_worker(self) -> bool:
