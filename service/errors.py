@@ -50,3 +50,24 @@ class QueueFull(ServiceError):
 
 class BackendUnavailable(ServiceError):
     """The queue backend cannot be reached."""
+
+
+class Unauthorized(ServiceError):
+    """No API key, or not one of the configured keys (the message never repeats it)."""
+
+
+class Forbidden(ServiceError):
+    """The job belongs to another API key."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"job {job_id} belongs to another API key")
+        self.field = "job_id"
+
+
+class RateLimited(ServiceError):
+    """This API key is over its request rate or its cap on queued jobs; retry after
+    ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after

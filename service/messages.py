@@ -93,6 +93,7 @@ class JobRecord:
     total_steps: int = 0
     error: dict[str, str] | None = None  # {"code", "message"}
     result: dict[str, Any] | None = None  # metadata only; image bytes live in StoredResult
+    owner: str | None = None  # id of the API key that submitted it (None: the API is open)
 
     def __post_init__(self) -> None:
         self.status = JobStatus(self.status)

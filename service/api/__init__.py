@@ -19,7 +19,9 @@ from fastapi import FastAPI
 
 from model import registry
 from service.api import errors, generate, jobs, openai, system, videos
+from service.api.auth import KeyRing
 from service.api.deps import Service
+from service.api.limits import BodyLimit
 from service.metrics import Metrics
 from service.queue import make_backend
 from service.settings import Settings
@@ -37,12 +39,20 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     for info in infos.values():
         if info.random_weights:
             log.warning("serving %s: RANDOM untrained weights, for smoke tests only", info.name)
-    svc = Service(settings, backend, Metrics(names), infos)
+    keys = KeyRing(
+        settings.api_keys, settings.key_rate_per_s, settings.key_burst, settings.key_max_queued
+    )
+    svc = Service(settings, backend, Metrics(names), infos, keys)
     if settings.embedded_worker:
         svc.worker = await asyncio.to_thread(make_worker, settings, backend, svc.metrics)
         svc.worker_task = asyncio.create_task(svc.worker.run(), name="skipdit-worker")
     app.state.service = svc
-    log.info("serving models %s with %s backend", ", ".join(infos), backend.name)
+    log.info(
+        "serving models %s with %s backend; API keys %s",
+        ", ".join(infos),
+        backend.name,
+        f"required ({len(settings.api_keys)} configured)" if keys.enabled else "off (open API)",
+    )
     try:
         yield
     finally:
@@ -64,6 +74,8 @@ def build_app(settings: Settings | None = None, clock: Callable[[], float] = tim
     app.state.settings = settings or Settings()
     app.state.clock = clock
     errors.install(app)
+    s = app.state.settings
+    app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes, timeout_s=s.body_timeout_s)
     for module in (generate, jobs, openai, videos, system):
         app.include_router(module.router)
     return app

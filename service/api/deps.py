@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from model.errors import FieldError
 from model.registry import ModelInfo
 from service import errors
+from service.api.auth import Caller, KeyRing
 from service.images import FORMATS as IMAGE_FORMATS
 from service.messages import JobRecord, JobRequest, JobStatus, StoredResult
 from service.metrics import Metrics
@@ -32,6 +33,7 @@ class Service:
     backend: QueueBackend
     metrics: Metrics
     models: dict[str, ModelInfo]  # served name -> description; the first is the default
+    keys: KeyRing = field(default_factory=lambda: KeyRing([]))  # none: the API is open
     worker: Worker | None = None
     worker_task: asyncio.Task | None = None
 
@@ -62,18 +64,34 @@ class Service:
         body.check_budget(info.config, info.default_guidance, s.max_batch_tokens)
         return info
 
-    async def submit(self, body: JobRequest, idempotency_key: str | None) -> JobRecord:
-        """Check and enqueue on the model's queue; the record names the model that runs it and
-        the output format (and, videos, fps) it gets."""
+    async def submit(
+        self, body: JobRequest, idempotency_key: str | None, caller: Caller
+    ) -> JobRecord:
+        """Check, count against the caller's key, and enqueue on the model's queue; the record
+        names the model that runs it, the output format (and, videos, fps) it gets and its
+        owner (the key's id)."""
         info = self.check(body)
+        self.keys.take(caller)
         resolved = {"model": info.name, "output_format": body.format_for(info.kind)}
         if info.kind == "video":
             resolved["fps"] = body.fps_for(info.kind)
         request = body.model_dump(mode="json", by_alias=True) | resolved
-        record = JobRecord(request=request)
+        record = JobRecord(request=request, owner=caller.key_id)
         record.total_steps = body.steps
-        record, _ = await self.backend.submit(record, idempotency_key)
-        return record
+        await self.keys.admit(caller, record.id, self._unfinished, self.settings.retry_after_s)
+        try:
+            stored, _ = await self.backend.submit(record, caller.scoped(idempotency_key))
+        except BaseException:
+            self.keys.release(caller, record.id)
+            raise
+        if stored.id != record.id:  # the job an earlier request with this Idempotency-Key made
+            self.keys.release(caller, record.id)
+            self.keys.owns(caller, stored.id)
+        return stored
+
+    async def _unfinished(self, job_id: str) -> bool:
+        record = await self.backend.get(job_id)
+        return record is not None and not record.status.terminal
 
     async def wait_done(self, record: JobRecord) -> tuple[JobRecord, StoredResult]:
         """Wait until the job ends or its deadline passes; raise the matching error unless done."""
@@ -88,15 +106,18 @@ class Service:
             raise errors.JobCancelled(f"job {final.id} was cancelled")
         raise errors.GenerationFailed((final.error or {}).get("message", "generation failed"))
 
-    async def known(self, job_id: str) -> JobRecord:
+    async def known(self, job_id: str, caller: Caller) -> JobRecord:
+        """The job, if it exists and the caller may see it (Forbidden: another key's job)."""
         record = await self.backend.get(job_id)
         if record is None:
             raise errors.JobNotFound(job_id)
+        if self.keys.enabled and record.owner != caller.key_id:
+            raise errors.Forbidden(job_id)
         return record
 
-    async def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, job_id: str, caller: Caller) -> JobRecord:
         """Ask to cancel: a queued job ends at once, a running one at its next step."""
-        await self.known(job_id)
+        await self.known(job_id, caller)
         record = await self.backend.request_cancel(job_id)
         if record is None:
             raise errors.JobNotFound(job_id)
@@ -129,6 +150,7 @@ def check_output(body: JobRequest, info: ModelInfo) -> None:
 def record_view(record: JobRecord) -> dict[str, Any]:
     """A job as the API shows it: the record plus progress in [0, 1]."""
     view = record.to_dict()
+    del view["owner"]  # the key's id: the caller knows its key
     view["progress"] = record.step / record.total_steps if record.total_steps else 0.0
     return view
 

@@ -5,6 +5,7 @@ The body is always ``{"error": {"code", "message", "field"?}}``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,11 +19,14 @@ from service.metrics import NO_MODEL
 # type -> (status, code); looked up along the raised type's MRO.
 STATUS: dict[type[Exception], tuple[int, str]] = {
     FieldError: (422, "invalid_request"),
+    errors.Unauthorized: (401, "unauthorized"),
+    errors.Forbidden: (403, "forbidden"),
     errors.JobNotFound: (404, "not_found"),
     errors.ResultNotReady: (409, "not_ready"),
     errors.JobCancelled: (409, "cancelled"),
     errors.ResultExpired: (410, "expired"),
     errors.QueueFull: (429, "queue_full"),
+    errors.RateLimited: (429, "rate_limited"),
     errors.GenerationFailed: (500, "generation_failed"),
     errors.BackendUnavailable: (503, "backend_unavailable"),
     errors.WorkerStopped: (503, "worker_stopped"),
@@ -42,8 +46,10 @@ def error_response(
 async def _typed(request: Request, e: Exception) -> JSONResponse:
     status, code = next(STATUS[t] for t in type(e).__mro__ if t in STATUS)
     headers = None
-    if isinstance(e, errors.QueueFull):
-        headers = {"Retry-After": str(max(1, round(e.retry_after)))}
+    if isinstance(e, errors.QueueFull | errors.RateLimited):
+        headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
+    if isinstance(e, errors.Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="skipdit"'}
     if isinstance(e, errors.BackendUnavailable):  # other failures are counted by the worker
         request.app.state.service.metrics.errors.labels(NO_MODEL, code).inc()
     return error_response(status, code, str(e), getattr(e, "field", None), headers)

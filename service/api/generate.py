@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
+from service.api.auth import CallerDep
 from service.api.deps import ServiceDep, record_view
 from service.messages import JobRequest
 
@@ -18,10 +19,11 @@ router = APIRouter(tags=["generate"])
 async def generate(
     body: JobRequest,
     svc: ServiceDep,
+    caller: CallerDep,
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
-    record = await svc.submit(body, idempotency_key)
+    record = await svc.submit(body, idempotency_key, caller)
     if body.async_ or (prefer and "respond-async" in prefer.lower()):
         return JSONResponse(
             record_view(record), status_code=202, headers={"Location": f"/jobs/{record.id}"}

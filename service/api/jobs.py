@@ -11,29 +11,30 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from model.errors import FieldError
 from service import errors
+from service.api.auth import CallerDep
 from service.api.deps import ServiceDep, record_view
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 @router.get("/{job_id}", summary="Job status and progress")
-async def job(job_id: str, svc: ServiceDep) -> dict[str, Any]:
-    return record_view(await svc.known(job_id))
+async def job(job_id: str, svc: ServiceDep, caller: CallerDep) -> dict[str, Any]:
+    return record_view(await svc.known(job_id, caller))
 
 
 @router.get("/{job_id}/result", summary="One generated image (or video), as bytes")
 async def job_result(
-    job_id: str, svc: ServiceDep, index: Annotated[int, Query(ge=0)] = 0
+    job_id: str, svc: ServiceDep, caller: CallerDep, index: Annotated[int, Query(ge=0)] = 0
 ) -> Response:
-    result = await svc.result(await svc.known(job_id))
+    result = await svc.result(await svc.known(job_id, caller))
     if index >= len(result.images):
         raise FieldError("index", f"must be < {len(result.images)}")
     return Response(result.images[index], media_type=result.content_type)
 
 
 @router.get("/{job_id}/events", summary="Server-sent events until the job ends")
-async def job_events(job_id: str, svc: ServiceDep) -> StreamingResponse:
-    await svc.known(job_id)
+async def job_events(job_id: str, svc: ServiceDep, caller: CallerDep) -> StreamingResponse:
+    await svc.known(job_id, caller)
 
     async def stream() -> AsyncIterator[str]:
         try:
@@ -47,6 +48,6 @@ async def job_events(job_id: str, svc: ServiceDep) -> StreamingResponse:
 
 
 @router.delete("/{job_id}", summary="Cancel: queued jobs never start, running ones stop")
-async def cancel(job_id: str, svc: ServiceDep) -> JSONResponse:
-    record = await svc.cancel(job_id)
+async def cancel(job_id: str, svc: ServiceDep, caller: CallerDep) -> JSONResponse:
+    record = await svc.cancel(job_id, caller)
     return JSONResponse(record_view(record), status_code=200 if record.status.terminal else 202)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header
 from pydantic import BaseModel, Field
 
 from model.errors import FieldError
+from service.api.auth import CallerDep
 from service.api.deps import ServiceDep
 from service.messages import JobRequest
 
@@ -29,6 +30,7 @@ class OpenAIImageRequest(BaseModel):
 async def openai_images(
     body: OpenAIImageRequest,
     svc: ServiceDep,
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
     info = svc.model_for(body.model)
@@ -43,7 +45,7 @@ async def openai_images(
         num_images=body.n,
         timeout_s=svc.settings.default_timeout_s,
     )
-    record = await svc.submit(request, idempotency_key)
+    record = await svc.submit(request, idempotency_key, caller)
     _, result = await svc.wait_done(record)
     return {
         "created": int(record.created_at),

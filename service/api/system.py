@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -70,7 +70,9 @@ async def readyz(svc: ServiceDep) -> dict[str, Any]:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-async def metrics(svc: ServiceDep) -> Response:
+async def metrics(svc: ServiceDep, request: Request) -> Response:
+    if svc.settings.metrics_need_key:
+        svc.keys.identify(request.headers.get("authorization"))
     with contextlib.suppress(errors.BackendUnavailable):
         for name in svc.models:
             svc.metrics.queue_depth.labels(name).set(await svc.backend.depth(name))

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 from model.errors import FieldError
 from model.registry import ModelInfo
 from service import errors
+from service.api.auth import Caller, CallerDep
 from service.api.deps import Service, ServiceDep
 from service.messages import DEFAULT_FPS, JobRecord, JobRequest, JobStatus
 
@@ -109,9 +110,9 @@ def video_view(record: JobRecord, info: ModelInfo) -> dict[str, Any]:
     return view
 
 
-async def _video_job(svc: Service, video_id: str) -> tuple[JobRecord, ModelInfo]:
+async def _video_job(svc: Service, video_id: str, caller: Caller) -> tuple[JobRecord, ModelInfo]:
     """The job and its model; a job of an image model is not a video: JobNotFound."""
-    record = await svc.known(video_id)
+    record = await svc.known(video_id, caller)
     info = svc.models.get(record.request.get("model") or "")
     if info is None or info.kind != "video":
         raise errors.JobNotFound(video_id, f"no video {video_id}")
@@ -122,26 +123,27 @@ async def _video_job(svc: Service, video_id: str) -> tuple[JobRecord, ModelInfo]
 async def create_video(
     body: OpenAIVideoRequest,
     svc: ServiceDep,
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
     info = _video_model(svc, body.model)
     request = _job_request(body, info, svc.settings.default_timeout_s)
-    return video_view(await svc.submit(request, idempotency_key), info)
+    return video_view(await svc.submit(request, idempotency_key, caller), info)
 
 
 @router.get("/{video_id}", summary="A video job: status and progress")
-async def get_video(video_id: str, svc: ServiceDep) -> dict[str, Any]:
-    return video_view(*await _video_job(svc, video_id))
+async def get_video(video_id: str, svc: ServiceDep, caller: CallerDep) -> dict[str, Any]:
+    return video_view(*await _video_job(svc, video_id, caller))
 
 
 @router.get("/{video_id}/content", summary="The MP4 of a completed video")
-async def video_content(video_id: str, svc: ServiceDep) -> Response:
-    record, _ = await _video_job(svc, video_id)
+async def video_content(video_id: str, svc: ServiceDep, caller: CallerDep) -> Response:
+    record, _ = await _video_job(svc, video_id, caller)
     result = await svc.result(record)
     return Response(result.images[0], media_type=result.content_type)
 
 
 @router.delete("/{video_id}", summary="Cancel: queued never starts, running stops at its next step")
-async def delete_video(video_id: str, svc: ServiceDep) -> dict[str, Any]:
-    _, info = await _video_job(svc, video_id)
-    return video_view(await svc.cancel(video_id), info) | {"deleted": True}
+async def delete_video(video_id: str, svc: ServiceDep, caller: CallerDep) -> dict[str, Any]:
+    _, info = await _video_job(svc, video_id, caller)
+    return video_view(await svc.cancel(video_id, caller), info) | {"deleted": True}

@@ -22,6 +22,9 @@ RAISED = {
     "cancelled": errors.JobCancelled("job abc was cancelled"),
     "expired": errors.ResultExpired("result of job abc has expired"),
     "full": errors.QueueFull(7, 2.4),
+    "no_key": errors.Unauthorized("unknown API key"),
+    "not_yours": errors.Forbidden("abc"),
+    "limited": errors.RateLimited("this API key is over 5 submissions a second", 0.3),
     "failed": errors.GenerationFailed("boom"),
     "down": errors.BackendUnavailable("redis unreachable"),
     "stopped": errors.WorkerStopped("the embedded worker has stopped"),
@@ -34,6 +37,9 @@ EXPECTED = {
     "cancelled": (409, "cancelled", None),
     "expired": (410, "expired", None),
     "full": (429, "queue_full", None),
+    "no_key": (401, "unauthorized", None),
+    "not_yours": (403, "forbidden", "job_id"),
+    "limited": (429, "rate_limited", None),
     "failed": (500, "generation_failed", None),
     "down": (503, "backend_unavailable", None),
     "stopped": (503, "worker_stopped", None),
@@ -69,7 +75,9 @@ async def test_each_error_answers_with_its_status_code_and_field(app: FastAPI) -
             assert body["code"] == code and body.get("field") == field, body
             assert body["message"] == str(RAISED[name])
         full = await client.get("/raise/full")
-        assert full.headers["Retry-After"] == "2"
+        assert full.headers["Retry-After"] == "3"  # rounded up: never before it is advised
+        assert (await client.get("/raise/limited")).headers["Retry-After"] == "1"
+        assert (await client.get("/raise/no_key")).headers["WWW-Authenticate"].startswith("Bearer")
     registry = app.state.service.metrics.registry
     labels = {"model": "", "reason": "backend_unavailable"}  # no one model's fault
     assert registry.get_sample_value("skipdit_errors_total", labels) == 1
