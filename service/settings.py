@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0)
     max_deliveries: int = Field(3, ge=1, description="then the job goes to the dead-letter stream")
     drain_timeout_s: float = Field(60.0, ge=0, description="SIGTERM: finish running work this long")
+    progress_interval_s: float = Field(
+        0.1, ge=0, description="a job's step events at most this often (0: every step)"
+    )
     worker_name: str | None = None
     metrics_port: int | None = Field(None, ge=1, le=65535, description="worker /metrics port")
     log_level: str = "INFO"

@@ -5,6 +5,11 @@ Runs inside ``skipdit serve`` (embedded) or as ``skipdit worker`` (Redis). The e
 runs in a thread so the event loop stays free for the API and for heartbeats. ``stop()``
 (SIGTERM) stops intake, lets running jobs finish for up to ``drain_timeout`` seconds, then hands
 whatever is left back to the queue.
+
+Progress is coalesced: a job's step events go out at most once per ``progress_interval``
+seconds (each is a backend write: a Redis round trip), always with its last step, and a step
+held back when the job ends (cancelled, failed) goes out just before the terminal event, so
+every event stream ends on the job's true last step.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,6 +58,8 @@ class Worker:
         heartbeat: float = 5.0,
         drain_timeout: float = 60.0,
         runtimes: dict[str, dict[str, Any]] | None = None,
+        progress_interval: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.backend = backend
         self.engines = engines  # model name -> its engine
@@ -63,6 +71,10 @@ class Worker:
         # How each model runs: device, dtype, kernels, graphs.
         self.runtimes = runtimes or {model: {} for model in engines}
         self._held: dict[str, tuple[Delivery, JobRecord]] = {}
+        self.progress_interval = progress_interval  # seconds between a job's step events
+        self._clock = clock  # times the step events
+        self._progress_at: dict[str, float] = {}  # job -> when its last progress went out
+        self._unsent: dict[str, EngineEvent] = {}  # job -> its latest step held back
         self._stopping = asyncio.Event()
         self._turn = 0  # the engine to try first at the next step
 
@@ -165,20 +177,42 @@ class Worker:
             self.engines[self._held[job_id][0].model].cancel(job_id)
 
     async def _publish(self, model: str, event: EngineEvent) -> None:
-        held = self._held.get(event.request_id)
+        job_id = event.request_id
+        held = self._held.get(job_id)
         if held is None:
             return
         try:
             if event.kind.terminal:
+                unsent = self._unsent.pop(job_id, None)
+                self._progress_at.pop(job_id, None)
+                if unsent is not None:
+                    await self._progress(unsent)
                 await self._finish(event, *held)
+                return
+            if event.kind is EventKind.STEP and not self._step_due(event):
+                self._unsent[job_id] = event
                 return
             if event.kind is EventKind.STARTED and event.queue_wait is not None:
                 self.metrics.queue_wait.labels(model).observe(event.queue_wait)
-            mode = event.mode.value if event.mode is not None else None
-            await self.backend.progress(event.request_id, event.kind, event.step, event.total, mode)
+            self._unsent.pop(job_id, None)
+            await self._progress(event)
         except BackendUnavailable:
             self.metrics.errors.labels(model, "backend_unavailable").inc()
             log.exception("could not publish %s of job %s", event.kind, event.request_id)
+
+    def _step_due(self, event: EngineEvent) -> bool:
+        """A step event goes out if it is the last step or the interval has passed."""
+        last = self._progress_at.get(event.request_id)
+        return (
+            event.step >= event.total
+            or last is None
+            or self._clock() - last >= self.progress_interval
+        )
+
+    async def _progress(self, event: EngineEvent) -> None:
+        self._progress_at[event.request_id] = self._clock()
+        mode = event.mode.value if event.mode is not None else None
+        await self.backend.progress(event.request_id, event.kind, event.step, event.total, mode)
 
     async def _finish(self, event: EngineEvent, delivery: Delivery, record: JobRecord) -> None:
         # Let go first: if the backend cannot be told, the unacked delivery is re-delivered.
@@ -231,6 +265,8 @@ class Worker:
             except BackendUnavailable:
                 log.exception("could not hand back job %s; it will be re-delivered", job_id)
         self._held.clear()
+        self._unsent.clear()
+        self._progress_at.clear()
         for engine in self.engines.values():
             if engine.has_work():
                 engine.step()  # drain the cancellations
@@ -267,6 +303,7 @@ def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> 
         heartbeat=settings.heartbeat_s,
         drain_timeout=settings.drain_timeout_s,
         runtimes=runtimes,
+        progress_interval=settings.progress_interval_s,
     )
 
 

@@ -25,14 +25,22 @@ MODEL = "tiny"
 
 
 class Rig:
-    def __init__(self, pipeline: Pipeline, max_inflight: int = 8, drain_timeout: float = 60):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        max_inflight: int = 8,
+        drain_timeout: float = 60,
+        progress_interval: float = 0,
+    ):
         self.clock = Clock()
+        self.worker_clock = Clock(0.0)  # times the worker's progress events
         self.backend = MemoryBackend(100, result_ttl=60, job_ttl=600, clock=self.clock)
         self.metrics = Metrics()
         engine = Engine(pipeline, max_batch_tokens=10_000, clock=self.clock)
         self.worker = Worker(
             self.backend, {MODEL: engine}, self.metrics, "w1", max_inflight,
             heartbeat=0.5, drain_timeout=drain_timeout,
+            progress_interval=progress_interval, clock=self.worker_clock,
         )  # fmt: skip
 
     async def submit(self, **params: object) -> JobRecord:
@@ -179,3 +187,42 @@ async def test_past_the_drain_timeout_held_jobs_go_back_to_the_queue(
     assert record is not None and record.status is JobStatus.QUEUED and record.finished_at is None
     assert [d.job_id for d in await rig.backend.claim("w2", [MODEL], 1, 0)] == [job.id]
     assert rig.worker.has_work() is False
+
+
+async def test_step_events_are_coalesced_to_one_per_interval_always_with_the_last_step(
+    tiny_pipeline: Pipeline,
+) -> None:
+    rig = Rig(tiny_pipeline, progress_interval=1.0)
+    engine = rig.worker.engines[MODEL]
+    step = engine.step
+
+    def timed_step() -> object:
+        out = step()
+        rig.worker_clock.advance(0.25)  # each engine step takes 0.25 s on the worker's clock
+        return out
+
+    engine.step = timed_step  # type: ignore[method-assign]
+    async with rig.running():
+        job = await rig.submit(steps=50, seed=1)
+        done = await rig.until(job.id, lambda r: r.status.terminal)
+    async with asyncio.timeout(5):
+        events = [e async for e in rig.backend.events(job.id)]
+    # STARTED goes out with step 1 at t=0.25; then a step once 1 s has passed (t=1.25: step 5,
+    # step 9, ... step 49), and the last step, then done: 13 of the 50 steps.
+    assert [e.type for e in events] == ["queued", "started"] + ["step"] * 13 + ["done"]
+    assert [e.step for e in events if e.type == "step"] == [*range(5, 50, 4), 50]
+    assert done.status is JobStatus.DONE and (done.step, done.total_steps) == (50, 50)
+
+
+async def test_a_cancelled_job_publishes_its_last_step_before_cancelled(
+    tiny_pipeline: Pipeline,
+) -> None:
+    rig = Rig(tiny_pipeline, progress_interval=3600.0)  # no step goes out until the end
+    async with rig.running():
+        job = await rig.submit(steps=1000)
+        await rig.until(job.id, lambda r: r.status is JobStatus.RUNNING)
+        await rig.backend.request_cancel(job.id)
+        cancelled = await rig.until(job.id, lambda r: r.status.terminal)
+    events = [e async for e in rig.backend.events(job.id)]
+    assert [e.type for e in events] == ["queued", "started", "step", "cancelled"]
+    assert 1 <= events[2].step == cancelled.step == events[3].step < 1000
