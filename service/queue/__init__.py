@@ -1,4 +1,5 @@
-"""Queue backends behind one interface: ``memory`` (embedded default) and ``redis``."""
+"""Queue backends behind one interface: ``memory`` (embedded default) and ``redis`` (a plain
+Redis, or a Redis Cluster with ``redis_cluster``)."""
 
 from __future__ import annotations
 
@@ -31,4 +32,5 @@ def make_backend(settings: Settings, clock: Callable[[], float] = time.time) -> 
         prefix=settings.redis_prefix,
         retry_after=settings.retry_after_s,
         clock=clock,
+        cluster=settings.redis_cluster,
     )

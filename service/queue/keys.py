@@ -1,5 +1,18 @@
 """Every Redis key name in one place (one prefix per deployment). Each model has its own job
-stream, so a worker reads only the streams of the models it holds."""
+stream, so a worker reads only the streams of the models it holds.
+
+The braces are Redis Cluster hash tags: a key's slot is the hash of the text inside its first
+``{...}``, and every key one operation touches must share a slot. So:
+
+- a job's keys carry the job id as their tag (``skipdit:job:{<id>}``, ``...:result``, ...): each
+  transition of the job is one atomic script on one slot, and jobs spread over all masters;
+- a deployment's queues and worker heartbeats carry the prefix as their tag (``{skipdit}:...``):
+  one XREADGROUP blocks on every stream a worker reads, a model's dead letters live beside its
+  stream, and one MGET reads every heartbeat. They all sit on one master; they carry job ids,
+  never results (see ``service.queue.redis`` for why that is the better split).
+
+On a plain Redis the braces are just characters of the names.
+"""
 
 from __future__ import annotations
 
@@ -10,34 +23,50 @@ from dataclasses import dataclass
 class Keys:
     prefix: str = "skipdit"
 
+    def __post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError(
+                f"SKIPDIT_REDIS_PREFIX must not contain braces (they are Redis Cluster hash tags), "
+                f"got {self.prefix!r}"
+            )
+
+    # -- the deployment's queues and workers: tag {prefix}, one slot
+
     def stream(self, model: str) -> str:  # jobs of a model waiting for / held by workers
-        return f"{self.prefix}:jobs:{model}"
+        return f"{{{self.prefix}}}:jobs:{model}"
 
     @property
-    def group(self) -> str:  # the consumer group, same name on every model's stream
+    def group(self) -> str:  # the consumer group, same name on every model's stream (not a key)
         return f"{self.prefix}:workers"
 
     def dead_letter(self, model: str) -> str:  # jobs of a model that failed delivery too often
-        return f"{self.prefix}:dead:{model}"
-
-    def job(self, job_id: str) -> str:  # JSON JobRecord, TTL job_ttl
-        return f"{self.prefix}:job:{job_id}"
-
-    def result(self, job_id: str) -> str:  # hash: meta, content_type, n, 0..n-1; TTL result_ttl
-        return f"{self.prefix}:result:{job_id}"
-
-    def events(self, job_id: str) -> str:  # stream of Event JSON, TTL job_ttl
-        return f"{self.prefix}:events:{job_id}"
-
-    def cancel(self, job_id: str) -> str:  # flag: cancel this running job
-        return f"{self.prefix}:cancel:{job_id}"
-
-    def idempotency(self, key: str) -> str:  # -> job id
-        return f"{self.prefix}:idem:{key}"
+        return f"{{{self.prefix}}}:dead:{model}"
 
     def worker(self, name: str) -> str:  # heartbeat: JSON {"at", "models"}, TTL claim_idle
-        return f"{self.prefix}:worker:{name}"
+        return f"{{{self.prefix}}}:worker:{name}"
 
     @property
     def worker_names(self) -> str:  # set of workers that heartbeat; pruned once a beat expires
-        return f"{self.prefix}:worker-names"
+        return f"{{{self.prefix}}}:worker-names"
+
+    # -- one job's keys: tag {<job id>}, one slot per job
+
+    def job(self, job_id: str) -> str:  # JSON JobRecord, TTL job_ttl
+        return f"{self.prefix}:job:{{{job_id}}}"
+
+    def result(self, job_id: str) -> str:  # hash: meta, content_type, n, 0..n-1; TTL result_ttl
+        return f"{self.job(job_id)}:result"
+
+    def events(self, job_id: str) -> str:  # stream of Event JSON, TTL job_ttl
+        return f"{self.job(job_id)}:events"
+
+    def cancel(self, job_id: str) -> str:  # flag: cancel this running job
+        return f"{self.job(job_id)}:cancel"
+
+    def entry(self, job_id: str) -> str:  # id of the stream entry that carries the job; TTL job_ttl
+        return f"{self.job(job_id)}:entry"
+
+    # -- on their own
+
+    def idempotency(self, key: str) -> str:  # -> job id (any slot: only ever read or set alone)
+        return f"{self.prefix}:idem:{key}"

@@ -1,4 +1,5 @@
-"""Redis backend: Streams with a consumer group carry jobs to workers, one stream per model.
+"""Redis backend: Streams with a consumer group carry jobs to workers, one stream per model; a
+plain Redis or a Redis Cluster (``cluster=True``), through one code path.
 
 XADD submits to the job's model stream; XREADGROUP hands a job to one worker, which reads only the
 streams of the models it holds; XACK + XDEL retire it. A live worker refreshes its deliveries' idle
@@ -7,9 +8,29 @@ only the work of a worker that stopped heartbeating. Each delivery's counter bou
 ``max_deliveries`` the job goes to its model's dead-letter stream and fails. A worker's heartbeat
 key (TTL ``claim_idle``) names the models it holds; a set of worker names finds the keys. Records,
 results (TTL) and a per-job event stream live beside the queues; waiting API replicas block on the
-event stream (XREAD BLOCK) instead of polling. Every transition of a record (``service.jobs``) is
-written under WATCH/MULTI with its event, so the first terminal state wins and a re-run's result is
-discarded. Times on records come from the injected clock; TTLs are Redis's own.
+event stream (XREAD BLOCK) instead of polling. Times on records come from the injected clock; TTLs
+are Redis's own.
+
+Every transition of a record (``service.jobs``) is a compare-and-set: read the record, compute the
+change in Python, then one Lua script checks the record is unchanged and writes the new record, its
+event, the result and the end-of-job cleanup at once (or the read starts over). That is WATCH/MULTI
+without a watching connection, which the asyncio cluster client cannot hold without blocking the
+event loop; all the script's keys are the job's (``service.queue.keys``: one hash tag, one slot).
+So the first terminal state wins and a re-run's result is discarded, on a cluster too.
+
+Slots. A job's keys share the job id's slot: jobs spread over every master. A deployment's streams,
+dead letters and heartbeats share the prefix's slot: a worker that holds several models blocks on
+all their streams in one XREADGROUP and wakes on the first job of any; read stream by stream it
+would poll, or hold a blocked connection per model. The queues carry only job ids, a few commands
+per job of seconds, far below what one master serves; the bytes (records, events, images) spread.
+
+A submit writes the record (job slot), then XADDs to the stream (queue slot): two slots, so not one
+atomic step. What keeps the guarantees is a third key of the job, ``entry``: the stream entry that
+carries it, set after the XADD and by every start. A record can be left without an entry (Redis
+failed between the writes: the submit answered 503); a retry with the idempotency key finds such a
+queued record and enqueues it then, so a job whose key was answered once is never lost. The cost is
+that a job may get a second entry (the first XADD landed, its answer did not); a start refuses a
+delivery of a job that runs under another entry, and acks it, so the job still runs once at a time.
 """
 
 from __future__ import annotations
@@ -21,8 +42,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException, ResponseError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import jobs
@@ -34,7 +56,51 @@ from service.queue.keys import Keys
 
 P = ParamSpec("P")
 R = TypeVar("R")
-DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+DOWN = (
+    RedisConnectionError, RedisTimeoutError, ClusterError, SlotNotCoveredError, ConnectionError,
+    OSError,
+)  # fmt: skip
+
+# Compare-and-set of one job's record. KEYS: record, events, cancel, entry, result. ARGV: the
+# record and entry as read ("" = none), the new record, its event ("" = none), job_ttl, "1" if
+# the job ends, the entry to set ("" = keep), result_ttl, then the result's field/value pairs.
+APPLY = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] or (redis.call('GET', KEYS[4]) or '') ~= ARGV[2]
+then
+  return 0
+end
+local ttl = tonumber(ARGV[5])
+if ARGV[1] == '' then
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[3], 'KEEPTTL')
+end
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[2], '*', 'e', ARGV[4])
+  if ARGV[1] == '' then
+    redis.call('EXPIRE', KEYS[2], ttl)
+  end
+end
+if ARGV[7] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[7], 'EX', ttl)
+end
+if ARGV[6] == '1' then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('DEL', KEYS[3], KEYS[4])
+end
+if #ARGV > 8 then
+  redis.call('HSET', KEYS[5], unpack(ARGV, 9))
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[8]))
+end
+return 1
+"""
+
+
+def _down(e: Exception) -> bool:
+    """Whether ``e`` means Redis cannot be reached (the cluster client wraps a failed start)."""
+    return isinstance(e, DOWN) or (
+        isinstance(e, RedisClusterException) and isinstance(e.__cause__, DOWN)
+    )
 
 
 def guarded(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -43,8 +109,11 @@ def guarded(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            await args[0]._started()  # type: ignore[attr-defined]
             return await fn(*args, **kwargs)
-        except DOWN as e:
+        except (*DOWN, RedisClusterException) as e:
+            if not _down(e):
+                raise
             args[0]._groups_ready.clear()  # type: ignore[attr-defined]
             raise BackendUnavailable(f"redis unreachable: {e}") from e
 
@@ -74,10 +143,13 @@ class RedisBackend(QueueBackend):
         retry_after: float = 1,
         socket_timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
+        cluster: bool = False,
     ):
-        self.redis = aioredis.Redis.from_url(
+        client = RedisCluster if cluster else aioredis.Redis
+        self.redis: aioredis.Redis | RedisCluster = client.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
         )
+        self._apply = self.redis.register_script(APPLY)
         self.keys = Keys(prefix)
         self.max_queue = max_queue
         self.result_ttl = int(result_ttl)
@@ -87,6 +159,12 @@ class RedisBackend(QueueBackend):
         self.retry_after = retry_after
         self.clock = clock
         self._groups_ready: set[str] = set()  # models whose stream has the group
+
+    async def _started(self) -> None:
+        """Finish starting the client before any command. redis-py's cluster client, while one
+        task starts it, routes another task's command with an empty command table and fails
+        ("No way to dispatch this command ... Missing key"); a started client returns at once."""
+        await self.redis.initialize()
 
     async def _ensure_group(self, model: str) -> None:
         if model in self._groups_ready:
@@ -106,42 +184,65 @@ class RedisBackend(QueueBackend):
     async def _commit(
         self, job_id: str, transition: Transition, result: StoredResult | None = None
     ) -> tuple[JobRecord | None, bool]:
-        key = self.keys.job(job_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    record = _record(await pipe.get(key))
-                    change = None if record is None else transition(record)
-                    if change is None:
-                        await pipe.unwatch()
-                        return record, False
-                    pipe.multi()
-                    self._store(pipe, change, result)
-                    await pipe.execute()
-                    return change.record, True
-                except WatchError:
-                    continue
+        return await self._transition(job_id, transition, result)
 
-    def _store(self, pipe: Any, change: Change, result: StoredResult | None) -> None:
-        """Queue the writes of one change on a MULTI pipeline."""
+    async def _transition(
+        self,
+        job_id: str,
+        transition: Transition,
+        result: StoredResult | None = None,
+        token: str | None = None,
+    ) -> tuple[JobRecord | None, bool]:
+        """``_commit``; with ``token`` (a start of that delivery) it is refused while the job runs
+        under another entry, and on success that entry becomes the job's."""
+        key, entry_key = self.keys.job(job_id), self.keys.entry(job_id)
+        while True:
+            raw, entry = await self.redis.mget(key, entry_key)
+            record = _record(raw)
+            if record is None:
+                return None, False
+            running = record.status is JobStatus.RUNNING and entry is not None
+            if token is not None and running and entry.decode() != token:
+                return record, False  # a second entry of a job that runs: drop it
+            change = transition(record)
+            if change is None:
+                return record, False
+            if await self._write(change, raw, entry, result, token):
+                return change.record, True
+
+    async def _write(
+        self,
+        change: Change,
+        raw: bytes | None,
+        entry: bytes | None,
+        result: StoredResult | None = None,
+        token: str | None = None,
+    ) -> bool:
+        """Store ``change`` if the record and entry still read ``raw`` and ``entry`` (None: no
+        such key); whether it was stored."""
         record = change.record
-        pipe.set(self.keys.job(record.id), _dump(record), keepttl=True)
-        if change.event is not None:
-            pipe.xadd(self.keys.events(record.id), {"e": _dump(change.event)})
-        if record.status.terminal:
-            pipe.expire(self.keys.job(record.id), self.job_ttl)
-            pipe.delete(self.keys.cancel(record.id))
+        fields: list[Any] = []
         if result is not None:
-            key = self.keys.result(record.id)
-            fields: dict[str, Any] = {
-                "content_type": result.content_type,
-                "n": len(result.images),
-                "meta": json.dumps(result.meta),
-            }
-            fields |= {str(i): image for i, image in enumerate(result.images)}
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.result_ttl)
+            fields = ["content_type", result.content_type, "n", len(result.images)]
+            fields += ["meta", json.dumps(result.meta)]
+            for i, image in enumerate(result.images):
+                fields += [str(i), image]
+        keys = [
+            self.keys.job(record.id), self.keys.events(record.id), self.keys.cancel(record.id),
+            self.keys.entry(record.id), self.keys.result(record.id),
+        ]  # fmt: skip
+        args = [
+            raw or b"", entry or b"", _dump(record),
+            _dump(change.event) if change.event is not None else "", self.job_ttl,
+            int(record.status.terminal), token or "", self.result_ttl, *fields,
+        ]  # fmt: skip
+        return await self._apply(keys=keys, args=args) == 1
+
+    async def _enqueue(self, job_id: str, model: str, replace: bool = False) -> None:
+        """XADD the job to its model's stream and make the entry the job's (``replace``: even
+        if it already has one)."""
+        token = await self.redis.xadd(self.keys.stream(model), {"id": job_id})
+        await self.redis.set(self.keys.entry(job_id), token, nx=not replace, ex=self.job_ttl)
 
     @guarded
     async def _flag_cancel(self, job_id: str) -> None:
@@ -149,7 +250,7 @@ class RedisBackend(QueueBackend):
 
     @guarded
     async def _requeue(self, delivery: Delivery) -> None:
-        await self.redis.xadd(self.keys.stream(delivery.model), {"id": delivery.job_id})
+        await self._enqueue(delivery.job_id, delivery.model, replace=True)
 
     @guarded
     async def _retire(self, delivery: Delivery) -> None:
@@ -169,6 +270,9 @@ class RedisBackend(QueueBackend):
             known = await self.redis.get(idem)
             existing = await self.get(known.decode()) if known else None
             if existing is not None:
+                lost = not await self.redis.exists(self.keys.entry(existing.id))
+                if existing.status is JobStatus.QUEUED and lost:
+                    await self._enqueue(existing.id, existing.model)  # see the module docstring
                 return existing, False
             await self.redis.set(idem, record.id, ex=self.job_ttl)
         waiting = await self.depth(record.model)
@@ -176,13 +280,8 @@ class RedisBackend(QueueBackend):
             if idem is not None:
                 await self.redis.delete(idem)
             raise QueueFull(waiting, self.retry_after)
-        queued = jobs.submit(record, self.clock()).event
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.job(record.id), _dump(record), ex=self.job_ttl)
-            pipe.xadd(self.keys.events(record.id), {"e": _dump(queued)})
-            pipe.expire(self.keys.events(record.id), self.job_ttl)
-            pipe.xadd(self.keys.stream(record.model), {"id": record.id})
-            await pipe.execute()
+        await self._write(jobs.submit(record, self.clock()), None, None)
+        await self._enqueue(record.id, record.model)
         return record, True
 
     @guarded
@@ -206,8 +305,11 @@ class RedisBackend(QueueBackend):
         key = self.keys.events(job_id)
         while True:
             try:
+                await self._started()
                 reply = await self.redis.xread({key: last}, count=100, block=2000)
-            except DOWN as e:
+            except (*DOWN, RedisClusterException) as e:
+                if not _down(e):
+                    raise
                 raise BackendUnavailable(f"redis unreachable: {e}") from e
             for _, entries in reply or []:
                 for entry_id, fields in entries:
@@ -319,10 +421,25 @@ class RedisBackend(QueueBackend):
         await self._retire(delivery)
 
     @guarded
+    async def start(self, delivery: Delivery) -> JobRecord | None:
+        """The base class's start, refusing (and acking) a second entry of a running job."""
+        now = self.clock()
+        record, started = await self._transition(
+            delivery.job_id, lambda r: jobs.start(r, delivery.consumer, now), token=delivery.token
+        )
+        if not started:
+            await self._retire(delivery)
+            return None
+        return record
+
+    @guarded
     async def cancel_requested(self, job_ids: list[str]) -> set[str]:
         if not job_ids:
             return set()
-        flags = await self.redis.mget([self.keys.cancel(i) for i in job_ids])
+        async with self.redis.pipeline(transaction=False) as pipe:  # one slot per job
+            for job_id in job_ids:
+                pipe.get(self.keys.cancel(job_id))
+            flags = await pipe.execute()
         return {i for i, flag in zip(job_ids, flags, strict=True) if flag is not None}
 
     @guarded
@@ -330,7 +447,7 @@ class RedisBackend(QueueBackend):
         self, consumer: str, deliveries: list[Delivery], models: Sequence[str]
     ) -> None:
         beat = json.dumps({"at": self.clock(), "models": list(models)})
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.worker(consumer), beat, px=self.claim_idle_ms)
             pipe.sadd(self.keys.worker_names, consumer)
             await pipe.execute()

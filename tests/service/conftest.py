@@ -1,6 +1,6 @@
-"""Service fixtures: a real redis-server per test session (and private ones on demand), the
-tiny models saved as real model directories (a Skip-DiT, a vanilla DiT and a Skip-Latte video
-model), and an app client with its lifespan running."""
+"""Service fixtures: a real redis-server and a real 3-master Redis Cluster per test session (and
+private servers on demand), the tiny models saved as real model directories (a Skip-DiT, a vanilla
+DiT and a Skip-Latte video model), and an app client with its lifespan running."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -30,9 +30,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> str:
-    """The queue backend an app test runs on (queue tests override it with an instance)."""
+    """The queue backend an app test runs on (queue tests override it with an instance); on
+    "cluster", ``redis_server`` is a node of the session's Redis Cluster."""
     return request.param
 
 
@@ -56,11 +57,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A real redis-server on a free port, in a temp dir, no persistence."""
+    """A real redis-server on a free port, in a temp dir, no persistence unless ``args`` (more
+    redis-server options, which win over the defaults) ask for it."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, args: Sequence[str] = ()):
         self.workdir = workdir
         self.port = port or free_port()
+        self.args = list(args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -72,7 +75,7 @@ class RedisServer:
         assert exe, "redis-server is not on PATH"
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis(port=self.port)
@@ -93,11 +96,78 @@ class RedisServer:
             self.proc = None
 
 
+class RedisClusterServers:
+    """A real Redis Cluster: ``masters`` cluster-enabled redis-servers on free loopback ports in
+    one temp dir, every slot assigned by ``redis-cli --cluster create``, no replicas."""
+
+    def __init__(self, workdir: Path, masters: int = 3):
+        self.nodes = [  # the bus port is a free port too: port + 10000 may pass 65535
+            RedisServer(workdir, port, ["--cluster-enabled", "yes", "--cluster-port",
+                                        str(free_port()), "--cluster-config-file",
+                                        f"nodes-{port}.conf"])
+            for port in (free_port() for _ in range(masters))
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:  # any node will do: the cluster client learns the rest from it
+        return self.nodes[0].url
+
+    def start(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        exe = shutil.which("redis-cli")
+        assert exe, "redis-cli is not on PATH"
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [exe, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        for node in self.nodes:  # every node agrees the cluster serves every slot
+            client = redis.Redis(port=node.port)
+            while client.cluster("info")["cluster_state"] != "ok":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cluster not ok on port {node.port}")
+                time.sleep(0.05)
+            client.close()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def plain_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_server(request: pytest.FixtureRequest) -> RedisServer:
+    """The Redis a test talks to: the session's plain redis-server, or a node of the session's
+    cluster when the test runs on the "cluster" ``backend``."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "cluster":
+        return request.getfixturevalue("redis_cluster").nodes[0]
+    return request.getfixturevalue("plain_redis")
+
+
+def redis_client(settings: Settings) -> redis.Redis | redis.RedisCluster:
+    """A client of the settings' Redis (a cluster client on a cluster), to look at keys."""
+    assert settings.redis_url is not None
+    client = redis.RedisCluster if settings.redis_cluster else redis.Redis
+    return client.from_url(settings.redis_url)
 
 
 @pytest.fixture(scope="session")
@@ -128,8 +198,9 @@ def settings_for(backend: str, model_dir: Path, redis_url: str | None, **kw: obj
     if "models" in kw:
         base["model"] = None
     base["claim_idle_s"] = 1.0
-    if backend == "redis":
+    if backend in ("redis", "cluster"):
         base |= {"redis_url": redis_url, "redis_prefix": f"t{uuid.uuid4().hex[:8]}"}
+        base["redis_cluster"] = backend == "cluster"
         base.setdefault("run_worker", True)
     return Settings(**(base | kw))
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import redis
 import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,7 +21,7 @@ from model.pipeline import Pipeline
 from model.request import GenerateParams
 from service.queue.keys import Keys
 from tests.conftest import BATCH_TOL
-from tests.service.conftest import Clock, RedisServer, running_app, settings_for
+from tests.service.conftest import Clock, RedisServer, redis_client, running_app, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -192,7 +191,7 @@ async def test_unknown_and_unfinished_jobs(make_settings) -> None:
     assert early.status_code == 409 and early.json()["error"]["code"] == "not_ready"
 
 
-async def test_expired_result_is_410(backend, make_settings, redis_server) -> None:
+async def test_expired_result_is_410(backend, make_settings) -> None:
     """Expiry without waiting it out: the memory backend runs on a clock the test moves; Redis
     keeps the result under a key with the TTL, whose expiry (the key's removal) the test does."""
     settings = make_settings(result_ttl_s=60)
@@ -206,7 +205,7 @@ async def test_expired_result_is_410(backend, make_settings, redis_server) -> No
             clock.advance(2)
         else:
             key = Keys(settings.redis_prefix).result(done["id"])
-            r = redis.Redis(port=redis_server.port)
+            r = redis_client(settings)
             assert 55_000 < r.pttl(key) <= 60_000
             r.delete(key)
         gone = await client.get(f"/jobs/{done['id']}/result")

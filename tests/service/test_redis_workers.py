@@ -1,9 +1,11 @@
 """HTTP -> Redis -> separate worker processes: kills, drains, dead letters, Redis outages; and
-the Redis backend's transitions on their own (the first terminal state wins)."""
+the Redis backend's transitions on their own (the first terminal state wins), on a plain Redis and
+on a Redis Cluster."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -16,21 +18,31 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from redis.asyncio.cluster import RedisCluster
 
+from service.errors import BackendUnavailable
 from service.messages import EventKind, JobRecord, JobStatus, StoredResult
 from service.queue.keys import Keys
 from service.queue.redis import RedisBackend
-from tests.service.conftest import Clock, RedisServer, free_port, running_app, settings_for
+from tests.service.conftest import (
+    Clock,
+    RedisServer,
+    free_port,
+    redis_client,
+    running_app,
+    settings_for,
+)
 
 pytestmark = pytest.mark.anyio
 MODEL = "tiny"  # the backend tests' model name (no model is loaded there)
 
 
 class Workers:
-    """Starts ``skipdit worker`` processes against one Redis prefix."""
+    """Starts ``skipdit worker`` processes against one Redis prefix (``cluster``: ``url`` names a
+    node of a Redis Cluster)."""
 
-    def __init__(self, url: str, model_dir: Path, prefix: str):
-        self.url, self.model_dir, self.prefix = url, model_dir, prefix
+    def __init__(self, url: str, model_dir: Path, prefix: str, cluster: bool = False):
+        self.url, self.model_dir, self.prefix, self.cluster = url, model_dir, prefix, cluster
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, **env: str) -> subprocess.Popen:
@@ -38,6 +50,7 @@ class Workers:
         environ = os.environ | {
             "SKIPDIT_REDIS_URL": self.url,
             "SKIPDIT_REDIS_PREFIX": self.prefix,
+            "SKIPDIT_REDIS_CLUSTER": str(self.cluster).lower(),
             "SKIPDIT_MODEL": str(self.model_dir),
             "SKIPDIT_WORKER_NAME": name,
             "SKIPDIT_CLAIM_IDLE_S": "1.5",
@@ -71,8 +84,8 @@ def workers(redis_server: RedisServer, tiny_model_dir: Path) -> Iterator[Workers
 
 def api_settings(workers: Workers, **kw: object):
     return settings_for(
-        "redis", workers.model_dir, workers.url, redis_prefix=workers.prefix, run_worker=False,
-        claim_idle_s=1.5, **kw,
+        "cluster" if workers.cluster else "redis", workers.model_dir, workers.url,
+        redis_prefix=workers.prefix, run_worker=False, claim_idle_s=1.5, **kw,
     )  # fmt: skip
 
 
@@ -86,8 +99,7 @@ async def wait_for(client: httpx.AsyncClient, job_id: str, check, timeout: float
 
 
 def event_types(workers: Workers, job_id: str) -> list[str]:
-    client = redis.Redis.from_url(workers.url)
-    entries = client.xrange(Keys(workers.prefix).events(job_id))
+    entries = redis_client(api_settings(workers)).xrange(Keys(workers.prefix).events(job_id))
     return [json.loads(fields[b"e"])["type"] for _, fields in entries]
 
 
@@ -143,7 +155,7 @@ async def test_a_job_that_keeps_killing_workers_goes_to_the_dead_letter_stream(
         failed = await wait_for(client, job_id, lambda r: r["status"] == "failed", timeout=120)
     assert failed["error"]["code"] == "poison_job"
     dead_key = Keys(workers.prefix).dead_letter(str(workers.model_dir))
-    dead = redis.Redis.from_url(workers.url).xrange(dead_key)
+    dead = redis_client(api_settings(workers)).xrange(dead_key)
     assert [fields[b"id"].decode() for _, fields in dead] == [job_id]
 
 
@@ -190,11 +202,14 @@ async def test_redis_down_gives_503_and_the_service_recovers(
     assert after.status_code == 200, after.text
 
 
-@pytest.fixture
-async def backend(redis_server: RedisServer) -> AsyncIterator[RedisBackend]:
+@pytest.fixture(params=["redis", "cluster"])
+async def backend(
+    request: pytest.FixtureRequest, redis_server: RedisServer
+) -> AsyncIterator[RedisBackend]:
     backend = RedisBackend(
         redis_server.url, max_queue=10, result_ttl=60, job_ttl=600, claim_idle=30,
         max_deliveries=3, prefix=f"b{uuid.uuid4().hex[:8]}", clock=Clock(),
+        cluster=request.param == "cluster",
     )  # fmt: skip
     yield backend
     await backend.close()
@@ -281,8 +296,13 @@ async def test_a_blocked_claim_woken_by_two_streams_keeps_its_count_and_loses_no
     for model in ("x", "y"):
         await backend.depth(model)  # creates the stream and its group
     claiming = asyncio.create_task(backend.claim("a", ["x", "y"], 1, 10))
+    if isinstance(backend.redis, RedisCluster):  # the node that holds the streams
+        node = backend.redis.get_node_from_key(backend.keys.stream("x"))
+        info = functools.partial(backend.redis.info, "clients", target_nodes=node)
+    else:
+        info = functools.partial(backend.redis.info, "clients")
     async with asyncio.timeout(10):
-        while int((await backend.redis.info("clients"))["blocked_clients"]) == 0:
+        while int((await info())["blocked_clients"]) == 0:
             await asyncio.sleep(0.01)
     # Both arrive at once. Redis 7.0 answers with one stream; should a version answer with both,
     # the claim puts back what is over its count.
@@ -296,3 +316,42 @@ async def test_a_blocked_claim_woken_by_two_streams_keeps_its_count_and_loses_no
     assert await backend.depth(delivery.model) == 0 and await backend.depth(other) == 1
     (again,) = await backend.claim("b", [other], 1, 0)
     assert again.job_id == f"job-{other}"
+
+
+async def test_an_idempotent_retry_enqueues_a_job_whose_submit_failed_before_its_queue_entry(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def down(job_id: str, model: str, replace: bool = False) -> None:
+        raise redis.ConnectionError("connection lost")  # after the record was written
+
+    first = JobRecord(request={"model": MODEL, "steps": 10})
+    with monkeypatch.context() as m:
+        m.setattr(backend, "_enqueue", down)
+        with pytest.raises(BackendUnavailable):
+            await backend.submit(first, idempotency_key="k")
+    assert (await backend.get(first.id)).status is JobStatus.QUEUED
+    assert await backend.depth(MODEL) == 0  # a record without a queue entry
+    again, created = await backend.submit(JobRecord(request=first.request), idempotency_key="k")
+    assert again.id == first.id and not created
+    (delivery,) = await backend.claim("a", [MODEL], 10, 0)
+    assert delivery.job_id == first.id
+    await backend.submit(JobRecord(request=first.request), idempotency_key="k")
+    assert await backend.redis.xlen(backend.keys.stream(MODEL)) == 1  # it has an entry now
+
+
+async def test_a_second_entry_of_a_running_job_is_acked_and_the_first_still_carries_it(
+    backend: RedisBackend,
+) -> None:
+    record, _ = await backend.submit(JobRecord(request={"model": MODEL, "steps": 10}))
+    await backend._enqueue(record.id, MODEL)  # an XADD that landed though its answer was lost
+    first, second = await backend.claim("a", [MODEL], 2, 0)
+    assert await backend.start(first) is not None
+    assert await backend.start(second) is None  # acked, not run twice at once
+    stream = backend.keys.stream(MODEL)
+    assert await backend.redis.xlen(stream) == 1
+    assert (await backend.redis.xpending(stream, backend.keys.group))["pending"] == 1
+    again = await backend.start(first)  # re-delivered when its worker died: it runs again
+    assert again is not None and again.status is JobStatus.RUNNING
+    await backend.finish(first, JobStatus.DONE, StoredResult("image/png", [b"x"], {}))
+    assert await stored_kinds(backend, record.id) == ["queued", "done"]
+    assert await backend.redis.xlen(stream) == 0
