@@ -6,44 +6,21 @@ all on 127.0.0.1, then measures in one run:
   of the same request through ``Pipeline.generate`` in this process;
 - images/s at concurrency 1, 4 and 16 (each client sends requests back to back).
 
-    python loadtest/bench_service.py [--model NAME] [--steps 50] [--requests 32]
+    python -m loadtest.bench_service [--model NAME] [--steps 50] [--requests 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import httpx
 
+from loadtest.stack import Stack, wait_ready
 from model import registry
 from model.request import GenerateParams
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def wait_ready(client: httpx.AsyncClient, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if (await client.get("/readyz")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.25)
-    raise TimeoutError("service did not become ready")
 
 
 async def one(client: httpx.AsyncClient, body: dict) -> float:
@@ -101,28 +78,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--requests", type=int, default=32)
     args = p.parse_args()
-    redis_port, api_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        env = os.environ | {
-            "SKIPDIT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "SKIPDIT_LOG_LEVEL": "WARNING",
-        }
-        if args.model:
-            env["SKIPDIT_MODEL"] = args.model
-        procs = [
-            subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port",
-                              str(redis_port), "--save", "", "--dir", tmp],
-                             stdout=subprocess.DEVNULL),
-            subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
-                              str(api_port)], env=env),
-            subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env),
-        ]  # fmt: skip
-        try:
-            asyncio.run(measure(args, f"http://127.0.0.1:{api_port}"))
-        finally:
-            for proc in reversed(procs):
-                proc.terminate()
-                proc.wait(60)
+    env = {"SKIPDIT_MODEL": args.model} if args.model else {}
+    with Stack(workers=1, env=env) as stack:
+        asyncio.run(measure(args, stack.url))
 
 
 if __name__ == "__main__":

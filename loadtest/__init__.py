@@ -1,0 +1,1 @@
+"""Benchmarks and load tests run from the repository root (``python -m loadtest.<name>``)."""
