@@ -14,9 +14,10 @@ are Redis's own.
 Every transition of a record (``service.jobs``) is a compare-and-set: read the record, compute the
 change in Python, then one Lua script checks the record is unchanged and writes the new record, its
 event, the result and the end-of-job cleanup at once (or the read starts over). That is WATCH/MULTI
-without a watching connection, which the asyncio cluster client cannot hold without blocking the
-event loop; all the script's keys are the job's (``service.queue.keys``: one hash tag, one slot).
-So the first terminal state wins and a re-run's result is discarded, on a cluster too.
+without a watching connection: redis-py's asyncio cluster pipeline runs each watched command on a
+thread of its own and waits for it, blocking the event loop. The script's keys are all the job's
+(``service.queue.keys``: one hash tag, one slot). So the first terminal state wins and a re-run's
+result is discarded, on a cluster too.
 
 Slots. A job's keys share the job id's slot: jobs spread over every master. A deployment's streams,
 dead letters and heartbeats share the prefix's slot: a worker that holds several models blocks on
@@ -25,12 +26,13 @@ would poll, or hold a blocked connection per model. The queues carry only job id
 per job of seconds, far below what one master serves; the bytes (records, events, images) spread.
 
 A submit writes the record (job slot), then XADDs to the stream (queue slot): two slots, so not one
-atomic step. What keeps the guarantees is a third key of the job, ``entry``: the stream entry that
-carries it, set after the XADD and by every start. A record can be left without an entry (Redis
-failed between the writes: the submit answered 503); a retry with the idempotency key finds such a
-queued record and enqueues it then, so a job whose key was answered once is never lost. The cost is
-that a job may get a second entry (the first XADD landed, its answer did not); a start refuses a
-delivery of a job that runs under another entry, and acks it, so the job still runs once at a time.
+atomic step. What keeps the guarantees is one more key of the job, ``entry``: the stream entry that
+carries it, set after the XADD and by every start. Redis may fail between the writes: the submit
+answers 503 and the record is left queued without an entry (it expires with ``job_ttl``). A retry
+with the same idempotency key finds such a record and enqueues it then, so the job is not lost to
+a client that retries. The cost is that a job may get a second entry (the XADD landed, its answer
+did not); a start refuses a delivery of a job that runs under another entry, and acks it, so a job
+runs under one entry at a time and ends once.
 """
 
 from __future__ import annotations
