@@ -68,6 +68,12 @@ class Metrics:
         self.queue_depth = Gauge(
             "skipdit_queue_depth", "Jobs waiting for a worker.", ["model"], registry=r
         )
+        self.dead_letters = Gauge(
+            "skipdit_dead_letter_jobs",
+            "Jobs in the model's dead-letter stream (given up after too many deliveries).",
+            ["model"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "skipdit_inflight_requests", "Jobs held by this worker.", ["model"], registry=r
         )

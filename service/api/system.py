@@ -76,4 +76,5 @@ async def metrics(svc: ServiceDep, request: Request) -> Response:
     with contextlib.suppress(errors.BackendUnavailable):
         for name in svc.models:
             svc.metrics.queue_depth.labels(name).set(await svc.backend.depth(name))
+            svc.metrics.dead_letters.labels(name).set(await svc.backend.dead_letters(name))
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

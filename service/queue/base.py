@@ -98,6 +98,10 @@ class QueueBackend(ABC):
     async def depth(self, model: str) -> int:
         """Jobs of ``model`` submitted and not yet claimed by a worker."""
 
+    async def dead_letters(self, model: str) -> int:
+        """Jobs of ``model`` given up after too many deliveries (backends that re-deliver)."""
+        return 0
+
     @abstractmethod
     async def holders(self) -> dict[str, list[str]]:
         """Model -> the live workers that hold it (from their heartbeats)."""

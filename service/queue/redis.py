@@ -322,6 +322,10 @@ class RedisBackend(QueueBackend):
                         return
 
     @guarded
+    async def dead_letters(self, model: str) -> int:
+        return await self.redis.xlen(self.keys.dead_letter(model))
+
+    @guarded
     async def depth(self, model: str) -> int:
         await self._ensure_group(model)
         stream = self.keys.stream(model)

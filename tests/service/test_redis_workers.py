@@ -153,7 +153,10 @@ async def test_a_job_that_keeps_killing_workers_goes_to_the_dead_letter_stream(
         workers.procs["a"].wait(10)
         workers.start("b", **env)
         failed = await wait_for(client, job_id, lambda r: r["status"] == "failed", timeout=120)
+        metrics = (await client.get("/metrics")).text
     assert failed["error"]["code"] == "poison_job"
+    model = str(workers.model_dir)
+    assert f'skipdit_dead_letter_jobs{{model="{model}"}} 1.0' in metrics  # the alert's series
     dead_key = Keys(workers.prefix).dead_letter(str(workers.model_dir))
     dead = redis_client(api_settings(workers)).xrange(dead_key)
     assert [fields[b"id"].decode() for _, fields in dead] == [job_id]
