@@ -2,8 +2,9 @@
 
 ``Stack(workers=0)``: one ``skipdit serve`` with its embedded worker (the default deployment).
 ``Stack(workers=N)``: a private redis-server (free port, temp dir, AOF off), ``skipdit serve``
-as API only and N ``skipdit worker`` processes. Leaving the block stops them all (SIGTERM, so
-workers drain; SIGKILL after a grace period).
+as API only and N ``skipdit worker`` processes, each serving /metrics on a port of its own
+(``metrics_targets``: the API's and theirs, for Prometheus). Leaving the block stops them all
+(SIGTERM, so workers drain; SIGKILL after a grace period).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Stack:
         self.env = os.environ | {"SKIPDIT_LOG_LEVEL": "WARNING"} | (env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.worker_metrics_ports = [free_port() for _ in range(workers)]
         self.log_dir = log_dir
         self._procs: list[subprocess.Popen] = []
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -69,13 +71,15 @@ class Stack:
         self._spawn(
             "api", [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)], env
         )
-        for i in range(self.workers):
-            self._spawn(
-                f"worker{i}",
-                [sys.executable, "-m", "service.cli", "worker"],
-                env | {"SKIPDIT_WORKER_NAME": f"load-{i}"},
-            )
+        for i, metrics_port in enumerate(self.worker_metrics_ports):
+            own = {"SKIPDIT_WORKER_NAME": f"load-{i}", "SKIPDIT_METRICS_PORT": str(metrics_port)}
+            self._spawn(f"worker{i}", [sys.executable, "-m", "service.cli", "worker"], env | own)
         return self
+
+    @property
+    def metrics_targets(self) -> list[str]:
+        """``host:port`` of every /metrics endpoint: the API's, then each worker's."""
+        return [f"127.0.0.1:{p}" for p in (self.port, *self.worker_metrics_ports)]
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         out = subprocess.DEVNULL
