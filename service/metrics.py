@@ -65,6 +65,21 @@ class Metrics:
             buckets=SPEEDUP_BUCKETS,
             registry=r,
         )
+        self._gauges(r)
+        self.requests = Counter(
+            "skipdit_requests", "Jobs ended, by status.", ["model", "status"], registry=r
+        )
+        self.errors = Counter(
+            "skipdit_errors", "Errors, by reason.", ["model", "reason"], registry=r
+        )
+        for model in models:
+            for mode in Mode:  # export both modes from the start
+                self.step_duration.labels(model, mode.value)
+                self.steps.labels(model, mode.value)
+
+    def _gauges(self, r: CollectorRegistry) -> None:
+        """Levels set where they are known: queue depth and dead letters on /metrics, jobs
+        held by each worker."""
         self.queue_depth = Gauge(
             "skipdit_queue_depth", "Jobs waiting for a worker.", ["model"], registry=r
         )
@@ -77,16 +92,6 @@ class Metrics:
         self.inflight = Gauge(
             "skipdit_inflight_requests", "Jobs held by this worker.", ["model"], registry=r
         )
-        self.requests = Counter(
-            "skipdit_requests", "Jobs ended, by status.", ["model", "status"], registry=r
-        )
-        self.errors = Counter(
-            "skipdit_errors", "Errors, by reason.", ["model", "reason"], registry=r
-        )
-        for model in models:
-            for mode in Mode:  # export both modes from the start
-                self.step_duration.labels(model, mode.value)
-                self.steps.labels(model, mode.value)
 
     def observe_step(self, model: str, report: StepReport) -> None:
         if report.requests == 0:
