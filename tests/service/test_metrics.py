@@ -35,6 +35,7 @@ def test_every_series_is_in_base_units_with_the_project_prefix_and_a_model_label
         "skipdit_steps",
         "skipdit_speedup_ratio",
         "skipdit_queue_depth",
+        "skipdit_dead_letter_jobs",
         "skipdit_inflight_requests",
         "skipdit_requests",
         "skipdit_errors",
@@ -43,11 +44,11 @@ def test_every_series_is_in_base_units_with_the_project_prefix_and_a_model_label
     assert counters == {"skipdit_steps", "skipdit_requests", "skipdit_errors"}  # *_total
     for family in (
         metrics.request_duration, metrics.queue_wait, metrics.step_duration, metrics.batch_size,
-        metrics.steps, metrics.speedup, metrics.queue_depth, metrics.inflight, metrics.requests,
-        metrics.errors,
+        metrics.steps, metrics.speedup, metrics.queue_depth, metrics.dead_letters,
+        metrics.inflight, metrics.requests, metrics.errors,
     ):  # fmt: skip
         assert family._labelnames[0] == "model", family
-    assert len(families) == 10
+    assert len(families) == 11
 
 
 def test_a_real_engine_step_becomes_batch_mode_and_duration_series(
