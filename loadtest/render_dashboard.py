@@ -221,8 +221,10 @@ def draw_timeseries(
         ax.set_ylim(0, 1)
     elif minimum is not None:
         ax.set_ylim(bottom=minimum)
-    ax.set_xlim(x[0], x[-1])
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=10, steps=[1, 2, 3, 6, 10], integer=True))
+    ax.set_xlim(0, x[-1])  # x: seconds since the range began
+    ax.xaxis.set_major_locator(
+        MaxNLocator(nbins=10, steps=[1, 2, 3, 6, 10], integer=True, min_n_ticks=1)
+    )
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v, unit)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(v // 60)}:{int(v % 60):02d}"))
     ax.grid(color=GRID, linewidth=0.6)
@@ -306,7 +308,8 @@ def draw_panel(
     ax.set_facecolor(PANEL)
     for t, label in marks:
         ax.axvline(t, color=TEXT, linestyle="--", linewidth=0.7, alpha=0.6)
-        ax.text(t, 1.0, f" {label}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+        ax.annotate(label, (t, 1.0), xycoords=ax.get_xaxis_transform(), xytext=(3, -3),
+                    textcoords="offset points", fontsize=7, va="top")  # fmt: skip
     legend_at = ((left + 0.1) / WIDTH_IN, 1 - (plot_bottom + 0.2) / height_in)
     draw_timeseries(ax, panel, series, x, legend_at)
 

@@ -12,15 +12,19 @@ level it waits for every accepted job to end and reads each one's record and eve
   that named a different job.
 
 Writes ``report.md``, ``results.json``, ``latency_vs_load.png`` and ``throughput_vs_load.png``
-into ``--out``; exits 1 if any job was lost or duplicated.
+into ``--out``; exits 1 if any job was lost or duplicated. With ``--prometheus``, a private
+Prometheus (``loadtest/prometheus.py``) scrapes every /metrics endpoint of the stack each second
+for the whole run, and ``dashboard.png`` is the Grafana dashboard over the load levels, drawn from
+it by ``loadtest/render_dashboard.py``.
 
-    python -m loadtest.run --users 1 2 4 8 --duration 60 --out docs/load
+    python -m loadtest.run --users 1 2 4 8 --duration 60 --prometheus --out docs/load
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -35,6 +39,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from loadtest import prometheus
+from loadtest.render_dashboard import DASHBOARD, render
 from loadtest.stack import Stack, wait_ready
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -169,17 +175,22 @@ def level_figures(users: int, args: argparse.Namespace, entries: list[dict], slo
     )
 
 
-def run(args: argparse.Namespace) -> tuple[float, list[Level]]:
+def run(args: argparse.Namespace) -> tuple[float, list[Level], str | None]:
+    """(isolated latency, levels, the Prometheus version that drew dashboard.png or None)."""
     out = args.out
     work = out / "raw"
     work.mkdir(parents=True, exist_ok=True)
     env = {"SKIPDIT_MODEL": args.model} if args.model else {}
-    levels = []
-    with Stack(workers=args.workers, env=env, log_dir=work) as stack:
+    levels, marks = [], []
+    with (
+        Stack(workers=args.workers, env=env, log_dir=work) as stack,
+        scraping(args, stack, work) as prom,
+    ):
         isolated = asyncio.run(isolated_latency(stack.url, args.steps))
         slo = args.slo_factor * isolated
         print(f"isolated latency {isolated * 1e3:.0f} ms; SLO {slo * 1e3:.0f} ms", flush=True)
         for users in args.users:
+            marks.append((time.time(), f"{users} users"))
             ledger = work / f"ledger_u{users}.jsonl"
             ledger.unlink(missing_ok=True)
             run_locust(stack.url, users, args, ledger, work / f"u{users}")
@@ -194,19 +205,36 @@ def run(args: argparse.Namespace) -> tuple[float, list[Level]]:
             print(f"users {users}: {level.throughput_per_s:.2f} jobs/s, p95 {level.p95_s}, "
                   f"goodput {level.goodput:.0%}, errors {level.http_errors}, lost {lost}, "
                   f"duplicated {duplicated}", flush=True)  # fmt: skip
-    return isolated, levels
+        drawn_by = draw_dashboard(prom, marks, out / "dashboard.png") if prom else None
+    return isolated, levels, drawn_by
+
+
+def scraping(
+    args: argparse.Namespace, stack: Stack, work: Path
+) -> contextlib.AbstractContextManager[prometheus.Prometheus | None]:
+    """With ``--prometheus``: a private Prometheus scraping the stack's /metrics endpoints."""
+    if not args.prometheus:
+        return contextlib.nullcontext()
+    return prometheus.Prometheus(stack.metrics_targets, log=work / "prometheus.log")
+
+
+def draw_dashboard(prom: prometheus.Prometheus, marks: list[tuple[float, str]], out: Path) -> str:
+    """The dashboard from the first level's start to a scrape after the last level's end, each
+    level marked; returns the Prometheus version."""
+    prom.wait_scraped(after=time.time())
+    counts = render(prom.url, marks[0][0], time.time(), out, marks=marks)
+    print(f"{out}: series per panel {counts}", flush=True)
+    return prometheus.version(prom.url)
 
 
 def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def report(args: argparse.Namespace, isolated: float, levels: list[Level], command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def report(args: argparse.Namespace, isolated: float, levels: list[Level], command: str,
+           drawn_by: str | None = None) -> None:  # fmt: skip
+    """report.md, results.json and the plots; ``drawn_by``: the Prometheus version behind
+    dashboard.png, if one was drawn."""
     out = args.out
     slo = args.slo_factor * isolated
     deployment = (
@@ -236,10 +264,28 @@ def report(args: argparse.Namespace, isolated: float, levels: list[Level], comma
     lost, dup = sum(v.lost for v in levels), sum(v.duplicated for v in levels)
     accepted = sum(v.accepted for v in levels)
     lines.append(f"\nLost jobs: {lost}; duplicated jobs: {dup} (of {accepted} accepted).")
+    if drawn_by is not None:
+        dashboard = DASHBOARD.relative_to(DASHBOARD.parents[3])
+        lines.append(
+            f"\n![dashboard](dashboard.png)\n\ndashboard.png: {dashboard}'s queries evaluated by "
+            f"a real Prometheus ({drawn_by}) that scraped this run every "
+            f"{prometheus.SCRAPE_INTERVAL_S} s, drawn by loadtest/render_dashboard.py (no Grafana "
+            f"here); dashed lines mark where each level began."
+        )
     (out / "report.md").write_text("\n".join(lines) + "\n")
     summary = {"command": command, "isolated_s": isolated, "slo_s": slo}
     summary["levels"] = [asdict(v) for v in levels]
     (out / "results.json").write_text(json.dumps(summary, indent=1))
+    plots(out, levels, slo)
+
+
+def plots(out: Path, levels: list[Level], slo: float) -> None:
+    """latency_vs_load.png and throughput_vs_load.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     offered = [v.offered_per_s for v in levels]
     fig, ax = plt.subplots(figsize=(6, 4))
     for q in ("p50_s", "p95_s", "p99_s"):
@@ -275,10 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--slo-factor", type=float, default=3.0)
     p.add_argument("--out", type=Path, default=Path("docs/load"))
+    p.add_argument(
+        "--prometheus", action="store_true", help="scrape with Prometheus, draw dashboard.png"
+    )
     args = p.parse_args(argv)
     command = "python -m loadtest.run " + " ".join(sys.argv[1:] if argv is None else argv)
-    isolated, levels = run(args)
-    report(args, isolated, levels, command)
+    isolated, levels, drawn_by = run(args)
+    report(args, isolated, levels, command, drawn_by)
     bad = sum(v.lost + v.duplicated for v in levels)
     print(f"wrote {args.out / 'report.md'}; lost + duplicated: {bad}")
     return 1 if bad else 0

@@ -59,7 +59,9 @@ def test_the_dashboard_renders_from_prometheus_over_a_real_run(tmp_path: Path) -
         assert float(query(prom.url, "sum(skipdit_requests_total)")[0]["value"][1]) == 6
         end = time.time()
         out = tmp_path / "dashboard.png"
-        counts = render(prom.url, start, end, out, rate_interval="10s", step=1)
+        counts = render(
+            prom.url, start, end, out, rate_interval="10s", step=1, marks=[(start, "5 requests")]
+        )
     print(counts)
     assert out.stat().st_size > 50_000
     for title, n in EXERCISED.items():
