@@ -60,9 +60,10 @@ def load(source: str = "mnist", size: int = 16, split: str = "train") -> Digits:
 
 
 def clip_digit_size(size: int) -> int:
-    """Side of the digit in a ``size`` x ``size`` moving-digits frame (10 px on 16): what the
-    video models train on and what the per-frame evaluation crops around the digit."""
-    return size * 5 // 8
+    """Side of the digit in a ``size`` x ``size`` moving-digits frame (12 px on 16, room to
+    move 4): what the video models train on and what the per-frame evaluation crops around the
+    digit."""
+    return size * 3 // 4
 
 
 def moving(

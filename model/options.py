@@ -1,4 +1,4 @@
-"""Typed options of the offline commands (train, train-classifier, bench).
+"""Typed options of the offline commands (train, train-classifier, bench, calibrate-teacache).
 
 Each command's options are one pydantic model: ranges and help live in the fields, and the CLI
 derives its flags from them. This module imports nothing from the ``train`` extra, so the CLI can
@@ -28,6 +28,11 @@ class TrainOptions(_Options):
         "digits-small", description="Network preset (digits-video-* trains a video model)."
     )
     vanilla: bool = Field(False, description="Train the DiT twin (no long skips).")
+    init_from: str | None = Field(
+        None,
+        description="Video presets: start from this image model (a shipped name or a directory) "
+        "as Latte does: its blocks become the spatial blocks, temporal blocks start as identity.",
+    )
     data: DigitSource = Field("sklearn", description="Bundled digit set.")
     steps: int = Field(2000, ge=1, description="Optimizer steps in all (a resume continues).")
     batch_size: int = Field(64, ge=1)
@@ -73,3 +78,19 @@ class BenchOptions(_Options):
     curve_steps: int = Field(25, ge=1, description="DDIM steps for the training-curve FID.")
     out: Path = Field(Path("docs/bench"), description="Output directory.")
     command_line: str = Field("skipdit bench", description="Recorded in results.md.")
+
+
+class CalibrateOptions(_Options):
+    """``skipdit calibrate-teacache``: fit TeaCache's rescaling polynomial per model and store
+    it in the model's card."""
+
+    models: list[str] | None = Field(
+        None,
+        description="Model names or directories (default: every shipped image model); their "
+        "config.json gains card.teacache.",
+    )
+    per_class: int = Field(2, ge=1, le=16, description="Seeded images per class and model.")
+    steps: int = Field(50, ge=2, le=1000, description="DDIM steps of each uncached run.")
+    seed: int = Field(0, ge=0, description="Seed of class c's run: seed + c.")
+    dry_run: bool = Field(False, description="Print the coefficients; write no file.")
+    command_line: str = Field("skipdit calibrate-teacache", description="Recorded in the card.")

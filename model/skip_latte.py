@@ -198,6 +198,44 @@ class SkipLatte(SkipDiT):
         return x
 
 
+# ----------------------------------------------------------------------------- image init
+
+
+def init_from_image(video: SkipLatte, image: SkipDiT) -> SkipLatte:
+    """Latte's recipe: start a video network from a trained image network of the same width.
+
+    Embedders, positional embedding and final layer are copied; spatial block of pair p is an
+    image block: the first P/2 pairs take the image's first P/2 blocks, the last P/2 pairs its
+    last P/2 blocks, so each long skip still joins the blocks it joined in the image network
+    (pair p pops what pair P-1-p pushed, as image block D-1-k pops block k) and takes that
+    image skip's fusion. Temporal blocks keep their adaLN-Zero init: they start as the
+    identity, so at step 0 every frame is the image model's sample. In place; returns video."""
+    v, m = video.config, image.config
+    shared = ("hidden_size", "num_heads", "patch_size", "mlp_ratio", "input_size", "in_channels",
+              "num_classes", "learn_sigma", "long_skip")  # fmt: skip
+    differ = [f for f in shared if getattr(v, f) != getattr(m, f)]
+    if image.config.kind != "image" or differ:
+        raise ValueError(f"init from image: the image model must match the video's {differ}")
+    half, depth = v.units // 2, m.depth
+    if half > depth // 2:
+        raise ValueError(
+            f"init from image: {v.units} pairs need an image model of depth >= {v.units}"
+        )
+    blocks = [*range(half), *range(depth - half, depth)]  # image block of each spatial block
+    with torch.no_grad():
+        for name in ("x_embedder", "t_embedder", "y_embedder", "final_layer"):
+            getattr(video, name).load_state_dict(getattr(image, name).state_dict())
+        video.pos_embed.copy_(image.pos_embed)
+        for p, k in enumerate(blocks):
+            video.blocks[2 * p].load_state_dict(image.blocks[k].state_dict())
+        if v.long_skip:
+            for j, k in enumerate(blocks[half:]):
+                source = k - depth // 2  # the image block's fusion
+                video.skip_norms[j].load_state_dict(image.skip_norms[source].state_dict())
+                video.skip_linears[j].load_state_dict(image.skip_linears[source].state_dict())
+    return video
+
+
 # ----------------------------------------------------------------------------- presets
 
 PRESETS: dict[str, Callable[..., LatteConfig]] = {

@@ -29,12 +29,13 @@ from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import data
+from model import data, registry
 from model.checkpoint import load_state, save_pretrained
 from model.errors import FieldError
 from model.networks import Config, build, preset
 from model.options import TrainOptions
 from model.skip_dit import SkipDiT
+from model.skip_latte import init_from_image
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,10 @@ class _Run:
         torch.manual_seed(opts.seed)
         model = build(config).train()
         torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=opts.label_init_std)
+        if opts.init_from is not None:
+            if config.kind != "video":
+                raise FieldError("init_from", "starts a video model from an image model")
+            init_from_image(model, registry.load(opts.init_from).pipeline.model)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
         return cls(model, ema, opt, lr_history=[[0, opts.lr]])
@@ -195,7 +200,11 @@ def _card(config: Config, opts: TrainOptions, run: _Run, digits: data.Digits) ->
         "name": opts.name or opts.out.name,
         "architecture": ARCHITECTURES[config.kind, config.long_skip],
         "data": f"{opts.data} digits, {side}x{side}, train split ({len(digits.labels)} images)"
-        + (f", bouncing, {config.num_frames} frames" if config.kind == "video" else ""),
+        + (
+            f", {data.clip_digit_size(side)} px digits bouncing, {config.num_frames} frames"
+            if config.kind == "video"
+            else ""
+        ),
         "steps": opts.steps,
         "batch_size": opts.batch_size,
         "lr_history": run.lr_history,
@@ -203,6 +212,7 @@ def _card(config: Config, opts: TrainOptions, run: _Run, digits: data.Digits) ->
         "bf16": opts.bf16,
         "seed": opts.seed,
         "label_init_std": opts.label_init_std,
+        "init_from": opts.init_from,
         "train_seconds": round(run.seconds, 1),
         "default_guidance": 2.0,
     }

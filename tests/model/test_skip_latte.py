@@ -21,11 +21,11 @@ from model.checkpoint import (
 )
 from model.errors import FieldError
 from model.graphs import BucketedForward
-from model.networks import preset
+from model.networks import build, preset
 from model.pipeline import Pipeline, denoise_step, step_samplers
 from model.request import GenerateParams
 from model.skip_dit import DiTConfig, SkipDiT
-from model.skip_latte import LatteConfig, SkipLatte
+from model.skip_latte import LatteConfig, SkipLatte, init_from_image
 from tests.conftest import BATCH_TOL, randomized, tiny
 from tests.model.test_cache import CACHING, DYNAMIC, OFF, PLAN_OPTIONS, PLAN_RUNS, _plan_and_run
 from tests.model.test_pipeline import _tiny_vae
@@ -512,3 +512,24 @@ def test_padded_bucket_runner_serves_video(video: SkipLatte) -> None:
         torch.testing.assert_close(
             runner.cached(x, t, y, deep, 2), video.forward_cached(x, t, y, deep, 2), **BATCH_TOL
         )
+
+
+def test_a_video_started_from_an_image_model_draws_each_frame_as_the_image_model() -> None:
+    """Latte's image init: spatial blocks, embedders, fusions and final layer come from the
+    image network and temporal blocks start as identity, so once the (fixed) temporal
+    embedding is left out every frame is the image network's output for that frame."""
+    image = randomized(build(preset("digits-tiny")), seed=3).eval()
+    video = init_from_image(build(preset("digits-video-tiny")), image).eval()
+    with torch.no_grad():
+        video.temp_embed.zero_()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 4, 8, 8, generator=g)  # (B, C, F, H, W)
+    t, y = torch.tensor([500, 20]), torch.tensor([3, 10])
+    with torch.no_grad():
+        clips = video(x, t, y).transpose(1, 2).flatten(0, 1)  # (B*F, C, H, W)
+        frames = image(x.transpose(1, 2).flatten(0, 1), t.repeat_interleave(4),
+                       y.repeat_interleave(4))  # fmt: skip
+    torch.testing.assert_close(clips, frames, atol=1e-5, rtol=1e-5)
+    narrow = build(preset("digits-tiny", hidden_size=64, num_heads=2))
+    with pytest.raises(ValueError, match="hidden_size"):
+        init_from_image(build(preset("digits-video-tiny")), narrow)
