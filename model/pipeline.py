@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import (
@@ -308,6 +309,27 @@ def forward_group(
     return first.policy.run_cached(model, x, t, y, first.config, states), {}
 
 
+def eager_when_deciding(fast: GroupForward) -> GroupForward:
+    """``fast`` (a captured-step runner's group forward), except for groups with a job whose
+    cache has a threshold: such a policy decides rows inside its forward (adaptive Skip-Cache
+    splits its cached rows after block K-1 and its full steps capture block K too), which no
+    captured forward does. They run ``forward_group``, eagerly."""
+
+    def forward(
+        model: SkipDiT,
+        jobs: Sequence[Job],
+        full: bool,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
+        if any(getattr(job.cache.config, "threshold", None) is not None for job in jobs):
+            return forward_group(model, jobs, full, x, t, y)
+        return fast(model, jobs, full, x, t, y)
+
+    return forward
+
+
 def _forward_groups(jobs: Sequence[Job], modes: Sequence[Mode]) -> dict[Hashable, list[int]]:
     """FULL jobs in one group, CACHED jobs by their policy's cached-forward key."""
     groups: dict[Hashable, list[int]] = {}
@@ -411,10 +433,15 @@ class Pipeline:
         model: SkipDiT,
         vae: AutoencoderKL | None = None,
         default_guidance: float = DEFAULT_GUIDANCE,
+        cache_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         self.model = model.eval()
         self.vae = vae.eval() if vae is not None else None
         self.default_guidance = default_guidance
+        # Policy name -> config fields this model sets over the policy's defaults (from its
+        # card: ``ModelInfo.cache_overrides``, e.g. TeaCache's coefficients); every request's
+        # cache starts from them, its own fields win.
+        self.cache_overrides = dict(cache_overrides or {})
         self.forward: GroupForward = forward_group  # a step group's forward, see use_fast_path
 
     def use_fast_path(
@@ -431,7 +458,7 @@ class Pipeline:
         if mode != "off":
             runner = BucketedForward(self.model, mode, buckets, {default_depth(self.model.config)})
             seconds = runner.warmup()
-            self.forward = runner.group_forward(forward_group)
+            self.forward = eager_when_deciding(runner.group_forward(forward_group))
         return FastPath(kernel_backend, mode, seconds)
 
     def step(self, jobs: Sequence[Job]) -> list[Mode]:
@@ -458,7 +485,7 @@ class Pipeline:
             labels=torch.full((params.num_images,), params.class_label, device=self.device),
             scheduler=scheduler,
             generator=generator,
-            cache=params.cache_for(config),
+            cache=params.cache_for(config, self.cache_overrides),
             guidance=params.guidance_for(config, self.default_guidance),
             null_class=config.num_classes,
             guided_channels=config.guided_channels,

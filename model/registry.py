@@ -96,13 +96,28 @@ class ModelInfo:
             f"this model is class-conditional: give a class label 0..{n - 1}, got {prompt!r}",
         )
 
+    @property
+    def cache_overrides(self) -> dict[str, dict[str, Any]]:
+        """Policy name -> config fields the card sets for this model: TeaCache's calibrated
+        coefficients (``card["teacache"]["coefficients"]``, written by ``skipdit
+        calibrate-teacache``). Every request's cache starts from them (``Pipeline``)."""
+        overrides: dict[str, dict[str, Any]] = {}
+        coefficients = self.card.get("teacache", {}).get("coefficients")
+        if coefficients is not None:
+            overrides["teacache"] = {"coefficients": tuple(coefficients)}
+        return overrides
+
     def cache_defaults(self) -> dict[str, dict[str, Any]]:
-        """Each cache policy's default config for this model, JSON-ready (infinity as None);
-        policies that do not apply to the model's kind are left out."""
+        """Each cache policy's default config for this model (the card's overrides applied),
+        JSON-ready (infinity as None); policies that do not apply to the model's kind are left
+        out."""
+        overrides = self.cache_overrides
         return {
             name: {
                 k: None if isinstance(v, float) and math.isinf(v) else v
-                for k, v in dataclasses.asdict(policy.default_config(self.config)).items()
+                for k, v in dataclasses.asdict(
+                    policy.default_config(self.config, **overrides.get(name, {}))
+                ).items()
             }
             for name, policy in cache.POLICIES.items()
             if policy.applies_to(self.config)
@@ -162,6 +177,15 @@ def _source(name: str) -> tuple[str, Path | str]:
     raise FieldError("model", f"unknown model {name!r}; known: {known_names()} or a local path")
 
 
+def directory(name_or_path: str) -> Path:
+    """The directory (``config.json`` + weights) of a shipped model or a model path in our
+    format; FieldError('model', ...) for an official file or a preset, which have none."""
+    kind, where = _source(name_or_path)
+    if kind != "pretrained":
+        raise FieldError("model", f"{name_or_path!r} is not a model directory ({kind} weights)")
+    return Path(where)
+
+
 def describe(name_or_path: str | None = None) -> ModelInfo:
     """A model's config and card without its weights: ``config.json`` of our format, the
     tensor shapes of a memory-mapped official ``.pt`` (no tensor data is read), a preset."""
@@ -207,4 +231,5 @@ def load(
         )
     network = _network(info, seed).to(device=device, dtype=dtype)
     vae = load_vae(vae_path).to(device=device, dtype=dtype) if vae_path is not None else None
-    return LoadedModel(info, Pipeline(network, vae, info.default_guidance))
+    pipeline = Pipeline(network, vae, info.default_guidance, info.cache_overrides)
+    return LoadedModel(info, pipeline)

@@ -6,7 +6,8 @@ range, guidance needs a null class, cache depth) live in ``check_for`` and raise
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,7 +41,13 @@ class GenerateParams(BaseModel):
     cache_t_start: float | None = Field(None, ge=0, le=1000, description="t >= this: full step.")
     cache_t_end: float | None = Field(None, ge=0, le=1000, description="t <= this: full step.")
     cache_threshold: float | None = Field(
-        None, ge=0, le=1, description="fbcache: reuse when block 0 moved less than this."
+        None,
+        ge=0,
+        le=1,
+        description="fbcache: reuse when block 0's output moved less than this; teacache: "
+        "skip while the accumulated, rescaled change of block 0's input stays below this; "
+        "skip_cache: adaptive, recompute a cached step whose shallow output moved this much "
+        "(unset: fixed interval).",
     )
     cache_ratio: float | None = Field(
         None, gt=0, le=1, description="toca: fraction of tokens recomputed on cached steps."
@@ -91,10 +98,14 @@ class GenerateParams(BaseModel):
                 f"{max_tokens}",
             )
 
-    def cache_for(self, model: Config) -> cache.RequestCache:
-        """A fresh per-request cache as this request asks for it."""
+    def cache_for(
+        self, model: Config, overrides: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> cache.RequestCache:
+        """A fresh per-request cache as this request asks for it. ``overrides``: policy name ->
+        config fields the model sets over the policy's defaults (its card's calibration, e.g.
+        TeaCache's coefficients); the request's own fields win over both."""
         policy = cache.POLICIES[self.cache_policy]
-        options = {}
+        options = dict((overrides or {}).get(self.cache_policy, {}))
         for name in (
             n for n in type(self).model_fields if n.startswith("cache_") and n != "cache_policy"
         ):

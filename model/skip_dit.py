@@ -11,8 +11,9 @@ block ``j`` feeds block ``D-1-j``. With ``long_skip=False`` this is the vanilla 
 
 The network holds no request state. Besides the plain ``forward`` it offers the two primitives a
 feature cache needs (policies live in ``model.cache`` and call these from outside):
-``forward(..., capture=...)`` returns hidden states entering chosen blocks, and
-``forward_cached`` runs only the first and last ``depth`` blocks around a stored deep feature.
+``forward(..., capture=...)`` returns hidden states entering chosen blocks (and block 0's
+modulated input), and ``forward_cached`` runs only the first and last ``depth`` blocks around a
+stored deep feature.
 """
 
 from __future__ import annotations
@@ -384,6 +385,15 @@ class SkipDiT(nn.Module):
                 ]
         return self.kernels
 
+    def modulated_input(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """What block 0's attention branch reads: its normalised input, shifted and scaled by
+        its adaLN modulation of c. tokens: (B, T, D), video (B, F, T, D); c: (B, D), broadcast
+        over every token axis."""
+        block = self.blocks[0]
+        shift, scale = block.adaLN_modulation(c).chunk(6, dim=1)[:2]  # (B, D) each: *_msa
+        per_row = (c.shape[0], *[1] * (tokens.dim() - 2), c.shape[1])  # (B, 1, D); (B, 1, 1, D)
+        return block.norm1(tokens) * (1 + scale.view(per_row)) + shift.view(per_row)
+
     def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Final layer and unpatchify: (B, T, D) -> (B, C_out, H, W)."""
         x = self.final_layer(x, c)  # (B, T, p*p*C_out)
@@ -436,10 +446,13 @@ class SkipDiT(nn.Module):
         branches: BranchOverride | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
         """Full forward. With ``capture`` (keys as in ``run_blocks``, plus ``"final"``: the
-        hidden state entering the final layer) also returns what it captured."""
+        hidden state entering the final layer, and ``"modulated"``: ``modulated_input`` of the
+        embedded tokens) also returns what it captured."""
         want = set(capture)
         tokens, c = self.embed(x, t, y)
         captured: dict[Hashable, torch.Tensor] = {}
+        if "modulated" in want:
+            captured["modulated"] = self.modulated_input(tokens, c)
         h = self.run_blocks(tokens, c, range(self.config.units), [], want, captured, branches)
         if "final" in want:
             captured["final"] = h

@@ -10,12 +10,13 @@ from model.cache.fbcache import FBCache
 from model.cache.fora import Fora
 from model.cache.none import NoCache
 from model.cache.skip_cache import SkipCache
+from model.cache.teacache import TeaCache
 from model.cache.toca import ToCa
 from model.errors import FieldError
 from model.skip_dit import DiTConfig
 
 POLICIES: dict[str, CachePolicy] = {
-    p.name: p for p in (NoCache(), SkipCache(), Fora(), DeltaDiT(), ToCa(), FBCache())
+    p.name: p for p in (NoCache(), SkipCache(), Fora(), DeltaDiT(), ToCa(), FBCache(), TeaCache())
 }
 
 

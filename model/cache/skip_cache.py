@@ -7,11 +7,26 @@ skips while the stored deep feature replaces everything between. "Block" is the 
 D count pairs for video. Cost of a cached step is about
 (2K blocks + K fusions + embed + final) / (D blocks + D/2 fusions + embed + final). Full and
 cached steps follow the shared interval rule (``model.cache.interval``) plus a timestep window.
+
+Adaptive Skip-Cache (``threshold`` set): on a would-be cached step the shallow blocks run once
+for the whole group, and each request compares its fresh shallow output (the hidden state
+entering unit K) with the one stored at its last full step: relative L1 over its own rows, as
+fbcache measures block 0. A request at or over ``threshold`` is stale: its rows continue from
+their fresh shallow output through the middle units K..D-K-1, which refreshes its deep feature
+(and its stored shallow output), exactly what a full step would have stored; the deep units then
+run for every row of the group, each on its own deep feature. One forward per group, rows split
+after unit K-1 and rejoined before unit D-K; no shallow work is repeated. A refreshed request's
+step counts as FULL (``realized_mode``). The interval stays: a full step at least every
+``interval`` steps (``step % interval == 0``), so the interval is the maximum gap between full
+steps. ``threshold`` None is the fixed schedule, bit for bit; 0 recomputes every step (no cache,
+within batch tolerance). Its cached groups run eagerly (``model.pipeline``): a captured cached
+forward has no row split.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,12 +52,17 @@ class SkipCacheConfig(IntervalConfig):
         Paper image default: never (inf); video: 900 (class-to-video), 700 (text-to-video).
     t_end: once t <= t_end every remaining step is full (late, detail-forming steps). Paper: 20
         for images, 50 for video.
+    threshold: adaptive Skip-Cache (not in the paper): a would-be cached step recomputes the
+        middle units of a request whose shallow output moved by at least this much (relative
+        L1) since its last full step. None = off (the paper's fixed schedule); 0 = every step
+        full. Lower is closer to uncached and slower; ``interval`` still bounds the gap.
     """
 
     interval: int = 2
     depth: int = 4
     t_start: float = math.inf
     t_end: float = 20.0
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -52,6 +72,8 @@ class SkipCacheConfig(IntervalConfig):
             raise FieldError(
                 "cache_t_end", f"must be below cache_t_start ({self.t_start}), got {self.t_end}"
             )
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise FieldError("cache_threshold", f"must be in [0, 1], got {self.threshold}")
 
     def full_at(self, step: int, t: float) -> bool:
         """Every ``interval``-th step, and every step with t >= t_start, t <= t_end."""
@@ -61,9 +83,15 @@ class SkipCacheConfig(IntervalConfig):
 @dataclass
 class SkipCacheState:
     deep: torch.Tensor | None = None  # (rows, *hidden_shape): hidden state entering unit D-K
+    # Adaptive only: the hidden state entering unit K at the last full step, the request's own
+    # threshold (set with it: groups mix thresholds), and whether this step refreshed.
+    shallow: torch.Tensor | None = None  # (rows, *hidden_shape)
+    threshold: float | None = None
+    refreshed: bool = False
 
     def reset(self) -> None:
-        self.deep = None
+        self.deep = self.shallow = self.threshold = None
+        self.refreshed = False
 
 
 def decide(step: int, t: int, config: SkipCacheConfig, state: SkipCacheState) -> Mode:
@@ -93,6 +121,7 @@ class SkipCache(IntervalPolicy):
         "cache_depth": "depth",
         "cache_t_start": "t_start",
         "cache_t_end": "t_end",
+        "cache_threshold": "threshold",
     }
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> SkipCacheConfig:
@@ -108,23 +137,82 @@ class SkipCache(IntervalPolicy):
             )
         return config
 
+    def planned_modes(self, config: SkipCacheConfig, timesteps: Sequence[int]) -> list[Mode]:
+        """Exact for the fixed schedule; adaptive: every step FULL, the upper bound."""
+        if config.threshold is not None:
+            return [Mode.FULL] * len(timesteps)
+        return super().planned_modes(config, timesteps)
+
     def capture_blocks(self, config: SkipCacheConfig, model: DiTConfig) -> tuple[int, ...]:
-        return (model.units - config.depth,)
+        deep = model.units - config.depth
+        return (deep,) if config.threshold is None else tuple(sorted({config.depth, deep}))
 
     def on_full(
         self, config: SkipCacheConfig, state: SkipCacheState, captured: dict[int, torch.Tensor]
     ) -> None:
-        (state.deep,) = captured.values()
-        state.deep = state.deep.clone()  # own storage: do not pin the whole batch's tensor
+        # Own storage: do not pin the whole batch's tensor. The deep unit D-K >= K.
+        state.deep = captured[max(captured)].clone()
+        if config.threshold is not None:
+            state.shallow = captured[config.depth].clone()
+            state.threshold = config.threshold
 
-    def cached_group_key(self, config: SkipCacheConfig) -> tuple[str, int]:
-        return (self.name, config.depth)
+    def cached_group_key(self, config: SkipCacheConfig) -> tuple[Hashable, ...]:
+        if config.threshold is None:
+            return (self.name, config.depth)
+        return (self.name, config.depth, "adaptive")  # thresholds mix: each state keeps its own
 
     def forward_cached(
         self, model: SkipDiT, batch: CachedBatch, config: SkipCacheConfig
     ) -> torch.Tensor:
         deep = torch.cat([s.deep for s in batch.states])  # (B, T, D)
-        return model.forward_cached(batch.x, batch.t, batch.y, deep, config.depth)
+        if config.threshold is None:
+            return model.forward_cached(batch.x, batch.t, batch.y, deep, config.depth)
+        return adaptive_forward(model, batch, deep, config.depth)
+
+    def realized_mode(self, state: SkipCacheState, decided: Mode) -> Mode:
+        return Mode.FULL if state.refreshed else decided
 
     def state_bytes(self, state: SkipCacheState) -> int:
-        return tensor_bytes((state.deep,))
+        return tensor_bytes((state.deep, state.shallow))
+
+
+def stale_rows(
+    shallow: torch.Tensor, states: Sequence[SkipCacheState], slices: Sequence[slice]
+) -> torch.Tensor:
+    """Rows of the requests whose shallow output moved by >= their threshold (relative L1 over
+    each request's own rows, one host sync for the group); marks each state refreshed or not."""
+    changes = torch.stack(
+        [
+            (shallow[rows] - s.shallow).abs().mean() / s.shallow.abs().mean().clamp_min(1e-12)
+            for s, rows in zip(states, slices, strict=True)
+        ]
+    ).tolist()
+    stale: list[int] = []
+    for state, rows, change in zip(states, slices, changes, strict=True):
+        state.refreshed = change >= state.threshold
+        if state.refreshed:
+            stale += range(rows.start, rows.stop)
+    return torch.tensor(stale, dtype=torch.long, device=shallow.device)
+
+
+def adaptive_forward(
+    model: SkipDiT, batch: CachedBatch, deep: torch.Tensor, depth: int
+) -> torch.Tensor:
+    """One cached forward of an adaptive group: units 0..K-1 for every row, K..D-K-1 for the
+    stale rows only (refreshing their deep feature), D-K..D-1 for every row. deep: (B, T, D)."""
+    d = model.config.units
+    tokens, c = model.embed(batch.x, batch.t, batch.y)
+    skips: list[torch.Tensor] = []  # the outputs of units 0..K-1 (long skips only)
+    shallow = model.run_blocks(tokens, c, range(depth), skips)  # (B, T, D): entering unit K
+    states = batch.states
+    slices = batch.row_slices(len(s.deep) for s in states)
+    stale = stale_rows(shallow, states, slices)
+    if len(stale):
+        own_skips = [skip[stale] for skip in skips]  # units K.. push and pop their own
+        fresh = model.run_blocks(shallow[stale], c[stale], range(depth, d - depth), own_skips)
+        deep = deep.index_copy(0, stale, fresh)  # (B, T, D): stale rows refreshed
+        for state, rows in zip(states, slices, strict=True):
+            if state.refreshed:
+                state.deep, state.shallow = deep[rows].clone(), shallow[rows].clone()
+    h = model.run_blocks(deep, c, range(d - depth, d), skips)  # pops units K-1..0's outputs
+    return model.head(h, c)

@@ -10,10 +10,11 @@ import torch
 from model.cache import POLICIES, Mode, build
 from model.cache.skip_cache import SkipCacheConfig, SkipCacheState, decide, default_depth
 from model.errors import FieldError
-from model.pipeline import Pipeline, denoise_step
+from model.graphs import BucketedForward
+from model.pipeline import Job, Pipeline, denoise_step, eager_when_deciding, forward_group
 from model.request import GenerateParams
 from model.skip_dit import preset
-from tests.conftest import BATCH_TOL
+from tests.conftest import BATCH_TOL, tiny
 
 # policy -> request options that make it cache (for "none": nothing to set).
 CACHING = {
@@ -23,6 +24,7 @@ CACHING = {
     "fbcache": {"cache_threshold": 0.5},
     "delta_dit": {"cache_interval": 2},
     "toca": {"cache_interval": 3, "cache_ratio": 0.5},
+    "teacache": {"cache_threshold": 0.5},
 }
 # policy -> request options that turn its caching off.
 OFF = {
@@ -32,6 +34,7 @@ OFF = {
     "fbcache": {"cache_threshold": 0},
     "delta_dit": {},
     "toca": {},
+    "teacache": {"cache_threshold": 0},
 }
 
 
@@ -83,8 +86,9 @@ def test_state_reset_forgets_the_cache(tiny_pipeline: Pipeline, name: str) -> No
     assert job.cache.decide(1, 500) is Mode.FULL
 
 
-# Policies whose modes depend on the run itself: their planned_modes is an estimate.
-DYNAMIC = {"fbcache"}
+# Policies whose modes depend on the run itself: their planned_modes is an estimate. Skip-Cache
+# joins them when a request sets cache_threshold (adaptive).
+DYNAMIC = {"fbcache", "teacache"}
 # Request options the planning contract tries; each policy takes those of its request_fields.
 PLAN_OPTIONS = [
     {"cache_interval": 3, "cache_ratio": 0.5, "cache_threshold": 0.5},
@@ -120,7 +124,8 @@ def test_planned_modes_are_what_a_run_reports(tiny_pipeline: Pipeline, name: str
             )
             planned, ran = _plan_and_run(tiny_pipeline, params)
             assert len(ran) == steps
-            expected = [Mode.FULL] * steps if name in DYNAMIC else ran
+            dynamic = name in DYNAMIC or "cache_threshold" in dict(options)
+            expected = [Mode.FULL] * steps if dynamic else ran
             assert planned == expected, (options, sampler)
             seen.update(ran)
     assert name == "none" or Mode.CACHED in seen  # the schedules tried really cache
@@ -153,6 +158,7 @@ def test_defaults_scale_the_papers_depth_to_the_model() -> None:
         ({"interval": 0}, "cache_interval"),
         ({"depth": 3}, "cache_depth"),
         ({"t_start": 10.0, "t_end": 20.0}, "cache_t_end"),
+        ({"threshold": 1.5}, "cache_threshold"),
     ],
 )
 def test_bad_skip_cache_options_name_the_field(options: dict, field: str) -> None:
@@ -228,6 +234,115 @@ def test_planned_modes_match_what_a_run_does(tiny_pipeline: Pipeline) -> None:
     assert planned == ran and Mode.CACHED in ran
 
 
+# ----------------------------------------------------------------------------- adaptive
+
+
+def _adaptive(threshold: float | None, seed: int = 5, label: int = 3, **kw: object):
+    return GenerateParams(steps=10, num_images=2, class_label=label, seed=seed,
+                          cache_interval=4, cache_threshold=threshold, **kw)  # fmt: skip
+
+
+def _latents_and_modes(
+    pipeline: Pipeline, requests: list[GenerateParams]
+) -> tuple[list[torch.Tensor], list[list[Mode]]]:
+    modes: dict[int, list[Mode]] = {}
+
+    def progress(job: Job, mode: Mode) -> None:
+        modes.setdefault(id(job.params), []).append(mode)
+
+    results = pipeline.generate(requests, progress=progress)
+    return [r.latents for r in results], [modes[id(p)] for p in requests]
+
+
+def test_adaptive_skip_cache_at_threshold_0_is_no_cache(tiny_pipeline: Pipeline) -> None:
+    (adaptive,), (modes,) = _latents_and_modes(tiny_pipeline, [_adaptive(0.0)])
+    assert modes == [Mode.FULL] * 10  # every would-be cached step recomputed
+    uncached = GenerateParams(steps=10, num_images=2, class_label=3, seed=5, cache_policy="none")
+    (reference,) = tiny_pipeline.generate([uncached])
+    torch.testing.assert_close(adaptive, reference.latents, **BATCH_TOL)
+
+
+def test_adaptive_skip_cache_without_a_threshold_is_the_fixed_schedule(
+    tiny_pipeline: Pipeline,
+) -> None:
+    not_given = GenerateParams(steps=10, num_images=2, class_label=3, seed=5, cache_interval=4)
+    (fixed,), (fixed_modes,) = _latents_and_modes(tiny_pipeline, [not_given])
+    (unset,), _ = _latents_and_modes(tiny_pipeline, [_adaptive(None)])
+    # A threshold no change reaches takes the adaptive forward and never refreshes: same bits.
+    (never,), (never_modes,) = _latents_and_modes(tiny_pipeline, [_adaptive(1.0)])
+    assert torch.equal(unset, fixed) and torch.equal(never, fixed)
+    assert never_modes == fixed_modes and fixed_modes.count(Mode.CACHED) == 6
+
+
+def test_adaptive_skip_cache_keeps_the_interval_as_the_largest_gap(
+    tiny_pipeline: Pipeline,
+) -> None:
+    requests = [_adaptive(th, seed=s, label=s) for s, th in ((1, 0.05), (2, 0.2), (3, 0.5))]
+    together, modes = _latents_and_modes(tiny_pipeline, requests)
+    for m in modes:
+        full = [i for i, mode in enumerate(m) if mode is Mode.FULL]
+        assert set(range(0, 10, 4)) <= set(full)
+    refreshed = [sum(mode is Mode.FULL for mode in m) - 3 for m in modes]
+    assert refreshed[0] > refreshed[2] and refreshed[0] > 0  # lower thresholds refresh more
+    # Batched with other thresholds, each request runs as it runs alone.
+    for params, batched, batched_modes in zip(requests, together, modes, strict=True):
+        (alone,), (alone_modes,) = _latents_and_modes(tiny_pipeline, [params])
+        assert batched_modes == alone_modes
+        torch.testing.assert_close(batched, alone, **BATCH_TOL)
+
+
+def test_adaptive_cached_forward_splits_rows_after_block_k(tiny_pipeline: Pipeline) -> None:
+    """Stale request A (threshold 0) and fresh request B (threshold 1) in one cached forward:
+    blocks 0..K-1 and D-K..D-1 run on all rows, the middle blocks on A's rows only, once; A's
+    deep feature becomes what a full step at these inputs captures, B's stays."""
+    model = tiny_pipeline.model
+    d, policy = model.config.depth, POLICIES["skip_cache"]
+    k = default_depth(model.config)
+    configs = [policy.default_config(model.config, interval=4, threshold=th) for th in (0, 1)]
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    t, y = torch.tensor([600, 600, 600]), torch.tensor([1, 1, 4])
+    keys = policy.capture_blocks(configs[0], model.config)
+    assert keys == (k, d - k)
+    with torch.no_grad():
+        _, before = model(x0, t, y, capture=keys)
+        full, after = model(x1, t, y, capture=keys)
+    states = [policy.new_state(), policy.new_state()]
+    for state, config, rows in zip(states, configs, (slice(0, 2), slice(2, 3)), strict=True):
+        policy.on_full(config, state, {key: v[rows] for key, v in before.items()})
+    assert policy.state_bytes(states[0]) == 2 * 2 * 16 * 32 * 4  # deep + shallow, 2 rows
+    ran: list[tuple[int, int]] = []
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append((i, o.shape[0])))
+               for i, b in enumerate(model.blocks)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            out = policy.run_cached(model, x1, t, y, configs[1], states)
+    finally:
+        for h in handles:
+            h.remove()
+    middle = range(k, d - k)
+    expected = [(i, 3) for i in range(k)] + [(i, 2) for i in middle]
+    assert ran == expected + [(i, 3) for i in range(d - k, d)]
+    modes = [policy.realized_mode(s, Mode.CACHED) for s in states]
+    assert modes == [Mode.FULL, Mode.CACHED]
+    torch.testing.assert_close(states[0].deep, after[d - k][:2], **BATCH_TOL)
+    torch.testing.assert_close(out[:2], full[:2], **BATCH_TOL)  # A: a full step's output
+    assert torch.equal(states[1].deep, before[d - k][2:])
+
+
+def test_adaptive_groups_run_eagerly_beside_captured_steps() -> None:
+    """A captured-step runner has neither the row split nor block K's capture: adaptive groups
+    go eager, the rest through the runner, and every request makes the eager result."""
+    eager = Pipeline(tiny(), default_guidance=2.0)
+    fast = Pipeline(tiny(), default_guidance=2.0)
+    runner = BucketedForward(fast.model, "off", buckets=(1, 2, 4), depths={1})
+    runner.warmup()
+    fast.forward = eager_when_deciding(runner.group_forward(forward_group))
+    requests = [_adaptive(0.1, seed=1), _adaptive(None, seed=2), _adaptive(0.3, seed=3)]
+    for a, b in zip(eager.generate(requests), fast.generate(requests), strict=True):
+        torch.testing.assert_close(b.latents, a.latents, **BATCH_TOL)
+
+
 # ----------------------------------------------------------------------------- memory, FORA
 
 
@@ -246,6 +361,7 @@ def test_each_policy_reports_the_memory_its_cache_holds(tiny_pipeline: Pipeline)
         "fbcache": 2 * one_hidden,
         "delta_dit": (1 + 1 + 1 + 1) * one_hidden,  # n=1: enter 0, enter 1, enter D-1, final
         "toca": 2 * config.depth * one_hidden,  # + per-token staleness counters
+        "teacache": 2 * one_hidden,  # block 0's modulated input, the block stack's residual
     }
 
 
