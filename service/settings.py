@@ -13,12 +13,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from kernels import dispatch
 from model import registry
 
+SHIPPED_VIDEO = "digits-video-skip"
+
 
 def default_models() -> list[str]:
     """What a deployment serves when neither SKIPDIT_MODELS nor SKIPDIT_MODEL is set: the shipped
-    image model (the first serves requests that name no model). The shipped video model joins
-    this list where it ships."""
-    return [registry.default_model()]
+    image model (the first: it serves requests that name no model) and the shipped video
+    model."""
+    shipped = registry.shipped_models()
+    return [registry.default_model()] + ([SHIPPED_VIDEO] if SHIPPED_VIDEO in shipped else [])
 
 
 class Settings(BaseSettings):

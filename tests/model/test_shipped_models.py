@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from model import registry
-from model.evaluate import accuracy, load_classifier
+from model import data, registry
+from model.evaluate import accuracy, frame_accuracy, load_classifier
 from model.request import GenerateParams
 
 
@@ -30,3 +31,22 @@ def test_shipped_skip_dit_draws_the_requested_digit() -> None:
     images = torch.cat([r.images for r in loaded.pipeline.generate(requests)])
     labels = torch.arange(10).repeat_interleave(5)
     assert accuracy(classifier, images, labels) >= 0.9
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+def test_shipped_video_model_draws_the_requested_digit_in_every_frame(interval: int) -> None:
+    """Every frame of 2 clips per class, uncached and with Skip-Cache N=2, each frame judged on
+    the digit-sized window around its ink (``model.evaluate.frame_accuracy``)."""
+    info = registry.describe("digits-video-skip")
+    assert info.kind == "video" and info.card["architecture"] == "Skip-Latte"
+    assert info.card["init_from"] == "digits-skip-dit" and not info.random_weights
+    loaded = registry.load("digits-video-skip")
+    requests = [
+        GenerateParams(class_label=c, num_images=2, steps=25, seed=2000 + c,
+                       cache_policy="skip_cache", cache_interval=interval)
+        for c in range(10)
+    ]  # fmt: skip
+    clips = torch.cat([r.images for r in loaded.pipeline.generate(requests)])  # (20, F, H, W, 1)
+    labels = torch.arange(10).repeat_interleave(2)
+    box = data.clip_digit_size(info.image_size)
+    assert frame_accuracy(load_classifier(), clips, labels, box) >= 0.8
