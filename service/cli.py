@@ -28,7 +28,7 @@ from model.cache import Mode
 from model.checkpoint import CheckpointError
 from model.errors import FieldError
 from model.images import grid
-from model.options import BenchOptions, ClassifierOptions, TrainOptions
+from model.options import BenchOptions, CalibrateOptions, ClassifierOptions, TrainOptions
 from model.pipeline import Job
 from model.request import GenerateParams
 from service.images import encode
@@ -336,6 +336,32 @@ def _add_train_extra(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_needs_extra("train", command))
 
 
+# ----------------------------------------------------------------------------- calibrate
+
+
+def _calibrate_teacache(args: argparse.Namespace, prog: str) -> int:
+    command_line = "skipdit " + " ".join(sys.argv[1:])
+    opts = parse_schema(CalibrateOptions, args, prog, command_line=command_line)
+    from model.calibrate import calibrate
+
+    try:
+        entries = calibrate(opts)
+    except (FieldError, CheckpointError) as e:
+        _fail(prog, str(e))
+    for name, entry in entries.items():
+        where = "" if opts.dry_run else " (written to its card)"
+        print(f"{name}: coefficients {entry['coefficients']}{where}")
+    return 0
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate-teacache", help="fit TeaCache's polynomial per model, store it in its card"
+    )
+    add_schema(p, CalibrateOptions, skip=("command_line",))
+    p.set_defaults(func=_calibrate_teacache)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="skipdit", description="Skip-DiT serving with Skip-Cache")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
@@ -343,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_serve(sub)
     _add_train_extra(sub)
+    _add_calibrate(sub)
     return parser
 
 

@@ -23,6 +23,11 @@ from model.evaluate import (
 from model.options import BenchOptions
 from service.cli import build_parser
 
+# The bench's fixed threshold settings: TeaCache, and adaptive Skip-Cache at N=4.
+PEER_THRESHOLD_LABELS = [f"teacache th={t}" for t in (0.02, 0.03, 0.05)] + [
+    f"skip_cache N=4 th={t}" for t in (0.02, 0.05, 0.1)
+]
+
 
 def train(out: Path, steps: int, *extra: str) -> None:
     args = build_parser().parse_args(
@@ -131,7 +136,7 @@ def test_bench_writes_tables_plots_and_grid(runs: dict[str, Path], tmp_path: Pat
     )  # fmt: skip
     rows = bench.bench(opts)
     labels = ["none", "skip_cache N=2", "fora N=2", "delta_dit N=2", "toca N=2 r=0.25"]
-    labels.append("fbcache th=0.1")
+    labels += ["fbcache th=0.1", *PEER_THRESHOLD_LABELS]
     assert [r.label for r in rows] == labels
     by = {r.label: r for r in rows}
     assert by["none"].ssim == pytest.approx(1.0) and by["none"].flop_ratio == 1.0
@@ -154,6 +159,7 @@ def test_bench_judges_a_video_model_per_frame_and_writes_gif_strips(
     )  # fmt: skip
     rows = bench.bench(opts)
     labels = ["none", "skip_cache N=2", "fora N=2", "delta_dit N=2", "fbcache th=0.1"]
+    labels += PEER_THRESHOLD_LABELS
     assert [r.label for r in rows] == labels  # toca refuses video
     assert all(r.fid is None and r.temporal is not None and 0 <= r.accuracy <= 1 for r in rows)
     by = {r.label: r for r in rows}

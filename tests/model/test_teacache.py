@@ -1,0 +1,218 @@
+"""TeaCache: its accumulate-and-skip rule, per-request decisions in one forward, video, the
+calibration command and the card's coefficients reaching every request."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import registry
+from model.cache import POLICIES, Mode
+from model.cache.teacache import IDENTITY, TeaCacheConfig
+from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
+from model.errors import FieldError
+from model.networks import build, preset
+from model.pipeline import Job, Pipeline
+from model.request import GenerateParams
+from service.cli import main
+from tests.conftest import BATCH_TOL, randomized, tiny
+
+
+def run_with_modes(
+    pipeline: Pipeline, requests: list[GenerateParams]
+) -> tuple[list[torch.Tensor], list[list[Mode]]]:
+    """Each request's latents and the mode each of its steps really ran in."""
+    modes: dict[int, list[Mode]] = {}
+
+    def progress(job: Job, mode: Mode) -> None:
+        modes.setdefault(id(job.params), []).append(mode)
+
+    results = pipeline.generate(requests, progress=progress)
+    return [r.latents for r in results], [modes[id(p)] for p in requests]
+
+
+def teacache(threshold: float, seed: int = 1, label: int = 3, steps: int = 10) -> GenerateParams:
+    return GenerateParams(
+        steps=steps, seed=seed, class_label=label, cache_policy="teacache",
+        cache_threshold=threshold,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+def test_the_polynomial_is_highest_power_first_and_checked() -> None:
+    assert TeaCacheConfig(coefficients=(1, 0, 0)).rescale(3.0) == 9.0
+    assert TeaCacheConfig().rescale(0.25) == 0.25  # the identity default
+    assert TeaCacheConfig(coefficients=[0.5, 1]).coefficients == (0.5, 1.0)  # JSON lists too
+    with pytest.raises(FieldError):
+        TeaCacheConfig(coefficients=(float("nan"),))
+    with pytest.raises(FieldError) as err:
+        TeaCacheConfig(threshold=1.5)
+    assert err.value.field == "cache_threshold"
+
+
+def test_large_thresholds_skip_steps_and_zero_skips_none(tiny_pipeline: Pipeline) -> None:
+    _, modes = run_with_modes(tiny_pipeline, [teacache(1.0), teacache(0.05), teacache(0.0)])
+    skipped = [m.count(Mode.CACHED) for m in modes]
+    assert skipped[0] > skipped[1] >= 0 and skipped[2] == 0
+    assert all(m[0] is Mode.FULL and m[-1] is Mode.FULL for m in modes)  # first, t <= t_end
+
+
+def test_the_rescaled_change_accumulates_until_the_threshold(tiny_pipeline: Pipeline) -> None:
+    """Constant rescaled change 0.3 against threshold 0.5: skip (0.3), compute (0.6, back to
+    0), skip, compute. A skipped step on the same input reproduces the full output."""
+    model = tiny_pipeline.model
+    policy = POLICIES["teacache"]
+    config = policy.default_config(model.config, threshold=0.5, coefficients=(0.3,))
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([500, 500]), torch.tensor([1, 1])
+    with torch.no_grad():
+        full, captured = model(x, t, y, capture=policy.capture_blocks(config, model.config))
+    state = policy.new_state()
+    policy.on_full(config, state, captured)
+    ran = []
+    for _ in range(4):
+        with torch.no_grad():
+            out = policy.run_cached(model, x, t, y, config, [state])
+        ran.append(policy.realized_mode(state, Mode.CACHED))
+        torch.testing.assert_close(out, full, **BATCH_TOL)
+    assert ran == [Mode.CACHED, Mode.FULL, Mode.CACHED, Mode.FULL]
+
+
+def test_decisions_are_per_request_and_computing_rows_run_as_one_batch(
+    tiny_pipeline: Pipeline,
+) -> None:
+    """Three requests in one cached forward, each with its own threshold: the block stack runs
+    once, on exactly the rows of the two that must compute."""
+    model = tiny_pipeline.model
+    policy = POLICIES["teacache"]
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t, y = torch.full((5,), 400), torch.tensor([1, 1, 2, 3, 3])
+    with torch.no_grad():
+        full, captured = model(x, t, y, capture=policy.capture_blocks(policy.default_config(
+            model.config), model.config))  # fmt: skip
+    states, configs = [], []
+    for rows, threshold in ((slice(0, 2), 0.2), (slice(2, 3), 0.9), (slice(3, 5), 0.2)):
+        config = policy.default_config(model.config, threshold=threshold, coefficients=(0.5,))
+        state = policy.new_state()
+        policy.on_full(config, state, {k: v[rows] for k, v in captured.items()})
+        states.append(state)
+        configs.append(config)
+    rows_run: list[int] = []
+    handle = model.blocks[1].register_forward_hook(lambda m, a, o: rows_run.append(o.shape[0]))
+    try:
+        with torch.no_grad():
+            out = policy.run_cached(model, x, t, y, configs[1], states)  # a batch-mate's config
+    finally:
+        handle.remove()
+    modes = [policy.realized_mode(s, Mode.CACHED) for s in states]
+    assert modes == [Mode.FULL, Mode.CACHED, Mode.FULL] and rows_run == [4]
+    torch.testing.assert_close(out, full, **BATCH_TOL)
+
+
+def test_mixed_thresholds_in_one_batch_equal_each_request_alone(tiny_pipeline: Pipeline) -> None:
+    requests = [teacache(0.6, seed=1, label=1), teacache(0.15, seed=2, label=7),
+                teacache(1.0, seed=3, label=4)]  # fmt: skip
+    together, modes = run_with_modes(tiny_pipeline, requests)
+    assert len({tuple(m) for m in modes}) > 1  # the thresholds really decide differently
+    for params, batched, batched_modes in zip(requests, together, modes, strict=True):
+        (alone,), (alone_modes,) = run_with_modes(tiny_pipeline, [params])
+        assert batched_modes == alone_modes
+        torch.testing.assert_close(batched, alone, **BATCH_TOL)
+
+
+def test_video_models_skip_per_request_too() -> None:
+    torch.manual_seed(2)
+    pipeline = Pipeline(randomized(build(preset("digits-video-tiny")), seed=2), default_guidance=2)
+    requests = [teacache(1.0, seed=1, label=2, steps=6), teacache(0.2, seed=2, label=5, steps=6)]
+    together, modes = run_with_modes(pipeline, requests)
+    assert Mode.CACHED in modes[0]
+    for params, batched in zip(requests, together, strict=True):
+        (alone,), _ = run_with_modes(pipeline, [params])
+        torch.testing.assert_close(batched, alone, **BATCH_TOL)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    return save_pretrained(tiny(seed=3), tmp_path / "tiny", card={"name": "t", "x": [1, 2]})
+
+
+def calibrate(directory: Path, *extra: str) -> None:
+    args = ["calibrate-teacache", "--models", str(directory), "--per-class", "1", "--steps", "6"]
+    assert main([*args, *extra]) == 0
+
+
+def test_calibration_is_reproducible_and_changes_only_the_card(model_dir: Path) -> None:
+    before = json.loads((model_dir / CONFIG_FILE).read_text())
+    weights = (model_dir / WEIGHTS_FILE).read_bytes()
+    calibrate(model_dir, "--dry-run")
+    assert json.loads((model_dir / CONFIG_FILE).read_text()) == before
+    calibrate(model_dir)
+    first = (model_dir / CONFIG_FILE).read_text()
+    calibrate(model_dir)
+    assert (model_dir / CONFIG_FILE).read_text() == first  # same coefficients, same bytes
+    after = json.loads(first)
+    entry = after["card"].pop("teacache")
+    assert after == before and (model_dir / WEIGHTS_FILE).read_bytes() == weights
+    assert len(entry["coefficients"]) == 5 and entry["runs"]["points"] == 10 * 5
+    assert entry["runs"]["guidance"] == 1.5 and entry["command"].startswith("skipdit")
+
+
+def test_the_fit_predicts_the_output_change_it_was_fitted_on(model_dir: Path) -> None:
+    from model.calibrate import calibration_requests, fit, trace
+    from model.options import CalibrateOptions
+
+    pipeline = registry.load(str(model_dir)).pipeline
+    points = trace(pipeline, calibration_requests(CalibrateOptions(per_class=1, steps=8), 10))
+    x, y = np.array(points).T
+    assert len(points) == 10 * 7 and (x > 0).all() and (y > 0).all()
+    residual = y - np.polyval(fit(points), x)
+    assert np.abs(residual).mean() < np.abs(y - y.mean()).mean()  # better than a constant
+
+
+def test_the_cards_coefficients_reach_every_teacache_request(model_dir: Path) -> None:
+    calibrate(model_dir)
+    stored = tuple(json.loads((model_dir / CONFIG_FILE).read_text())["card"]["teacache"][
+        "coefficients"])  # fmt: skip
+    assert stored != IDENTITY
+    loaded = registry.load(str(model_dir))
+    job = loaded.pipeline.start(GenerateParams(cache_policy="teacache", cache_threshold=0.3))
+    assert job.cache.config.coefficients == stored and job.cache.config.threshold == 0.3
+    assert loaded.info.cache_defaults()["teacache"]["coefficients"] == stored
+    # Other policies and models without a calibration keep the defaults.
+    assert loaded.pipeline.start(GenerateParams()).cache.policy.name == "skip_cache"
+    assert POLICIES["teacache"].default_config(loaded.config).coefficients == IDENTITY
+
+
+def test_a_model_without_a_directory_cannot_be_calibrated(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate-teacache", "--models", "random:digits-tiny"])
+    assert exit_.value.code == 2 and "not a model directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["digits-skip-dit", "digits-dit"])
+def test_the_command_reproduces_the_shipped_coefficients(name: str) -> None:
+    from model.calibrate import calibrate as run
+    from model.options import CalibrateOptions
+
+    shipped = registry.describe(name).card["teacache"]
+    runs = shipped["runs"]
+    opts = CalibrateOptions(models=[name], per_class=runs["per_class"], steps=runs["steps"],
+                            seed=runs["seed"], dry_run=True)  # fmt: skip
+    (entry,) = run(opts).values()
+    assert entry["runs"] == runs
+    # Same machine: the same bits. Elsewhere float rounding may move the ill-conditioned
+    # coefficients a little; the polynomial over the calibrated range stays put.
+    xs = np.linspace(*runs["input_range"], 50)
+    np.testing.assert_allclose(
+        np.polyval(entry["coefficients"], xs), np.polyval(shipped["coefficients"], xs),
+        rtol=1e-4, atol=1e-6,
+    )  # fmt: skip
