@@ -25,7 +25,7 @@ from service.api.limits import BodyLimit
 from service.metrics import Metrics
 from service.queue import make_backend
 from service.settings import Settings
-from service.worker import make_worker
+from service.worker import in_model_thread, make_worker
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     svc = Service(settings, backend, Metrics(names), infos, keys)
     if settings.embedded_worker:
-        svc.worker = await asyncio.to_thread(make_worker, settings, backend, svc.metrics)
+        svc.worker = await in_model_thread(make_worker, settings, backend, svc.metrics)
         svc.worker_task = asyncio.create_task(svc.worker.run(), name="skipdit-worker")
     app.state.service = svc
     log.info(
