@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -287,27 +288,37 @@ def plots(out: Path, levels: list[Level], slo: float) -> None:
     import matplotlib.pyplot as plt
 
     offered = [v.offered_per_s for v in levels]
+    latency = {q[:3]: [getattr(v, q) for v in levels] for q in ("p50_s", "p95_s", "p99_s")}
+    _line_plot(plt, out / "latency_vs_load.png", offered, latency, "end-to-end latency (s)", slo)
+    jobs = {
+        "done jobs/s": [v.throughput_per_s for v in levels],
+        "within-SLO jobs/s (generation share 80%)": [
+            v.goodput * v.offered_per_s * 0.8 for v in levels
+        ],
+    }
+    _line_plot(plt, out / "throughput_vs_load.png", offered, jobs, "jobs/s")
+
+
+def _line_plot(
+    plt: Any,
+    path: Path,
+    x: list[float],
+    lines: dict[str, list],
+    ylabel: str,
+    slo: float | None = None,
+) -> None:
+    """One PNG: each named line against offered load (and the SLO as a dashed line)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for q in ("p50_s", "p95_s", "p99_s"):
-        ax.plot(offered, [getattr(v, q) for v in levels], marker="o", label=q[:3])
-    ax.axhline(slo, color="grey", linestyle="--", label="SLO")
+    for label, ys in lines.items():
+        ax.plot(x, ys, marker="o", label=label)
+    if slo is not None:
+        ax.axhline(slo, color="grey", linestyle="--", label="SLO")
     ax.set_xlabel("offered load (requests/s)")
-    ax.set_ylabel("end-to-end latency (s)")
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "latency_vs_load.png", dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(offered, [v.throughput_per_s for v in levels], marker="o", label="done jobs/s")
-    ax.plot(offered, [v.goodput * v.offered_per_s * 0.8 for v in levels], marker="s",
-            label="within-SLO jobs/s (generation share 80%)")  # fmt: skip
-    ax.set_xlabel("offered load (requests/s)")
-    ax.set_ylabel("jobs/s")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "throughput_vs_load.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
