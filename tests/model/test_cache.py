@@ -86,12 +86,14 @@ def test_state_reset_forgets_the_cache(tiny_pipeline: Pipeline, name: str) -> No
     assert job.cache.decide(1, 500) is Mode.FULL
 
 
-# Policies whose modes depend on the run itself: their planned_modes is an estimate. Skip-Cache
-# joins them when a request sets cache_threshold (adaptive).
+# Policies whose modes depend on the run itself: their planned_modes is an estimate. (Adaptive
+# Skip-Cache too: see test_adaptive_skip_cache_plans_every_step_full.)
 DYNAMIC = {"fbcache", "teacache"}
 # Request options the planning contract tries; each policy takes those of its request_fields.
+# (cache_threshold alone: skip_cache gets it at the request's interval 1, every step FULL.)
 PLAN_OPTIONS = [
-    {"cache_interval": 3, "cache_ratio": 0.5, "cache_threshold": 0.5},
+    {"cache_interval": 3, "cache_ratio": 0.5},
+    {"cache_threshold": 0.5},
     {"cache_interval": 2, "cache_t_start": 700, "cache_t_end": 300},
     {"cache_interval": 4, "cache_depth": 2, "cache_t_end": 150},
 ]
@@ -124,8 +126,7 @@ def test_planned_modes_are_what_a_run_reports(tiny_pipeline: Pipeline, name: str
             )
             planned, ran = _plan_and_run(tiny_pipeline, params)
             assert len(ran) == steps
-            dynamic = name in DYNAMIC or "cache_threshold" in dict(options)
-            expected = [Mode.FULL] * steps if dynamic else ran
+            expected = [Mode.FULL] * steps if name in DYNAMIC else ran
             assert planned == expected, (options, sampler)
             seen.update(ran)
     assert name == "none" or Mode.CACHED in seen  # the schedules tried really cache
@@ -272,6 +273,15 @@ def test_adaptive_skip_cache_without_a_threshold_is_the_fixed_schedule(
     (never,), (never_modes,) = _latents_and_modes(tiny_pipeline, [_adaptive(1.0)])
     assert torch.equal(unset, fixed) and torch.equal(never, fixed)
     assert never_modes == fixed_modes and fixed_modes.count(Mode.CACHED) == 6
+
+
+def test_adaptive_skip_cache_plans_every_step_full(tiny_pipeline: Pipeline) -> None:
+    """Its refreshes depend on the run: the plan is the upper bound, as fbcache's."""
+    job = tiny_pipeline.start(_adaptive(0.05))
+    timesteps = [int(t) for t in job.scheduler.timesteps]
+    assert job.cache.policy.planned_modes(job.cache.config, timesteps) == [Mode.FULL] * 10
+    ran = [denoise_step(tiny_pipeline.model, [job])[0] for _ in timesteps]
+    assert Mode.CACHED in ran
 
 
 def test_adaptive_skip_cache_keeps_the_interval_as_the_largest_gap(
