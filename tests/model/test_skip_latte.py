@@ -324,7 +324,7 @@ def _run(pipeline: Pipeline, **kw: object) -> torch.Tensor:
 
 
 def test_policies_that_do_not_apply_to_video_are_refused_by_name() -> None:
-    assert VIDEO_POLICIES == ["delta_dit", "fbcache", "fora", "none", "skip_cache"]
+    assert VIDEO_POLICIES == ["delta_dit", "fbcache", "fora", "none", "skip_cache", "teacache"]
     with pytest.raises(FieldError) as err:
         cache.build("toca", preset("digits-video-tiny"))
     assert err.value.field == "cache_policy" and "video" in str(err.value)
