@@ -85,7 +85,7 @@ def main() -> None:
     print("| setting | loop s | speedup (wall) | FLOP ratio | cached steps |")
     print("|---|---|---|---|---|")
     base_seconds = base_flops = 0.0
-    for label, policy, options in settings(args.intervals, args.thresholds):
+    for label, policy, options in settings(args.intervals, args.thresholds, config):
         batch = requests(policy, options, 1, args.steps, args.seed, args.requests)
         batch = [
             b.model_copy(update={"sampler": args.sampler, "guidance_scale": args.guidance_scale})

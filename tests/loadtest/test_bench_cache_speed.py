@@ -25,6 +25,8 @@ def test_every_setting_gets_a_row_and_caching_cuts_counted_flops() -> None:
     assert list(rows) == [
         "none", "skip_cache N=2", "skip_cache N=4", "fora N=2", "fora N=4", "delta_dit N=2",
         "delta_dit N=4", "toca N=2 r=0.25", "toca N=4 r=0.25", "fbcache th=0.1",
+        "teacache th=0.02", "teacache th=0.03", "teacache th=0.05", "skip_cache N=4 th=0.02",
+        "skip_cache N=4 th=0.05", "skip_cache N=4 th=0.1",
     ]  # fmt: skip
     assert rows["none"][1:] == ["1.00x", "1.00x", "0%"]
     for label in ("skip_cache N=2", "skip_cache N=4", "fora N=4"):
