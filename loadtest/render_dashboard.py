@@ -314,6 +314,18 @@ def draw_panel(
     draw_timeseries(ax, panel, series, x, legend_at)
 
 
+def _style() -> dict[str, object]:
+    """matplotlib rc settings of the dark, Grafana-like theme."""
+    return {
+        "text.color": TEXT,
+        "axes.labelcolor": TEXT,
+        "xtick.color": TEXT,
+        "ytick.color": TEXT,
+        "axes.edgecolor": GRID,
+        "font.size": 8,
+    }
+
+
 def render(
     prometheus_url: str,
     start: float,
@@ -341,15 +353,7 @@ def render(
     evaluated = [evaluate(prometheus_url, p, variables, times) for p in panels]
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
     height_in = HEADER_IN + rows * ROW_IN
-    style = {
-        "text.color": TEXT,
-        "axes.labelcolor": TEXT,
-        "xtick.color": TEXT,
-        "ytick.color": TEXT,
-        "axes.edgecolor": GRID,
-        "font.size": 8,
-    }
-    with plt.rc_context(style):
+    with plt.rc_context(_style()):
         fig = plt.figure(figsize=(WIDTH_IN, height_in), facecolor=BACKGROUND)
         fig.text(
             0.005,
