@@ -243,9 +243,10 @@ def _adaptive(threshold: float | None, seed: int = 5, label: int = 3, **kw: obje
                           cache_interval=4, cache_threshold=threshold, **kw)  # fmt: skip
 
 
-def _latents_and_modes(
+def run_with_modes(
     pipeline: Pipeline, requests: list[GenerateParams]
 ) -> tuple[list[torch.Tensor], list[list[Mode]]]:
+    """Each request's latents and the mode each of its steps really ran in."""
     modes: dict[int, list[Mode]] = {}
 
     def progress(job: Job, mode: Mode) -> None:
@@ -256,7 +257,7 @@ def _latents_and_modes(
 
 
 def test_adaptive_skip_cache_at_threshold_0_is_no_cache(tiny_pipeline: Pipeline) -> None:
-    (adaptive,), (modes,) = _latents_and_modes(tiny_pipeline, [_adaptive(0.0)])
+    (adaptive,), (modes,) = run_with_modes(tiny_pipeline, [_adaptive(0.0)])
     assert modes == [Mode.FULL] * 10  # every would-be cached step recomputed
     uncached = GenerateParams(steps=10, num_images=2, class_label=3, seed=5, cache_policy="none")
     (reference,) = tiny_pipeline.generate([uncached])
@@ -267,10 +268,10 @@ def test_adaptive_skip_cache_without_a_threshold_is_the_fixed_schedule(
     tiny_pipeline: Pipeline,
 ) -> None:
     not_given = GenerateParams(steps=10, num_images=2, class_label=3, seed=5, cache_interval=4)
-    (fixed,), (fixed_modes,) = _latents_and_modes(tiny_pipeline, [not_given])
-    (unset,), _ = _latents_and_modes(tiny_pipeline, [_adaptive(None)])
+    (fixed,), (fixed_modes,) = run_with_modes(tiny_pipeline, [not_given])
+    (unset,), _ = run_with_modes(tiny_pipeline, [_adaptive(None)])
     # A threshold no change reaches takes the adaptive forward and never refreshes: same bits.
-    (never,), (never_modes,) = _latents_and_modes(tiny_pipeline, [_adaptive(1.0)])
+    (never,), (never_modes,) = run_with_modes(tiny_pipeline, [_adaptive(1.0)])
     assert torch.equal(unset, fixed) and torch.equal(never, fixed)
     assert never_modes == fixed_modes and fixed_modes.count(Mode.CACHED) == 6
 
@@ -288,7 +289,7 @@ def test_adaptive_skip_cache_keeps_the_interval_as_the_largest_gap(
     tiny_pipeline: Pipeline,
 ) -> None:
     requests = [_adaptive(th, seed=s, label=s) for s, th in ((1, 0.05), (2, 0.2), (3, 0.5))]
-    together, modes = _latents_and_modes(tiny_pipeline, requests)
+    together, modes = run_with_modes(tiny_pipeline, requests)
     for m in modes:
         full = [i for i, mode in enumerate(m) if mode is Mode.FULL]
         assert set(range(0, 10, 4)) <= set(full)
@@ -296,7 +297,7 @@ def test_adaptive_skip_cache_keeps_the_interval_as_the_largest_gap(
     assert refreshed[0] > refreshed[2] and refreshed[0] > 0  # lower thresholds refresh more
     # Batched with other thresholds, each request runs as it runs alone.
     for params, batched, batched_modes in zip(requests, together, modes, strict=True):
-        (alone,), (alone_modes,) = _latents_and_modes(tiny_pipeline, [params])
+        (alone,), (alone_modes,) = run_with_modes(tiny_pipeline, [params])
         assert batched_modes == alone_modes
         torch.testing.assert_close(batched, alone, **BATCH_TOL)
 

@@ -16,23 +16,11 @@ from model.cache.teacache import IDENTITY, TeaCacheConfig
 from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
 from model.errors import FieldError
 from model.networks import build, preset
-from model.pipeline import Job, Pipeline
+from model.pipeline import Pipeline
 from model.request import GenerateParams
 from service.cli import main
 from tests.conftest import BATCH_TOL, randomized, tiny
-
-
-def run_with_modes(
-    pipeline: Pipeline, requests: list[GenerateParams]
-) -> tuple[list[torch.Tensor], list[list[Mode]]]:
-    """Each request's latents and the mode each of its steps really ran in."""
-    modes: dict[int, list[Mode]] = {}
-
-    def progress(job: Job, mode: Mode) -> None:
-        modes.setdefault(id(job.params), []).append(mode)
-
-    results = pipeline.generate(requests, progress=progress)
-    return [r.latents for r in results], [modes[id(p)] for p in requests]
+from tests.model.test_cache import run_with_modes
 
 
 def teacache(threshold: float, seed: int = 1, label: int = 3, steps: int = 10) -> GenerateParams:
