@@ -1,5 +1,5 @@
 """TeaCache and adaptive Skip-Cache through the HTTP API: a model card's calibration reaches the
-requests and /models, and each policy's images are the pipeline's."""
+requests and /models, and each policy's images are the pipeline's on every queue backend."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from model.cache import Mode
 from model.checkpoint import save_pretrained
 from model.request import GenerateParams
 from tests.conftest import tiny
-from tests.service.conftest import running_app, settings_for
+from tests.service.conftest import RedisServer, running_app, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -43,10 +43,11 @@ def pixels(data: str) -> np.ndarray:
     ],
 )
 async def test_generate_runs_the_policy_with_the_cards_calibration(
-    calibrated_dir: Path, body: dict
+    backend: str, calibrated_dir: Path, redis_server: RedisServer, body: dict
 ) -> None:
     body = {"class_label": 2, "steps": 10, "seed": 3, "num_images": 2, **body}
-    async with running_app(settings_for("memory", calibrated_dir, None)) as client:
+    settings = settings_for(backend, calibrated_dir, redis_server.url)
+    async with running_app(settings) as client:
         response = await client.post("/generate", json=body)
     assert response.status_code == 200, response.text
     result = response.json()["result"]

@@ -88,10 +88,10 @@ async def test_interleaved_requests_route_by_model_and_match_their_solo_runs(
 
 
 async def test_unknown_model_models_list_readiness_and_openai_route(
-    two: list[str], tiny_model_dir: Path
+    backend: str, two: list[str], tiny_model_dir: Path, redis_server: RedisServer
 ) -> None:
     a, b = two
-    settings = settings_for("memory", tiny_model_dir, None, models=two)
+    settings = settings_for(backend, tiny_model_dir, redis_server.url, models=two)
     async with running_app(settings) as client:
         unknown = await client.post("/generate", json={"model": "nope", "steps": 2})
         unknown_openai = await client.post(
@@ -159,11 +159,13 @@ async def test_the_worker_steps_its_engines_in_turn(tiny_pipeline: Pipeline) -> 
     assert stepped == ["a", "b"] * 3 + ["a"] * 3  # b is done after 3 steps; a runs on alone
 
 
+@pytest.mark.parametrize("backend", ["redis", "cluster"])
 async def test_a_redis_worker_takes_only_the_models_it_holds(
-    redis_server: RedisServer, two: list[str], tiny_model_dir: Path
+    backend: str, redis_server: RedisServer, two: list[str], tiny_model_dir: Path
 ) -> None:
     a, b = two
-    workers = Workers(redis_server.url, tiny_model_dir, f"m{uuid.uuid4().hex[:8]}")
+    prefix, cluster = f"m{uuid.uuid4().hex[:8]}", backend == "cluster"
+    workers = Workers(redis_server.url, tiny_model_dir, prefix, cluster=cluster)
     try:
         workers.start("holds-a", SKIPDIT_MODEL="", SKIPDIT_MODELS=a)
         async with running_app(api_settings(workers, models=two)) as client:
