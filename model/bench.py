@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch.utils.flop_counter import FlopCounterMode
 
 from model import data, registry
 from model.cache import POLICIES, Mode
@@ -42,6 +41,7 @@ from model.evaluate import (
     psnr_ssim,
     temporal_difference,
 )
+from model.flops import count as count_flops
 from model.images import animate, grid, to_pil
 from model.options import BenchOptions
 from model.pipeline import Job, Pipeline
@@ -88,6 +88,14 @@ def settings(
     return [s for s in out if POLICIES[s[1]].applies_to(model)]
 
 
+def dydit_settings(intervals: list[int], card: dict) -> list[tuple[str, str, dict]]:
+    """A DyDiT model's settings: routed alone, and routed with Skip-Cache at each interval."""
+    label = f"dydit λ={card.get('dydit', {}).get('flops_ratio', '?')}"
+    cached = [(f"{label} + skip_cache N={n}", "skip_cache", {"cache_interval": n})
+              for n in intervals]  # fmt: skip
+    return [(label, "none", {}), *cached]
+
+
 def requests(
     policy: str, options: dict, per_class: int, steps: int, seed: int, classes: int
 ) -> list[GenerateParams]:
@@ -107,10 +115,12 @@ def requests(
 def counted_flops(pipeline: Pipeline, params: GenerateParams) -> float:
     """FLOPs of one request's whole run, counted op by op."""
     job = pipeline.start(params)
-    with FlopCounterMode(display=False) as counter:
+
+    def run() -> None:
         while not job.done:
             pipeline.step([job])
-    return float(counter.get_total_flops())
+
+    return count_flops(run)
 
 
 def timed_run(pipeline: Pipeline, batch: list[GenerateParams]) -> tuple[Any, float, float]:
@@ -128,38 +138,56 @@ def timed_run(pipeline: Pipeline, batch: list[GenerateParams]) -> tuple[Any, flo
 
 
 def _measure(
-    pipeline: Pipeline, batch: list[GenerateParams], uncached: list[GenerateParams], repeats: int
+    pipeline: Pipeline,
+    batch: list[GenerateParams],
+    uncached: list[GenerateParams],
+    repeats: int,
+    baseline: Pipeline,
 ) -> tuple[list, float, float]:
-    """(results, median wall speedup against an uncached run timed right after, peak cache
-    bytes per image) for one setting; same seeds give the same images, only the time varies."""
+    """(results, median wall speedup against the baseline's uncached run timed right after,
+    peak cache bytes per image) for one setting; same seeds give the same images, only the
+    time varies."""
     results, seconds, peak = timed_run(pipeline, batch)
     ratios = []
     for i in range(repeats):
         if i:
             seconds = timed_run(pipeline, batch)[1]
-        base = seconds if batch[0].cache_policy == "none" else timed_run(pipeline, uncached)[1]
+        is_baseline = batch[0].cache_policy == "none" and pipeline is baseline
+        base = seconds if is_baseline else timed_run(baseline, uncached)[1]
         ratios.append(base / seconds)
     return results, statistics.median(ratios), peak
 
 
 def bench_model(
-    name: str, pipeline: Pipeline, judge: _Judge, opts: BenchOptions
+    name: str,
+    pipeline: Pipeline,
+    judge: _Judge,
+    opts: BenchOptions,
+    baseline: Pipeline | None = None,
+    card: dict | None = None,
 ) -> tuple[list[Row], dict[str, torch.Tensor]]:
+    """Every setting of the model against the uncached run of ``baseline`` (the model itself;
+    a DyDiT's base model, whose own rows are the base's settings) on the same seeds: its
+    images are the PSNR/SSIM reference, its FLOPs and wall time the speedups' denominators."""
     config = pipeline.model.config
+    baseline = baseline or pipeline
     classes = config.num_classes
     labels = torch.arange(classes).repeat_interleave(opts.per_class)
-    pipeline.generate(requests("none", {}, 1, 2, 0, 1))  # warm-up
+    for warm in {id(p): p for p in (pipeline, baseline)}.values():
+        warm.generate(requests("none", {}, 1, 2, 0, 1))
     rows, grids = [], {}
-    reference: torch.Tensor | None = None
-    base_flops = 0.0
     uncached = requests("none", {}, opts.per_class, opts.steps, opts.seed, classes)
-    for label, policy, options in settings(opts.intervals, opts.thresholds, config):
+    reference = torch.cat([r.images for r in baseline.generate(uncached)])
+    base_flops = counted_flops(baseline, uncached[0])
+    if config.dynamic:
+        chosen = dydit_settings(opts.intervals, card or {})
+    else:
+        chosen = settings(opts.intervals, opts.thresholds, config)
+    for label, policy, options in chosen:
         batch = requests(policy, options, opts.per_class, opts.steps, opts.seed, classes)
-        results, speedup, peak = _measure(pipeline, batch, uncached, opts.repeats)
+        results, speedup, peak = _measure(pipeline, batch, uncached, opts.repeats, baseline)
         images = torch.cat([r.images for r in results])  # (n, H, W, 1); video (n, F, H, W, 1)
         flops = counted_flops(pipeline, batch[0])
-        if reference is None:
-            reference, base_flops = images, flops
         psnr, ssim = psnr_ssim(images.flatten(0, -4), reference.flatten(0, -4))
         cached = sum(r.stats.steps[Mode.CACHED] for r in results) / (len(results) * opts.steps)
         rows.append(
@@ -274,19 +302,29 @@ def _training_lines(curves: dict) -> list[str]:
     return lines
 
 
+def _series(row: Row) -> str:
+    """A row's curve in the plot: its policy; adaptive Skip-Cache and DyDiT apart."""
+    if row.label.startswith("dydit"):
+        return "dydit (+ skip_cache)"
+    if row.policy == "skip_cache" and "th=" in row.label:
+        return "skip_cache adaptive"
+    return row.policy
+
+
 def _plot_speedup(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model in sorted({r.model for r in rows}):
-        for policy in ("skip_cache", "fora", "delta_dit", "toca", "fbcache"):
-            pts = [(r.speedup, r.psnr) for r in rows if r.model == model and r.policy == policy]
-            if pts:
-                xs, ys = zip(*sorted(pts), strict=True)
-                ax.plot(xs, ys, marker="o", label=f"{policy} ({model})")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.label != "none":
+            series.setdefault(f"{_series(r)} ({r.model})", []).append((r.speedup, r.psnr))
+    for name, pts in series.items():
+        xs, ys = zip(*sorted(pts), strict=True)
+        ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel("wall-clock speedup vs uncached")
     ax.set_ylabel("PSNR vs uncached (dB)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -363,8 +401,10 @@ def bench(opts: BenchOptions) -> list[Row]:
     grids: dict[str, dict[str, torch.Tensor]] = {}
     notes: list[str] = []
     for name in opts.models or registry.shipped_models():
-        pipeline = registry.load(name).pipeline
-        model_rows, grids[name] = bench_model(name, pipeline, judge, opts)
+        loaded = registry.load(name)
+        pipeline, card = loaded.pipeline, loaded.card
+        base = registry.load(card["from"]).pipeline if loaded.config.dynamic else None
+        model_rows, grids[name] = bench_model(name, pipeline, judge, opts, base, card)
         rows += model_rows
         if pipeline.model.config.kind == "video":
             notes.append(_real_clips_note(name, pipeline.model.config, judge.classifier.source))

@@ -231,7 +231,7 @@ class BucketedForward:
             y: torch.Tensor,
         ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
             mode = Mode.FULL if full else Mode.CACHED
-            if not all(self.serves(job.cache, mode) for job in jobs):
+            if model is not self.model or not all(self.serves(job.cache, mode) for job in jobs):
                 return eager(model, jobs, full, x, t, y)
             if full:
                 capture = {k for job in jobs for k in job.cache.capture_blocks(model.config)}

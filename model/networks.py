@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from model import skip_dit, skip_latte
+from model.dydit import DyDiT
 from model.skip_dit import DiTConfig, SkipDiT
 from model.skip_latte import LatteConfig, SkipLatte
 
@@ -20,7 +21,9 @@ PRESETS: dict[str, Callable[..., Config]] = {**skip_dit.PRESETS, **skip_latte.PR
 
 def build(config: Config) -> SkipDiT:
     """A freshly initialised network of the config's kind (SkipLatte is a SkipDiT whose units
-    are (spatial, temporal) block pairs)."""
+    are (spatial, temporal) block pairs; a dynamic config gives a DyDiT, image only)."""
+    if config.dynamic:
+        return DyDiT(config)
     return NETWORKS[config.kind](config)
 
 

@@ -33,6 +33,30 @@ class TrainOptions(_Options):
         description="Video presets: start from this image model (a shipped name or a directory) "
         "as Latte does: its blocks become the spatial blocks, temporal blocks start as identity.",
     )
+    from_model: str | None = Field(
+        None,
+        description="Fine-tune this image model (a shipped name or a directory) into a DyDiT: "
+        "its weights plus routers that start with everything on (needs --dynamic).",
+        json_schema_extra={"cli_aliases": ["--from"]},
+    )
+    dynamic: bool = Field(False, description="Add DyDiT routers (with --from).")
+    flops_ratio: float = Field(
+        0.5,
+        ge=0.05,
+        le=1.0,
+        description="DyDiT: target FLOPs of a forward over the base network's (lambda), "
+        "whole network, as model.flops counts it.",
+    )
+    flops_weight: float = Field(2.0, ge=0, description="DyDiT: weight of the FLOPs loss.")
+    token_minimal: float = Field(
+        0.1, ge=0, le=1, description="DyDiT: least share of tokens each block's MLP keeps."
+    )
+    router_lr: float = Field(
+        0.05,
+        gt=0,
+        description="DyDiT: AdamW learning rate of the routers (a short fine-tune moves their "
+        "biases from 'all on' only with a rate far above the network's).",
+    )
     data: DigitSource = Field("sklearn", description="Bundled digit set.")
     steps: int = Field(2000, ge=1, description="Optimizer steps in all (a resume continues).")
     batch_size: int = Field(64, ge=1)

@@ -39,6 +39,7 @@ from diffusers import (
 
 from model.cache import Mode, RequestCache
 from model.cache.skip_cache import default_depth
+from model.dydit import DyDiT
 from model.graphs import DEFAULT_BUCKETS, BucketedForward, GroupForward, resolve_mode
 from model.request import GenerateParams
 from model.samplers import Member, batch_key, coefficient_table, step_batch
@@ -185,6 +186,9 @@ class Job:
     guidance: float
     null_class: int
     guided_channels: int | None = None  # eps channels guidance mixes (DiTConfig); None: all
+    # The network this job's forwards run on; None: the pipeline's. A DyDiT pipeline gives
+    # ``dynamic: false`` requests its static twin (the same weights, no routing).
+    network: SkipDiT | None = None
     step: int = 0
     stats: StepStats = field(default_factory=StepStats)
     cancelled: bool = False
@@ -330,12 +334,14 @@ def eager_when_deciding(fast: GroupForward) -> GroupForward:
     return forward
 
 
-def _forward_groups(jobs: Sequence[Job], modes: Sequence[Mode]) -> dict[Hashable, list[int]]:
-    """FULL jobs in one group, CACHED jobs by their policy's cached-forward key."""
-    groups: dict[Hashable, list[int]] = {}
+def _forward_groups(
+    jobs: Sequence[Job], modes: Sequence[Mode]
+) -> dict[tuple[SkipDiT | None, Hashable], list[int]]:
+    """Per network: FULL jobs in one group, CACHED jobs by their policy's cached-forward key."""
+    groups: dict[tuple[SkipDiT | None, Hashable], list[int]] = {}
     for i, (job, mode) in enumerate(zip(jobs, modes, strict=True)):
         key = FULL if mode is Mode.FULL else job.cache.policy.cached_group_key(job.cache.config)
-        groups.setdefault(key, []).append(i)
+        groups.setdefault((job.network, key), []).append(i)
     return groups
 
 
@@ -354,13 +360,13 @@ def denoise_step(
     timers: list[ForwardTimer] = [None] * len(jobs)  # type: ignore[list-item]
     device = next(model.parameters()).device
 
-    for key, members in _forward_groups(jobs, modes).items():
+    for (network, key), members in _forward_groups(jobs, modes).items():
         group = [jobs[i] for i in members]
         x = torch.cat([inputs[i][0] for i in members])  # (rows, C, H, W)
         t = torch.cat([inputs[i][1] for i in members])  # (rows,)
         y = torch.cat([inputs[i][2] for i in members])  # (rows,)
         timer = ForwardTimer(device)
-        out, captured = forward(model, group, key == FULL, x, t, y)  # (rows, C', H, W)
+        out, captured = forward(network or model, group, key == FULL, x, t, y)  # (rows, C', ..)
         timer.stop()
         offset = 0
         for i, job in zip(members, group, strict=True):
@@ -436,6 +442,8 @@ class Pipeline:
         cache_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         self.model = model.eval()
+        # A DyDiT's static twin (the same weights, no routing): ``dynamic: false`` requests.
+        self.static = model.dense() if isinstance(model, DyDiT) else model
         self.vae = vae.eval() if vae is not None else None
         self.default_guidance = default_guidance
         # Policy name -> config fields this model sets over the policy's defaults (from its
@@ -453,10 +461,12 @@ class Pipeline:
         request. ``auto`` is the fast path on CUDA and plain eager torch elsewhere. Raises
         KernelUnavailable / ModeUnavailable for an explicit choice that cannot run."""
         kernel_backend = self.model.use_kernels(kernels)
+        self.static.use_kernels(kernels)
         mode = resolve_mode(graphs, self.device)
         self.forward, seconds = forward_group, 0.0
-        if mode != "off":
-            runner = BucketedForward(self.model, mode, buckets, {default_depth(self.model.config)})
+        if mode != "off":  # captures the static network; DyDiT's routed rows run eagerly
+            depths = {default_depth(self.model.config)}
+            runner = BucketedForward(self.static, mode, buckets, depths)
             seconds = runner.warmup()
             self.forward = eager_when_deciding(runner.group_forward(forward_group))
         return FastPath(kernel_backend, mode, seconds)
@@ -489,6 +499,7 @@ class Pipeline:
             guidance=params.guidance_for(config, self.default_guidance),
             null_class=config.num_classes,
             guided_channels=config.guided_channels,
+            network=self.static if params.dynamic is False else None,
         )
 
     @torch.inference_mode()

@@ -35,6 +35,11 @@ class GenerateParams(BaseModel):
         None, ge=1.0, le=20.0, description="Classifier-free guidance; 1 = off; None: model default."
     )
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    dynamic: bool | None = Field(
+        None,
+        description="DyDiT models only: route heads, channel groups and tokens by timestep "
+        "and content (true, their default) or run the whole network (false).",
+    )
     cache_policy: CachePolicyName = "skip_cache"
     cache_interval: int = Field(1, ge=1, le=1000, description="Full step every N steps; 1 = off.")
     cache_depth: int | None = Field(None, ge=1, description="Blocks run fresh at each end (K).")
@@ -61,6 +66,8 @@ class GenerateParams(BaseModel):
             )
         if self.guidance_scale is not None and self.guidance_scale > 1 and not model.has_null_class:
             raise FieldError("guidance_scale", "this model has no null class: must be 1")
+        if self.dynamic is not None and not model.dynamic:
+            raise FieldError("dynamic", "this model has no DyDiT routers: leave it unset")
         self.check_frames(model)
         self.cache_for(model)
 

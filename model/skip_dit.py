@@ -58,6 +58,8 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
 Branch = Callable[[torch.Tensor], torch.Tensor]
 # Per block index: replacements for its (attn, mlp) branches, None to keep the module.
 BranchOverride = Callable[[int], tuple[Branch | None, Branch | None]]
+# Sees a block's branch outputs: (branch name "attn" | "mlp", its output (B, T, D)).
+Record = Callable[[str, torch.Tensor], None]
 
 # ----------------------------------------------------------------------------- embedders
 
@@ -168,16 +170,21 @@ class DiTBlock(nn.Module):
         c: torch.Tensor,
         attn: Branch | None = None,
         mlp: Branch | None = None,
+        record: Record | None = None,
     ) -> torch.Tensor:
-        """``attn``/``mlp`` replace the branch modules (a cache may reuse their outputs)."""
+        """``attn``/``mlp`` replace the branch modules (a cache may reuse their outputs);
+        ``record(name, out)`` sees each branch's output ("attn", then "mlp")."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
             c
         ).chunk(6, dim=1)  # each (B, D)
-        attn = attn or self.attn
-        mlp = mlp or self.mlp
-        x = x + gate_msa.unsqueeze(1) * attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        a = (attn or self.attn)(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, T, D)
+        if record is not None:
+            record("attn", a)
+        x = x + gate_msa.unsqueeze(1) * a
+        m = (mlp or self.mlp)(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
+        if record is not None:
+            record("mlp", m)
+        return x + gate_mlp.unsqueeze(1) * m
 
 
 # ----------------------------------------------------------------------------- long-skip fusion
@@ -237,6 +244,9 @@ class DiTConfig:
     class_dropout_prob: float = 0.1  # > 0 adds the null-class row used for guidance
     learn_sigma: bool = True  # output 2*C channels: eps then variance interpolation
     long_skip: bool = True  # Skip-DiT; False gives the vanilla DiT
+    # DyDiT (``model.dydit``): per-block routers pick attention heads and MLP channel groups
+    # by timestep and tokens for the MLP; False: the static network.
+    dynamic: bool = False
     # Eps channels that classifier-free guidance mixes, from channel 0; None: all of them. The
     # official DiT / Skip-DiT samplers guide channels 0-2 of 4 ("for exact reproducibility"); their
     # published samples and FIDs come from that sampler.
@@ -257,6 +267,7 @@ class DiTConfig:
             "hidden_size": self.hidden_size % self.num_heads == 0 and self.hidden_size % 4 == 0,
             "input_size": self.input_size % self.patch_size == 0,
             "num_classes": self.num_classes >= 1,
+            "dynamic": not self.dynamic or self.num_heads >= 2,  # head 0 is always on
             "guided_channels": self.guided_channels is None
             or 1 <= self.guided_channels <= self.in_channels,
         }
@@ -304,6 +315,7 @@ class SkipDiT(nn.Module):
     ``input_size / patch_size`` on each side."""
 
     kernels: Resolved = "torch"  # the kernel backend that runs, see use_kernels
+    block_cls: ClassVar[type[DiTBlock]] = DiTBlock
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -315,7 +327,7 @@ class SkipDiT(nn.Module):
         grid = config.input_size // config.patch_size  # tokens per side of one frame
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, d), requires_grad=False)
         self.blocks = nn.ModuleList(
-            DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+            self.block_cls(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
         self._init_weights()
@@ -356,8 +368,11 @@ class SkipDiT(nn.Module):
         tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D), strides of (B, D, T)
         if self.kernels == "triton":  # the kernels read rows of D: make the stream row-major
             tokens = tokens.contiguous()  # (the torch path keeps its layout: same bits as ever)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        return tokens, c
+        return tokens, self.condition(t, y)
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """adaLN's conditioning c: timestep plus label embedding, (B, D)."""
+        return self.t_embedder(t) + self.y_embedder(y)
 
     def fuse(self, k: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Long-skip fusion before unit ``k >= units/2``: replaces x, main path first."""
@@ -424,13 +439,10 @@ class SkipDiT(nn.Module):
             if k in capture:
                 captured[k] = x
             attn, mlp = branches(k) if branches is not None else (None, None)
-            if ("attn", k) in capture:
-                attn = _recording(attn or self.blocks[k].attn, captured, ("attn", k))
-            if ("mlp", k) in capture:
-                mlp = _recording(mlp or self.blocks[k].mlp, captured, ("mlp", k))
+            record = _recorder(k, capture, captured)
             if self.config.long_skip and k >= half:
                 x = self.fuse(k, x, skips.pop())
-            x = self.blocks[k](x, c, attn, mlp)  # (B, T, D)
+            x = self.blocks[k](x, c, attn, mlp, record)  # (B, T, D)
             if self.config.long_skip and k < half:
                 skips.append(x)
         return x
@@ -480,6 +492,22 @@ class SkipDiT(nn.Module):
             self.run_blocks(tokens, c, range(depth), skips)
         h = self.run_blocks(deep, c, range(d - depth, d), skips)
         return self.head(h, c)
+
+
+def _recorder(
+    k: int, capture: Collection[Hashable], into: dict[Hashable, torch.Tensor] | None
+) -> Record | None:
+    """Records what block k reports (its branch outputs, ``(name, k)``) that ``capture`` asks
+    for into ``into``; None if it asks for nothing of block k."""
+    names = {key[0] for key in capture if isinstance(key, tuple) and key[1] == k}
+    if not names:
+        return None
+
+    def record(name: str, out: torch.Tensor) -> None:
+        if name in names:
+            into[name, k] = out
+
+    return record
 
 
 def _recording(branch: Branch, into: dict[Hashable, torch.Tensor], key: Hashable) -> Branch:

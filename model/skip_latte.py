@@ -69,7 +69,11 @@ class LatteConfig(DiTConfig):
     kind: ClassVar[str] = "video"
 
     def _checks(self) -> dict[str, bool]:
-        checks = super()._checks() | {"num_frames": self.num_frames >= 1}
+        # DyDiT's routers are built and trained for image blocks only.
+        checks = super()._checks() | {
+            "num_frames": self.num_frames >= 1,
+            "dynamic": not self.dynamic,
+        }
         if self.long_skip:  # pairs pair up: an even number of them
             checks["depth"] = self.depth >= 4 and self.depth % 4 == 0
         return checks
@@ -130,8 +134,7 @@ class SkipLatte(SkipDiT):
         frames = x.transpose(1, 2).reshape(b * f, ch, hh, ww)  # (B*F, C, H, W)
         tokens = self.x_embedder(frames) + self.pos_embed  # (B*F, T, D)
         tokens = tokens.reshape(b, f, *tokens.shape[1:]).contiguous()  # (B, F, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        return tokens, c
+        return tokens, self.condition(t, y)  # c: (B, D)
 
     def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Final layer and unpatchify per frame: (B, F, T, D) -> (B, C_out, F, H, W)."""

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from model import data, registry
 from model.checkpoint import load_state, save_pretrained
+from model.dydit import DyDiT, FlopModel, flop_model, is_router
 from model.errors import FieldError
 from model.networks import Config, build, preset
 from model.options import TrainOptions
@@ -74,18 +75,23 @@ class _Run:
     @classmethod
     def fresh(cls, config: Config, opts: TrainOptions) -> _Run:
         torch.manual_seed(opts.seed)
-        model = build(config).train()
-        torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=opts.label_init_std)
+        if opts.from_model is not None:  # DyDiT fine-tune: the base's weights, routers all on
+            model = DyDiT.from_base(registry.load(opts.from_model).pipeline.model).train()
+        else:
+            model = build(config).train()
+            torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=opts.label_init_std)
         if opts.init_from is not None:
             if config.kind != "video":
                 raise FieldError("init_from", "starts a video model from an image model")
             init_from_image(model, registry.load(opts.init_from).pipeline.model)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
-        opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(_param_groups(model, opts), weight_decay=0.0)
         return cls(model, ema, opt, lr_history=[[0, opts.lr]])
 
-    def resume(self, path: Path, lr: float) -> None:
-        """Load ``path`` (also the global RNG: class dropout draws from it) and set ``lr``."""
+    def resume(self, path: Path, opts: TrainOptions) -> None:
+        """Load ``path`` (also the global RNG: class dropout and DyDiT's Gumbel noise draw from
+        it) and set the learning rates of ``opts``."""
+        lr = opts.lr
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         load_state(self.model, ckpt["model"])
         load_state(self.ema, ckpt["ema"])
@@ -95,8 +101,8 @@ class _Run:
         torch.set_rng_state(ckpt["rng"])
         if self.lr_history[-1][1] != lr:
             self.lr_history.append([self.step, lr])
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        for group, group_lr in zip(self.opt.param_groups, _lrs(opts), strict=False):
+            group["lr"] = group_lr
         log.info("resumed %s at step %d (lr %g)", path, self.step, lr)
 
     def save(self, path: Path, opts: TrainOptions) -> None:
@@ -113,7 +119,21 @@ class _Run:
         _atomic_save(state, path)
 
 
-def _loss_log(path: Path, start: int) -> tuple[Any, Any]:
+def _param_groups(model: SkipDiT, opts: TrainOptions) -> list[dict[str, Any]]:
+    """The network's parameters at ``lr``, then (a DyDiT's) its routers' at ``router_lr``."""
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if not is_router(n)], "lr": opts.lr},
+        {"params": [p for n, p in named if is_router(n)], "lr": opts.router_lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _lrs(opts: TrainOptions) -> list[float]:
+    return [opts.lr, opts.router_lr]
+
+
+def _loss_log(path: Path, start: int, columns: list[str]) -> tuple[Any, Any]:
     """(file, csv writer) appending to ``path``, without rows past ``start`` (a resume)."""
     if start > 0 and path.exists():  # drop rows logged after the checkpoint we resume from
         rows = path.read_text().splitlines()
@@ -122,14 +142,19 @@ def _loss_log(path: Path, start: int) -> tuple[Any, Any]:
     file = path.open("a", newline="")
     writer = csv.writer(file)
     if start == 0:
-        writer.writerow(["step", "loss", "seconds"])
+        writer.writerow(columns)
     return file, writer
 
 
 def _train_step(
-    run: _Run, digits: data.Digits, schedule: DDPMScheduler, opts: TrainOptions
-) -> float:
-    """One optimizer step on the batch, timesteps and noise seeded by (seed, step)."""
+    run: _Run,
+    digits: data.Digits,
+    schedule: DDPMScheduler,
+    opts: TrainOptions,
+    budget: FlopModel | None,
+) -> tuple[float, float | None]:
+    """One optimizer step on the batch, timesteps and noise seeded by (seed, step). Returns
+    the loss and, for a DyDiT (``budget``: its FLOPs), the batch's FLOPs ratio."""
     g = torch.Generator().manual_seed(opts.seed * 1_000_003 + run.step)
     idx = torch.randint(0, len(digits.labels), (opts.batch_size,), generator=g)
     x0, y = _samples(run.model.config, digits, idx, g), digits.labels[idx]  # (B, ...), (B,)
@@ -137,14 +162,23 @@ def _train_step(
     noise = torch.randn(x0.shape, generator=g)
     xt = schedule.add_noise(x0, noise, t)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.bf16):
-        pred = run.model(xt, t, y)
+        if budget is None:
+            pred, ratio = run.model(xt, t, y), None
+        else:
+            pred, captured = run.model(xt, t, y, capture=run.model.usage_capture())
     loss = F.mse_loss(pred.float(), noise)
+    if budget is not None:
+        usage = run.model.usage(captured).float()  # (B, depth, 3)
+        ratio = budget.ratio(usage).mean()
+        loss = loss + opts.flops_weight * (ratio - opts.flops_ratio) ** 2
+        # DyDiT's floor: each block's MLP keeps at least token_minimal of the tokens.
+        loss = loss + (opts.token_minimal - usage[..., 2].mean(0)).clamp(min=0).sum()
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
     _ema_update(run.ema, run.model, min(opts.ema_decay, (1 + run.step) / (10 + run.step)))
     run.step += 1
-    return loss.item()
+    return loss.item(), None if ratio is None else ratio.item()
 
 
 def _samples(
@@ -162,25 +196,26 @@ def train(opts: TrainOptions) -> Path:
     """Train (or resume) the run in ``opts.out``; returns the exported ``final/`` directory."""
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    config = _config(opts)
     out = opts.out
     (out / "snapshots").mkdir(parents=True, exist_ok=True)
-    config = preset(opts.preset, long_skip=not opts.vanilla)
-    if config.in_channels != 1 or config.num_classes != 10:
-        raise FieldError("preset", f"{opts.preset} is not a 1-channel 10-class digit model")
     digits = data.load(opts.data, size=config.input_size, split="train")
     run = _Run.fresh(config, opts)
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
-        run.resume(ckpt_path, opts.lr)
+        run.resume(ckpt_path, opts)
+    budget = flop_model(run.model) if config.dynamic else None
     schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    loss_file, writer = _loss_log(out / "loss.csv", run.step)
+    columns = ["step", "loss", "seconds"] + (["flops"] if budget is not None else [])
+    loss_file, writer = _loss_log(out / "loss.csv", run.step, columns)
     bar = tqdm(range(run.step, opts.steps), initial=run.step, total=opts.steps, desc=out.name)
     for _ in bar:
         began = time.perf_counter()
-        loss = _train_step(run, digits, schedule, opts)
+        loss, ratio = _train_step(run, digits, schedule, opts, budget)
         run.seconds += time.perf_counter() - began
-        writer.writerow([run.step, f"{loss:.5f}", f"{run.seconds:.1f}"])
-        bar.set_postfix(loss=f"{loss:.4f}")
+        extra = [] if ratio is None else [f"{ratio:.4f}"]
+        writer.writerow([run.step, f"{loss:.5f}", f"{run.seconds:.1f}", *extra])
+        bar.set_postfix(loss=f"{loss:.4f}", **({} if ratio is None else {"flops": f"{ratio:.3f}"}))
         last = run.step == opts.steps
         if run.step % opts.snapshot_every == 0 or last:
             snap = {k: v.contiguous() for k, v in run.ema.state_dict().items()}
@@ -194,7 +229,42 @@ def train(opts: TrainOptions) -> Path:
     return final
 
 
+def _config(opts: TrainOptions) -> Config:
+    """The network to train: a preset, or (a DyDiT fine-tune) the base model's plus routers."""
+    if opts.dynamic != (opts.from_model is not None):
+        raise FieldError("dynamic", "--dynamic and --from go together: a DyDiT fine-tune")
+    if opts.from_model is None:
+        config = preset(opts.preset, long_skip=not opts.vanilla)
+    else:
+        config = registry.describe(opts.from_model).config
+        if config.kind != "image" or config.dynamic:
+            raise FieldError("from_model", f"{opts.from_model} is not a static image model")
+        config = config.replace(dynamic=True)
+    if config.in_channels != 1 or config.num_classes != 10:
+        raise FieldError("preset", f"{opts.preset} is not a 1-channel 10-class digit model")
+    return config
+
+
 def _card(config: Config, opts: TrainOptions, run: _Run, digits: data.Digits) -> dict:
+    card = _base_card(config, opts, run, digits)
+    if opts.from_model is not None:
+        base = registry.describe(opts.from_model)
+        card |= {
+            "architecture": f"{ARCHITECTURES[config.kind, config.long_skip]} + DyDiT",
+            "from": opts.from_model,
+            "default_guidance": base.default_guidance,
+            "dydit": {
+                "flops_ratio": opts.flops_ratio,
+                "flops_weight": opts.flops_weight,
+                "token_minimal": opts.token_minimal,
+                "router_lr": opts.router_lr,
+            },
+        }
+        del card["label_init_std"]  # the base's label embedding is kept
+    return card
+
+
+def _base_card(config: Config, opts: TrainOptions, run: _Run, digits: data.Digits) -> dict:
     side = config.input_size
     return {
         "name": opts.name or opts.out.name,

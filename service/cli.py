@@ -84,10 +84,10 @@ def _range(info: FieldInfo) -> str:
 
 def _add_field(parser: argparse.ArgumentParser, name: str, info: FieldInfo, default: Any) -> None:
     kind, optional = _unwrap(info.annotation)
-    flag = "--" + name.replace("_", "-")
+    flags = ["--" + name.replace("_", "-"), *(info.json_schema_extra or {}).get("cli_aliases", [])]
     help_ = (info.description or "") + _range(info)
     if kind is bool:
-        parser.add_argument(flag, dest=name, action="store_true", help=help_)
+        parser.add_argument(*flags, dest=name, action="store_true", help=help_)
         return
     options: dict[str, Any] = {"dest": name, "default": default}
     if typing.get_origin(kind) is list:
@@ -102,7 +102,7 @@ def _add_field(parser: argparse.ArgumentParser, name: str, info: FieldInfo, defa
         help_ += f" Default: {default}."
     elif optional:
         help_ += " Default: unset."
-    parser.add_argument(flag, type=kind, help=help_.strip(), **options)
+    parser.add_argument(*flags, type=kind, help=help_.strip(), **options)
 
 
 def add_schema(

@@ -30,6 +30,7 @@ def _model(svc: Service, name: str, info: ModelInfo) -> dict[str, Any]:
         "random_weights": info.random_weights,
         "config": dataclasses.asdict(info.config),
         "default_guidance": info.default_guidance,
+        "dynamic": info.config.dynamic,  # DyDiT routers: requests may set `dynamic`
         "cache_policies": sorted(info.cache_defaults()),  # those that apply to its kind
         "cache_defaults": info.cache_defaults(),
         "card": info.card,

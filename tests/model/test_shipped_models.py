@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import data, registry
+from model.bench import counted_flops
 from model.evaluate import accuracy, frame_accuracy, load_classifier
 from model.request import GenerateParams
 
@@ -50,3 +51,21 @@ def test_shipped_video_model_draws_the_requested_digit_in_every_frame(interval: 
     labels = torch.arange(10).repeat_interleave(2)
     box = data.clip_digit_size(info.image_size)
     assert frame_accuracy(load_classifier(), clips, labels, box) >= 0.8
+
+
+def test_shipped_dydit_keeps_its_accuracy_at_its_flops_target() -> None:
+    """digits-skip-dydit: digits-skip-dit fine-tuned with DyDiT's routers toward lambda = 0.5
+    of the base network's FLOPs. Accuracy as for the base (uncached, seeds 1000-1009); FLOPs of
+    a real DDIM-50 run with guidance, counted op by op, against the base's."""
+    info = registry.describe("digits-skip-dydit")
+    assert info.config.dynamic and info.card["from"] == "digits-skip-dit"
+    target = info.card["dydit"]["flops_ratio"]
+    loaded, base = registry.load("digits-skip-dydit"), registry.load("digits-skip-dit")
+    requests = [
+        GenerateParams(class_label=c, num_images=5, steps=50, seed=1000 + c, cache_policy="none")
+        for c in range(10)
+    ]
+    images = torch.cat([r.images for r in loaded.pipeline.generate(requests)])
+    assert accuracy(load_classifier(), images, torch.arange(10).repeat_interleave(5)) >= 0.9
+    ratio = counted_flops(loaded.pipeline, requests[3]) / counted_flops(base.pipeline, requests[3])
+    assert abs(ratio - target) <= 0.05

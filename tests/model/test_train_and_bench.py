@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -46,7 +47,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train(root / "vanilla", 6, "--vanilla")
     image = str(root / "straight" / "final")  # Latte's recipe: the video starts from it
     train(root / "video", 2, "--preset", "digits-video-tiny", "--init-from", image)
+    for name, steps in (("dydit", 6), ("dydit-resumed", 4), ("dydit-resumed", 6)):
+        train(root / name, steps, *DYDIT, "--from", image)
     return {p.name: p for p in root.iterdir()}
+
+
+# A DyDiT fine-tune whose routers move within a few steps (the shipped one: --router-lr 0.05).
+DYDIT = ["--dynamic", "--flops-ratio", "0.3", "--router-lr", "5"]
 
 
 def test_resumed_training_equals_an_uninterrupted_run(runs: dict[str, Path]) -> None:
@@ -72,6 +79,29 @@ def test_a_video_preset_trains_on_moving_digits_and_exports_a_video_model(
     assert card["init_from"] == str(runs["straight"] / "final")
     rows = (runs["video"] / "loss.csv").read_text().splitlines()
     assert len(rows) == 3 and float(rows[-1].split(",")[1]) > 0
+
+
+def test_a_dydit_fine_tune_resumes_exactly_and_moves_toward_its_flops_target(
+    runs: dict[str, Path],
+) -> None:
+    straight = load_file(runs["dydit"] / "snapshots" / "step_000006.safetensors")
+    resumed = load_file(runs["dydit-resumed"] / "snapshots" / "step_000006.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(value, resumed[key]) for key, value in straight.items())
+    model, card = load_pretrained(runs["dydit"] / "final")
+    assert model.config.dynamic and model.config.long_skip
+    assert card["architecture"] == "Skip-DiT + DyDiT"
+    assert card["from"] == str(runs["straight"] / "final") and card["dydit"]["flops_ratio"] == 0.3
+    with (runs["dydit"] / "loss.csv").open() as f:
+        ratios = [float(row["flops"]) for row in csv.DictReader(f)]
+    assert len(ratios) == 6 and ratios[0] > 0.95 and ratios[-1] < ratios[0] - 0.1
+
+
+def test_a_dydit_fine_tune_needs_a_base_model() -> None:
+    args = build_parser().parse_args(["train", "--out", "unused", "--dynamic"])
+    with pytest.raises(SystemExit) as exited:
+        args.func(args, "skipdit train")
+    assert exited.value.code == 2
 
 
 def test_data_splits_are_disjoint_and_scaled() -> None:
