@@ -86,6 +86,10 @@ def _add_field(parser: argparse.ArgumentParser, name: str, info: FieldInfo, defa
     kind, optional = _unwrap(info.annotation)
     flags = ["--" + name.replace("_", "-"), *(info.json_schema_extra or {}).get("cli_aliases", [])]
     help_ = (info.description or "") + _range(info)
+    if kind is bool and optional:  # unset, --name or --no-name
+        action = argparse.BooleanOptionalAction
+        parser.add_argument(*flags, dest=name, action=action, default=default, help=help_)
+        return
     if kind is bool:
         parser.add_argument(*flags, dest=name, action="store_true", help=help_)
         return

@@ -41,6 +41,14 @@ def test_generate_writes_a_png_grid_and_prints_stats(model_dir: Path, tmp_path: 
     assert image.format == "PNG" and image.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
 
 
+def test_generate_runs_the_shipped_dydit_routed_or_static(tmp_path: Path) -> None:
+    for flag in ("--dynamic", "--no-dynamic"):
+        out = tmp_path / f"{flag}.png"
+        assert run("generate", "--model", "digits-skip-dydit", flag, "--steps", "3",
+                   "--out", str(out)).returncode == 0  # fmt: skip
+    assert (tmp_path / "--dynamic.png").read_bytes() != (tmp_path / "--no-dynamic.png").read_bytes()
+
+
 def test_same_seed_writes_the_same_png(model_dir: Path, tmp_path: Path) -> None:
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path in paths:
@@ -94,6 +102,8 @@ def test_console_script_says_when_weights_are_random(tmp_path: Path) -> None:
         (["--num-frames", "4"], "num_frames"),  # an image model
         (["--model", "random:digits-video-tiny", "--num-frames", "5"], "num_frames"),
         (["--fps", "0"], "fps"),
+        (["--dynamic"], "dynamic"),  # a model without DyDiT routers
+        (["--no-dynamic"], "dynamic"),
     ],
 )
 def test_invalid_input_exits_nonzero_with_one_line_naming_the_field(
