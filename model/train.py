@@ -101,8 +101,8 @@ class _Run:
         torch.set_rng_state(ckpt["rng"])
         if self.lr_history[-1][1] != lr:
             self.lr_history.append([self.step, lr])
-        for group, group_lr in zip(self.opt.param_groups, _lrs(opts), strict=False):
-            group["lr"] = group_lr
+        for group, group_lr in zip(self.opt.param_groups, (lr, opts.router_lr), strict=False):
+            group["lr"] = group_lr  # the network's, then (a DyDiT's) the routers' group
         log.info("resumed %s at step %d (lr %g)", path, self.step, lr)
 
     def save(self, path: Path, opts: TrainOptions) -> None:
@@ -127,10 +127,6 @@ def _param_groups(model: SkipDiT, opts: TrainOptions) -> list[dict[str, Any]]:
         {"params": [p for n, p in named if is_router(n)], "lr": opts.router_lr},
     ]
     return [g for g in groups if g["params"]]
-
-
-def _lrs(opts: TrainOptions) -> list[float]:
-    return [opts.lr, opts.router_lr]
 
 
 def _loss_log(path: Path, start: int, columns: list[str]) -> tuple[Any, Any]:
