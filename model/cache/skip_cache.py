@@ -55,7 +55,9 @@ class SkipCacheConfig(IntervalConfig):
     threshold: adaptive Skip-Cache (not in the paper): a would-be cached step recomputes the
         middle units of a request whose shallow output moved by at least this much (relative
         L1) since its last full step. None = off (the paper's fixed schedule); 0 = every step
-        full. Lower is closer to uncached and slower; ``interval`` still bounds the gap.
+        full; inf (a config value, not a request's) never refreshes: the fixed schedule through
+        the adaptive forward. Lower is closer to uncached and slower; ``interval`` still bounds
+        the gap.
     """
 
     interval: int = 2
@@ -72,8 +74,10 @@ class SkipCacheConfig(IntervalConfig):
             raise FieldError(
                 "cache_t_end", f"must be below cache_t_start ({self.t_start}), got {self.t_end}"
             )
-        if self.threshold is not None and not 0 <= self.threshold <= 1:
-            raise FieldError("cache_threshold", f"must be in [0, 1], got {self.threshold}")
+        if self.threshold is not None and not (
+            0 <= self.threshold <= 1 or self.threshold == math.inf
+        ):
+            raise FieldError("cache_threshold", f"must be in [0, 1] or inf, got {self.threshold}")
 
     def full_at(self, step: int, t: float) -> bool:
         """Every ``interval``-th step, and every step with t >= t_start, t <= t_end."""

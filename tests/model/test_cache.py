@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model.cache import POLICIES, Mode, build
+from model.cache import POLICIES, Mode, RequestCache, build
 from model.cache.skip_cache import SkipCacheConfig, SkipCacheState, decide, default_depth
 from model.errors import FieldError
 from model.graphs import BucketedForward
@@ -274,6 +274,14 @@ def test_adaptive_skip_cache_without_a_threshold_is_the_fixed_schedule(
     (never,), (never_modes,) = run_with_modes(tiny_pipeline, [_adaptive(1.0)])
     assert torch.equal(unset, fixed) and torch.equal(never, fixed)
     assert never_modes == fixed_modes and fixed_modes.count(Mode.CACHED) == 6
+    # An infinite threshold (a config value; requests stop at 1) is the same bits too.
+    policy = POLICIES["skip_cache"]
+    config = policy.default_config(tiny_pipeline.model.config, interval=4, threshold=math.inf)
+    job = tiny_pipeline.start(_adaptive(0.5))
+    job.cache = RequestCache(policy, config)
+    while not job.done:
+        tiny_pipeline.step([job])
+    assert job.cache.state.threshold == math.inf and torch.equal(job.latents, fixed)
 
 
 def test_adaptive_skip_cache_plans_every_step_full(tiny_pipeline: Pipeline) -> None:
