@@ -97,15 +97,17 @@ class RedisServer:
 
 
 class RedisClusterServers:
-    """A real Redis Cluster: ``masters`` cluster-enabled redis-servers on free loopback ports in
-    one temp dir, every slot assigned by ``redis-cli --cluster create``, no replicas."""
+    """A real Redis Cluster: ``masters`` cluster-enabled redis-servers on free loopback ports, each
+    in its own directory under ``workdir`` (its nodes.conf, and its AOF when ``args`` turn it
+    on), every slot assigned by ``redis-cli --cluster create``, no replicas. ``args`` go to every
+    node."""
 
-    def __init__(self, workdir: Path, masters: int = 3):
+    def __init__(self, workdir: Path, masters: int = 3, args: Sequence[str] = ()):
+        ports = [free_port() for _ in range(masters)]
         self.nodes = [  # the bus port is a free port too: port + 10000 may pass 65535
-            RedisServer(workdir, port, ["--cluster-enabled", "yes", "--cluster-port",
-                                        str(free_port()), "--cluster-config-file",
-                                        f"nodes-{port}.conf"])
-            for port in (free_port() for _ in range(masters))
+            RedisServer(workdir / f"node-{port}", port, ["--cluster-enabled", "yes",
+                        "--cluster-port", str(free_port()), *args])
+            for port in ports
         ]  # fmt: skip
 
     @property
@@ -114,6 +116,7 @@ class RedisClusterServers:
 
     def start(self) -> RedisClusterServers:
         for node in self.nodes:
+            node.workdir.mkdir(parents=True, exist_ok=True)
             node.start()
         exe = shutil.which("redis-cli")
         assert exe, "redis-cli is not on PATH"
@@ -122,15 +125,34 @@ class RedisClusterServers:
             [exe, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        for node in self.nodes:  # every node agrees the cluster serves every slot
-            client = redis.Redis(port=node.port)
-            while client.cluster("info")["cluster_state"] != "ok":
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"cluster not ok on port {node.port}")
-                time.sleep(0.05)
-            client.close()
+        self.wait_ok()
         return self
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        """Until every node agrees the cluster serves every slot (bounded)."""
+        self.wait_state("ok", timeout)
+
+    def wait_state(self, state: str, timeout: float = 30) -> None:
+        """Until every running node reports ``cluster_state`` ``state`` (bounded)."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            with redis.Redis(port=node.port) as client:
+                while client.cluster("info")["cluster_state"] != state:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"cluster not {state} on port {node.port}")
+                    time.sleep(0.05)
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node that serves ``key``'s slot (CLUSTER KEYSLOT, then CLUSTER SLOTS)."""
+        live = next(node for node in self.nodes if node.proc is not None)
+        with redis.Redis(port=live.port) as client:
+            slot = client.cluster("keyslot", key)
+            for first, last, (_, port, *_), *_ in client.cluster("slots"):  # master first
+                if first <= slot <= last:
+                    return next(node for node in self.nodes if node.port == port)
+        raise LookupError(f"no node serves slot {slot} of {key!r}")
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -117,9 +117,11 @@ async def test_unknown_model_models_list_readiness_and_openai_route(
     assert_solo(pipeline_of(b), {"class_label": 3}, openai.json()["data"][0]["b64_json"])
 
 
-async def until_ready(client: httpx.AsyncClient, check: Callable[[dict], bool]) -> dict:
+async def until_ready(
+    client: httpx.AsyncClient, check: Callable[[dict], bool], timeout: float = 30
+) -> dict:
     """/readyz once ``check`` holds (workers advertise their models with their heartbeat)."""
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(timeout):
         while True:
             ready = await client.get("/readyz")
             assert ready.status_code == 200, ready.text

@@ -5,10 +5,13 @@ transitions through test_redis_workers.)"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from redis.cluster import key_slot
@@ -17,8 +20,16 @@ from service.messages import JobRecord, JobStatus, StoredResult
 from service.queue.keys import Keys
 from service.queue.redis import RedisBackend
 from tests.service import test_redis_workers as on_plain_redis
-from tests.service.conftest import Clock, RedisClusterServers
-from tests.service.test_redis_workers import Workers
+from tests.service.conftest import (
+    Clock,
+    RedisClusterServers,
+    RedisServer,
+    redis_client,
+    running_app,
+)
+from tests.service.test_multi_model import until_ready
+from tests.service.test_redis_persistence import TERMINAL, Load
+from tests.service.test_redis_workers import Workers, api_settings
 
 pytestmark = pytest.mark.anyio
 MODEL = "tiny"
@@ -103,3 +114,85 @@ async def test_a_killed_workers_job_is_finished_by_another_exactly_once(
     await on_plain_redis.test_a_killed_workers_job_is_finished_by_another_exactly_once(
         cluster_workers
     )
+
+
+async def outage(
+    cluster: RedisClusterServers, queues: RedisServer, client: httpx.AsyncClient, load: Load
+) -> list[httpx.Response]:
+    """Kill ``queues`` (SIGKILL: no final fsync, no save) until the other masters mark it failed
+    and a few more submissions were refused; /healthz and /readyz then; restart it on its own
+    directory and wait for the cluster to be whole again."""
+    queues.proc.kill()
+    queues.proc.wait(10)
+    queues.proc = None
+    await asyncio.to_thread(cluster.wait_state, "fail")  # the others gave up on it
+    refused = load.refused
+    await load.until(lambda: load.refused >= refused + 3)  # CLUSTERDOWN: 503s too
+    down = [await client.get(path) for path in ("/healthz", "/readyz")]
+    queues.start()  # same port, same dir: nodes.conf and the AOF are read back
+    await asyncio.to_thread(cluster.wait_ok)
+    return down
+
+
+async def test_the_queues_master_down_answers_503_and_back_loses_no_accepted_job(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The master that serves the deployment's queue slot (the ``{prefix}`` hash tag) dies by
+    SIGKILL while jobs are queued and running, and is started again on its own directory: its
+    nodes.conf brings it back as the same node with the same slots, its AOF brings back the
+    streams, their consumer group and pending entries, and the jobs on its slots.
+
+    Why a restart in place and not a replica's failover: a replica is written to asynchronously,
+    so a failover may lose writes the master had acknowledged (a submit answered 202, a job's
+    end) and "every accepted job finishes exactly once" would not be a guarantee Redis gives. A
+    restart on the AOF is (test_redis_persistence says why for a SIGKILL). A small
+    cluster-node-timeout lets the others mark the node failed within the outage, so the whole
+    cluster refuses (CLUSTERDOWN), as a cluster that requires full coverage does in production.
+    """
+    args = ["--appendonly", "yes", "--appendfsync", "everysec", "--cluster-node-timeout", "1000"]
+    cluster = RedisClusterServers(tmp_path, args=args).start()
+    workers = Workers(cluster.url, tiny_model_dir, f"d{uuid.uuid4().hex[:8]}", cluster=True)
+    model = str(tiny_model_dir)
+    try:
+        worker = workers.start("w1", OMP_NUM_THREADS="1")  # a busy 2-core box: no spinning team
+        settings = api_settings(workers, max_queue=10_000)
+        keys = Keys(settings.redis_prefix)
+        async with running_app(settings) as client:
+            await until_ready(client, lambda r: r["models"][model]["held"], timeout=180)
+            load = Load(client)
+            submitting = asyncio.create_task(load.run())
+            await load.until(lambda: len(load.accepted) >= 15)
+            before = list(load.accepted)
+            statuses = [(await client.get(f"/jobs/{i}")).json()["status"] for i in before]
+            down = await outage(cluster, cluster.master_of(keys.stream(model)), client, load)
+            await load.until(lambda: len(load.accepted) >= len(before) + 15)
+            load.stop.set()
+            await submitting
+            async with asyncio.timeout(180):
+                for job_id in load.accepted:  # the event stream ends with the job
+                    assert (await client.get(f"/jobs/{job_id}/events")).status_code == 200
+            records = [(await client.get(f"/jobs/{i}")).json() for i in load.accepted]
+            results = [(await client.get(f"/jobs/{i}/result")).status_code for i in load.accepted]
+            ready = await client.get("/readyz")
+        alive = worker.poll() is None
+        with redis_client(settings) as r:
+            ends = [
+                [t for _, f in r.xrange(keys.events(i)) if (t := json.loads(f[b"e"])["type"])
+                 in TERMINAL]
+                for i in load.accepted
+            ]  # fmt: skip
+            left = r.xlen(keys.stream(model))
+    finally:
+        workers.stop_all()
+        cluster.stop()
+    assert any(s != "done" for s in statuses)  # the outage caught work queued or running
+    assert down[0].status_code == 200  # the API process lives on...
+    assert down[1].status_code == 503  # ...and says it is not ready, with the error body
+    assert down[1].json()["error"]["code"] == "backend_unavailable"
+    assert "redis unreachable" in down[1].json()["error"]["message"]
+    assert alive and ready.status_code == 200  # the worker too: it finished the jobs
+    assert len(set(load.accepted)) == len(load.accepted) > len(before)
+    assert [r["status"] for r in records] == ["done"] * len(records), records
+    assert results == [200] * len(results)
+    assert ends == [["done"]] * len(ends)  # one terminal event each: none lost, none doubled
+    assert left == 0  # every delivery retired
