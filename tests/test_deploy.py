@@ -24,6 +24,7 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy/k8s/skipdit.yaml"
+K8S_REDIS_CLUSTER = ROOT / "deploy/k8s/redis-cluster.yaml"  # applied after K8S
 PROMETHEUS = ROOT / "deploy/prometheus/prometheus.yml"
 GRAFANA = ROOT / "deploy/grafana"
 DASHBOARD = GRAFANA / "dashboards/skipdit.json"
@@ -52,8 +53,16 @@ def _compose() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
-def _k8s() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(K8S.read_text()) if d]
+def _k8s(*then: Path) -> list[dict[str, Any]]:
+    """The objects ``kubectl apply -f K8S -f <then>...`` leaves: a later file's object replaces
+    the one of the same kind, namespace and name."""
+    objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
+    for path in (K8S, *then):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                meta = doc["metadata"]
+                objects[doc["kind"], meta.get("namespace"), meta["name"]] = doc
+    return list(objects.values())
 
 
 def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -404,8 +413,18 @@ def test_k8s_worker_drains_before_it_is_killed_and_keda_owns_its_count() -> None
     )
 
 
-def test_keda_scales_workers_on_each_model_stream_by_lag_and_pending_entries() -> None:
-    docs = _k8s()
+# Per Redis: the KEDA trigger type and the trigger fields that say where Redis is.
+SCALERS = {
+    "redis-streams": lambda host, db: {"address": host, "databaseIndex": db},
+    "redis-cluster-streams": lambda host, db: {"addresses": host},  # one database only: 0
+}
+
+
+@pytest.mark.parametrize("then", [(), (K8S_REDIS_CLUSTER,)], ids=["redis", "redis-cluster"])
+def test_keda_scales_workers_on_each_model_stream_by_lag_and_pending_entries(
+    then: tuple[Path, ...],
+) -> None:
+    docs = _k8s(*then)
     scaled = _one(docs, "ScaledObject", "skipdit-worker")
     worker = _one(docs, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
     (container,) = _pod(worker)["containers"]
@@ -414,13 +433,17 @@ def test_keda_scales_workers_on_each_model_stream_by_lag_and_pending_entries() -
     redis = urlsplit(settings.redis_url or "")
     namespace = scaled["metadata"]["namespace"]
     triggers = scaled["spec"]["triggers"]
-    assert {t["type"] for t in triggers} == {"redis-streams"}
+    kind = "redis-cluster-streams" if settings.redis_cluster else "redis-streams"
+    assert {t["type"] for t in triggers} == {kind}
     # The KEDA operator dials Redis from its own namespace: the fully qualified Service name.
+    where = SCALERS[kind](
+        f"{redis.hostname}.{namespace}.svc.cluster.local:{redis.port}",
+        redis.path.strip("/") or "0",
+    )
     for t in triggers:
         meta = t["metadata"]
         assert all(isinstance(v, str) for v in meta.values()), meta  # the CRD takes strings only
-        assert meta["address"] == f"{redis.hostname}.{namespace}.svc.cluster.local:{redis.port}"
-        assert meta["databaseIndex"] == (redis.path.strip("/") or "0")
+        assert {k: v for k, v in meta.items() if k in where} == where, meta
         assert meta["consumerGroup"] == keys.group
 
     assert sorted({t["metadata"]["stream"] for t in triggers}) == sorted(
@@ -438,6 +461,30 @@ def test_keda_scales_workers_on_each_model_stream_by_lag_and_pending_entries() -
         assert int(pending["pendingEntriesCount"]) == settings.max_inflight
     behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= settings.drain_timeout_s
+
+
+def test_the_redis_cluster_file_replaces_only_where_redis_is() -> None:
+    """redis-cluster.yaml: skipdit.yaml's ConfigMap and worker ScaledObject, changed only where
+    Redis is (the URL, the cluster flag, each trigger's type and address fields)."""
+    base, cluster = _k8s(), [d for d in yaml.safe_load_all(K8S_REDIS_CLUSTER.read_text()) if d]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in cluster) == [
+        ("ConfigMap", "skipdit"), ("ScaledObject", "skipdit-worker"),
+    ]  # fmt: skip
+    for doc in cluster:
+        (same,) = [d for d in base if (d["kind"], d["metadata"]) == (doc["kind"], doc["metadata"])]
+        if doc["kind"] == "ConfigMap":
+            redis = {"SKIPDIT_REDIS_URL", "SKIPDIT_REDIS_CLUSTER"}
+            ours = {k: v for k, v in doc["data"].items() if k not in redis}
+            assert ours == {k: v for k, v in same["data"].items() if k not in redis}
+            assert _settings(doc["data"]).redis_cluster is True
+            continue
+        assert doc["spec"] | {"triggers": []} == same["spec"] | {"triggers": []}
+        for ours, theirs in zip(doc["spec"]["triggers"], same["spec"]["triggers"], strict=True):
+            where = {"type", "address", "addresses", "databaseIndex"}
+            assert {k: v for k, v in ours["metadata"].items() if k not in where} == {
+                k: v for k, v in theirs["metadata"].items() if k not in where
+            }
+            assert ours["name"] == theirs["name"]
 
 
 # ----------------------------------------------------------------------------- alerts, dashboard
