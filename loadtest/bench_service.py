@@ -2,8 +2,9 @@
 
 Starts its own redis-server (free port), ``skipdit serve`` (API only) and one ``skipdit worker``,
 all on 127.0.0.1, then measures in one run:
-- the median latency of a single request through HTTP -> Redis -> worker, against the median
-  of the same request through ``Pipeline.generate`` in this process;
+- the latency of a single request through HTTP -> Redis -> worker against the same request
+  through ``Pipeline.generate`` in this process, run in interleaved pairs (the median of the
+  pairs' ratios), with the worker's own engine time beside it;
 - images/s at concurrency 1, 4 and 16 (each client sends requests back to back).
 
     python -m loadtest.bench_service [--model NAME] [--steps 50] [--requests 32]
@@ -23,11 +24,16 @@ from model import registry
 from model.request import GenerateParams
 
 
-async def one(client: httpx.AsyncClient, body: dict) -> float:
+async def one_timed(client: httpx.AsyncClient, body: dict) -> tuple[float, dict]:
+    """Seconds of one synchronous request, and its result metadata."""
     began = time.perf_counter()
     response = await client.post("/generate", json=body)
     response.raise_for_status()
-    return time.perf_counter() - began
+    return time.perf_counter() - began, response.json()["result"]
+
+
+async def one(client: httpx.AsyncClient, body: dict) -> float:
+    return (await one_timed(client, body))[0]
 
 
 async def throughput(client: httpx.AsyncClient, body: dict, concurrency: int, total: int) -> float:
@@ -57,13 +63,21 @@ async def measure(args: argparse.Namespace, base_url: str) -> None:
         await wait_ready(client)
         await one(client, body)  # warm-up
         loaded.pipeline.generate([params])  # warm-up
-        direct = [loaded.pipeline.generate([params])[0].seconds for _ in range(args.repeats)]
-        served = [await one(client, body) for _ in range(args.repeats)]
+        # Interleaved pairs (direct, then served): drift of a shared machine hits both sides.
+        direct, served, engine = [], [], []
+        for _ in range(args.repeats):
+            direct.append(loaded.pipeline.generate([params])[0].seconds)
+            seconds, meta = await one_timed(client, body)
+            served.append(seconds)
+            engine.append(meta["seconds_engine"])
         rates = {c: await throughput(client, body, c, args.requests) for c in (1, 4, 16)}
-    d, s = statistics.median(direct), statistics.median(served)
+    d, s, e = (statistics.median(v) for v in (direct, served, engine))
+    ratio = statistics.median(b / a for a, b in zip(direct, served, strict=True))
     print(f"model {loaded.name}, {args.steps} DDIM steps, cache_interval {args.cache_interval}")
     print(f"single request: direct pipeline {d * 1e3:.1f} ms, HTTP+Redis+worker {s * 1e3:.1f} ms,"
-          f" ratio {s / d:.2f}x (medians of {args.repeats})")  # fmt: skip
+          f" ratio {ratio:.2f}x (median of {args.repeats} interleaved pairs' ratios)")  # fmt: skip
+    print(f"  of which in the worker's engine {e * 1e3:.1f} ms (admission to result), the rest"
+          f" queue, Redis, encoding and HTTP")  # fmt: skip
     print(f"  spread: direct {min(direct) * 1e3:.1f}-{max(direct) * 1e3:.1f} ms,"
           f" served {min(served) * 1e3:.1f}-{max(served) * 1e3:.1f} ms")  # fmt: skip
     for c, rate in rates.items():

@@ -10,6 +10,12 @@ its direct time on 2 cores; on one thread it takes what the direct call takes). 
 (SIGTERM) stops intake, lets running jobs finish for up to ``drain_timeout`` seconds, then hands
 whatever is left back to the queue.
 
+Steps run in bursts: the model thread steps an engine back to back until the next queue poll is
+due (``poll_interval``) or a request ends, and the loop's between-step work (events, metrics)
+runs once per burst instead of once per step; its queue polls and heartbeats run while a burst
+does, so the model thread never waits for a Redis round trip. New jobs and cancel flags wait at
+most ``poll_interval``; the engine takes them at its next step.
+
 Progress is coalesced: a job's step events go out at most once per ``progress_interval``
 seconds (each is a backend write: a Redis round trip), always with its last step, and a step
 held back when the job ends (cancelled, failed) goes out just before the terminal event, so
@@ -25,14 +31,14 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
 
 from model import registry
-from service.engine import Engine, EngineEvent, EngineRequest
+from service.engine import Engine, EngineEvent, EngineRequest, StepReport
 from service.errors import BackendUnavailable
 from service.images import CONTENT_TYPES, encode
 from service.jobs import ENDED_BY
@@ -52,6 +58,22 @@ async def in_model_thread(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(
         MODEL_THREAD, functools.partial(fn, *args)
     )
+
+
+def burst(
+    engines: Mapping[str, Engine], pick: Callable[[], str | None], until: float
+) -> list[tuple[str, list[EngineEvent], StepReport]]:
+    """Engine steps back to back, each of the engine ``pick`` names (the next in turn with
+    work): until ``time.monotonic()`` reaches ``until`` (after one step at least), a step that
+    ends a request (its result goes out at once) or no engine has work. Returns (model, events,
+    report) per step."""
+    steps = []
+    while (model := pick()) is not None:
+        events, report = engines[model].step()
+        steps.append((model, events, report))
+        if time.monotonic() >= until or any(event.kind.terminal for event in events):
+            break
+    return steps
 
 
 def default_worker_name() -> str:
@@ -125,13 +147,16 @@ class Worker:
                 drain_until = drain_until or now + self.drain_timeout
                 if not self._held or now >= drain_until:
                     break
+            # A burst of steps runs in the model thread while this loop talks to the queue.
+            steps = self._step(now + self.poll_interval) if self.has_work() else None
+            running = asyncio.ensure_future(steps) if steps is not None else None
             try:
                 if now - last_beat >= self.heartbeat_every:
                     await self._heartbeat()
                     last_beat = now
-                # Between steps of running work, ask the queue at most every poll_interval
-                # (each ask is a round trip or more): new jobs and cancel flags wait that long.
-                if not self.has_work() or now - last_poll >= self.poll_interval:
+                # While work runs, ask the queue at most every poll_interval (each ask is a
+                # round trip or more): new jobs and cancel flags wait that long.
+                if running is None or now - last_poll >= self.poll_interval:
                     if not self._stopping.is_set():
                         await self._intake()
                     await self._cancellations()
@@ -140,8 +165,8 @@ class Worker:
                 self.metrics.errors.labels(NO_MODEL, "backend_unavailable").inc()
                 log.warning("worker %s: %s; retrying", self.name, e)
                 await asyncio.sleep(1.0)
-                continue
-            await self._step()
+            if running is not None:
+                await running
         await self._hand_back()
         log.info("worker %s stopped", self.name)
 
@@ -151,7 +176,8 @@ class Worker:
         await self.backend.heartbeat(self.name, [d for d, _ in self._held.values()], models)
 
     def _next_engine(self) -> str | None:
-        """The next model in turn whose engine has work (round-robin), or None."""
+        """The next model in turn whose engine has work (round-robin), or None. Called by the
+        model thread (``burst``), which alone moves the turn."""
         names = self.models
         for i in range(len(names)):
             model = names[(self._turn + i) % len(names)]
@@ -160,13 +186,19 @@ class Worker:
                 return model
         return None
 
-    async def _step(self) -> None:
-        """One step of one engine, in a thread; publish what it did."""
-        model = self._next_engine()
-        if model is not None:
-            events, report = await in_model_thread(self.engines[model].step)
+    async def _step(self, until: float) -> None:
+        """A burst of steps (``burst``, the engines in turn) in the model thread; publish what
+        they did."""
+        steps = await in_model_thread(burst, self.engines, self._next_engine, until)
+        events = []
+        for model, step_events, report in steps:
             self.metrics.observe_step(model, report)
-            for event in events:
+            events += [(model, event) for event in step_events]
+        # Coalescing (an interval set): a job's later step in the burst supersedes a step.
+        latest = {e.request_id: i for i, (_, e) in enumerate(events) if e.kind is EventKind.STEP}
+        for i, (model, event) in enumerate(events):
+            superseded = event.kind is EventKind.STEP and latest[event.request_id] != i
+            if not (superseded and self.progress_interval > 0):
                 await self._publish(model, event)
         held = [d.model for d, _ in self._held.values()]
         for name in self.engines:

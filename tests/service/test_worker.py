@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -11,12 +12,13 @@ import pytest
 from PIL import Image
 
 from model.pipeline import Pipeline
-from service.engine import Engine
+from model.request import GenerateParams
+from service.engine import Engine, EngineRequest
 from service.messages import EventKind, JobRecord, JobRequest, JobStatus
 from service.metrics import Metrics
 from service.queue.base import Delivery
 from service.queue.memory import MemoryBackend
-from service.worker import Worker
+from service.worker import Worker, burst
 from tests.service.conftest import Clock
 
 pytestmark = pytest.mark.anyio
@@ -31,6 +33,7 @@ class Rig:
         max_inflight: int = 8,
         drain_timeout: float = 60,
         progress_interval: float = 0,
+        poll_interval: float = 0.05,
     ):
         self.clock = Clock()
         self.worker_clock = Clock(0.0)  # times the worker's progress events
@@ -40,7 +43,8 @@ class Rig:
         self.worker = Worker(
             self.backend, {MODEL: engine}, self.metrics, "w1", max_inflight,
             heartbeat=0.5, drain_timeout=drain_timeout,
-            progress_interval=progress_interval, clock=self.worker_clock,
+            progress_interval=progress_interval, poll_interval=poll_interval,
+            clock=self.worker_clock,
         )  # fmt: skip
 
     async def submit(self, **params: object) -> JobRecord:
@@ -192,7 +196,7 @@ async def test_past_the_drain_timeout_held_jobs_go_back_to_the_queue(
 async def test_step_events_are_coalesced_to_one_per_interval_always_with_the_last_step(
     tiny_pipeline: Pipeline,
 ) -> None:
-    rig = Rig(tiny_pipeline, progress_interval=1.0)
+    rig = Rig(tiny_pipeline, progress_interval=1.0, poll_interval=0)  # a burst is one step
     engine = rig.worker.engines[MODEL]
     step = engine.step
 
@@ -212,6 +216,41 @@ async def test_step_events_are_coalesced_to_one_per_interval_always_with_the_las
     assert [e.type for e in events] == ["queued", "started"] + ["step"] * 13 + ["done"]
     assert [e.step for e in events if e.type == "step"] == [*range(5, 50, 4), 50]
     assert done.status is JobStatus.DONE and (done.step, done.total_steps) == (50, 50)
+
+
+def test_a_burst_steps_back_to_back_until_a_request_ends_or_its_time_is_up(
+    tiny_pipeline: Pipeline,
+) -> None:
+    engine = Engine(tiny_pipeline, max_batch_tokens=10_000)
+    engines = {MODEL: engine}
+
+    def pick() -> str | None:
+        return MODEL if engine.has_work() else None
+
+    engine.submit(EngineRequest("a", GenerateParams(steps=3, seed=1)))
+    engine.submit(EngineRequest("b", GenerateParams(steps=6, seed=2)))
+    assert len(burst(engines, pick, until=-math.inf)) == 1  # time is up: one step all the same
+    second = burst(engines, pick, until=math.inf)  # until "a" ends: its result goes out at once
+    ended = [e.request_id for _, events, _ in second for e in events if e.kind.terminal]
+    assert len(second) == 2 and ended == ["a"]
+    third = burst(engines, pick, until=math.inf)
+    assert len(third) == 3 and not engine.has_work()  # the rest of "b", then no work left
+    assert burst(engines, pick, until=math.inf) == []
+
+
+async def test_a_burst_publishes_a_jobs_latest_step_when_coalescing(
+    tiny_pipeline: Pipeline,
+) -> None:
+    """No poll is due for an hour: the job runs in one burst, whose step events collapse to
+    the latest (an interval is set) before the result."""
+    rig = Rig(tiny_pipeline, progress_interval=1.0, poll_interval=3600)
+    async with rig.running():
+        job = await rig.submit(steps=20, seed=1)
+        await rig.until(job.id, lambda r: r.status.terminal)
+    async with asyncio.timeout(5):
+        events = [e async for e in rig.backend.events(job.id)]
+    assert [e.type for e in events] == ["queued", "started", "step", "done"]
+    assert events[2].step == 20
 
 
 async def test_a_cancelled_job_publishes_its_last_step_before_cancelled(
