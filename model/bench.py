@@ -314,14 +314,18 @@ def _series(row: Row) -> str:
 def _plot_speedup(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[str, list[tuple[float, float]]] = {}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for r in rows:
         if r.label != "none":
-            series.setdefault(f"{_series(r)} ({r.model})", []).append((r.speedup, r.psnr))
-    for name, pts in series.items():
+            series.setdefault((_series(r), r.model), []).append((r.speedup, r.psnr))
+    names = list(dict.fromkeys(name for name, _ in series))  # one colour per policy
+    models = list(dict.fromkeys(model for _, model in series))  # one line style per model
+    for (name, model), pts in series.items():
         xs, ys = zip(*sorted(pts), strict=True)
-        ax.plot(xs, ys, marker="o", label=name)
+        style = models.index(model) % 3
+        ax.plot(xs, ys, color=f"C{names.index(name) % 10}", linestyle=("-", "--", ":")[style],
+                marker="osv"[style], label=f"{name} ({model})")  # fmt: skip
     ax.set_xlabel("wall-clock speedup vs uncached")
     ax.set_ylabel("PSNR vs uncached (dB)")
     ax.legend(fontsize=6, ncol=2)
