@@ -68,7 +68,13 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="then the job goes to the dead-letter stream")
     drain_timeout_s: float = Field(60.0, ge=0, description="SIGTERM: finish running work this long")
     progress_interval_s: float = Field(
-        0.1, ge=0, description="a job's step events at most this often (0: every step)"
+        0.25, ge=0, description="a job's step events at most this often (0: every step)"
+    )
+    poll_interval_s: float = Field(
+        0.1,
+        gt=0,
+        description="while work runs, a worker asks the queue for new jobs and cancel flags "
+        "this often: they wait up to this long; shorter costs CPU beside the model's",
     )
     worker_name: str | None = None
     metrics_port: int | None = Field(None, ge=1, le=65535, description="worker /metrics port")

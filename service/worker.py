@@ -357,6 +357,7 @@ def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> 
         drain_timeout=settings.drain_timeout_s,
         runtimes=runtimes,
         progress_interval=settings.progress_interval_s,
+        poll_interval=settings.poll_interval_s,
     )
 
 
