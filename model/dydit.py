@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import flops
-from model.skip_dit import DiTBlock, DiTConfig, Record, SkipDiT, modulate
+from model.skip_dit import Branch, DiTBlock, DiTConfig, Record, SkipDiT, modulate
 
 TAU = 5.0  # Gumbel-sigmoid temperature in training (official default)
 HEAD_BIAS = 15.0  # router biases at the start of fine-tuning: every head and group on
@@ -134,8 +134,8 @@ class DyDiTBlock(DiTBlock):
         self,
         x: torch.Tensor,
         c: torch.Tensor | Routed,
-        attn: Any = None,
-        mlp: Any = None,
+        attn: Branch | None = None,
+        mlp: Branch | None = None,
         record: Record | None = None,
     ) -> torch.Tensor:
         """As ``DiTBlock.forward``; routed when c is ``Routed``. A replaced branch (a cache's)
