@@ -6,7 +6,6 @@ transitions through test_redis_workers.)"""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from tests.service.conftest import (
     running_app,
 )
 from tests.service.test_multi_model import until_ready
-from tests.service.test_redis_persistence import TERMINAL, Load
+from tests.service.test_redis_persistence import Load
 from tests.service.test_redis_workers import Workers, api_settings
 
 pytestmark = pytest.mark.anyio
@@ -166,21 +165,11 @@ async def test_the_queues_master_down_answers_503_and_back_loses_no_accepted_job
             statuses = [(await client.get(f"/jobs/{i}")).json()["status"] for i in before]
             down = await outage(cluster, cluster.master_of(keys.stream(model)), client, load)
             await load.until(lambda: len(load.accepted) >= len(before) + 15)
-            load.stop.set()
-            await submitting
-            async with asyncio.timeout(180):
-                for job_id in load.accepted:  # the event stream ends with the job
-                    assert (await client.get(f"/jobs/{job_id}/events")).status_code == 200
-            records = [(await client.get(f"/jobs/{i}")).json() for i in load.accepted]
-            results = [(await client.get(f"/jobs/{i}/result")).status_code for i in load.accepted]
+            records, results = await load.settle(submitting, 180)
             ready = await client.get("/readyz")
         alive = worker.poll() is None
         with redis_client(settings) as r:
-            ends = [
-                [t for _, f in r.xrange(keys.events(i)) if (t := json.loads(f[b"e"])["type"])
-                 in TERMINAL]
-                for i in load.accepted
-            ]  # fmt: skip
+            ends = load.terminal_events(r, keys)
             left = r.xlen(keys.stream(model))
     finally:
         workers.stop_all()

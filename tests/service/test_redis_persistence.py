@@ -50,6 +50,26 @@ class Load:
             seed += 1
             await asyncio.sleep(0.02)  # a steady stream, not a flood
 
+    async def settle(self, submitting: asyncio.Task, timeout: float) -> tuple[list, list]:
+        """Stop submitting, wait until every accepted job's event stream has ended (it ends
+        with the job); each job's record and the status of its result."""
+        self.stop.set()
+        await submitting
+        async with asyncio.timeout(timeout):
+            for job_id in self.accepted:
+                assert (await self.client.get(f"/jobs/{job_id}/events")).status_code == 200
+        records = [(await self.client.get(f"/jobs/{i}")).json() for i in self.accepted]
+        results = [(await self.client.get(f"/jobs/{i}/result")).status_code for i in self.accepted]
+        return records, results
+
+    def terminal_events(self, r: redis.Redis, keys: Keys) -> list[list[str]]:
+        """Each accepted job's terminal events, read from its event stream."""
+        return [
+            [t for _, f in r.xrange(keys.events(i)) if (t := json.loads(f[b"e"])["type"])
+             in TERMINAL]
+            for i in self.accepted
+        ]  # fmt: skip
+
     async def until(self, check, timeout: float = 60) -> None:
         async with asyncio.timeout(timeout):
             while not check():
@@ -77,19 +97,9 @@ async def test_a_redis_crash_mid_load_loses_no_accepted_job_and_finishes_each_on
             await load.until(lambda: load.refused >= 3)
             server.start()  # same port, same dir: the AOF is read back
             await load.until(lambda: len(load.accepted) >= len(before) + 15)
-            load.stop.set()
-            await submitting
-            async with asyncio.timeout(120):
-                for job_id in load.accepted:  # the event stream ends with the job
-                    assert (await client.get(f"/jobs/{job_id}/events")).status_code == 200
-            records = [(await client.get(f"/jobs/{i}")).json() for i in load.accepted]
-            results = [(await client.get(f"/jobs/{i}/result")).status_code for i in load.accepted]
+            records, results = await load.settle(submitting, 120)
         with redis.Redis(port=server.port) as r:
-            ends = [
-                [t for _, f in r.xrange(keys.events(i)) if (t := json.loads(f[b"e"])["type"])
-                 in TERMINAL]
-                for i in load.accepted
-            ]  # fmt: skip
+            ends = load.terminal_events(r, keys)
             left = r.xlen(keys.stream(str(tiny_model_dir)))
     finally:
         server.stop()
