@@ -461,7 +461,8 @@ class Pipeline:
         request. ``auto`` is the fast path on CUDA and plain eager torch elsewhere. Raises
         KernelUnavailable / ModeUnavailable for an explicit choice that cannot run."""
         kernel_backend = self.model.use_kernels(kernels)
-        self.static.use_kernels(kernels)
+        if self.static is not self.model:  # a DyDiT's twin: its own folded LSC weights
+            self.static.use_kernels(kernels)
         mode = resolve_mode(graphs, self.device)
         self.forward, seconds = forward_group, 0.0
         if mode != "off":  # captures the static network; DyDiT's routed rows run eagerly
