@@ -12,9 +12,9 @@ whatever is left back to the queue.
 
 Steps run in bursts: the model thread steps an engine back to back until the next queue poll is
 due (``poll_interval``) or a request ends, and the loop's between-step work (events, metrics)
-runs once per burst instead of once per step; its queue polls and heartbeats run while a burst
-does, so the model thread never waits for a Redis round trip. New jobs and cancel flags wait at
-most ``poll_interval``; the engine takes them at its next step.
+runs once per burst instead of once per step. The loop does it while the next burst runs, with
+its queue polls and heartbeats, so the model thread never waits for a Redis round trip. New jobs
+and cancel flags wait at most ``poll_interval``; the engine takes them at its next step.
 
 Progress is coalesced: a job's step events go out at most once per ``progress_interval``
 seconds (each is a backend write: a Redis round trip), always with its last step, and a step
@@ -50,6 +50,7 @@ from service.video import VIDEO_CONTENT_TYPES, encode_video
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Step = tuple[str, list[EngineEvent], StepReport]  # (model, its events, its report)
 MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skipdit-model")
 
 
@@ -62,7 +63,7 @@ async def in_model_thread(fn: Callable[..., T], *args: Any) -> T:
 
 def burst(
     engines: Mapping[str, Engine], pick: Callable[[], str | None], until: float
-) -> list[tuple[str, list[EngineEvent], StepReport]]:
+) -> list[Step]:
     """Engine steps back to back, each of the engine ``pick`` names (the next in turn with
     work): until ``time.monotonic()`` reaches ``until`` (after one step at least), a step that
     ends a request (its result goes out at once) or no engine has work. Returns (model, events,
@@ -141,32 +142,41 @@ class Worker:
             )
         last_beat = last_poll = -float("inf")
         drain_until: float | None = None
+        done: list[Step] = []  # the last burst's steps, published while the next burst runs
         while True:
             now = time.monotonic()
             if self._stopping.is_set():
                 drain_until = drain_until or now + self.drain_timeout
                 if not self._held or now >= drain_until:
+                    await self._publish_steps(done)
                     break
-            # A burst of steps runs in the model thread while this loop talks to the queue.
-            steps = self._step(now + self.poll_interval) if self.has_work() else None
-            running = asyncio.ensure_future(steps) if steps is not None else None
+            # A burst of steps runs in the model thread while this loop publishes the previous
+            # burst's events and talks to the queue: the model thread never waits for Redis.
+            running = None
+            if self.has_work():
+                until = now + self.poll_interval
+                running = asyncio.ensure_future(
+                    in_model_thread(burst, self.engines, self._next_engine, until)
+                )
+            steps, done = done, []
             try:
+                await self._publish_steps(steps)
                 if now - last_beat >= self.heartbeat_every:
                     await self._heartbeat()
                     last_beat = now
                 # While work runs, ask the queue at most every poll_interval (each ask is a
                 # round trip or more): new jobs and cancel flags wait that long.
                 if running is None or now - last_poll >= self.poll_interval:
-                    if not self._stopping.is_set():
-                        await self._intake()
                     await self._cancellations()
+                    if not self._stopping.is_set():
+                        await self._intake()  # last: a new job starts at the next turn
                     last_poll = now
             except BackendUnavailable as e:
                 self.metrics.errors.labels(NO_MODEL, "backend_unavailable").inc()
                 log.warning("worker %s: %s; retrying", self.name, e)
                 await asyncio.sleep(1.0)
             if running is not None:
-                await running
+                done = await running
         await self._hand_back()
         log.info("worker %s stopped", self.name)
 
@@ -186,10 +196,11 @@ class Worker:
                 return model
         return None
 
-    async def _step(self, until: float) -> None:
-        """A burst of steps (``burst``, the engines in turn) in the model thread; publish what
-        they did."""
-        steps = await in_model_thread(burst, self.engines, self._next_engine, until)
+    async def _publish_steps(self, steps: list[Step]) -> None:
+        """Publish what a burst's steps did: their events (a job's superseded step events
+        dropped when coalescing) and metrics."""
+        if not steps:
+            return
         events = []
         for model, step_events, report in steps:
             self.metrics.observe_step(model, report)

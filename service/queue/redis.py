@@ -4,12 +4,12 @@ plain Redis or a Redis Cluster (``cluster=True``), through one code path.
 XADD submits to the job's model stream; XREADGROUP hands a job to one worker, which reads only the
 streams of the models it holds; XACK + XDEL retire it. A live worker refreshes its deliveries' idle
 time (XCLAIM to itself, JUSTID) with every heartbeat, so XAUTOCLAIM with ``claim_idle`` re-delivers
-only the work of a worker that stopped heartbeating. Each delivery's counter bounds retries: past
-``max_deliveries`` the job goes to its model's dead-letter stream and fails. A worker's heartbeat
-key (TTL ``claim_idle``) names the models it holds; a set of worker names finds the keys. Records,
-results (TTL) and a per-job event stream live beside the queues; waiting API replicas block on the
-event stream (XREAD BLOCK) instead of polling. Times on records come from the injected clock; TTLs
-are Redis's own.
+only the work of a worker that stopped heartbeating (a worker looks for it every tenth of
+``claim_idle``). Each delivery's counter bounds retries: past ``max_deliveries`` the job goes to
+its model's dead-letter stream and fails. A worker's heartbeat key (TTL ``claim_idle``) names
+the models it holds; a set of worker names finds the keys. Records, results (TTL) and a per-job
+event stream live beside the queues; waiting API replicas block on the event stream (XREAD BLOCK)
+instead of polling. Times on records come from the injected clock; TTLs are Redis's own.
 
 Every transition of a record (``service.jobs``) is a compare-and-set: read the record, compute the
 change in Python, then one Lua script checks the record is unchanged and writes the new record, its
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -157,6 +158,10 @@ class RedisBackend(QueueBackend):
         self.result_ttl = int(result_ttl)
         self.job_ttl = int(job_ttl)
         self.claim_idle_ms = int(claim_idle * 1000)
+        # A dead worker's entries come back after claim_idle; looking for them at every claim
+        # (ten times a second while work runs) would only cost round trips: look once per tenth.
+        self.reclaim_every = claim_idle / 10
+        self._reclaimed_at: dict[str, float] = {}  # model -> when its stream was last looked at
         self.max_deliveries = max_deliveries
         self.retry_after = retry_after
         self.clock = clock
@@ -257,8 +262,10 @@ class RedisBackend(QueueBackend):
     @guarded
     async def _retire(self, delivery: Delivery) -> None:
         stream = self.keys.stream(delivery.model)
-        await self.redis.xack(stream, self.keys.group, delivery.token)
-        await self.redis.xdel(stream, delivery.token)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one key: one round trip
+            pipe.xack(stream, self.keys.group, delivery.token)
+            pipe.xdel(stream, delivery.token)
+            await pipe.execute()
 
     # -- API side
 
@@ -329,8 +336,10 @@ class RedisBackend(QueueBackend):
     async def depth(self, model: str) -> int:
         await self._ensure_group(model)
         stream = self.keys.stream(model)
-        length = await self.redis.xlen(stream)
-        pending = await self.redis.xpending(stream, self.keys.group)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one key: one round trip
+            pipe.xlen(stream)
+            pipe.xpending(stream, self.keys.group)
+            length, pending = await pipe.execute()
         return max(0, length - int(pending["pending"]))
 
     @guarded
@@ -361,8 +370,11 @@ class RedisBackend(QueueBackend):
         for model in models:
             await self._ensure_group(model)
         out: list[Delivery] = []
+        now = time.monotonic()
         for model in models:  # first the work of dead workers
-            if len(out) < count:
+            due = now - self._reclaimed_at.get(model, -math.inf) >= self.reclaim_every
+            if len(out) < count and due:
+                self._reclaimed_at[model] = now
                 out += await self._reclaim(consumer, model, count - len(out))
 
         async def take(model: str, n: int) -> list[Delivery]:

@@ -358,3 +358,35 @@ async def test_a_second_entry_of_a_running_job_is_acked_and_the_first_still_carr
     await backend.finish(first, JobStatus.DONE, StoredResult("image/png", [b"x"], {}))
     assert await stored_kinds(backend, record.id) == ["queued", "done"]
     assert await backend.redis.xlen(stream) == 0
+
+
+async def test_a_dead_workers_entry_comes_back_looked_for_once_per_tenth_of_claim_idle(
+    redis_server: RedisServer,
+) -> None:
+    """Claims in a row (a worker polls ten times a second while it runs work) look for dead
+    workers' entries (XAUTOCLAIM) at most once per tenth of ``claim_idle``; after ``claim_idle``
+    the dead worker's entry comes back all the same."""
+    backend = RedisBackend(
+        redis_server.url, max_queue=10, result_ttl=60, job_ttl=600, claim_idle=0.5,
+        max_deliveries=3, prefix=f"b{uuid.uuid4().hex[:8]}", clock=Clock(),
+    )  # fmt: skip
+
+    async def reclaims() -> int:
+        stats = await backend.redis.info("commandstats")
+        return stats.get("cmdstat_xautoclaim", {}).get("calls", 0)
+
+    try:
+        record, _ = await backend.submit(JobRecord(request={"model": MODEL, "steps": 10}))
+        (dead,) = await backend.claim("dead", [MODEL], 1, 0)
+        before, began = await reclaims(), asyncio.get_running_loop().time()
+        for _ in range(20):
+            assert await backend.claim("live", [MODEL], 1, 0) == []
+        elapsed = asyncio.get_running_loop().time() - began
+        looked = await reclaims() - before
+        await asyncio.sleep(0.6)
+        (again,) = await backend.claim("live", [MODEL], 1, 0)
+    finally:
+        await backend.close()
+    assert 0 <= looked <= 1 + elapsed / backend.reclaim_every < 20
+    assert dead.job_id == again.job_id == record.id
+    assert (again.consumer, again.attempts) == ("live", 2)

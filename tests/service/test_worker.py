@@ -13,7 +13,7 @@ from PIL import Image
 
 from model.pipeline import Pipeline
 from model.request import GenerateParams
-from service.engine import Engine, EngineRequest
+from service.engine import Engine, EngineEvent, EngineRequest, StepReport
 from service.messages import EventKind, JobRecord, JobRequest, JobStatus
 from service.metrics import Metrics
 from service.queue.base import Delivery
@@ -26,6 +26,16 @@ pytestmark = pytest.mark.anyio
 MODEL = "tiny"
 
 
+class CountingEngine(Engine):
+    """The engine, counting its steps."""
+
+    steps = 0
+
+    def step(self) -> tuple[list[EngineEvent], StepReport]:
+        self.steps += 1
+        return super().step()
+
+
 class Rig:
     def __init__(
         self,
@@ -34,12 +44,13 @@ class Rig:
         drain_timeout: float = 60,
         progress_interval: float = 0,
         poll_interval: float = 0.05,
+        backend_cls: type[MemoryBackend] = MemoryBackend,
     ):
         self.clock = Clock()
         self.worker_clock = Clock(0.0)  # times the worker's progress events
-        self.backend = MemoryBackend(100, result_ttl=60, job_ttl=600, clock=self.clock)
+        self.backend = backend_cls(100, result_ttl=60, job_ttl=600, clock=self.clock)
         self.metrics = Metrics()
-        engine = Engine(pipeline, max_batch_tokens=10_000, clock=self.clock)
+        self.engine = engine = CountingEngine(pipeline, max_batch_tokens=10_000, clock=self.clock)
         self.worker = Worker(
             self.backend, {MODEL: engine}, self.metrics, "w1", max_inflight,
             heartbeat=0.5, drain_timeout=drain_timeout,
@@ -265,3 +276,34 @@ async def test_a_cancelled_job_publishes_its_last_step_before_cancelled(
     events = [e async for e in rig.backend.events(job.id)]
     assert [e.type for e in events] == ["queued", "started", "step", "cancelled"]
     assert 1 <= events[2].step == cancelled.step == events[3].step < 1000
+
+
+class HoldingBackend(MemoryBackend):
+    """Holds a (one-job) step event until the worker's engine has stepped past it, or has no
+    work left."""
+
+    engine: CountingEngine
+
+    async def progress(
+        self, job_id: str, kind: EventKind, step: int, total: int, mode: str | None = None
+    ) -> None:
+        async with asyncio.timeout(10):
+            while kind is EventKind.STEP and self.engine.steps <= step and self.engine.has_work():
+                await asyncio.sleep(0.001)
+        await super().progress(job_id, kind, step, total, mode)
+
+
+async def test_the_engine_steps_on_while_the_last_bursts_events_are_published(
+    tiny_pipeline: Pipeline,
+) -> None:
+    """A burst's events go out while the next burst runs: the model thread never waits for
+    the backend. (Were they published before the next burst began, a burst's last step event
+    would wait for a step that never comes, and the worker would fail on the timeout.)"""
+    rig = Rig(tiny_pipeline, poll_interval=0.02, backend_cls=HoldingBackend)
+    rig.backend.engine = rig.engine
+    async with rig.running():
+        job = await rig.submit(steps=300, seed=1)
+        done = await rig.until(job.id, lambda r: r.status.terminal)
+    assert done.status is JobStatus.DONE and rig.engine.steps >= 300
+    steps = [e.step async for e in rig.backend.events(job.id) if e.type == "step"]
+    assert steps == list(range(1, 301))  # every step went out, in order
