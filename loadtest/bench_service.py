@@ -7,15 +7,23 @@ all on 127.0.0.1, then measures in one run:
   pairs' ratios), with the worker's own engine time beside it;
 - images/s at concurrency 1, 4 and 16 (each client sends requests back to back).
 
-    python -m loadtest.bench_service [--model NAME] [--steps 50] [--requests 32]
+``--floor`` adds the same pairs with the direct call run in a second process in place of the
+service: the ratio a service with no overhead at all would show on this machine. Two processes
+running the same call differ by a few percent that stays with the process (memory layout), so
+single ratios mean little below that floor's spread.
+
+    python -m loadtest.bench_service [--model NAME] [--steps 50] [--requests 32] [--floor]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import statistics
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 
 import httpx
 
@@ -53,6 +61,37 @@ async def throughput(client: httpx.AsyncClient, body: dict, concurrency: int, to
     return images / (time.perf_counter() - began)
 
 
+def direct_process(conn: Connection, model: str | None, body: dict) -> None:
+    """A second process that runs the direct call whenever it is asked (the noise floor)."""
+    loaded = registry.load(model)
+    params = GenerateParams(**body)
+    loaded.pipeline.generate([params])  # warm-up
+    conn.send(None)
+    while conn.recv():
+        conn.send(loaded.pipeline.generate([params])[0].seconds)
+
+
+def floor(args: argparse.Namespace, body: dict, direct: Callable[[], float]) -> float:
+    """The median ratio of the same direct call in a second process to this one's, in as
+    many interleaved pairs as the service had."""
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    other = multiprocessing.get_context("spawn").Process(
+        target=direct_process, args=(theirs, args.model, body)
+    )
+    other.start()
+    try:
+        ours.recv()
+        ratios = []
+        for _ in range(args.repeats):
+            here = direct()
+            ours.send(True)
+            ratios.append(ours.recv() / here)
+        ours.send(False)
+    finally:
+        other.join(60)
+    return statistics.median(ratios)
+
+
 async def measure(args: argparse.Namespace, base_url: str) -> None:
     body = {"steps": args.steps, "num_images": 1, "cache_interval": args.cache_interval, "seed": 0}
     loaded = registry.load(args.model)
@@ -70,6 +109,9 @@ async def measure(args: argparse.Namespace, base_url: str) -> None:
             seconds, meta = await one_timed(client, body)
             served.append(seconds)
             engine.append(meta["seconds_engine"])
+        noise = None
+        if args.floor:
+            noise = floor(args, body, lambda: loaded.pipeline.generate([params])[0].seconds)
         rates = {c: await throughput(client, body, c, args.requests) for c in (1, 4, 16)}
     d, s, e = (statistics.median(v) for v in (direct, served, engine))
     ratio = statistics.median(b / a for a, b in zip(direct, served, strict=True))
@@ -80,6 +122,9 @@ async def measure(args: argparse.Namespace, base_url: str) -> None:
           f" queue, Redis, encoding and HTTP")  # fmt: skip
     print(f"  spread: direct {min(direct) * 1e3:.1f}-{max(direct) * 1e3:.1f} ms,"
           f" served {min(served) * 1e3:.1f}-{max(served) * 1e3:.1f} ms")  # fmt: skip
+    if noise is not None:
+        print(f"  floor: the direct call in a second process, {noise:.2f}x (median of"
+              f" {args.repeats} pairs' ratios): what no overhead at all would show")  # fmt: skip
     for c, rate in rates.items():
         print(f"concurrency {c:>2}: {rate:.2f} images/s ({args.requests} requests)")
 
@@ -91,6 +136,7 @@ def main() -> None:
     p.add_argument("--cache-interval", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--floor", action="store_true", help="also measure the noise floor")
     args = p.parse_args()
     env = {"SKIPDIT_MODEL": args.model} if args.model else {}
     with Stack(workers=1, env=env) as stack:
