@@ -9,8 +9,8 @@ all on 127.0.0.1, then measures in one run:
 
 ``--floor`` adds the same pairs with the direct call run in a second process in place of the
 service: the ratio a service with no overhead at all would show on this machine. Two processes
-running the same call differ by a few percent that stays with the process (memory layout), so
-single ratios mean little below that floor's spread.
+running the same call differ here by a few percent that stays with the process, so single ratios
+mean little below that floor's spread.
 
     python -m loadtest.bench_service [--model NAME] [--steps 50] [--requests 32] [--floor]
 """
@@ -31,13 +31,26 @@ from loadtest.stack import Stack, wait_ready
 from model import registry
 from model.request import GenerateParams
 
+PHASES = {
+    "in": "the API takes the request",
+    "queue": "queued and started",
+    "worker": "in the worker around the engine (events, encoding, storing)",
+    "out": "the result back to the client",
+}
 
-async def one_timed(client: httpx.AsyncClient, body: dict) -> tuple[float, dict]:
-    """Seconds of one synchronous request, and its result metadata."""
-    began = time.perf_counter()
+
+async def one_timed(client: httpx.AsyncClient, body: dict) -> tuple[float, float, list[float]]:
+    """Seconds of one synchronous request, of it in the worker's engine, and of each of its
+    ``PHASES`` besides (from the job record's times: one machine, one clock)."""
+    sent, began = time.time(), time.perf_counter()
     response = await client.post("/generate", json=body)
+    seconds, received = time.perf_counter() - began, time.time()
     response.raise_for_status()
-    return time.perf_counter() - began, response.json()["result"]
+    job = response.json()
+    engine = job["result"]["seconds_engine"]
+    created, started, finished = job["created_at"], job["started_at"], job["finished_at"]
+    phases = [created - sent, started - created, finished - started - engine, received - finished]
+    return seconds, engine, phases
 
 
 async def one(client: httpx.AsyncClient, body: dict) -> float:
@@ -103,12 +116,13 @@ async def measure(args: argparse.Namespace, base_url: str) -> None:
         await one(client, body)  # warm-up
         loaded.pipeline.generate([params])  # warm-up
         # Interleaved pairs (direct, then served): drift of a shared machine hits both sides.
-        direct, served, engine = [], [], []
+        direct, served, engine, phases = [], [], [], []
         for _ in range(args.repeats):
             direct.append(loaded.pipeline.generate([params])[0].seconds)
-            seconds, meta = await one_timed(client, body)
+            seconds, in_engine, parts = await one_timed(client, body)
             served.append(seconds)
-            engine.append(meta["seconds_engine"])
+            engine.append(in_engine)
+            phases.append(parts)
         noise = None
         if args.floor:
             noise = floor(args, body, lambda: loaded.pipeline.generate([params])[0].seconds)
@@ -118,8 +132,10 @@ async def measure(args: argparse.Namespace, base_url: str) -> None:
     print(f"model {loaded.name}, {args.steps} DDIM steps, cache_interval {args.cache_interval}")
     print(f"single request: direct pipeline {d * 1e3:.1f} ms, HTTP+Redis+worker {s * 1e3:.1f} ms,"
           f" ratio {ratio:.2f}x (median of {args.repeats} interleaved pairs' ratios)")  # fmt: skip
-    print(f"  of which in the worker's engine {e * 1e3:.1f} ms (admission to result), the rest"
-          f" queue, Redis, encoding and HTTP")  # fmt: skip
+    print(f"  of which in the worker's engine {e * 1e3:.1f} ms (admission to result), and"
+          f" (medians):")  # fmt: skip
+    for i, what in enumerate(PHASES.values()):
+        print(f"    {statistics.median(p[i] for p in phases) * 1e3:5.1f} ms {what}")
     print(f"  spread: direct {min(direct) * 1e3:.1f}-{max(direct) * 1e3:.1f} ms,"
           f" served {min(served) * 1e3:.1f}-{max(served) * 1e3:.1f} ms")  # fmt: skip
     if noise is not None:
