@@ -251,7 +251,7 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
 
     settings = _settings(prog, args.model, host=args.host, port=args.port)
     logging.getLogger().setLevel(settings.log_level)
-    app = build_app(settings)
+    app = build_app(settings, own_process=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0
 

@@ -376,6 +376,7 @@ def run_worker_process(settings: Settings) -> int:
     """``skipdit worker``: a worker over Redis with its own /metrics port; SIGTERM drains."""
     from prometheus_client import start_http_server
 
+    from service.heap import freeze_startup_heap
     from service.queue import make_backend
 
     async def main() -> None:
@@ -384,6 +385,7 @@ def run_worker_process(settings: Settings) -> int:
             start_http_server(settings.metrics_port, registry=metrics.registry)
         backend = make_backend(settings)
         worker = await in_model_thread(make_worker, settings, backend, metrics)
+        freeze_startup_heap()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)

@@ -22,6 +22,7 @@ from service.api import errors, generate, jobs, openai, system, videos
 from service.api.auth import KeyRing
 from service.api.deps import Service
 from service.api.limits import BodyLimit
+from service.heap import freeze_startup_heap
 from service.metrics import Metrics
 from service.queue import make_backend
 from service.settings import Settings
@@ -47,6 +48,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc.worker = await in_model_thread(make_worker, settings, backend, svc.metrics)
         svc.worker_task = asyncio.create_task(svc.worker.run(), name="skipdit-worker")
     app.state.service = svc
+    if app.state.own_process:
+        freeze_startup_heap()
     log.info(
         "serving models %s with %s backend; API keys %s",
         ", ".join(infos),
@@ -62,8 +65,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await backend.close()
 
 
-def build_app(settings: Settings | None = None, clock: Callable[[], float] = time.time) -> FastAPI:
-    """The app; ``clock`` (Unix seconds) is the queue backend's, injectable for tests."""
+def build_app(
+    settings: Settings | None = None,
+    clock: Callable[[], float] = time.time,
+    own_process: bool = False,
+) -> FastAPI:
+    """The app; ``clock`` (Unix seconds) is the queue backend's, injectable for tests.
+    ``own_process``: the app is its process's (``skipdit serve``), whose start-up heap is then
+    frozen (``service/heap.py``)."""
     app = FastAPI(
         title="skipdit-serve",
         version="0.1.0",
@@ -73,6 +82,7 @@ def build_app(settings: Settings | None = None, clock: Callable[[], float] = tim
     )
     app.state.settings = settings or Settings()
     app.state.clock = clock
+    app.state.own_process = own_process
     errors.install(app)
     s = app.state.settings
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes, timeout_s=s.body_timeout_s)
