@@ -136,12 +136,12 @@ def write_card_entry(directory: Path, entry: dict[str, Any]) -> None:
 
 
 def default_models() -> list[str]:
-    """Every shipped image model."""
-    return [n for n in registry.shipped_models() if registry.describe(n).kind == "image"]
+    """Every shipped model (image and video)."""
+    return registry.shipped_models()
 
 
 def calibrate(opts: CalibrateOptions) -> dict[str, dict[str, Any]]:
-    """Calibrate every model of ``opts`` (default: the shipped image models); writes each
+    """Calibrate every model of ``opts`` (default: every shipped model); writes each
     model's card unless ``dry_run``. Returns model name -> its card entry."""
     entries = {}
     for name in opts.models or default_models():

@@ -110,7 +110,7 @@ class CalibrateOptions(_Options):
 
     models: list[str] | None = Field(
         None,
-        description="Model names or directories (default: every shipped image model); their "
+        description="Model names or directories (default: every shipped model); their "
         "config.json gains card.teacache.",
     )
     per_class: int = Field(2, ge=1, le=16, description="Seeded images per class and model.")

@@ -186,7 +186,16 @@ def test_a_model_without_a_directory_cannot_be_calibrated(capsys) -> None:
     assert exit_.value.code == 2 and "not a model directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["digits-skip-dit", "digits-dit"])
+def test_every_shipped_model_carries_a_calibration() -> None:
+    from model.calibrate import default_models
+
+    assert default_models() == registry.shipped_models()
+    assert all("teacache" in registry.describe(name).card for name in default_models())
+
+
+@pytest.mark.parametrize(
+    "name", ["digits-skip-dit", "digits-dit", "digits-skip-dydit", "digits-video-skip"]
+)
 def test_the_command_reproduces_the_shipped_coefficients(name: str) -> None:
     from model.calibrate import calibrate as run
     from model.options import CalibrateOptions
