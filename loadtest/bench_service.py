@@ -87,10 +87,9 @@ def direct_process(conn: Connection, model: str | None, body: dict) -> None:
 def floor(args: argparse.Namespace, body: dict, direct: Callable[[], float]) -> float:
     """The median ratio of the same direct call in a second process to this one's, in as
     many interleaved pairs as the service had."""
-    ours, theirs = multiprocessing.get_context("spawn").Pipe()
-    other = multiprocessing.get_context("spawn").Process(
-        target=direct_process, args=(theirs, args.model, body)
-    )
+    spawn = multiprocessing.get_context("spawn")
+    ours, theirs = spawn.Pipe()
+    other = spawn.Process(target=direct_process, args=(theirs, args.model, body))
     other.start()
     try:
         ours.recv()
@@ -109,23 +108,27 @@ async def measure(args: argparse.Namespace, base_url: str) -> None:
     body = {"steps": args.steps, "num_images": 1, "cache_interval": args.cache_interval, "seed": 0}
     loaded = registry.load(args.model)
     params = GenerateParams(**body)
+
+    def direct_call() -> float:
+        return loaded.pipeline.generate([params])[0].seconds
+
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
         # Time the direct call only once the worker has loaded and warmed up its model: on a
         # small machine its start-up would otherwise share the cores with the direct runs.
         await wait_ready(client)
         await one(client, body)  # warm-up
-        loaded.pipeline.generate([params])  # warm-up
+        direct_call()  # warm-up
         # Interleaved pairs (direct, then served): drift of a shared machine hits both sides.
         direct, served, engine, phases = [], [], [], []
         for _ in range(args.repeats):
-            direct.append(loaded.pipeline.generate([params])[0].seconds)
+            direct.append(direct_call())
             seconds, in_engine, parts = await one_timed(client, body)
             served.append(seconds)
             engine.append(in_engine)
             phases.append(parts)
         noise = None
         if args.floor:
-            noise = floor(args, body, lambda: loaded.pipeline.generate([params])[0].seconds)
+            noise = floor(args, body, direct_call)
         rates = {c: await throughput(client, body, c, args.requests) for c in (1, 4, 16)}
     d, s, e = (statistics.median(v) for v in (direct, served, engine))
     ratio = statistics.median(b / a for a, b in zip(direct, served, strict=True))
