@@ -42,7 +42,7 @@ import numpy as np
 
 from loadtest import prometheus
 from loadtest.render_dashboard import DASHBOARD, render
-from loadtest.stack import Stack, wait_ready
+from loadtest.stack import AOF, Stack, wait_ready
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 GENERATIONS = ("sync", "sse", "poll")  # the kinds whose latency and goodput count
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> tuple[float, list[Level], str | None]:
     env = {"SKIPDIT_MODEL": args.model} if args.model else {}
     levels, marks = [], []
     with (
-        Stack(workers=args.workers, env=env, log_dir=work) as stack,
+        Stack(workers=args.workers, env=env, log_dir=work, aof=args.aof) as stack,
         scraping(args, stack, work) as prom,
     ):
         isolated = asyncio.run(isolated_latency(stack.url, args.steps))
@@ -239,7 +239,9 @@ def report(args: argparse.Namespace, isolated: float, levels: list[Level], comma
     out = args.out
     slo = args.slo_factor * isolated
     deployment = (
-        f"API + {args.workers} Redis worker(s)" if args.workers else "embedded (one process)"
+        f"API + {args.workers} Redis worker(s), Redis AOF {args.aof}"
+        if args.workers
+        else "embedded (one process)"
     )
     lines = [
         "# Load test\n",
@@ -329,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pacing", type=float, default=1.0, help="seconds between a user's requests")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--workers", type=int, default=0, help="0: embedded; N: Redis + N workers")
+    p.add_argument(
+        "--aof", choices=AOF, default="always", help="Redis persistence (deploy/: always)"
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--slo-factor", type=float, default=3.0)
     p.add_argument("--out", type=Path, default=Path("docs/load"))

@@ -1,8 +1,9 @@
 """The service as separate processes on 127.0.0.1, for benchmarks and load tests.
 
 ``Stack(workers=0)``: one ``skipdit serve`` with its embedded worker (the default deployment).
-``Stack(workers=N)``: a private redis-server (free port, temp dir, AOF off), ``skipdit serve``
-as API only and N ``skipdit worker`` processes, each serving /metrics on a port of its own
+``Stack(workers=N)``: a private redis-server (free port, temp dir; AOF with ``appendfsync always``
+as deploy/ runs it, or ``aof="everysec"``/``"off"`` to compare), ``skipdit serve`` as API only
+and N ``skipdit worker`` processes, each serving /metrics on a port of its own
 (``metrics_targets``: the API's and theirs, for Prometheus). Leaving the block stops them all
 (SIGTERM, so workers drain; SIGKILL after a grace period).
 """
@@ -43,11 +44,21 @@ async def wait_ready(client: httpx.AsyncClient, timeout: float = 120) -> None:
     raise TimeoutError("service did not become ready")
 
 
+AOF = ("always", "everysec", "off")  # the private Redis's persistence: deploy/ runs "always"
+
+
 class Stack:
     def __init__(
-        self, workers: int = 0, env: dict[str, str] | None = None, log_dir: Path | None = None
+        self,
+        workers: int = 0,
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        aof: str = "always",
     ):
+        if aof not in AOF:
+            raise ValueError(f"aof must be one of {AOF}, not {aof!r}")
         self.workers = workers
+        self.aof = aof
         self.env = os.environ | {"SKIPDIT_LOG_LEVEL": "WARNING"} | (env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -63,11 +74,10 @@ class Stack:
             redis_port = free_port()
             env["SKIPDIT_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             redis = shutil.which("redis-server") or "redis-server"
-            self._spawn(
-                "redis",
-                [redis, "--port", str(redis_port), "--save", "", "--dir", self._tmp.name],
-                env,
-            )
+            argv = [redis, "--port", str(redis_port), "--save", "", "--dir", self._tmp.name]
+            if self.aof != "off":
+                argv += ["--appendonly", "yes", "--appendfsync", self.aof]
+            self._spawn("redis", argv, env)
         self._spawn(
             "api", [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)], env
         )

@@ -318,14 +318,14 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboards() -> None:
 # ----------------------------------------------------------------------------- Redis persistence
 
 
-def test_redis_keeps_its_data_with_aof_everysec_in_compose_and_k8s() -> None:
+def test_redis_keeps_its_data_with_aof_always_in_compose_and_k8s() -> None:
     redis = _compose()["services"]["redis"]
     for args in (
         redis["command"],
         _pod(_one(_k8s(), "StatefulSet", "redis"))["containers"][0]["args"],
     ):
         assert _flag(args, "--appendonly") == "yes"
-        assert _flag(args, "--appendfsync") == "everysec"
+        assert _flag(args, "--appendfsync") == "always"
     assert any(v.split(":")[1] == "/data" for v in redis["volumes"])  # the image's data dir
 
     docs = _k8s()

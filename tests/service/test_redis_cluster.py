@@ -148,7 +148,7 @@ async def test_the_queues_master_down_answers_503_and_back_loses_no_accepted_job
     cluster-node-timeout lets the others mark the node failed within the outage, so the whole
     cluster refuses (CLUSTERDOWN), as a cluster that requires full coverage does in production.
     """
-    args = ["--appendonly", "yes", "--appendfsync", "everysec", "--cluster-node-timeout", "1000"]
+    args = ["--appendonly", "yes", "--appendfsync", "always", "--cluster-node-timeout", "1000"]
     cluster = RedisClusterServers(tmp_path, args=args).start()
     workers = Workers(cluster.url, tiny_model_dir, f"d{uuid.uuid4().hex[:8]}", cluster=True)
     model = str(tiny_model_dir)
