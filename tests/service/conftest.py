@@ -86,13 +86,18 @@ class RedisServer:
                 return self
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
+                    self.stop()
                     raise
                 time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
             self.proc = None
 
 
@@ -115,17 +120,23 @@ class RedisClusterServers:
         return self.nodes[0].url
 
     def start(self) -> RedisClusterServers:
-        for node in self.nodes:
-            node.workdir.mkdir(parents=True, exist_ok=True)
-            node.start()
-        exe = shutil.which("redis-cli")
-        assert exe, "redis-cli is not on PATH"
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(
-            [exe, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-        self.wait_ok()
+        """Start every node and form the cluster; a failure stops the nodes it started."""
+        try:
+            for node in self.nodes:
+                node.workdir.mkdir(parents=True, exist_ok=True)
+                node.start()
+            exe = shutil.which("redis-cli")
+            assert exe, "redis-cli is not on PATH"
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                [exe, "--cluster", "create", *addresses, "--cluster-replicas", "0",
+                 "--cluster-yes"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_ok(self, timeout: float = 30) -> None:
