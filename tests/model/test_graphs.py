@@ -23,7 +23,6 @@ EXACT = {"rtol": 0.0, "atol": 0.0}
 # fp32 GEMMs of another batch size round differently (~2e-7 seen at batch 4 vs 3); inductor
 # also fuses and reorders sums (~4e-7 seen).
 CLOSE = {"rtol": 1e-5, "atol": 1e-6}
-COMPILE_BUDGET_S = 60.0
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 Tol = dict[str, float]
@@ -64,9 +63,7 @@ def compile_runner(tiny_model: SkipDiT) -> BucketedForward:
         pytest.skip(f"torch.compile (inductor) cannot run on this CPU: {reason}")
     # One depth keeps the CPU compiles at 2 kinds x 4 buckets (seconds each).
     runner = BucketedForward(tiny_model, "compile", BUCKETS, depths=(1,))
-    seconds = runner.warmup()
-    if seconds > COMPILE_BUDGET_S:
-        pytest.skip(f"torch.compile warm-up took {seconds:.0f}s here (> {COMPILE_BUDGET_S:.0f}s)")
+    assert runner.warmup() > 0
     return runner
 
 
