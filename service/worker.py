@@ -169,8 +169,10 @@ class Worker:
                 if running is None or now - last_poll >= self.poll_interval:
                     await self._cancellations()
                     if not self._stopping.is_set():
-                        await self._intake()  # last: a new job starts at the next turn
-                    last_poll = now
+                        # last: a new job starts at the next turn; never a blocking ask while
+                        # a burst runs (the model thread would idle until it returns)
+                        await self._intake(may_block=running is None)
+                    last_poll = time.monotonic()  # after the ask: it may have blocked
             except BackendUnavailable as e:
                 self.metrics.errors.labels(NO_MODEL, "backend_unavailable").inc()
                 log.warning("worker %s: %s; retrying", self.name, e)
@@ -215,11 +217,15 @@ class Worker:
         for name in self.engines:
             self.metrics.inflight.labels(name).set(held.count(name))
 
-    async def _intake(self) -> None:
+    async def _intake(self, may_block: bool) -> None:
+        """Claim jobs and hand them to their engines. With nothing to step (``may_block``: no
+        burst runs, and the engines have no work) the ask blocks until a job comes, up to 0.5 s.
+        ``has_work()`` is only asked while no burst runs: during a step it can read False (a
+        request taken from the inbox and still being prepared is in none of its lists)."""
         room = self.max_inflight - len(self._held)
         if room <= 0:
             return
-        block = 0.0 if self.has_work() else 0.5
+        block = 0.5 if may_block and not self.has_work() else 0.0
         for delivery in await self.backend.claim(self.name, self.models, room, block):
             record = await self.backend.start(delivery)
             if record is None:

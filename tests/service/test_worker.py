@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import math
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
@@ -45,12 +46,13 @@ class Rig:
         progress_interval: float = 0,
         poll_interval: float = 0.05,
         backend_cls: type[MemoryBackend] = MemoryBackend,
+        engine_cls: type[CountingEngine] = CountingEngine,
     ):
         self.clock = Clock()
         self.worker_clock = Clock(0.0)  # times the worker's progress events
         self.backend = backend_cls(100, result_ttl=60, job_ttl=600, clock=self.clock)
         self.metrics = Metrics()
-        self.engine = engine = CountingEngine(pipeline, max_batch_tokens=10_000, clock=self.clock)
+        self.engine = engine = engine_cls(pipeline, max_batch_tokens=10_000, clock=self.clock)
         self.worker = Worker(
             self.backend, {MODEL: engine}, self.metrics, "w1", max_inflight,
             heartbeat=0.5, drain_timeout=drain_timeout,
@@ -307,3 +309,62 @@ async def test_the_engine_steps_on_while_the_last_bursts_events_are_published(
     assert done.status is JobStatus.DONE and rig.engine.steps >= 300
     steps = [e.step async for e in rig.backend.events(job.id) if e.type == "step"]
     assert steps == list(range(1, 301))  # every step went out, in order
+
+
+class SlowToPrepareEngine(CountingEngine):
+    """Prepares each request slowly (as a first request's allocations may), and says when a
+    step is under way."""
+
+    stepping = False
+
+    def _prepare(self, request: EngineRequest, events: list[EngineEvent]) -> None:
+        time.sleep(0.2)
+        super()._prepare(request, events)
+
+    def step(self) -> tuple[list[EngineEvent], StepReport]:
+        self.stepping = True
+        try:
+            return super().step()
+        finally:
+            self.stepping = False
+
+
+class RemoteQueue(MemoryBackend):
+    """Answers the cancel-flag read after a pause, as a queue across the network does (the model
+    thread steps meanwhile), and notes each claim's block and whether the worker's engine was
+    stepping then."""
+
+    engine: SlowToPrepareEngine
+    claims: list[tuple[float, bool]]
+
+    async def cancel_requested(self, job_ids: list[str]) -> set[str]:
+        await asyncio.sleep(0.03)
+        return await super().cancel_requested(job_ids)
+
+    async def claim(
+        self, consumer: str, models: Sequence[str], count: int, block: float
+    ) -> list[Delivery]:
+        self.claims.append((block, self.engine.stepping))
+        return await super().claim(consumer, models, count, block)
+
+
+async def test_the_worker_never_waits_on_the_queue_while_a_burst_runs(
+    tiny_pipeline: Pipeline,
+) -> None:
+    """A job arrives while the idle worker blocks on the queue (longer than a poll interval).
+    The next turn starts a burst whose first step prepares the job; a blocking ask then would
+    leave the model thread idle until the ask returns (0.5 s), as the first request of every
+    ``skipdit worker`` was (1.1-1.2 s against 0.6-0.7 s: the engine reads no work while it
+    prepares a request, and the poll after a long wait was overdue at once)."""
+    rig = Rig(
+        tiny_pipeline, poll_interval=0.1, backend_cls=RemoteQueue, engine_cls=SlowToPrepareEngine
+    )
+    rig.backend.engine, rig.backend.claims = rig.engine, []
+    async with rig.running():
+        await asyncio.sleep(0.2)  # the worker blocks on the empty queue
+        job = await rig.submit(steps=300, seed=1)  # steps over several polls
+        done = await rig.until(job.id, lambda r: r.status.terminal)
+    assert done.status is JobStatus.DONE
+    assert any(stepping for _, stepping in rig.backend.claims)  # it asked while stepping...
+    blocking = [b for b, stepping in rig.backend.claims if stepping and b > 0]
+    assert blocking == []  # ...never blocking
