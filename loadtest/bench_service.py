@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 
 import httpx
 
-from loadtest.stack import AOF, Stack, wait_ready
+from loadtest.stack import Stack, add_aof_option, wait_ready
 from model import registry
 from model.request import GenerateParams
 
@@ -156,9 +156,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--floor", action="store_true", help="also measure the noise floor")
-    p.add_argument(
-        "--aof", choices=AOF, default="always", help="Redis persistence (deploy/: always)"
-    )
+    add_aof_option(p)
     args = p.parse_args()
     env = {"SKIPDIT_MODEL": args.model} if args.model else {}
     with Stack(workers=1, env=env, aof=args.aof) as stack:

@@ -42,7 +42,7 @@ import numpy as np
 
 from loadtest import prometheus
 from loadtest.render_dashboard import DASHBOARD, render
-from loadtest.stack import AOF, Stack, wait_ready
+from loadtest.stack import Stack, add_aof_option, wait_ready
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 GENERATIONS = ("sync", "sse", "poll")  # the kinds whose latency and goodput count
@@ -331,9 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pacing", type=float, default=1.0, help="seconds between a user's requests")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--workers", type=int, default=0, help="0: embedded; N: Redis + N workers")
-    p.add_argument(
-        "--aof", choices=AOF, default="always", help="Redis persistence (deploy/: always)"
-    )
+    add_aof_option(p)
     p.add_argument("--model", default=None)
     p.add_argument("--slo-factor", type=float, default=3.0)
     p.add_argument("--out", type=Path, default=Path("docs/load"))

@@ -10,6 +10,7 @@ and N ``skipdit worker`` processes, each serving /metrics on a port of its own
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import shutil
@@ -45,6 +46,13 @@ async def wait_ready(client: httpx.AsyncClient, timeout: float = 120) -> None:
 
 
 AOF = ("always", "everysec", "off")  # the private Redis's persistence: deploy/ runs "always"
+
+
+def add_aof_option(parser: argparse.ArgumentParser) -> None:
+    """``--aof``: the private Redis's persistence, as a command line sets ``Stack(aof=...)``."""
+    parser.add_argument(
+        "--aof", choices=AOF, default="always", help="Redis persistence (deploy/: always)"
+    )
 
 
 class Stack:
