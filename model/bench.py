@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -41,10 +42,12 @@ from model.evaluate import (
     psnr_ssim,
     temporal_difference,
 )
+from model.floors import Measured
+from model.floors import table as floor_table
 from model.flops import count as count_flops
 from model.images import animate, grid, to_pil
 from model.options import BenchOptions
-from model.pipeline import Job, Pipeline
+from model.pipeline import Job, Pipeline, Result
 from model.request import GenerateParams
 from model.skip_dit import DiTConfig, SkipDiT
 
@@ -96,6 +99,16 @@ def dydit_settings(intervals: list[int], card: dict) -> list[tuple[str, str, dic
     return [(label, "none", {}), *cached]
 
 
+def model_settings(
+    config: DiTConfig, opts: BenchOptions, card: dict | None = None
+) -> list[tuple[str, str, dict]]:
+    """The settings the bench runs on a model: a DyDiT's own (its card's lambda), or every
+    policy's that applies."""
+    if config.dynamic:
+        return dydit_settings(opts.intervals, card or {})
+    return settings(opts.intervals, opts.thresholds, config)
+
+
 def requests(
     policy: str, options: dict, per_class: int, steps: int, seed: int, classes: int
 ) -> list[GenerateParams]:
@@ -110,6 +123,35 @@ def requests(
         )
         for c in range(classes)
     ]
+
+
+def images_of(results: list[Result]) -> torch.Tensor:
+    """The results' images in request order: (n, H, W, 1); clips (n, F, H, W, 1)."""
+    return torch.cat([r.images for r in results])
+
+
+def cached_share(results: list[Result]) -> float:
+    """Share of the results' steps that ran cached."""
+    steps = [r.stats.steps for r in results]
+    return sum(s[Mode.CACHED] for s in steps) / sum(s[Mode.CACHED] + s[Mode.FULL] for s in steps)
+
+
+def sample(
+    pipeline: Pipeline,
+    batch: list[GenerateParams],
+    judge: Judge,
+    reference: torch.Tensor | None = None,
+) -> tuple[Measured, torch.Tensor]:
+    """One untimed run of ``batch`` judged as a floor row is (``model.floors``): PSNR against
+    ``reference`` (the uncached images of the same requests; None: this run is that reference,
+    PSNR inf), accuracy, share cached; and the run's images."""
+    results = pipeline.generate(batch)
+    images = images_of(results)
+    labels = torch.tensor([p.class_label for p in batch]).repeat_interleave(batch[0].num_images)
+    psnr = math.inf
+    if reference is not None:
+        psnr = psnr_ssim(images.flatten(0, -4), reference.flatten(0, -4))[0]
+    return Measured(psnr, judge.accuracy(images, labels), cached_share(results)), images
 
 
 def counted_flops(pipeline: Pipeline, params: GenerateParams) -> float:
@@ -161,7 +203,7 @@ def _measure(
 def bench_model(
     name: str,
     pipeline: Pipeline,
-    judge: _Judge,
+    judge: Judge,
     opts: BenchOptions,
     baseline: Pipeline | None = None,
     card: dict | None = None,
@@ -177,19 +219,14 @@ def bench_model(
         warm.generate(requests("none", {}, 1, 2, 0, 1))
     rows, grids = [], {}
     uncached = requests("none", {}, opts.per_class, opts.steps, opts.seed, classes)
-    reference = torch.cat([r.images for r in baseline.generate(uncached)])
+    reference = images_of(baseline.generate(uncached))
     base_flops = counted_flops(baseline, uncached[0])
-    if config.dynamic:
-        chosen = dydit_settings(opts.intervals, card or {})
-    else:
-        chosen = settings(opts.intervals, opts.thresholds, config)
-    for label, policy, options in chosen:
+    for label, policy, options in model_settings(config, opts, card):
         batch = requests(policy, options, opts.per_class, opts.steps, opts.seed, classes)
         results, speedup, peak = _measure(pipeline, batch, uncached, opts.repeats, baseline)
-        images = torch.cat([r.images for r in results])  # (n, H, W, 1); video (n, F, H, W, 1)
+        images = images_of(results)  # (n, H, W, 1); video (n, F, H, W, 1)
         flops = counted_flops(pipeline, batch[0])
         psnr, ssim = psnr_ssim(images.flatten(0, -4), reference.flatten(0, -4))
-        cached = sum(r.stats.steps[Mode.CACHED] for r in results) / (len(results) * opts.steps)
         rows.append(
             Row(
                 model=name,
@@ -200,7 +237,7 @@ def bench_model(
                 cache_bytes_per_image=peak,
                 psnr=psnr,
                 ssim=ssim,
-                steps_cached=cached,
+                steps_cached=cached_share(results),
                 **judge.score(images, labels),
             )
         )
@@ -210,14 +247,14 @@ def bench_model(
 
 
 @dataclass
-class _Judge:
+class Judge:
     """The shipped classifier and the features of held-out real digits, for accuracy and FID."""
 
     classifier: DigitClassifier
     real_features: Any  # (n, 128)
 
     @classmethod
-    def load(cls) -> _Judge:
+    def load(cls) -> Judge:
         classifier = load_classifier()
         real = data.load(classifier.source, classifier.size, "held_out")
         return cls(classifier, features(classifier, real.images))
@@ -225,20 +262,27 @@ class _Judge:
     def fid(self, images: torch.Tensor) -> float:
         return frechet_distance(features(self.classifier, images), self.real_features)
 
-    def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
-        """accuracy and FID of images (n, H, W, 1); accuracy of every frame and temporal
-        consistency of clips (n, F, H, W, 1)."""
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Class accuracy of images (n, H, W, 1); of every frame of clips (n, F, H, W, 1)."""
         if images.ndim == 4:
-            return {"accuracy": accuracy(self.classifier, images, labels), "fid": self.fid(images)}
-        box = data.clip_digit_size(images.shape[2])
+            return accuracy(self.classifier, images, labels)
+        return frame_accuracy(
+            self.classifier, images, labels, data.clip_digit_size(images.shape[2])
+        )
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+        """accuracy and FID of images (n, H, W, 1); accuracy and temporal consistency of clips
+        (n, F, H, W, 1)."""
+        if images.ndim == 4:
+            return {"accuracy": self.accuracy(images, labels), "fid": self.fid(images)}
         return {
-            "accuracy": frame_accuracy(self.classifier, images, labels, box),
+            "accuracy": self.accuracy(images, labels),
             "fid": None,
             "temporal": temporal_difference(images),
         }
 
 
-def training_curves(run_dirs: list[Path], opts: BenchOptions, judge: _Judge) -> dict:
+def training_curves(run_dirs: list[Path], opts: BenchOptions, judge: Judge) -> dict:
     """Loss and FID against training step, from each run's loss.csv and EMA snapshots."""
     curves = {}
     for run in run_dirs:
@@ -400,7 +444,7 @@ def write_outputs(
 
 
 def bench(opts: BenchOptions) -> list[Row]:
-    judge = _Judge.load()
+    judge = Judge.load()
     rows: list[Row] = []
     grids: dict[str, dict[str, torch.Tensor]] = {}
     notes: list[str] = []
@@ -413,8 +457,15 @@ def bench(opts: BenchOptions) -> list[Row]:
         if pipeline.model.config.kind == "video":
             notes.append(_real_clips_note(name, pipeline.model.config, judge.classifier.source))
     curves = training_curves(opts.runs, opts, judge) if opts.runs else {}
-    write_outputs(rows, grids, curves, opts, notes)
+    write_outputs(rows, grids, curves, opts, [*notes, "", *floor_lines(rows)])
     return rows
+
+
+def floor_lines(rows: list[Row]) -> list[str]:
+    """The quality floors (``model.floors``) of the rows' settings, each beside its new figure:
+    a floor a re-run falls below, or a figure the table no longer matches, is in plain view."""
+    return floor_table({(r.model, r.label): Measured(r.psnr, r.accuracy, r.steps_cached)
+                        for r in rows})  # fmt: skip
 
 
 def _real_clips_note(name: str, config: DiTConfig, source: str) -> str:

@@ -112,6 +112,8 @@ class GenerateParams(BaseModel):
         config fields the model sets over the policy's defaults (its card's calibration, e.g.
         TeaCache's coefficients); the request's own fields win over both."""
         policy = cache.POLICIES[self.cache_policy]
+        if self.dynamic is False:  # a DyDiT's static twin runs it: the same network, unrouted
+            model = model.replace(dynamic=False)
         options = dict((overrides or {}).get(self.cache_policy, {}))
         for name in (
             n for n in type(self).model_fields if n.startswith("cache_") and n != "cache_policy"

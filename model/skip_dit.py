@@ -538,6 +538,8 @@ PRESETS: dict[str, Callable[..., DiTConfig]] = {
             **kw,
         }
     ),
+    # Twice as deep at the same width: does the long skips' benefit under Skip-Cache need depth?
+    "digits-deep": lambda **kw: PRESETS["digits-small"](**{"depth": 12, **kw}),
     # Smallest useful shape, for tests.
     "digits-tiny": lambda **kw: DiTConfig(
         **{

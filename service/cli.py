@@ -315,13 +315,15 @@ def _train_classifier(args: argparse.Namespace, prog: str) -> int:
 def _bench(args: argparse.Namespace, prog: str) -> int:
     command_line = "skipdit " + " ".join(sys.argv[1:])
     opts = parse_schema(BenchOptions, args, prog, command_line=command_line)
-    from model.bench import bench
+    from model.bench import bench, floor_lines
 
-    for row in bench(opts):
+    rows = bench(opts)
+    for row in rows:
         quality = f", FID {row.fid:.2f}" if row.fid is not None else ""
         quality += f", frame change {row.temporal:.3f}" if row.temporal is not None else ""
         print(f"{row.model} {row.label}: {row.speedup:.2f}x wall, {row.flop_ratio:.2f}x FLOPs, "
               f"PSNR {row.psnr:.1f}, acc {row.accuracy:.1%}{quality}")  # fmt: skip
+    print("\n".join(floor_lines(rows)))
     print(f"wrote {opts.out}")
     return 0
 

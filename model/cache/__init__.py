@@ -29,10 +29,9 @@ def build(name: str, model: DiTConfig, **options: Any) -> RequestCache:
     if name not in POLICIES:
         raise FieldError("cache_policy", f"unknown policy {name!r}; known: {sorted(POLICIES)}")
     policy = POLICIES[name]
-    if not policy.applies_to(model):
-        raise FieldError(
-            "cache_policy", f"{name!r} does not apply to {model.kind} models: {policy.refusal}"
-        )
+    refusal = policy.refusal_for(model)
+    if refusal is not None:
+        raise FieldError("cache_policy", refusal)
     return RequestCache(policy, policy.default_config(model, **options))
 
 

@@ -45,8 +45,14 @@ class CachePolicy(ABC):
     kinds: ClassVar[frozenset[str]] = IMAGE_AND_VIDEO
     refusal: ClassVar[str] = ""
 
+    def refusal_for(self, model: DiTConfig) -> str | None:
+        """Why the policy cannot run on ``model`` (a whole sentence), or None where it can."""
+        if model.kind not in self.kinds:
+            return f"{self.name!r} does not apply to {model.kind} models: {self.refusal}"
+        return None
+
     def applies_to(self, model: DiTConfig) -> bool:
-        return model.kind in self.kinds
+        return self.refusal_for(model) is None
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> Any:
         """The paper's defaults for this model, with ``overrides`` applied (validated)."""

@@ -7,7 +7,7 @@ per request by staleness (steps since a token was last recomputed), so every tok
 in turn; ties go to a fixed token order. Attention of a refreshed token still sees the keys and
 values of all tokens.
 
-Image models only: see ``ToCa.refusal``.
+Image models only, and not a routed DyDiT: see ``ToCa.refusal_for``.
 """
 
 from __future__ import annotations
@@ -79,6 +79,15 @@ class ToCa(IntervalPolicy):
         "and positions' frame rows (temporal), so a chosen token is not a row of every block "
         "and its partial attention and staleness bookkeeping do not carry over"
     )
+
+    def refusal_for(self, model: DiTConfig) -> str | None:
+        if model.dynamic:
+            return (
+                "'toca' does not apply to routed DyDiT runs: its refreshed tokens would run every "
+                "head and channel of attention and MLP, not the ones the routers keep, so its "
+                "cached step is not the network's step (use it with dynamic: false)"
+            )
+        return super().refusal_for(model)
 
     def capture_blocks(self, config: ToCaConfig, model: DiTConfig) -> tuple[tuple[str, int], ...]:
         return branch_keys(model)

@@ -55,18 +55,6 @@ def test_caching_off_is_bitwise_no_cache(tiny_pipeline: Pipeline, name: str) -> 
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_cached_output_is_finite_and_close_to_uncached(tiny_pipeline: Pipeline, name: str) -> None:
-    uncached = _run(tiny_pipeline, cache_policy="none")
-    cached = _run(tiny_pipeline, cache_policy=name, **CACHING[name])
-    other_seed = tiny_pipeline.generate(
-        [GenerateParams(steps=8, num_images=2, class_label=3, seed=6, cache_policy="none")]
-    )[0].latents
-    assert torch.isfinite(cached).all()
-    # Caching moves the sample much less than a change of seed does.
-    assert (cached - uncached).norm() < 0.5 * (other_seed - uncached).norm()
-
-
-@pytest.mark.parametrize("name", sorted(POLICIES))
 def test_state_of_two_requests_never_mixes(tiny_pipeline: Pipeline, name: str) -> None:
     a = GenerateParams(steps=8, seed=1, class_label=1, cache_policy=name, **CACHING[name])
     b = GenerateParams(steps=8, seed=2, class_label=7, cache_policy=name, **CACHING[name])

