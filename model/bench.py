@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -448,17 +449,58 @@ def bench(opts: BenchOptions) -> list[Row]:
     rows: list[Row] = []
     grids: dict[str, dict[str, torch.Tensor]] = {}
     notes: list[str] = []
+    configs: dict[str, DiTConfig] = {}
     for name in opts.models or registry.shipped_models():
         loaded = registry.load(name)
         pipeline, card = loaded.pipeline, loaded.card
+        configs[name] = loaded.config
         base = registry.load(card["from"]).pipeline if loaded.config.dynamic else None
         model_rows, grids[name] = bench_model(name, pipeline, judge, opts, base, card)
         rows += model_rows
         if pipeline.model.config.kind == "video":
             notes.append(_real_clips_note(name, pipeline.model.config, judge.classifier.source))
+    for skip, plain in twins(configs):
+        notes += ["", *twin_lines(rows, skip, plain)]
     curves = training_curves(opts.runs, opts, judge) if opts.runs else {}
     write_outputs(rows, grids, curves, opts, [*notes, "", *floor_lines(rows)])
     return rows
+
+
+def twins(configs: dict[str, DiTConfig]) -> list[tuple[str, str]]:
+    """(Skip-DiT, DiT) pairs among the models: the same network but for the long skips."""
+    return [
+        (skip, plain)
+        for skip, a in configs.items()
+        for plain, b in configs.items()
+        if a.long_skip and not b.long_skip and a.replace(long_skip=False) == b
+    ]
+
+
+def twin_lines(rows: list[Row], skip: str, plain: str) -> list[str]:
+    """Each cache setting of either twin beside the other twin at the same FLOP ratio: the
+    other's PSNR interpolated (linearly, in FLOP ratio) between its own settings of the same
+    policy ("-" outside their range). Difference: Skip-DiT's PSNR minus DiT's, positive where
+    the long skips keep more of the uncached image."""
+    lines = [
+        f"## {skip} against its twin without long skips ({plain}), at equal FLOP ratio\n",
+        "| policy | setting | FLOP ratio | "
+        f"{skip} PSNR | {plain} PSNR | difference |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for row in sorted((r for r in rows if r.model in (skip, plain) and r.label != "none"),
+                      key=lambda r: (_series(r), r.flop_ratio)):  # fmt: skip
+        other = skip if row.model == plain else plain
+        same = sorted((r.flop_ratio, r.psnr) for r in rows
+                      if r.model == other and _series(r) == _series(row))  # fmt: skip
+        at = None
+        if len(same) >= 2 and same[0][0] <= row.flop_ratio <= same[-1][0]:
+            at = float(np.interp(row.flop_ratio, *zip(*same, strict=True)))
+        psnr = {row.model: row.psnr, other: at}
+        cells = [_num(psnr[skip], ".1f"), _num(psnr[plain], ".1f"),
+                 "-" if at is None else f"{psnr[skip] - psnr[plain]:+.1f} dB"]  # fmt: skip
+        lines.append(f"| {_series(row)} | {row.label} ({row.model}) | {row.flop_ratio:.2f}x | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    return lines
 
 
 def floor_lines(rows: list[Row]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from model.evaluate import (
     psnr_ssim,
     temporal_difference,
 )
+from model.networks import preset
 from model.options import BenchOptions
 from service.cli import build_parser, main
 
@@ -218,3 +220,24 @@ def test_bench_judges_a_video_model_per_frame_and_writes_gif_strips(
         assert gif.n_frames == 4  # the tiny preset's frames, classes side by side
     table = (tmp_path / "bench" / "results.md").read_text()
     assert table.count("\n| ") == 1 + len(rows) and "real moving-digit clips" in table
+
+
+def test_twins_are_compared_at_equal_flop_ratio() -> None:
+    skip, plain = preset("digits-tiny"), preset("digits-tiny", long_skip=False)
+    assert bench.twins({"s": skip, "p": plain, "other": preset("digits-small")}) == [("s", "p")]
+
+    def row(model: str, label: str, flops: float, psnr: float) -> bench.Row:
+        return bench.Row(model, label, label.split()[0], 1.0, flops, 0.0, psnr, 1.0, 1.0, None, 0.5)
+
+    rows = [row("s", "none", 1.0, math.inf), row("s", "skip_cache N=2", 1.5, 30.0),
+            row("s", "skip_cache N=3", 2.0, 26.0), row("p", "skip_cache N=2", 1.6, 28.0),
+            row("p", "skip_cache N=3", 2.2, 24.0), row("p", "fora N=2", 2.0, 40.0)]  # fmt: skip
+    lines = bench.twin_lines(rows, "s", "p")
+    table = [ln.split(" | ")[1:] for ln in lines[3:]]
+    assert table == [  # by policy, then FLOP ratio; psnr of s, of p, s minus p
+        ["fora N=2 (p)", "2.00x", "-", "40.0", "- |"],  # fora only on p: nothing to compare
+        ["skip_cache N=2 (s)", "1.50x", "30.0", "-", "- |"],  # below p's range
+        ["skip_cache N=2 (p)", "1.60x", "29.2", "28.0", "+1.2 dB |"],  # s at 1.6x: 29.2
+        ["skip_cache N=3 (s)", "2.00x", "26.0", "25.3", "+0.7 dB |"],  # p at 2.0x: 25.33
+        ["skip_cache N=3 (p)", "2.20x", "-", "24.0", "- |"],
+    ]
