@@ -16,7 +16,8 @@ Three readers share this one table:
   moves a figure fails until the table is updated with it.
 
 The margins leave room for a 10-image (video: 4-clip) sample of a 100-image (20-clip) figure
-(the samples landed within 1 dB of the bench on every row) and for another machine's rounding.
+(on this machine the samples landed from 0.9 dB below to 1.7 dB above the bench's figure) and
+for another machine's rounding.
 The broken policies of ``tests/mutants.py`` fall far below, on digits-skip-dit's samples at
 N=4: FORA with swapped branches 7.0 dB, reading its neighbour's store 7.2 dB, never refreshing
 16.9 dB (floor 30.2); Skip-Cache with the wrong deep feature 11.8 dB (floor 27.6); fbcache with
