@@ -57,6 +57,9 @@ async def _typed(request: Request, e: Exception) -> JSONResponse:
 
 async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0]
+    if first["type"] == "json_invalid":  # its loc is the byte offset: name the body instead
+        reason = first.get("ctx", {}).get("error", first["msg"])
+        return error_response(422, "invalid_request", f"body: not valid JSON ({reason})", "body")
     loc = [str(p) for p in first["loc"] if p not in ("body", "query", "header", "path")]
     field = ".".join(loc) or "body"
     return error_response(422, "invalid_request", f"{field}: {first['msg']}", field)

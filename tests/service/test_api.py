@@ -186,6 +186,23 @@ async def test_invalid_body_is_422_naming_the_field(make_settings, body: dict, f
     assert error["field"] == field and field in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [(b"not json", "body: not valid JSON ("), (b'{"steps": 4', "body: not valid JSON ("),
+     (b"", "body: Field required")],
+)  # fmt: skip
+async def test_a_body_that_is_not_json_is_422_naming_the_body(
+    make_settings, raw: bytes, says: str
+) -> None:
+    async with running_app(make_settings()) as client:
+        response = await client.post(
+            "/generate", content=raw, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "body" and error["message"].startswith(says), error
+
+
 async def test_unknown_and_unfinished_jobs(make_settings) -> None:
     async with running_app(make_settings(max_inflight=1)) as client:
         assert (await client.get("/jobs/nope")).status_code == 404
