@@ -23,11 +23,11 @@ from typing import get_args
 
 import torch
 
-from model.bench import counted_flops, requests, settings
 from model.cache import Mode
-from model.pipeline import Pipeline, synchronize
-from model.request import GenerateParams, Sampler
-from model.skip_dit import SkipDiT, preset
+from model.networks.skip_dit import SkipDiT, preset
+from model.sampling.pipeline import Pipeline, synchronize
+from model.sampling.plan import RunPlan, Sampler
+from model.training.bench import counted_flops, settings
 
 
 def random_network(name: str, vanilla: bool, seed: int) -> SkipDiT:
@@ -40,7 +40,7 @@ def random_network(name: str, vanilla: bool, seed: int) -> SkipDiT:
     return network
 
 
-def loop_seconds(pipeline: Pipeline, batch: list[GenerateParams]) -> tuple[float, float]:
+def loop_seconds(pipeline: Pipeline, batch: list[RunPlan]) -> tuple[float, float]:
     """(wall seconds, cached share of steps) of one batched denoising run, decode excluded."""
     jobs = [pipeline.start(p) for p in batch]
     synchronize(pipeline.device)
@@ -86,10 +86,17 @@ def main() -> None:
     print("|---|---|---|---|---|")
     base_seconds = base_flops = 0.0
     for label, policy, options in settings(args.intervals, args.thresholds, config):
-        batch = requests(policy, options, 1, args.steps, args.seed, args.requests)
         batch = [
-            b.model_copy(update={"sampler": args.sampler, "guidance_scale": args.guidance_scale})
-            for b in batch
+            pipeline.plan(
+                class_label=c % config.num_classes,
+                steps=args.steps,
+                seed=args.seed + c,
+                sampler=args.sampler,
+                guidance=args.guidance_scale,
+                policy=policy,
+                params=options,
+            )
+            for c in range(args.requests)
         ]
         loop_seconds(pipeline, batch)  # warm-up: allocations, kernel selection
         runs = [loop_seconds(pipeline, batch) for _ in range(args.repeats)]

@@ -27,14 +27,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from model.bench import counted_flops
-from model.pipeline import Pipeline, synchronize
+from model.networks.skip_dit import DiTConfig, SkipDiT, preset
 from model.registry import PIXEL_CHANNELS
-from model.request import GenerateParams
-from model.skip_dit import DiTConfig, SkipDiT, preset
+from model.sampling.pipeline import Pipeline, synchronize
+from model.sampling.plan import RunPlan
+from model.training.bench import counted_flops
 
 # Dense bf16 peak TFLOP/s (no sparsity) by device-name fragment.
 PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.0}
@@ -76,17 +77,18 @@ def random_network(name: str, vanilla: bool, seed: int = 0) -> SkipDiT:
     return network.eval()
 
 
-def batch(requests: int, steps: int, **cache: object) -> list[GenerateParams]:
+def batch(pipeline: Pipeline, requests: int, steps: int, **cache: Any) -> list[RunPlan]:
     return [
-        GenerateParams(class_label=i % 10, seed=i, steps=steps, guidance_scale=1.5, **cache)
+        pipeline.plan(class_label=i % 10, seed=i, steps=steps, guidance=1.5, **cache)
         for i in range(requests)
     ]
 
 
 def step_ms(pipeline: Pipeline, requests: int, timed: int, cached: bool) -> float:
     """Mean ms of ``timed`` steps, all full (no cache) or all cached (after one full step)."""
-    cache = {"cache_interval": 1000, "cache_t_end": 0} if cached else {"cache_policy": "none"}
-    jobs = [pipeline.start(p) for p in batch(requests, timed + 3, **cache)]
+    skip = {"policy": "skip_cache", "params": {"interval": 1000, "t_end": 0}}
+    cache = skip if cached else {"policy": "none"}
+    jobs = [pipeline.start(p) for p in batch(pipeline, requests, timed + 3, **cache)]
     for _ in range(2):  # warm-up; the first also fills the Skip-Cache deep feature
         pipeline.step(jobs)
     synchronize(pipeline.device)
@@ -97,7 +99,7 @@ def step_ms(pipeline: Pipeline, requests: int, timed: int, cached: bool) -> floa
     return (time.perf_counter() - began) / timed * 1e3
 
 
-def loop_s(pipeline: Pipeline, params: list[GenerateParams]) -> float:
+def loop_s(pipeline: Pipeline, params: list[RunPlan]) -> float:
     """Wall seconds of a whole denoising loop (decode excluded)."""
     jobs = [pipeline.start(p) for p in params]
     synchronize(pipeline.device)
@@ -119,9 +121,11 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
 
 def flop_counts(pipeline: Pipeline, steps: int) -> dict[str, float]:
     """FLOPs of one request's whole run per setting, counted on the eager path."""
-    counts = {"none": counted_flops(pipeline, batch(1, steps, cache_policy="none")[0])}
+    counts = {"none": counted_flops(pipeline, batch(pipeline, 1, steps, policy="none")[0])}
     for n in INTERVALS:
-        counts[f"N={n}"] = counted_flops(pipeline, batch(1, steps, cache_interval=n)[0])
+        counts[f"N={n}"] = counted_flops(
+            pipeline, batch(pipeline, 1, steps, policy="skip_cache", params={"interval": n})[0]
+        )
     return counts
 
 
@@ -139,10 +143,12 @@ def bench_path(
     mfu = f"{step_flops / (full / 1e3) / peak:.0%}" if peak else "-"
     cells = [f"{full:.2f}", f"{cached:.2f}", mfu, f"{fast.warmup_seconds:.1f}"]
     if path in LOOPED:
-        base = min(loop_s(pipeline, batch(requests, args.steps, cache_policy="none"))
+        base = min(loop_s(pipeline, batch(pipeline, requests, args.steps, policy="none"))
                    for _ in range(args.repeats))  # fmt: skip
         for n in INTERVALS:
-            params = batch(requests, args.steps, cache_interval=n)
+            params = batch(
+                pipeline, requests, args.steps, policy="skip_cache", params={"interval": n}
+            )
             wall = base / min(loop_s(pipeline, params) for _ in range(args.repeats))
             bound = flops["none"] / flops[f"N={n}"]
             cells.append(f"{wall:.2f}x / {bound:.2f}x = {wall / bound:.0%}")
@@ -257,7 +263,7 @@ def random_vae(device: str, dtype: torch.dtype) -> torch.nn.Module:
     return vae.to(device, dtype).eval()
 
 
-def closed_loop(engine: object, concurrency: int, total: int, params: GenerateParams) -> float:
+def closed_loop(engine: object, concurrency: int, total: int, params: RunPlan) -> float:
     """Images/s with ``concurrency`` requests in flight until ``total`` are done."""
     from service.engine import EngineRequest, EventKind
 
@@ -281,7 +287,7 @@ def closed_loop(engine: object, concurrency: int, total: int, params: GeneratePa
 
 def bench_engine(args: argparse.Namespace, out: Report) -> None:
     """Images/s through the engine one worker runs, VAE decode included."""
-    from model.graphs import DEFAULT_BUCKETS
+    from model.sampling.graphs import DEFAULT_BUCKETS
     from service.engine import Engine
 
     dtype = getattr(torch, args.dtype)
@@ -302,7 +308,9 @@ def bench_engine(args: argparse.Namespace, out: Report) -> None:
             continue
         cells = [f"{fast.warmup_seconds:.1f}"]
         for interval in (1, 2, 3):
-            params = GenerateParams(steps=args.steps, guidance_scale=1.5, cache_interval=interval)
+            params = pipeline.plan(
+                steps=args.steps, guidance=1.5, policy="skip_cache", params={"interval": interval}
+            )
             engine = Engine(pipeline, max_batch_tokens=rows * network.config.num_tokens)
             closed_loop(engine, args.concurrency, args.concurrency, params)  # warm-up
             rate = closed_loop(engine, args.concurrency, args.total, params)

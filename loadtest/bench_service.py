@@ -29,7 +29,7 @@ import httpx
 
 from loadtest.stack import Stack, add_aof_option, wait_ready
 from model import registry
-from model.request import GenerateParams
+from service.request import GenerateParams, resolve
 
 PHASES = {
     "in": "the API takes the request",
@@ -77,7 +77,7 @@ async def throughput(client: httpx.AsyncClient, body: dict, concurrency: int, to
 def direct_process(conn: Connection, model: str | None, body: dict) -> None:
     """A second process that runs the direct call whenever it is asked (the noise floor)."""
     loaded = registry.load(model)
-    params = GenerateParams(**body)
+    params = resolve(GenerateParams(**body), loaded.info)
     loaded.pipeline.generate([params])  # warm-up
     conn.send(None)
     while conn.recv():
@@ -107,7 +107,7 @@ def floor(args: argparse.Namespace, body: dict, direct: Callable[[], float]) -> 
 async def measure(args: argparse.Namespace, base_url: str) -> None:
     body = {"steps": args.steps, "num_images": 1, "cache_interval": args.cache_interval, "seed": 0}
     loaded = registry.load(args.model)
-    params = GenerateParams(**body)
+    params = resolve(GenerateParams(**body), loaded.info)
 
     def direct_call() -> float:
         return loaded.pipeline.generate([params])[0].seconds

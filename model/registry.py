@@ -11,9 +11,7 @@ Names, in the order tried:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,8 @@ from typing import Any
 import torch
 
 from model import cache
-from model.checkpoint import (
+from model.errors import FieldError
+from model.networks.checkpoint import (
     CONFIG_FILE,
     VAE_DOWNSCALE,
     load_official,
@@ -32,10 +31,9 @@ from model.checkpoint import (
     official_state_dict,
     read_pretrained_meta,
 )
-from model.errors import FieldError
-from model.networks import PRESETS, Config, build, preset
-from model.pipeline import DEFAULT_GUIDANCE, Pipeline
-from model.skip_dit import SkipDiT
+from model.networks.presets import PRESETS, Config, build, preset
+from model.networks.skip_dit import SkipDiT
+from model.sampling.pipeline import DEFAULT_GUIDANCE, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +111,7 @@ class ModelInfo:
         out."""
         overrides = self.cache_overrides
         return {
-            name: {
-                k: None if isinstance(v, float) and math.isinf(v) else v
-                for k, v in dataclasses.asdict(
-                    policy.default_config(self.config, **overrides.get(name, {}))
-                ).items()
-            }
+            name: cache.as_json(policy.default_config(self.config, **overrides.get(name, {})))
             for name, policy in cache.POLICIES.items()
             if policy.applies_to(self.config)
         }

@@ -1,10 +1,10 @@
 """The ``skipdit`` command line.
 
-Options are derived from the pydantic schemas (``model.request.GenerateParams``,
-``model.options``): names, defaults, ranges and help live in the fields, once. Every invalid input
-exits with status 2 and one line that names the field. ``train``, ``train-classifier`` and
-``bench`` need the ``train`` extra; the base install describes them and, when run, says which
-extra to install instead of failing with a traceback.
+Options are derived from the pydantic schemas (``service.request.GenerateParams``,
+``model.training.options``): names, defaults, ranges and help live in the fields, once. Every
+invalid input exits with status 2 and one line that names the field. ``train``,
+``train-classifier`` and ``bench`` need the ``train`` extra; the base install describes them and,
+when run, says which extra to install instead of failing with a traceback.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from pydantic.fields import FieldInfo
 
 from model import registry
 from model.cache import Mode
-from model.checkpoint import CheckpointError
 from model.errors import FieldError
-from model.images import grid
-from model.options import BenchOptions, CalibrateOptions, ClassifierOptions, TrainOptions
-from model.pipeline import Job
-from model.request import GenerateParams
+from model.networks.checkpoint import CheckpointError
+from model.sampling.images import grid
+from model.sampling.pipeline import Job
+from model.training.options import BenchOptions, CalibrateOptions, ClassifierOptions, TrainOptions
 from service.images import encode
-from service.messages import DEFAULT_FPS
+from service.messages import DEFAULT_FPS, MAX_FPS
+from service.request import GenerateParams, echo, resolve
 from service.settings import Settings
 from service.video import VIDEO_FORMATS, encode_video
 
@@ -190,11 +190,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _generate(args: argparse.Namespace, prog: str) -> int:
     params = parse_schema(GenerateParams, args, prog)
-    if not 0 < args.fps <= 60:
-        _fail(prog, f"fps: must be in (0, 60], got {args.fps}")
+    if not 0 < args.fps <= MAX_FPS:
+        _fail(prog, f"fps: must be in (0, {MAX_FPS:g}], got {args.fps}")
     try:
         loaded = registry.load(params.model, device=args.device, vae_path=args.vae)
-        params.check_for(loaded.config)
+        run = resolve(params, loaded.info)
     except (FieldError, CheckpointError) as e:
         _fail(prog, str(e))
     random_note = " (RANDOM untrained weights: smoke test only)" if loaded.random_weights else ""
@@ -203,12 +203,12 @@ def _generate(args: argparse.Namespace, prog: str) -> int:
     def progress(job: Job, mode: Mode) -> None:
         log.info("step %d/%d %s", job.step, job.total_steps, mode.value)
 
-    (result,) = loaded.pipeline.generate([params], progress=progress)
+    (result,) = loaded.pipeline.generate([run], progress=progress)
     _write(args.out, result.images, args.fps)
     stats = {
         "model": loaded.name,
         "random_weights": loaded.random_weights,
-        "cache_interval": params.cache_interval,
+        **{k: v for k, v in echo(run).items() if k in ("cache_policy", "cache_interval")},
         **result.stats.as_dict(),
         "seconds_total": result.seconds,
         "out": str(args.out),
@@ -284,7 +284,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace, prog: str) -> int:
     opts = parse_schema(TrainOptions, args, prog)
-    from model.train import train
+    from model.training.train import train
 
     try:
         final = train(opts)
@@ -296,7 +296,7 @@ def _train(args: argparse.Namespace, prog: str) -> int:
 
 def _train_classifier(args: argparse.Namespace, prog: str) -> int:
     opts = parse_schema(ClassifierOptions, args, prog)
-    from model.evaluate import save_classifier, train_classifier
+    from model.training.evaluate import save_classifier, train_classifier
 
     model, acc = train_classifier(opts.data, opts.size, opts.epochs, opts.seed)
     card = {
@@ -315,7 +315,7 @@ def _train_classifier(args: argparse.Namespace, prog: str) -> int:
 def _bench(args: argparse.Namespace, prog: str) -> int:
     command_line = "skipdit " + " ".join(sys.argv[1:])
     opts = parse_schema(BenchOptions, args, prog, command_line=command_line)
-    from model.bench import bench, floor_lines
+    from model.training.bench import bench, floor_lines
 
     rows = bench(opts)
     for row in rows:
@@ -348,7 +348,7 @@ def _add_train_extra(sub: argparse._SubParsersAction) -> None:
 def _calibrate_teacache(args: argparse.Namespace, prog: str) -> int:
     command_line = "skipdit " + " ".join(sys.argv[1:])
     opts = parse_schema(CalibrateOptions, args, prog, command_line=command_line)
-    from model.calibrate import calibrate
+    from model.training.calibrate import calibrate
 
     try:
         entries = calibrate(opts)

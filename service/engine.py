@@ -3,7 +3,7 @@
 Each ``step()``: apply submissions and cancellations that arrived since the last step, expire
 requests whose deadline passed, admit waiting requests (priority first, then least slack) while
 the batch stays under a token budget, run ONE denoising step for every active request (a single
-batched forward per cache-mode group, see ``model.pipeline.denoise_step``), and report what
+batched forward per cache-mode group, see ``model.sampling.pipeline.denoise_step``), and report what
 happened as events. Requests join and leave only at step boundaries and never wait for a batch
 to fill. Output never depends on batch composition: each request owns its latents, scheduler,
 generator and cache state. An engine runs one pipeline (one model); a worker holding several
@@ -22,9 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from model.cache import Mode
-from model.errors import FieldError
-from model.pipeline import Job, Pipeline, Result
-from model.request import GenerateParams
+from model.sampling.pipeline import Job, Pipeline, Result
+from model.sampling.plan import RunPlan
 from service.messages import EventKind  # plain messages: no HTTP, no Redis
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EngineRequest:
     id: str
-    params: GenerateParams
+    plan: RunPlan  # checked where it was made: the engine runs it as it is
     priority: int = 0  # higher is admitted first
     deadline: float = math.inf  # Unix seconds
     submitted: float = field(default_factory=time.time)
@@ -67,7 +66,7 @@ class StepReport:
 class _Entry:
     request: EngineRequest
     job: Job  # created at submission: validated, noise drawn
-    plan: list[Mode]  # the request's own full/cached schedule, for time estimates
+    modes: list[Mode]  # the request's own full/cached schedule, for time estimates
     started: float = 0.0
 
 
@@ -208,16 +207,14 @@ class Engine:
 
     def _prepare(self, request: EngineRequest, events: list[EngineEvent]) -> None:
         try:
-            request.params.check_budget(
-                self.pipeline.model.config, self.pipeline.default_guidance, self.max_batch_tokens
-            )
-            job = self.pipeline.start(request.params)
-        except FieldError as e:
+            job = self.pipeline.start(request.plan)
+        except Exception as e:  # a plan this model cannot start fails alone
+            log.exception("request %s could not start", request.id)
             events.append(EngineEvent(EventKind.FAILED, request.id, error=str(e)))
             return
         timesteps = [int(t) for t in job.scheduler.timesteps]
-        plan = job.cache.policy.planned_modes(job.cache.config, timesteps)
-        self._waiting.append(_Entry(request, job, plan))
+        modes = job.cache.policy.planned_modes(job.cache.config, timesteps)
+        self._waiting.append(_Entry(request, job, modes))
 
     def _expire(self, now: float, events: list[EngineEvent]) -> None:
         for entries, where in ((self._waiting, "in queue"), (self._active, "while running")):
@@ -236,7 +233,7 @@ class Engine:
     def _slack(self, entry: _Entry, now: float) -> float:
         if math.isinf(entry.request.deadline):
             return math.inf
-        return entry.request.deadline - now - self.estimate_seconds(entry.plan)
+        return entry.request.deadline - now - self.estimate_seconds(entry.modes)
 
     def _admit(self, now: float, events: list[EngineEvent]) -> None:
         self._waiting.sort(

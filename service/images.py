@@ -6,7 +6,7 @@ import io
 
 import torch
 
-from model.images import to_pil
+from model.sampling.images import to_pil
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}

@@ -14,14 +14,16 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from model.request import GenerateParams
+from model.sampling.plan import RunPlan
 from service.images import FORMATS as IMAGE_FORMATS
+from service.request import GenerateParams
 from service.video import VIDEO_FORMATS
 
 # Images: png, jpeg, webp; videos: mp4, gif, webp (animated). Which apply: the model's kind.
 OutputFormat = Literal[tuple(dict.fromkeys([*IMAGE_FORMATS, *VIDEO_FORMATS]))]  # type: ignore[valid-type]
 DEFAULT_FORMATS = {"image": "png", "video": "mp4"}  # model kind -> output format
 DEFAULT_FPS = 8.0
+MAX_FPS = 60.0  # a video's frames per second: (0, MAX_FPS]
 
 
 class JobRequest(GenerateParams):
@@ -31,7 +33,7 @@ class JobRequest(GenerateParams):
         None, description="png, jpeg, webp (images); mp4, gif, webp (videos). None: png | mp4."
     )
     fps: float | None = Field(
-        None, gt=0, le=60, description="Video frames per second (video models only); None: 8."
+        None, gt=0, le=MAX_FPS, description="Video frames per second (video models only); None: 8."
     )
     priority: int = Field(0, ge=-10, le=10, description="Higher runs first.")
     timeout_s: float = Field(
@@ -94,6 +96,7 @@ class JobRecord:
     error: dict[str, str] | None = None  # {"code", "message"}
     result: dict[str, Any] | None = None  # metadata only; image bytes live in StoredResult
     owner: str | None = None  # id of the API key that submitted it (None: the API is open)
+    plan: dict[str, Any] | None = None  # the checked RunPlan the API resolved (``RunPlan.to_json``)
 
     def __post_init__(self) -> None:
         self.status = JobStatus(self.status)
@@ -111,6 +114,13 @@ class JobRecord:
     @property
     def params(self) -> JobRequest:
         return JobRequest.model_validate(self.request)
+
+    @property
+    def run_plan(self) -> RunPlan:
+        """The plan the API resolved: the worker runs it as it is, checking nothing again."""
+        if self.plan is None:
+            raise ValueError(f"job {self.id} holds no plan")
+        return RunPlan.from_json(self.plan)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"status": self.status.value}

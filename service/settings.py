@@ -11,7 +11,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kernels import dispatch
-from model import registry
+from model import cache, registry
+from service import request
 
 SHIPPED_VIDEO = "digits-video-skip"
 
@@ -54,6 +55,13 @@ class Settings(BaseSettings):
         "auto", description="captured steps per batch bucket; auto: on CUDA, off elsewhere"
     )
 
+    cache_defaults: dict[str, dict[str, Any]] = Field(
+        {},
+        description="served model -> the cache a request that names none runs, as a JSON "
+        'object: {"policy": name, and its parameters by the policy\'s names}, e.g. '
+        '{"digits-skip-dit": {"policy": "skip_cache", "interval": 3}}; a model left out: its '
+        "card's default (shipped Skip-DiT models: Skip-Cache), else none",
+    )
     max_batch_tokens: int = Field(4096, ge=1, description="batch rows x tokens per row, per step")
     max_inflight: int = Field(32, ge=1, description="jobs one worker holds (running + waiting)")
     max_queue: int = Field(256, ge=1, description="jobs waiting per model before submits get 429")
@@ -147,6 +155,25 @@ class Settings(BaseSettings):
             except ValueError as e:  # FieldError (unknown: lists the known names), CheckpointError
                 raise ValueError(f"{setting}: {getattr(e, 'message', e)}") from e
         self.models = names
+        return self
+
+    @model_validator(mode="after")
+    def _cache_defaults(self) -> Settings:
+        """Every default names a served model, a policy, and parameters that policy takes on
+        it: a bad default stops the boot, not each request."""
+        for name, default in self.cache_defaults.items():
+            where = f"SKIPDIT_CACHE_DEFAULTS[{name!r}]"
+            if name not in (self.models or []):
+                raise ValueError(f"{where}: not a served model; served: {self.models}")
+            if default.get("policy") not in cache.POLICIES:
+                raise ValueError(
+                    f"{where}: policy must be one of {sorted(cache.POLICIES)}, "
+                    f"got {default.get('policy')!r}"
+                )
+            try:
+                request.default_config(registry.describe(name), self)
+            except (TypeError, ValueError) as e:  # unknown parameter, FieldError
+                raise ValueError(f"{where}: {e}") from e
         return self
 
     @model_validator(mode="after")

@@ -1,5 +1,5 @@
 """Encoding generated clips: MP4 (H.264 through PyAV), animated GIF and WebP (Pillow, through
-``model.images.animate``)."""
+``model.sampling.images.animate``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import av
 import numpy as np
 import torch
 
-from model.images import animate
+from model.sampling.images import animate
 
 VIDEO_FORMATS = ("mp4", "gif", "webp")
 VIDEO_CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif", "webp": "image/webp"}

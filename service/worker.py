@@ -42,7 +42,7 @@ from service.engine import Engine, EngineEvent, EngineRequest, StepReport
 from service.errors import BackendUnavailable
 from service.images import CONTENT_TYPES, encode
 from service.jobs import ENDED_BY
-from service.messages import EventKind, JobRecord, StoredResult
+from service.messages import EventKind, JobRecord, JobStatus, StoredResult
 from service.metrics import NO_MODEL, Metrics
 from service.queue.base import Delivery, QueueBackend
 from service.settings import Settings
@@ -230,17 +230,28 @@ class Worker:
             record = await self.backend.start(delivery)
             if record is None:
                 continue  # cancelled while queued, or already ended
-            params = record.params
+            try:
+                plan = record.run_plan
+            except (ValueError, TypeError, KeyError) as e:  # not written by this API version
+                await self._refuse(delivery, f"job {record.id} holds no plan this worker runs: {e}")
+                continue
             self._held[record.id] = (delivery, record)
             self.engines[delivery.model].submit(
                 EngineRequest(
                     record.id,
-                    params,
-                    priority=params.priority,
+                    plan,
+                    priority=record.request.get("priority", 0),
                     deadline=record.deadline,
                     submitted=record.created_at,
                 )
             )
+
+    async def _refuse(self, delivery: Delivery, message: str) -> None:
+        """End a job this worker cannot run: failed, with the reason."""
+        log.error("%s", message)
+        self.metrics.errors.labels(delivery.model, "generation_failed").inc()
+        error = {"code": "generation_failed", "message": message}
+        await self.backend.finish(delivery, JobStatus.FAILED, error=error)
 
     async def _cancellations(self) -> None:
         for job_id in await self.backend.cancel_requested(list(self._held)):
@@ -307,19 +318,18 @@ class Worker:
         """The encoded images (or videos, one file per sample) and their metadata."""
         if event.result is None:
             return None
-        params = record.params
+        request = record.request  # as the API resolved it (``new_record``)
         samples = event.result.images  # (n, H, W, c), or a video's (n, F, H, W, c); uint8
-        kind = "video" if samples.ndim == 5 else "image"
-        fmt = params.format_for(kind)
+        fmt = request["output_format"]
         meta = {
-            "seed": params.seed,
+            "seed": request["seed"],
             "model": model,
-            "cache_interval": params.cache_interval,
-            "cache_policy": params.cache_policy,
+            "cache_interval": request["cache_interval"],  # what ran
+            "cache_policy": request["cache_policy"],
             **event.result.stats.as_dict(),
             "seconds_engine": event.result.seconds,
         }
-        fps = params.fps_for(kind)
+        fps = request.get("fps")
         if fps is None:
             return StoredResult(CONTENT_TYPES[fmt], [encode(i, fmt) for i in samples], meta)
         videos = [encode_video(clip, fmt, fps) for clip in samples]

@@ -7,14 +7,14 @@ import os
 import torch
 
 # No GPU: Triton kernels run in Triton's CPU interpreter. Triton reads this when it is first
-# imported, and importing diffusers (model.pipeline, below) imports it: set it before that.
+# imported, and importing diffusers (model.sampling.pipeline, below) imports it: set it before that.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
-from model.pipeline import Pipeline
-from model.skip_dit import SkipDiT, preset
+from model.networks.skip_dit import SkipDiT, preset
+from model.sampling.pipeline import Pipeline
 
 # Batched vs solo at fp32: GEMMs of different batch sizes round differently (~1 ulp per op);
 # over tens of steps that reaches ~1e-5. Far below any visible change (1/255 ~ 4e-3).

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from model.skip_dit import DiTConfig, SkipDiT
+from model.errors import FieldError
+from model.networks.skip_dit import DiTConfig, SkipDiT
 
 IMAGE_AND_VIDEO = frozenset({"image", "video"})
 
@@ -34,9 +35,9 @@ class CachePolicy(ABC):
     """Stateless strategy object; all request state lives in the object ``new_state`` returns."""
 
     name: str
-    # Request field -> config field this policy accepts (others are refused with FieldError).
-    request_fields: ClassVar[dict[str, str]] = {}
-    config_cls: ClassVar[type]  # frozen dataclass with the paper's defaults, validates itself
+    # Frozen dataclass with the paper's defaults; its ``check()`` raises FieldError naming the
+    # parameter (the policy's own name: ``interval``, ``depth``...) for a value out of range.
+    config_cls: ClassVar[type]
     state_cls: ClassVar[type]  # per-request state with reset()
     # Pure rule (step, t, config, state) -> Mode; a staticmethod of the policy's module function.
     decide_rule: ClassVar[Callable[[int, int, Any, Any], Mode]]
@@ -55,8 +56,20 @@ class CachePolicy(ABC):
         return self.refusal_for(model) is None
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> Any:
-        """The paper's defaults for this model, with ``overrides`` applied (validated)."""
+        """The paper's defaults for this model with ``overrides`` applied; policies whose
+        bounds depend on the model (a depth of at most half its units) check them here.
+        ``configure`` is what a run's config comes from: it also checks the values."""
         return dataclasses.replace(self.config_cls(), **overrides)
+
+    def configure(self, model: DiTConfig, **params: Any) -> Any:
+        """The config one run of this policy on ``model`` uses: built and checked, once. Raises
+        FieldError naming the parameter (``policy`` where the policy cannot run on it)."""
+        refusal = self.refusal_for(model)
+        if refusal is not None:
+            raise FieldError("policy", refusal)
+        config = self.default_config(model, **params)
+        config.check()
+        return config
 
     def new_state(self) -> Any:
         return self.state_cls()

@@ -22,7 +22,7 @@ import torch
 from model.cache.base import CachedBatch
 from model.cache.interval import IntervalConfig, IntervalPolicy, StoredState, stack
 from model.errors import FieldError
-from model.skip_dit import DiTConfig, SkipDiT
+from model.networks.skip_dit import DiTConfig, SkipDiT
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,10 @@ class DeltaDiTConfig(IntervalConfig):
     blocks: int = 1
     boundary: float = 500.0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.blocks < 1:
-            raise FieldError("cache_depth", f"must be >= 1, got {self.blocks}")
+            raise FieldError("blocks", f"must be >= 1, got {self.blocks}")
 
 
 @dataclass
@@ -51,14 +51,11 @@ class DeltaDiT(IntervalPolicy):
     name = "delta_dit"
     config_cls = DeltaDiTConfig
     state_cls = DeltaDiTState
-    request_fields = IntervalPolicy.request_fields | {"cache_depth": "blocks"}
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> DeltaDiTConfig:
         config = replace(DeltaDiTConfig(blocks=max(1, model.units // 4)), **overrides)
         if config.blocks > model.units // 2:
-            raise FieldError(
-                "cache_depth", f"must be in [1, {model.units // 2}], got {config.blocks}"
-            )
+            raise FieldError("blocks", f"must be in [1, {model.units // 2}], got {config.blocks}")
         return config
 
     def capture_blocks(self, config: DeltaDiTConfig, model: DiTConfig) -> tuple[Hashable, ...]:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from model.cache.base import CachedBatch, CachePolicy, Mode, tensor_bytes
 from model.errors import FieldError
-from model.skip_dit import DiTConfig, SkipDiT
+from model.networks.skip_dit import DiTConfig, SkipDiT
 
 
 @dataclass(frozen=True)
@@ -34,9 +33,10 @@ class FBCacheConfig:
     threshold: float = 0.08
     t_end: float = 20.0
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """Raise FieldError (naming the parameter) unless every value is in range."""
         if not 0 <= self.threshold <= 1:
-            raise FieldError("cache_threshold", f"must be in [0, 1], got {self.threshold}")
+            raise FieldError("threshold", f"must be in [0, 1], got {self.threshold}")
 
 
 @dataclass
@@ -66,10 +66,6 @@ class FBCache(CachePolicy):
     config_cls = FBCacheConfig
     state_cls = FBCacheState
     decide_rule = staticmethod(decide)
-    request_fields: ClassVar[dict[str, str]] = {
-        "cache_threshold": "threshold",
-        "cache_t_end": "t_end",
-    }
 
     def capture_blocks(self, config: FBCacheConfig, model: DiTConfig) -> tuple[Hashable, ...]:
         return (1, "final")  # hidden entering block 1 is block 0's output

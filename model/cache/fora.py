@@ -5,7 +5,7 @@ block still runs its adaLN modulation, norms and residual adds, but both branche
 stored tensors instead of being computed. Cheap cached steps, but the cache is large: 2 x depth
 hidden states per request (Skip-Cache keeps one). Full and cached steps follow the shared
 interval rule (``model.cache.interval``). Video models too: every block, spatial and temporal,
-keeps its own branches' outputs (batch-first, ``model.skip_latte``).
+keeps its own branches' outputs (batch-first, ``model.networks.skip_latte``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from model.cache.base import CachedBatch
 from model.cache.interval import IntervalConfig, IntervalPolicy, StoredState, stack
-from model.skip_dit import DiTConfig, SkipDiT
+from model.networks.skip_dit import DiTConfig, SkipDiT
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -25,9 +24,10 @@ class IntervalConfig:
 
     interval: int
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """Raise FieldError (naming the parameter) unless every value is in range."""
         if self.interval < 1:
-            raise FieldError("cache_interval", f"must be >= 1, got {self.interval}")
+            raise FieldError("interval", f"must be >= 1, got {self.interval}")
 
     def full_at(self, step: int, t: float) -> bool:
         """Whether the schedule asks for a full step at step ``step`` (0-based), timestep ``t``."""
@@ -63,7 +63,6 @@ class IntervalPolicy(CachePolicy):
     """Base of the interval policies. Its defaults keep a StoredState; a policy whose state is
     shaped otherwise (Skip-Cache keeps a single tensor) overrides ``on_full``/``state_bytes``."""
 
-    request_fields: ClassVar[dict[str, str]] = {"cache_interval": "interval"}
     decide_rule = staticmethod(decide)
 
     def planned_modes(self, config: IntervalConfig, timesteps: Sequence[int]) -> list[Mode]:

@@ -7,12 +7,15 @@ from typing import Any
 
 from model.cache.base import CachePolicy, Mode
 from model.errors import FieldError
-from model.skip_dit import DiTConfig
+from model.networks.skip_dit import DiTConfig
 
 
 @dataclass(frozen=True)
 class NoCacheConfig:
     """No knobs."""
+
+    def check(self) -> None:
+        """Nothing to check."""
 
 
 @dataclass
@@ -33,5 +36,5 @@ class NoCache(CachePolicy):
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> NoCacheConfig:
         if overrides:
-            raise FieldError("cache_policy", f"'none' takes no options, got {sorted(overrides)}")
+            raise FieldError("policy", f"'none' takes no options, got {sorted(overrides)}")
         return super().default_config(model)

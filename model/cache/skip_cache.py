@@ -19,8 +19,8 @@ after unit K-1 and rejoined before unit D-K; no shallow work is repeated. A refr
 step counts as FULL (``realized_mode``). The interval stays: a full step at least every
 ``interval`` steps (``step % interval == 0``), so the interval is the maximum gap between full
 steps. ``threshold`` None is the fixed schedule, bit for bit; 0 recomputes every step (no cache,
-within batch tolerance). Its cached groups run eagerly (``model.pipeline``): a captured cached
-forward has no row split.
+within batch tolerance). Its cached groups run eagerly (``model.sampling.pipeline``): a captured
+cached forward has no row split.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from model.cache.base import CachedBatch, Mode, tensor_bytes
 from model.cache.interval import IntervalConfig, IntervalPolicy, interval_mode
 from model.errors import FieldError
-from model.skip_dit import DiTConfig, SkipDiT
+from model.networks.skip_dit import DiTConfig, SkipDiT
 
 
 @dataclass(frozen=True)
@@ -66,18 +66,16 @@ class SkipCacheConfig(IntervalConfig):
     t_end: float = 20.0
     threshold: float | None = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.depth < 1:
-            raise FieldError("cache_depth", f"must be >= 1, got {self.depth}")
+            raise FieldError("depth", f"must be >= 1, got {self.depth}")
         if self.t_end >= self.t_start:
-            raise FieldError(
-                "cache_t_end", f"must be below cache_t_start ({self.t_start}), got {self.t_end}"
-            )
+            raise FieldError("t_end", f"must be below t_start ({self.t_start}), got {self.t_end}")
         if self.threshold is not None and not (
             0 <= self.threshold <= 1 or self.threshold == math.inf
         ):
-            raise FieldError("cache_threshold", f"must be in [0, 1] or inf, got {self.threshold}")
+            raise FieldError("threshold", f"must be in [0, 1] or inf, got {self.threshold}")
 
     def full_at(self, step: int, t: float) -> bool:
         """Every ``interval``-th step, and every step with t >= t_start, t <= t_end."""
@@ -121,12 +119,6 @@ class SkipCache(IntervalPolicy):
     config_cls = SkipCacheConfig
     state_cls = SkipCacheState
     decide_rule = staticmethod(decide)
-    request_fields = IntervalPolicy.request_fields | {
-        "cache_depth": "depth",
-        "cache_t_start": "t_start",
-        "cache_t_end": "t_end",
-        "cache_threshold": "threshold",
-    }
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> SkipCacheConfig:
         _, t_start, t_end = PAPER_DEFAULTS[model.kind]
@@ -135,7 +127,7 @@ class SkipCache(IntervalPolicy):
         if config.depth > model.units // 2:
             unit = "depth" if model.kind == "image" else "block pairs"
             raise FieldError(
-                "cache_depth",
+                "depth",
                 f"must be in [1, {model.units // 2}] for a model of {unit} {model.units}, "
                 f"got {config.depth}",
             )

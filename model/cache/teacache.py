@@ -14,8 +14,8 @@ DiT-like models), kept per request: the previous input, the sum and the residual
 request's own, and each request's change is measured on its own rows (its conditional and
 unconditional rows together), never on a batch-wide mean.
 
-The polynomial is model-specific: ``skipdit calibrate-teacache`` (``model.calibrate``) fits it
-for a model and stores it in the model card, and the pipeline applies it to every TeaCache
+The polynomial is model-specific: ``skipdit calibrate-teacache`` (``model.training.calibrate``)
+fits it for a model and stores it in the model card, and the pipeline applies it to every TeaCache
 request of that model (``Pipeline.cache_overrides``). The default, ``(0, 0, 0, 1, 0)``, is the
 identity: the raw input change.
 
@@ -40,13 +40,12 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from model.cache.base import CachedBatch, CachePolicy, Mode, tensor_bytes
 from model.errors import FieldError
-from model.skip_dit import DiTConfig, SkipDiT
+from model.networks.skip_dit import DiTConfig, SkipDiT
 
 IDENTITY = (0.0, 0.0, 0.0, 1.0, 0.0)  # poly1d: x
 
@@ -65,12 +64,15 @@ class TeaCacheConfig:
     coefficients: tuple[float, ...] = IDENTITY
 
     def __post_init__(self) -> None:
-        if not 0 <= self.threshold <= 1:
-            raise FieldError("cache_threshold", f"must be in [0, 1], got {self.threshold}")
         coefficients = tuple(float(c) for c in self.coefficients)
-        if not coefficients or not all(math.isfinite(c) for c in coefficients):
-            raise FieldError("coefficients", f"must be finite numbers, got {self.coefficients}")
         object.__setattr__(self, "coefficients", coefficients)  # a list from JSON: hashable
+
+    def check(self) -> None:
+        """Raise FieldError (naming the parameter) unless every value is in range."""
+        if not 0 <= self.threshold <= 1:
+            raise FieldError("threshold", f"must be in [0, 1], got {self.threshold}")
+        if not self.coefficients or not all(math.isfinite(c) for c in self.coefficients):
+            raise FieldError("coefficients", f"must be finite numbers, got {self.coefficients}")
 
     def rescale(self, change: float) -> float:
         """The polynomial at ``change`` (Horner, highest power first)."""
@@ -117,10 +119,6 @@ class TeaCache(CachePolicy):
     config_cls = TeaCacheConfig
     state_cls = TeaCacheState
     decide_rule = staticmethod(decide)
-    request_fields: ClassVar[dict[str, str]] = {
-        "cache_threshold": "threshold",
-        "cache_t_end": "t_end",
-    }
 
     def capture_blocks(self, config: TeaCacheConfig, model: DiTConfig) -> tuple[Hashable, ...]:
         return (0, "final", "modulated")  # hidden entering block 0: the embedded tokens

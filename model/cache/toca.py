@@ -23,7 +23,7 @@ from model.cache.base import CachedBatch
 from model.cache.fora import branch_keys
 from model.cache.interval import IntervalConfig, IntervalPolicy, StoredState, stack
 from model.errors import FieldError
-from model.skip_dit import Attention, DiTConfig, SkipDiT
+from model.networks.skip_dit import Attention, DiTConfig, SkipDiT
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,10 @@ class ToCaConfig(IntervalConfig):
     interval: int = 3
     ratio: float = 0.25
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if not 0 < self.ratio <= 1:
-            raise FieldError("cache_ratio", f"must be in (0, 1], got {self.ratio}")
+            raise FieldError("ratio", f"must be in (0, 1], got {self.ratio}")
 
 
 @dataclass
@@ -71,7 +71,6 @@ class ToCa(IntervalPolicy):
     name = "toca"
     config_cls = ToCaConfig
     state_cls = ToCaState
-    request_fields = IntervalPolicy.request_fields | {"cache_ratio": "ratio"}
     kinds = frozenset({"image"})
     refusal = (
         "ToCa picks tokens along one token axis per sample and recomputes only their rows of "

@@ -12,12 +12,14 @@ from fastapi import Depends, Request
 
 from model.errors import FieldError
 from model.registry import ModelInfo
+from model.sampling.plan import RunPlan
 from service import errors
 from service.api.auth import Caller, KeyRing
 from service.images import FORMATS as IMAGE_FORMATS
 from service.messages import JobRecord, JobRequest, JobStatus, StoredResult
 from service.metrics import Metrics
 from service.queue.base import QueueBackend
+from service.request import echo, resolve
 from service.settings import Settings
 from service.video import VIDEO_FORMATS
 from service.worker import Worker
@@ -48,36 +50,22 @@ class Service:
             raise FieldError("model", f"unknown model {name!r}; served: {list(self.models)}")
         return info
 
-    def check(self, body: JobRequest) -> ModelInfo:
-        """The deployment's limits and the requested model's own checks; raise FieldError.
-        Returns the model that runs the request."""
-        s = self.settings
+    def check(self, body: JobRequest) -> tuple[ModelInfo, RunPlan]:
+        """The request resolved once against the model it names: its output options, this
+        deployment's limits and defaults, the model's own checks. Returns the model and the
+        checked plan its job runs; raises FieldError naming the request field."""
         info = self.model_for(body.model)
-        if body.num_images > s.max_num_images:
-            raise FieldError(
-                "num_images", f"must be in [1, {s.max_num_images}], got {body.num_images}"
-            )
-        if body.steps > s.max_steps:
-            raise FieldError("steps", f"must be in [1, {s.max_steps}], got {body.steps}")
-        body.check_for(info.config)
         check_output(body, info)
-        body.check_budget(info.config, info.default_guidance, s.max_batch_tokens)
-        return info
+        return info, resolve(body, info, self.settings)
 
     async def submit(
         self, body: JobRequest, idempotency_key: str | None, caller: Caller
     ) -> JobRecord:
-        """Check, count against the caller's key, and enqueue on the model's queue; the record
-        names the model that runs it, the output format (and, videos, fps) it gets and its
-        owner (the key's id)."""
-        info = self.check(body)
+        """Check, count against the caller's key, and enqueue on the model's queue (the record:
+        ``new_record``; its owner is the key's id)."""
+        info, run = self.check(body)
         self.keys.take(caller)
-        resolved = {"model": info.name, "output_format": body.format_for(info.kind)}
-        if info.kind == "video":
-            resolved["fps"] = body.fps_for(info.kind)
-        request = body.model_dump(mode="json", by_alias=True) | resolved
-        record = JobRecord(request=request, owner=caller.key_id)
-        record.total_steps = body.steps
+        record = new_record(body, info, run, caller.key_id)
         await self.keys.admit(caller, record.id, self._unfinished, self.settings.retry_after_s)
         try:
             stored, _ = await self.backend.submit(record, caller.scoped(idempotency_key))
@@ -133,6 +121,19 @@ class Service:
         return result
 
 
+def new_record(
+    body: JobRequest, info: ModelInfo, run: RunPlan, owner: str | None = None
+) -> JobRecord:
+    """The record of a checked request: the plan its worker runs, and in ``request`` the body
+    with what was resolved (the model, the output format and a video's fps, the guidance and
+    the cache that run: what the response's ``request`` shows)."""
+    resolved = {"model": info.name, "output_format": body.format_for(info.kind)}
+    if info.kind == "video":
+        resolved["fps"] = body.fps_for(info.kind)
+    request = body.model_dump(mode="json", by_alias=True) | resolved | echo(run)
+    return JobRecord(request, owner=owner, plan=run.to_json(), total_steps=body.steps)
+
+
 def check_output(body: JobRequest, info: ModelInfo) -> None:
     """The output options against the model's kind: a video's fps and formats on an image
     model, an image format on a video model, raise FieldError naming the field."""
@@ -151,6 +152,7 @@ def record_view(record: JobRecord) -> dict[str, Any]:
     """A job as the API shows it: the record plus progress in [0, 1]."""
     view = record.to_dict()
     del view["owner"]  # the key's id: the caller knows its key
+    del view["plan"]  # the model layer's: ``request`` shows it in request fields
     view["progress"] = record.step / record.total_steps if record.total_steps else 0.0
     return view
 

@@ -1,4 +1,4 @@
-"""The served models and their cache defaults, liveness, readiness, Prometheus metrics."""
+"""The served models (their defaults and limits), liveness, readiness, Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from model import cache
 from model.registry import ModelInfo
 from service import errors
 from service.api.deps import Service, ServiceDep
+from service.request import default_config, limits
 
 router = APIRouter(tags=["system"])
 
@@ -33,9 +35,16 @@ def _model(svc: Service, name: str, info: ModelInfo) -> dict[str, Any]:
         "dynamic": info.config.dynamic,  # DyDiT routers: requests may set `dynamic`
         "cache_policies": sorted(info.cache_defaults()),  # those that apply to its kind
         "cache_defaults": info.cache_defaults(),
+        "default_cache": _default_cache(svc, info),  # what a request naming no cache field runs
+        "limits": limits(info, svc.settings).published(),
         "card": info.card,
         "runtime": _runtime(svc, name),
     }
+
+
+def _default_cache(svc: Service, info: ModelInfo) -> dict[str, Any]:
+    default, config = default_config(info, svc.settings)
+    return {"policy": default.policy, "config": cache.as_json(config), "source": default.source}
 
 
 def _runtime(svc: Service, name: str) -> dict[str, Any]:

@@ -19,11 +19,10 @@ from model.registry import ModelInfo
 from service import errors
 from service.api.auth import Caller, CallerDep
 from service.api.deps import Service, ServiceDep
-from service.messages import DEFAULT_FPS, JobRecord, JobRequest, JobStatus
+from service.messages import DEFAULT_FPS, MAX_FPS, JobRecord, JobRequest, JobStatus
 
 router = APIRouter(prefix="/v1/videos", tags=["openai"])
 
-MAX_FPS = 60.0  # the top of JobRequest.fps's range
 STATUS = {  # job status -> what OpenAI's video object says
     JobStatus.QUEUED: "queued",
     JobStatus.RUNNING: "in_progress",

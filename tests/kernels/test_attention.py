@@ -15,7 +15,7 @@ from torch import nn
 
 from kernels import attention as attn
 from kernels import dispatch
-from model.skip_dit import Attention
+from model.networks.skip_dit import Attention
 
 DTYPES = [torch.float32, torch.float16]
 if torch.cuda.is_available():

@@ -10,11 +10,12 @@ import torch
 from model.cache import POLICIES, Mode, RequestCache, build
 from model.cache.skip_cache import SkipCacheConfig, SkipCacheState, decide, default_depth
 from model.errors import FieldError
-from model.graphs import BucketedForward
-from model.pipeline import Job, Pipeline, denoise_step, eager_when_deciding, forward_group
-from model.request import GenerateParams
-from model.skip_dit import preset
+from model.networks.skip_dit import preset
+from model.sampling.graphs import BucketedForward
+from model.sampling.pipeline import Job, Pipeline, denoise_step, eager_when_deciding, forward_group
+from service.request import FIELDS, GenerateParams
 from tests.conftest import BATCH_TOL, tiny
+from tests.helpers import generate, plan_of, start
 
 # policy -> request options that make it cache (for "none": nothing to set).
 CACHING = {
@@ -30,10 +31,10 @@ CACHING = {
 OFF = {
     "none": {},
     "skip_cache": {"cache_interval": 1},
-    "fora": {},
+    "fora": {"cache_interval": 1},
     "fbcache": {"cache_threshold": 0},
-    "delta_dit": {},
-    "toca": {},
+    "delta_dit": {"cache_interval": 1},
+    "toca": {"cache_interval": 1},
     "teacache": {"cache_threshold": 0},
 }
 
@@ -44,7 +45,7 @@ def test_every_policy_is_covered_by_the_contract() -> None:
 
 def _run(pipeline: Pipeline, **kw: object) -> torch.Tensor:
     params = GenerateParams(steps=8, num_images=2, class_label=3, seed=5, **kw)
-    (result,) = pipeline.generate([params])
+    (result,) = generate(pipeline, [params])
     return result.latents
 
 
@@ -58,16 +59,16 @@ def test_caching_off_is_bitwise_no_cache(tiny_pipeline: Pipeline, name: str) -> 
 def test_state_of_two_requests_never_mixes(tiny_pipeline: Pipeline, name: str) -> None:
     a = GenerateParams(steps=8, seed=1, class_label=1, cache_policy=name, **CACHING[name])
     b = GenerateParams(steps=8, seed=2, class_label=7, cache_policy=name, **CACHING[name])
-    together = tiny_pipeline.generate([a, b])
+    together = generate(tiny_pipeline, [a, b])
     for params, batched in zip([a, b], together, strict=True):
-        (alone,) = tiny_pipeline.generate([params])
+        (alone,) = generate(tiny_pipeline, [params])
         torch.testing.assert_close(batched.latents, alone.latents, **BATCH_TOL)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_state_reset_forgets_the_cache(tiny_pipeline: Pipeline, name: str) -> None:
     params = GenerateParams(steps=4, cache_policy=name, **CACHING[name])
-    job = tiny_pipeline.start(params)
+    job = start(tiny_pipeline, params)
     denoise_step(tiny_pipeline.model, [job])
     job.cache.reset()
     assert job.cache.policy.state_bytes(job.cache.state) == 0
@@ -77,8 +78,8 @@ def test_state_reset_forgets_the_cache(tiny_pipeline: Pipeline, name: str) -> No
 # Policies whose modes depend on the run itself: their planned_modes is an estimate. (Adaptive
 # Skip-Cache too: see test_adaptive_skip_cache_plans_every_step_full.)
 DYNAMIC = {"fbcache", "teacache"}
-# Request options the planning contract tries; each policy takes those of its request_fields.
-# (cache_threshold alone: skip_cache gets it at the request's interval 1, every step FULL.)
+# Request options the planning contract tries; each policy takes its own (service.request.FIELDS).
+# (cache_threshold alone: skip_cache runs it at its default interval, adaptive.)
 PLAN_OPTIONS = [
     {"cache_interval": 3, "cache_ratio": 0.5},
     {"cache_threshold": 0.5},
@@ -90,12 +91,12 @@ PLAN_RUNS = [("ddim", 10), ("ddpm", 13), ("dpm++", 7)]  # (sampler, steps)
 
 def _plan_and_run(pipeline: Pipeline, params: GenerateParams) -> tuple[list[Mode], list[Mode]]:
     """A fresh request's planned modes, and the modes a real run of it reports step by step."""
-    job = pipeline.start(params)
+    job = start(pipeline, params)
     planned = job.cache.policy.planned_modes(
         job.cache.config, [int(t) for t in job.scheduler.timesteps]
     )
     ran: list[Mode] = []
-    pipeline.generate([params], progress=lambda _job, mode: ran.append(mode))
+    generate(pipeline, [params], progress=lambda _job, mode: ran.append(mode))
     return planned, ran
 
 
@@ -104,7 +105,7 @@ def test_planned_modes_are_what_a_run_reports(tiny_pipeline: Pipeline, name: str
     """Static policies plan exactly; a dynamic one plans every step FULL, an upper bound on time
     (its 'cached' steps may compute fully)."""
     assert set(POLICIES) >= DYNAMIC
-    fields = POLICIES[name].request_fields
+    fields = FIELDS[name]
     settings = {tuple((k, v) for k, v in o.items() if k in fields) for o in PLAN_OPTIONS}
     seen: set[Mode] = set()
     for options in sorted(settings):
@@ -114,7 +115,8 @@ def test_planned_modes_are_what_a_run_reports(tiny_pipeline: Pipeline, name: str
             )
             planned, ran = _plan_and_run(tiny_pipeline, params)
             assert len(ran) == steps
-            expected = [Mode.FULL] * steps if name in DYNAMIC else ran
+            adaptive = name in DYNAMIC or "cache_threshold" in dict(options)  # skip_cache's too
+            expected = [Mode.FULL] * steps if adaptive else ran
             assert planned == expected, (options, sampler)
             seen.update(ran)
     assert name == "none" or Mode.CACHED in seen  # the schedules tried really cache
@@ -144,13 +146,13 @@ def test_defaults_scale_the_papers_depth_to_the_model() -> None:
 @pytest.mark.parametrize(
     ("options", "field"),
     [
-        ({"interval": 0}, "cache_interval"),
-        ({"depth": 3}, "cache_depth"),
-        ({"t_start": 10.0, "t_end": 20.0}, "cache_t_end"),
-        ({"threshold": 1.5}, "cache_threshold"),
+        ({"interval": 0}, "interval"),
+        ({"depth": 3}, "depth"),
+        ({"t_start": 10.0, "t_end": 20.0}, "t_end"),
+        ({"threshold": 1.5}, "threshold"),
     ],
 )
-def test_bad_skip_cache_options_name_the_field(options: dict, field: str) -> None:
+def test_bad_skip_cache_options_name_the_parameter(options: dict, field: str) -> None:
     with pytest.raises(FieldError) as err:
         build("skip_cache", preset("digits-tiny"), **options)
     assert err.value.field == field
@@ -174,9 +176,10 @@ def test_cached_step_runs_2k_blocks_on_the_requests_own_deep_feature(
         )
     )
     # A: 1 row, interval 2; B: 2 rows, interval 3. Row counts tell their forwards apart.
-    a = tiny_pipeline.start(GenerateParams(steps=8, guidance_scale=1, cache_interval=2, seed=1))
-    b = tiny_pipeline.start(
-        GenerateParams(steps=8, guidance_scale=1, num_images=2, cache_interval=3, seed=2)
+    a = start(tiny_pipeline, GenerateParams(steps=8, guidance_scale=1, cache_interval=2, seed=1))
+    b = start(
+        tiny_pipeline,
+        GenerateParams(steps=8, guidance_scale=1, num_images=2, cache_interval=3, seed=2),
     )
     last_full: dict[str, torch.Tensor] = {}
     cached_checks = {"a": 0, "b": 0}
@@ -216,7 +219,7 @@ def test_cached_step_runs_2k_blocks_on_the_requests_own_deep_feature(
 
 
 def test_planned_modes_match_what_a_run_does(tiny_pipeline: Pipeline) -> None:
-    job = tiny_pipeline.start(GenerateParams(steps=8, cache_interval=3))
+    job = start(tiny_pipeline, GenerateParams(steps=8, cache_interval=3))
     timesteps = [int(t) for t in job.scheduler.timesteps]
     planned = job.cache.policy.planned_modes(job.cache.config, timesteps)
     ran = [denoise_step(tiny_pipeline.model, [job])[0] for _ in timesteps]
@@ -238,17 +241,18 @@ def run_with_modes(
     modes: dict[int, list[Mode]] = {}
 
     def progress(job: Job, mode: Mode) -> None:
-        modes.setdefault(id(job.params), []).append(mode)
+        modes.setdefault(id(job.plan), []).append(mode)
 
-    results = pipeline.generate(requests, progress=progress)
-    return [r.latents for r in results], [modes[id(p)] for p in requests]
+    plans = [plan_of(pipeline, p) for p in requests]
+    results = pipeline.generate(plans, progress=progress)
+    return [r.latents for r in results], [modes[id(p)] for p in plans]
 
 
 def test_adaptive_skip_cache_at_threshold_0_is_no_cache(tiny_pipeline: Pipeline) -> None:
     (adaptive,), (modes,) = run_with_modes(tiny_pipeline, [_adaptive(0.0)])
     assert modes == [Mode.FULL] * 10  # every would-be cached step recomputed
     uncached = GenerateParams(steps=10, num_images=2, class_label=3, seed=5, cache_policy="none")
-    (reference,) = tiny_pipeline.generate([uncached])
+    (reference,) = generate(tiny_pipeline, [uncached])
     torch.testing.assert_close(adaptive, reference.latents, **BATCH_TOL)
 
 
@@ -265,7 +269,7 @@ def test_adaptive_skip_cache_without_a_threshold_is_the_fixed_schedule(
     # An infinite threshold (a config value; requests stop at 1) is the same bits too.
     policy = POLICIES["skip_cache"]
     config = policy.default_config(tiny_pipeline.model.config, interval=4, threshold=math.inf)
-    job = tiny_pipeline.start(_adaptive(0.5))
+    job = start(tiny_pipeline, _adaptive(0.5))
     job.cache = RequestCache(policy, config)
     while not job.done:
         tiny_pipeline.step([job])
@@ -274,7 +278,7 @@ def test_adaptive_skip_cache_without_a_threshold_is_the_fixed_schedule(
 
 def test_adaptive_skip_cache_plans_every_step_full(tiny_pipeline: Pipeline) -> None:
     """Its refreshes depend on the run: the plan is the upper bound, as fbcache's."""
-    job = tiny_pipeline.start(_adaptive(0.05))
+    job = start(tiny_pipeline, _adaptive(0.05))
     timesteps = [int(t) for t in job.scheduler.timesteps]
     assert job.cache.policy.planned_modes(job.cache.config, timesteps) == [Mode.FULL] * 10
     ran = [denoise_step(tiny_pipeline.model, [job])[0] for _ in timesteps]
@@ -346,7 +350,7 @@ def test_adaptive_groups_run_eagerly_beside_captured_steps() -> None:
     runner.warmup()
     fast.forward = eager_when_deciding(runner.group_forward(forward_group))
     requests = [_adaptive(0.1, seed=1), _adaptive(None, seed=2), _adaptive(0.3, seed=3)]
-    for a, b in zip(eager.generate(requests), fast.generate(requests), strict=True):
+    for a, b in zip(generate(eager, requests), generate(fast, requests), strict=True):
         torch.testing.assert_close(b.latents, a.latents, **BATCH_TOL)
 
 
@@ -358,7 +362,7 @@ def test_each_policy_reports_the_memory_its_cache_holds(tiny_pipeline: Pipeline)
     one_hidden = 2 * config.num_tokens * config.hidden_size * 4  # 2 rows (guidance), fp32
     held = {}
     for name in POLICIES:
-        job = tiny_pipeline.start(GenerateParams(steps=4, cache_policy=name, **CACHING[name]))
+        job = start(tiny_pipeline, GenerateParams(steps=4, cache_policy=name, **CACHING[name]))
         denoise_step(tiny_pipeline.model, [job])
         held[name] = job.cache.policy.state_bytes(job.cache.state)
     assert held == {
@@ -380,7 +384,7 @@ def test_fora_cached_step_computes_no_attention_or_mlp(tiny_pipeline: Pipeline) 
         for block in model.blocks
         for name, m in (("attn", block.attn), ("mlp", block.mlp))
     ]
-    job = tiny_pipeline.start(GenerateParams(steps=6, cache_policy="fora", cache_interval=3))
+    job = start(tiny_pipeline, GenerateParams(steps=6, cache_policy="fora", cache_interval=3))
     try:
         counts = []
         while not job.done:
@@ -457,7 +461,7 @@ def test_toca_recomputes_a_ratio_of_tokens_and_refreshes_them_in_turn(
     )
     params = GenerateParams(steps=9, guidance_scale=1, cache_policy="toca", cache_interval=5,
                             cache_ratio=0.25)  # fmt: skip
-    job = tiny_pipeline.start(params)
+    job = start(tiny_pipeline, params)
     refreshed = torch.zeros(tokens, dtype=torch.long)
     try:
         denoise_step(model, [job])  # full

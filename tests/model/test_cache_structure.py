@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from model.cache import POLICIES, Mode
-from model.dydit import DyDiT
-from model.networks import build, preset
-from model.skip_dit import SkipDiT
+from model.networks.dydit import DyDiT
+from model.networks.presets import build, preset
+from model.networks.skip_dit import SkipDiT
 from tests.conftest import BATCH_TOL, randomized
 from tests.model.test_dydit import routing
 

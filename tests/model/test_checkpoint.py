@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from model import registry
-from model.checkpoint import (
+from model.errors import FieldError
+from model.networks.checkpoint import (
     CheckpointError,
     infer_config,
     load_official,
@@ -21,8 +22,7 @@ from model.checkpoint import (
     official_state_dict,
     save_pretrained,
 )
-from model.errors import FieldError
-from model.skip_dit import DiTConfig, SkipDiT, preset
+from model.networks.skip_dit import DiTConfig, SkipDiT, preset
 from tests.conftest import tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,7 +164,7 @@ def test_config_json_without_guided_channels_loads_as_all_channels(tmp_path: Pat
 _MEASURE_LOAD = """
 import json, sys
 import torch
-from model.checkpoint import load_official, official_config, official_state_dict
+from model.networks.checkpoint import load_official, official_config, official_state_dict
 
 def peak_mib():
     with open("/proc/self/status") as f:

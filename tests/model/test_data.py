@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model import data
+from model.training import data
 
 
 def clips(seed: int, n: int = 6, **kw: int) -> torch.Tensor:

@@ -7,14 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import cache, flops
-from model.dydit import DyDiT, Routed, flop_model
+from model import cache
 from model.errors import FieldError
-from model.networks import build, preset
-from model.pipeline import Pipeline
-from model.request import GenerateParams
-from model.skip_dit import SkipDiT
+from model.networks import flops
+from model.networks.dydit import DyDiT, Routed, flop_model
+from model.networks.presets import build, preset
+from model.networks.skip_dit import SkipDiT
+from model.sampling.pipeline import Pipeline
+from model.sampling.plan import plan
+from service.request import GenerateParams
 from tests.conftest import tiny
+from tests.helpers import generate, start
 
 ATOL = 1e-5  # fp32: a row computed in a different batch (BLAS blocking)
 
@@ -64,8 +67,8 @@ def test_routers_that_keep_everything_are_the_base_network_bitwise(long_skip: bo
             )
     requests = [GenerateParams(class_label=c, steps=4, seed=c, guidance_scale=2.0,
                                cache_policy="none") for c in range(4)]  # fmt: skip
-    ours = [r.latents for r in Pipeline(dy).generate(requests)]
-    theirs = [r.latents for r in Pipeline(base).generate(requests)]
+    ours = [r.latents for r in generate(Pipeline(dy), requests)]
+    theirs = [r.latents for r in generate(Pipeline(base), requests)]
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
@@ -136,9 +139,9 @@ def test_a_request_gives_the_same_output_in_a_mixed_batch_as_alone() -> None:
                        cache_threshold=0.05),
         GenerateParams(class_label=6, steps=8, seed=6, cache_policy="fora", cache_interval=2),
     ]  # fmt: skip
-    together = pipeline.generate(requests)
+    together = generate(pipeline, requests)
     for request, result in zip(requests, together, strict=True):
-        alone = pipeline.generate([request])[0]
+        alone = generate(pipeline, [request])[0]
         assert torch.allclose(result.latents, alone.latents, atol=ATOL), request
 
 
@@ -147,10 +150,10 @@ def test_dynamic_false_runs_the_same_weights_without_routing() -> None:
     static = build(dy.config.replace(dynamic=False))
     static.load_state_dict(dy.dense().state_dict(), strict=False)
     request = GenerateParams(class_label=3, steps=5, seed=9, dynamic=False, cache_policy="none")
-    ours = Pipeline(dy).generate([request])[0].latents
+    ours = generate(Pipeline(dy), [request])[0].latents
     plain = request.model_copy(update={"dynamic": None})  # a static model takes no `dynamic`
-    assert torch.equal(ours, Pipeline(static).generate([plain])[0].latents)
-    routed = Pipeline(dy).generate([request.model_copy(update={"dynamic": True})])[0].latents
+    assert torch.equal(ours, generate(Pipeline(static), [plain])[0].latents)
+    routed = generate(Pipeline(dy), [request.model_copy(update={"dynamic": True})])[0].latents
     assert not torch.allclose(ours, routed)
 
 
@@ -166,22 +169,21 @@ def test_every_cache_policy_caches_steps_on_a_dydit(policy: str) -> None:
     request = GenerateParams(class_label=2, steps=6, seed=2, cache_policy=policy, **options)
     if not cache.POLICIES[policy].applies_to(dy.config):  # ToCa: see its refusal
         with pytest.raises(FieldError, match="routed DyDiT") as refused:
-            Pipeline(dy).generate([request])
+            generate(Pipeline(dy), [request])
         assert refused.value.field == "cache_policy"
         request = request.model_copy(update={"dynamic": False})  # the static twin runs it
-    job = Pipeline(dy).start(request)
+    job = start(Pipeline(dy), request)
     planned = job.cache.policy.planned_modes(job.cache.config, job.scheduler.timesteps.tolist())
-    result = Pipeline(dy).generate([request])[0]
+    result = generate(Pipeline(dy), [request])[0]
     assert torch.isfinite(result.latents).all()
     cached = result.stats.steps[cache.Mode.CACHED]
     assert cached >= 2 if dynamic else cached == planned.count(cache.Mode.CACHED) >= 2
 
 
 def test_dynamic_is_refused_on_a_model_without_routers() -> None:
-    request = GenerateParams(dynamic=True)
     with pytest.raises(FieldError) as refused:
-        request.check_for(preset("digits-tiny"))
+        plan(preset("digits-tiny"), dynamic=True)
     assert refused.value.field == "dynamic"
-    GenerateParams(dynamic=False).check_for(preset("digits-tiny", dynamic=True))
+    assert not plan(preset("digits-tiny", dynamic=True), dynamic=False).dynamic
     with pytest.raises(ValueError, match="dynamic"):
         preset("digits-video-tiny", dynamic=True)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from kernels.dispatch import KernelUnavailable
-from model.graphs import BucketedForward, ModeUnavailable
-from model.pipeline import Pipeline, forward_group
-from model.request import GenerateParams
+from model.sampling.graphs import BucketedForward, ModeUnavailable
+from model.sampling.pipeline import Pipeline, forward_group
+from service.request import GenerateParams
 from tests.conftest import BATCH_TOL, tiny
+from tests.helpers import generate
 
 MIXED = [
     GenerateParams(steps=6, seed=1, class_label=2, cache_interval=2),  # skip_cache: graphed
@@ -22,7 +23,7 @@ MIXED = [
 
 
 def latents(pipeline: Pipeline) -> list[torch.Tensor]:
-    return [r.latents for r in pipeline.generate(MIXED)]
+    return [r.latents for r in generate(pipeline, MIXED)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults")
@@ -103,7 +104,7 @@ def test_a_pipeline_on_triton_kernels_makes_the_eager_images() -> None:
 def test_full_size_fast_paths_match_the_fp32_reference_on_a_gpu() -> None:
     """Skip-DiT-XL/2 in bf16, 16 rows: the Triton kernels and the CUDA-graph replays are within
     twice the eager bf16 network's own error against the same network in fp32."""
-    from model.skip_dit import SkipDiT, preset
+    from model.networks.skip_dit import SkipDiT, preset
 
     torch.manual_seed(0)
     network = SkipDiT(preset("XL/2"))

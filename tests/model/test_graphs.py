@@ -12,10 +12,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from model import cache, graphs
+from model import cache
 from model.cache import Mode
-from model.graphs import BucketedForward, ModeUnavailable
-from model.skip_dit import SkipDiT
+from model.networks.skip_dit import SkipDiT
+from model.sampling import graphs
+from model.sampling.graphs import BucketedForward, ModeUnavailable
 from tests.conftest import BATCH_TOL, tiny
 
 BUCKETS = (1, 2, 4, 8)

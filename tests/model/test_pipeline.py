@@ -11,9 +11,10 @@ from diffusers import AutoencoderKL, DDPMScheduler
 
 from model import registry
 from model.cache import Mode
-from model.checkpoint import save_pretrained
 from model.errors import FieldError
-from model.pipeline import (
+from model.networks.checkpoint import save_pretrained
+from model.networks.skip_dit import SkipDiT
+from model.sampling.pipeline import (
     ForwardTimer,
     Job,
     Pipeline,
@@ -23,15 +24,15 @@ from model.pipeline import (
     make_scheduler,
     step_samplers,
 )
-from model.request import GenerateParams
-from model.skip_dit import SkipDiT
+from service.request import GenerateParams
 from tests.conftest import BATCH_TOL, tiny
+from tests.helpers import generate, start
 
 CONFIGS = list(itertools.product(["ddim", "ddpm", "dpm++"], [False, True], [True, False]))
 
 
 def _solo(pipeline: Pipeline, params: GenerateParams) -> torch.Tensor:
-    return pipeline.generate([params])[0].latents
+    return generate(pipeline, [params])[0].latents
 
 
 def test_batched_requests_equal_their_solo_runs(tiny_pipeline: Pipeline) -> None:
@@ -41,7 +42,7 @@ def test_batched_requests_equal_their_solo_runs(tiny_pipeline: Pipeline) -> None
         GenerateParams(steps=6, seed=3, class_label=9, sampler="dpm++", cache_interval=2),
         GenerateParams(steps=7, seed=4, guidance_scale=1, sampler="ddpm", cache_interval=4),
     ]
-    batched = tiny_pipeline.generate(requests)
+    batched = generate(tiny_pipeline, requests)
     for params, result in zip(requests, batched, strict=True):
         torch.testing.assert_close(result.latents, _solo(tiny_pipeline, params), **BATCH_TOL)
 
@@ -49,10 +50,10 @@ def test_batched_requests_equal_their_solo_runs(tiny_pipeline: Pipeline) -> None
 def test_a_request_joining_mid_way_does_not_change_either_output(tiny_pipeline: Pipeline) -> None:
     a_params = GenerateParams(steps=8, seed=11, cache_interval=2)
     b_params = GenerateParams(steps=8, seed=12, class_label=4, cache_interval=3)
-    a = tiny_pipeline.start(a_params)
+    a = start(tiny_pipeline, a_params)
     for _ in range(3):
         denoise_step(tiny_pipeline.model, [a])
-    b = tiny_pipeline.start(b_params)
+    b = start(tiny_pipeline, b_params)
     while not b.done:
         denoise_step(tiny_pipeline.model, [j for j in (a, b) if not j.done])
     torch.testing.assert_close(a.latents, _solo(tiny_pipeline, a_params), **BATCH_TOL)
@@ -72,7 +73,7 @@ def test_seed_decides_the_output(tiny_pipeline: Pipeline) -> None:
 def test_every_sampler_handles_learned_sigma(sampler: str, learn_sigma: bool) -> None:
     pipeline = Pipeline(tiny(learn_sigma=learn_sigma))
     params = GenerateParams(steps=5, sampler=sampler, guidance_scale=3, cache_interval=2)
-    (result,) = pipeline.generate([params])
+    (result,) = generate(pipeline, [params])
     assert result.images.shape == (1, 8, 8, 1) and result.images.dtype == torch.uint8
     assert torch.isfinite(result.latents).all()
 
@@ -87,7 +88,7 @@ def test_ddpm_uses_the_learned_variance() -> None:
 
 
 def test_guidance_uses_the_null_class_in_the_same_forward(tiny_pipeline: Pipeline) -> None:
-    job = tiny_pipeline.start(GenerateParams(steps=3, guidance_scale=4, num_images=2))
+    job = start(tiny_pipeline, GenerateParams(steps=3, guidance_scale=4, num_images=2))
     x, t, y = job.model_input()
     assert x.shape[0] == 4 and y.tolist() == [0, 0, 10, 10] and t.tolist() == [t[0]] * 4
     guided = _solo(tiny_pipeline, GenerateParams(steps=3, guidance_scale=4, num_images=2))
@@ -98,7 +99,7 @@ def test_guidance_uses_the_null_class_in_the_same_forward(tiny_pipeline: Pipelin
 def test_guidance_without_a_null_class_is_refused() -> None:
     pipeline = Pipeline(tiny(class_dropout_prob=0.0))
     with pytest.raises(FieldError) as err:
-        pipeline.start(GenerateParams(guidance_scale=2))
+        start(pipeline, GenerateParams(guidance_scale=2))
     assert err.value.field == "guidance_scale"
 
 
@@ -106,14 +107,14 @@ def test_progress_reports_each_steps_mode_and_cancel_stops(tiny_pipeline: Pipeli
     seen: list[tuple[int, int, Mode]] = []
 
     def progress(job: Job, mode: Mode) -> None:
-        if job.params.seed == 1:
+        if job.plan.seed == 1:
             seen.append((job.step, job.total_steps, mode))
         elif job.step == 3:
             job.cancel()
 
     keep = GenerateParams(steps=8, seed=1, cache_interval=3)
     stop = GenerateParams(steps=8, seed=2, cache_interval=3)
-    kept, stopped = tiny_pipeline.generate([keep, stop], progress=progress)
+    kept, stopped = generate(tiny_pipeline, [keep, stop], progress=progress)
     full, cached = Mode.FULL, Mode.CACHED
     # DDIM-8 timesteps 875..0: interval 3 plus the t <= 20 tail (last step).
     assert [m for *_, m in seen] == [full, cached, cached, full, cached, cached, full, full]
@@ -125,7 +126,7 @@ def test_progress_reports_each_steps_mode_and_cancel_stops(tiny_pipeline: Pipeli
 
 
 def test_stats_report_cached_steps_cheaper_in_count_and_speedup(tiny_pipeline: Pipeline) -> None:
-    (result,) = tiny_pipeline.generate([GenerateParams(steps=8, cache_interval=4)])
+    (result,) = generate(tiny_pipeline, [GenerateParams(steps=8, cache_interval=4)])
     stats = result.stats.as_dict()
     assert stats["steps_full"] + stats["steps_cached"] == 8
     assert stats["steps_cached"] > 0 and stats["speedup"] is not None
@@ -159,7 +160,7 @@ def test_latent_model_decodes_with_a_local_vae(tmp_path: Path) -> None:
         registry.load(str(tmp_path / "dit"))
     assert err.value.field == "vae"
     loaded = registry.load(str(tmp_path / "dit"), vae_path=tmp_path / "vae")
-    (result,) = loaded.pipeline.generate([GenerateParams(steps=3, num_images=2)])
+    (result,) = generate(loaded.pipeline, [GenerateParams(steps=3, num_images=2)])
     assert result.images.shape == (2, 16, 16, 3)
     with torch.no_grad():
         pixels = loaded.pipeline.vae.decode(result.latents / 0.18215).sample
@@ -172,7 +173,7 @@ def test_an_oracle_denoiser_recovers_its_target(tiny_pipeline: Pipeline, sampler
     # For a one-image data set the ideal eps is known in closed form; feeding it through the
     # job's own step logic must land on that image (checks timesteps, scaling, scheduler use).
     target = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    job = tiny_pipeline.start(GenerateParams(steps=50, guidance_scale=1, sampler=sampler))
+    job = start(tiny_pipeline, GenerateParams(steps=50, guidance_scale=1, sampler=sampler))
     while not job.done:
         alpha = job.scheduler.alphas_cumprod[job.timestep]
         x, _, _ = job.model_input()
@@ -230,22 +231,22 @@ def test_official_release_guides_eps_channels_0_to_2_as_the_official_sampler(
     params = GenerateParams(
         steps=6, sampler="ddpm", guidance_scale=4, num_images=2, seed=5, cache_policy="none"
     )
-    job = loaded.pipeline.start(params)
+    job = start(loaded.pipeline, params)
     out = torch.randn(4, 8, 8, 8)  # (2n, 2C, H, W): conditional rows, then unconditional
     eps, rest = job.guide(out)
     assert torch.equal(torch.cat([eps, rest], dim=1), official_forward_with_cfg(out, 4.0)[:2])
     assert torch.equal(eps[:, 3:], out[:2, 3:4]) and not torch.equal(eps[:, :3], out[:2, :3])
 
-    (result,) = loaded.pipeline.generate([params])
+    (result,) = generate(loaded.pipeline, [params])
     torch.testing.assert_close(result.latents, reference_sample(network, params), rtol=0, atol=0)
     all_channels = Pipeline(network, loaded.pipeline.vae)  # the same weights, as our own model
-    assert not torch.allclose(all_channels.generate([params])[0].latents, result.latents)
+    assert not torch.allclose(generate(all_channels, [params])[0].latents, result.latents)
 
 
 def test_own_models_guide_every_eps_channel() -> None:
     pipeline = Pipeline(tiny(in_channels=4, learn_sigma=True))
     assert pipeline.model.config.guided_channels is None
-    job = pipeline.start(GenerateParams(guidance_scale=3, num_images=2))
+    job = start(pipeline, GenerateParams(guidance_scale=3, num_images=2))
     out = torch.randn(4, 8, 8, 8)
     eps, rest = job.guide(out)
     cond, uncond = out[:2, :4], out[2:, :4]
@@ -260,8 +261,8 @@ def _twin_runs(pipeline: Pipeline, requests: list[GenerateParams], joins: list[i
     ``denoise_step`` does) and per request (diffusers' ``scheduler.step``), on the same model
     outputs; request i joins at iteration ``joins[i]``. Asserts bitwise equal latents after
     every step; returns how many updates mixed step indices."""
-    ours = [pipeline.start(p) for p in requests]
-    ref = [pipeline.start(p) for p in requests]
+    ours = [start(pipeline, p) for p in requests]
+    ref = [start(pipeline, p) for p in requests]
     c = pipeline.model.config.out_channels
     mixed = 0
     for iteration in itertools.count():
@@ -296,7 +297,7 @@ def test_batched_scheduler_update_equals_diffusers_per_request_step(
         GenerateParams(steps=16, seed=2, num_images=2, sampler=sampler, guidance_scale=1),
         GenerateParams(steps=9, seed=3, sampler=sampler, guidance_scale=4),
     ]
-    job = pipeline.start(requests[0])
+    job = start(pipeline, requests[0])
     assert job.sampler_key is not None and job.scheduler.config.get("clip_sample", False) is (
         pixel and sampler != "dpm++"
     )
@@ -314,12 +315,12 @@ def test_sampler_families_and_a_per_request_fallback_share_one_step(
     ]
     assert _twin_runs(tiny_pipeline, requests, joins=[0, 1, 0, 3]) > 0
     # A scheduler configuration without a batched update steps through diffusers alone.
-    job = tiny_pipeline.start(requests[3])
+    job = start(tiny_pipeline, requests[3])
     odd = DDPMScheduler(variance_type="fixed_large", clip_sample=True)
     odd.set_timesteps(6)
     job = dataclasses.replace(job, scheduler=odd)
     assert job.sampler_key is None and job.sampler_table is None
-    ddim = tiny_pipeline.start(requests[0])
+    ddim = start(tiny_pipeline, requests[0])
     while not job.done:
         before = job.step
         step_samplers([job, ddim], [torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)])
@@ -371,8 +372,8 @@ def test_every_forward_of_a_step_goes_through_the_forward_seam(tiny_pipeline: Pi
         calls.append((full, x.shape[0]))
         return forward_group(model, jobs, full, x, t, y)
 
-    a = tiny_pipeline.start(GenerateParams(steps=4, seed=1, cache_interval=2))
-    b = tiny_pipeline.start(GenerateParams(steps=4, seed=2, cache_interval=1, guidance_scale=1))
+    a = start(tiny_pipeline, GenerateParams(steps=4, seed=1, cache_interval=2))
+    b = start(tiny_pipeline, GenerateParams(steps=4, seed=2, cache_interval=1, guidance_scale=1))
     modes = denoise_step(tiny_pipeline.model, [a, b], forward=counting)
     assert modes == [Mode.FULL, Mode.FULL] and calls == [(True, 3)]
     modes = denoise_step(tiny_pipeline.model, [a, b], forward=counting)

@@ -1,6 +1,6 @@
 """Quality floors on the shipped models: every (model, setting) the bench reports, run on a small
-seeded sample and held to its row of ``model.floors`` (PSNR against the uncached images of the
-same seeds, class accuracy, the share of steps cached). This is where a wrong cache fails: on a
+seeded sample and held to its row of ``model.training.floors`` (PSNR against the uncached images of
+the same seeds, class accuracy, the share of steps cached). This is where a wrong cache fails: on a
 trained network, not on a random one."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from model import registry
-from model.bench import Judge, model_settings, requests, sample
-from model.floors import (
+from model.sampling.pipeline import Pipeline
+from model.training.bench import Judge, model_settings, requests, sample
+from model.training.floors import (
     ACCURACY_MARGIN,
     FLOORS,
     SAMPLES,
@@ -26,8 +27,7 @@ from model.floors import (
     uncached_row,
     violations,
 )
-from model.options import BenchOptions
-from model.pipeline import Pipeline
+from model.training.options import BenchOptions
 
 BENCH = Path(__file__).parents[2] / "docs" / "bench"
 
@@ -43,7 +43,7 @@ class Sampled(NamedTuple):
 def measure(model: Sampled, name: str, setting: str) -> Measured:
     policy, options = model.settings[setting]
     s = SAMPLES[name]
-    batch = requests(policy, options, s.per_class, s.steps, s.seed, s.classes)
+    batch = requests(model.pipeline, policy, options, s.per_class, s.steps, s.seed, s.classes)
     return sample(model.pipeline, batch, model.judge, model.reference)[0]
 
 
@@ -57,7 +57,9 @@ def sampled():
         if name not in done:
             loaded = registry.load(name)
             s = SAMPLES[name]
-            uncached = requests("none", {}, s.per_class, s.steps, s.seed, s.classes)
+            uncached = requests(
+                loaded.pipeline, "none", {}, s.per_class, s.steps, s.seed, s.classes
+            )
             chosen = model_settings(loaded.config, BenchOptions(), loaded.card)
             settings = {label: (policy, options) for label, policy, options in chosen}
             if loaded.config.dynamic:  # the reference is the base model's; its first row runs

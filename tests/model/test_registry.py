@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from model import cache, registry
-from model.checkpoint import WEIGHTS_FILE, save_pretrained
 from model.errors import FieldError
-from model.pipeline import DEFAULT_GUIDANCE
+from model.networks.checkpoint import WEIGHTS_FILE, save_pretrained
+from model.networks.skip_dit import preset
 from model.registry import ModelInfo
-from model.skip_dit import preset
+from model.sampling.pipeline import DEFAULT_GUIDANCE
 from tests.conftest import tiny
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from model.pipeline import make_scheduler
-from model.samplers import Member, batch_key, coefficient_table, step_batch
+from model.sampling.pipeline import make_scheduler
+from model.sampling.samplers import Member, batch_key, coefficient_table, step_batch
 
 # Every scheduler make_scheduler builds: sampler x learned sigma x pixel space (clipping).
 CONFIGS = list(itertools.product(["ddim", "ddpm", "dpm++"], [False, True], [False, True]))

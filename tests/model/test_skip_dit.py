@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.skip_dit import DiTConfig, FP32LayerNorm, SkipDiT, preset
+from model.networks.skip_dit import DiTConfig, FP32LayerNorm, SkipDiT, preset
 from tests.conftest import tiny
 
 

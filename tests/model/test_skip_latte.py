@@ -12,21 +12,22 @@ import torch
 from model import cache, registry
 from model.cache import POLICIES, Mode
 from model.cache.skip_cache import default_depth
-from model.checkpoint import (
+from model.errors import FieldError
+from model.networks.checkpoint import (
     CheckpointError,
     infer_config,
     load_official,
     load_pretrained,
     save_pretrained,
 )
-from model.errors import FieldError
-from model.graphs import BucketedForward
-from model.networks import build, preset
-from model.pipeline import Pipeline, denoise_step, step_samplers
-from model.request import GenerateParams
-from model.skip_dit import DiTConfig, SkipDiT
-from model.skip_latte import LatteConfig, SkipLatte, init_from_image
+from model.networks.presets import build, preset
+from model.networks.skip_dit import DiTConfig, SkipDiT
+from model.networks.skip_latte import LatteConfig, SkipLatte, init_from_image
+from model.sampling.graphs import BucketedForward
+from model.sampling.pipeline import Pipeline, denoise_step, step_samplers
+from service.request import FIELDS, GenerateParams, resolve
 from tests.conftest import BATCH_TOL, randomized, tiny
+from tests.helpers import generate, info_of, start
 from tests.model.test_cache import CACHING, DYNAMIC, OFF, PLAN_OPTIONS, PLAN_RUNS, _plan_and_run
 from tests.model.test_pipeline import _tiny_vae
 
@@ -267,7 +268,7 @@ def test_registry_describes_and_loads_video_models(tmp_path: Path) -> None:
 
 
 def test_pixel_video_result_holds_each_samples_frames(video_pipeline: Pipeline) -> None:
-    (result,) = video_pipeline.generate([GenerateParams(steps=3, num_images=2, seed=4)])
+    (result,) = generate(video_pipeline, [GenerateParams(steps=3, num_images=2, seed=4)])
     assert result.latents.shape == (2, 1, 4, 8, 8)
     assert result.images.shape == (2, 4, 8, 8, 1) and result.images.dtype == torch.uint8
     frame = ((result.latents[1, :, 2].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -276,7 +277,7 @@ def test_pixel_video_result_holds_each_samples_frames(video_pipeline: Pipeline) 
 
 def test_latent_video_decodes_frame_by_frame() -> None:
     pipeline = Pipeline(tiny_video(in_channels=4, learn_sigma=True), _tiny_vae())
-    (result,) = pipeline.generate([GenerateParams(steps=3, num_images=2, sampler="ddpm")])
+    (result,) = generate(pipeline, [GenerateParams(steps=3, num_images=2, sampler="ddpm")])
     assert result.images.shape == (2, 4, 16, 16, 3)
     with torch.no_grad():
         pixels = pipeline.vae.decode(result.latents[1, :, 3][None] / 0.18215).sample
@@ -291,7 +292,7 @@ def test_batched_scheduler_update_on_videos_is_diffusers_step(sampler: str) -> N
         GenerateParams(steps=5, seed=1, sampler=sampler, guidance_scale=3),
         GenerateParams(steps=5, seed=2, num_images=2, sampler=sampler, guidance_scale=1),
     ]
-    ours, ref = [pipeline.start(p) for p in requests], [pipeline.start(p) for p in requests]
+    ours, ref = [start(pipeline, p) for p in requests], [start(pipeline, p) for p in requests]
     shape = (pipeline.model.config.out_channels, *pipeline.model.config.sample_shape[1:])
     gen = torch.Generator().manual_seed(0)
     while not ours[0].done:
@@ -308,9 +309,9 @@ def test_batched_video_requests_equal_their_solo_runs(video_pipeline: Pipeline) 
         GenerateParams(steps=6, seed=2, class_label=5, num_images=2, cache_interval=3),
         GenerateParams(steps=5, seed=3, sampler="dpm++", cache_interval=2, guidance_scale=1),
     ]
-    batched = video_pipeline.generate(requests)
+    batched = generate(video_pipeline, requests)
     for params, result in zip(requests, batched, strict=True):
-        (alone,) = video_pipeline.generate([params])
+        (alone,) = generate(video_pipeline, [params])
         torch.testing.assert_close(result.latents, alone.latents, **BATCH_TOL)
 
 
@@ -319,7 +320,7 @@ def test_batched_video_requests_equal_their_solo_runs(video_pipeline: Pipeline) 
 
 def _run(pipeline: Pipeline, **kw: object) -> torch.Tensor:
     params = GenerateParams(steps=8, num_images=2, class_label=3, seed=5, **kw)
-    (result,) = pipeline.generate([params])
+    (result,) = generate(pipeline, [params])
     return result.latents
 
 
@@ -327,9 +328,9 @@ def test_policies_that_do_not_apply_to_video_are_refused_by_name() -> None:
     assert VIDEO_POLICIES == ["delta_dit", "fbcache", "fora", "none", "skip_cache", "teacache"]
     with pytest.raises(FieldError) as err:
         cache.build("toca", preset("digits-video-tiny"))
-    assert err.value.field == "cache_policy" and "video" in str(err.value)
+    assert err.value.field == "policy" and "video" in str(err.value)
     with pytest.raises(FieldError) as err:
-        GenerateParams(cache_policy="toca").check_for(preset("digits-video-tiny"))
+        resolve(GenerateParams(cache_policy="toca"), info_of(Pipeline(tiny_video())))
     assert err.value.field == "cache_policy"
 
 
@@ -353,25 +354,25 @@ def test_caching_off_is_bitwise_no_cache(video_pipeline: Pipeline, name: str) ->
 def test_state_of_two_requests_never_mixes(video_pipeline: Pipeline, name: str) -> None:
     a = GenerateParams(steps=8, seed=1, class_label=1, cache_policy=name, **VIDEO_CACHING[name])
     b = GenerateParams(steps=8, seed=2, class_label=7, cache_policy=name, **VIDEO_CACHING[name])
-    together = video_pipeline.generate([a, b])
+    together = generate(video_pipeline, [a, b])
     for params, batched in zip([a, b], together, strict=True):
-        (alone,) = video_pipeline.generate([params])
+        (alone,) = generate(video_pipeline, [params])
         torch.testing.assert_close(batched.latents, alone.latents, **BATCH_TOL)
 
 
 def test_two_intervals_batched_equal_their_solo_runs(video_pipeline: Pipeline) -> None:
     a = GenerateParams(steps=10, seed=1, class_label=1, cache_interval=2)
     b = GenerateParams(steps=10, seed=2, class_label=7, cache_interval=3, cache_depth=2)
-    together = video_pipeline.generate([a, b])
+    together = generate(video_pipeline, [a, b])
     for params, batched in zip([a, b], together, strict=True):
-        (alone,) = video_pipeline.generate([params])
+        (alone,) = generate(video_pipeline, [params])
         assert alone.stats.steps[Mode.CACHED] > 0
         torch.testing.assert_close(batched.latents, alone.latents, **BATCH_TOL)
 
 
 @pytest.mark.parametrize("name", VIDEO_POLICIES)
 def test_planned_modes_are_what_a_run_reports(video_pipeline: Pipeline, name: str) -> None:
-    fields = POLICIES[name].request_fields
+    fields = FIELDS[name]
     settings = {tuple((k, v) for k, v in o.items() if k in fields) for o in PLAN_OPTIONS}
     seen: set[Mode] = set()
     for options in sorted(settings):
@@ -381,7 +382,8 @@ def test_planned_modes_are_what_a_run_reports(video_pipeline: Pipeline, name: st
             )
             planned, ran = _plan_and_run(video_pipeline, params)
             assert len(ran) == steps
-            assert planned == ([Mode.FULL] * steps if name in DYNAMIC else ran), (options, sampler)
+            adaptive = name in DYNAMIC or "cache_threshold" in dict(options)  # skip_cache's too
+            assert planned == ([Mode.FULL] * steps if adaptive else ran), (options, sampler)
             seen.update(ran)
     assert name == "none" or Mode.CACHED in seen
 
@@ -405,9 +407,10 @@ def test_cached_step_runs_2_of_p_pairs_on_the_requests_own_deep_feature(
         )
     )
     # A: 1 row, interval 2; B: 2 rows, interval 3. Row counts tell their forwards apart.
-    a = video_pipeline.start(GenerateParams(steps=8, guidance_scale=1, cache_interval=2, seed=1))
-    b = video_pipeline.start(
-        GenerateParams(steps=8, guidance_scale=1, num_images=2, cache_interval=3, seed=2)
+    a = start(video_pipeline, GenerateParams(steps=8, guidance_scale=1, cache_interval=2, seed=1))
+    b = start(
+        video_pipeline,
+        GenerateParams(steps=8, guidance_scale=1, num_images=2, cache_interval=3, seed=2),
     )
     last_full: dict[str, torch.Tensor] = {}
     checked = {"a": 0, "b": 0}
@@ -451,7 +454,7 @@ def test_fora_on_video_reuses_every_spatial_and_temporal_branch(video_pipeline: 
         for block in model.blocks
         for m in (block.attn, block.mlp)
     ]
-    job = video_pipeline.start(GenerateParams(steps=3, cache_policy="fora", cache_interval=3))
+    job = start(video_pipeline, GenerateParams(steps=3, cache_policy="fora", cache_interval=3))
     counts = []
     try:
         while not job.done:

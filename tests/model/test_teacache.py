@@ -14,13 +14,14 @@ import torch
 from model import registry
 from model.cache import POLICIES, Mode
 from model.cache.teacache import IDENTITY, TeaCacheConfig
-from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
 from model.errors import FieldError
-from model.networks import build, preset
-from model.pipeline import Pipeline
-from model.request import GenerateParams
+from model.networks.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
+from model.networks.presets import build, preset
+from model.sampling.pipeline import Pipeline
 from service.cli import main
+from service.request import GenerateParams
 from tests.conftest import BATCH_TOL, randomized, tiny
+from tests.helpers import generate, start
 from tests.model.test_cache import run_with_modes
 
 
@@ -162,11 +163,11 @@ def test_the_trace_is_each_requests_input_and_output_change_step_to_step(
     """The calibration's points, recomputed here from a plain uncached run: per request and
     step after its first, the relative L1 change of block 0's modulated input (x) and of the
     network's output (y), over the request's own rows (conditional and unconditional)."""
-    from model.calibrate import calibration_requests, trace
-    from model.options import CalibrateOptions
+    from model.training.calibrate import calibration_requests, trace
+    from model.training.options import CalibrateOptions
 
     pipeline = registry.load(str(model_dir)).pipeline
-    requests = calibration_requests(CalibrateOptions(per_class=2, steps=5), 3)
+    requests = calibration_requests(pipeline, CalibrateOptions(per_class=2, steps=5), 3)
     points = trace(pipeline, requests)
     model = pipeline.model
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (modulated input, output) per step
@@ -177,7 +178,7 @@ def test_the_trace_is_each_requests_input_and_output_change_step_to_step(
 
     handle = model.register_forward_hook(hook)
     try:
-        pipeline.generate(requests)  # batched: one forward a step, rows in request order
+        generate(pipeline, requests)  # batched: one forward a step, rows in request order
     finally:
         handle.remove()
 
@@ -198,7 +199,7 @@ def test_the_trace_is_each_requests_input_and_output_change_step_to_step(
 
 
 def test_the_fit_is_the_least_squares_polynomial_highest_power_first() -> None:
-    from model.calibrate import fit
+    from model.training.calibrate import fit
 
     x = np.linspace(0.01, 0.4, 30)
     y = 3 * x**3 - 0.5 * x + 0.02  # exactly degree 3: the fit recovers it
@@ -215,11 +216,11 @@ def test_the_cards_coefficients_reach_every_teacache_request(model_dir: Path) ->
         "coefficients"])  # fmt: skip
     assert stored != IDENTITY
     loaded = registry.load(str(model_dir))
-    job = loaded.pipeline.start(GenerateParams(cache_policy="teacache", cache_threshold=0.3))
+    job = start(loaded.pipeline, GenerateParams(cache_policy="teacache", cache_threshold=0.3))
     assert job.cache.config.coefficients == stored and job.cache.config.threshold == 0.3
     assert loaded.info.cache_defaults()["teacache"]["coefficients"] == stored
     # Other policies and models without a calibration keep the defaults.
-    assert loaded.pipeline.start(GenerateParams()).cache.policy.name == "skip_cache"
+    assert start(loaded.pipeline, GenerateParams()).cache.policy.name == "skip_cache"
     assert POLICIES["teacache"].default_config(loaded.config).coefficients == IDENTITY
 
 
@@ -230,7 +231,7 @@ def test_a_model_without_a_directory_cannot_be_calibrated(capsys) -> None:
 
 
 def test_every_shipped_model_carries_a_calibration() -> None:
-    from model.calibrate import default_models
+    from model.training.calibrate import default_models
 
     assert default_models() == registry.shipped_models()
     assert all("teacache" in registry.describe(name).card for name in default_models())
@@ -240,8 +241,8 @@ def test_every_shipped_model_carries_a_calibration() -> None:
     "name", ["digits-skip-dit", "digits-dit", "digits-skip-dydit", "digits-video-skip"]
 )
 def test_the_command_reproduces_the_shipped_coefficients(name: str) -> None:
-    from model.calibrate import calibrate as run
-    from model.options import CalibrateOptions
+    from model.training.calibrate import calibrate as run
+    from model.training.options import CalibrateOptions
 
     shipped = registry.describe(name).card["teacache"]
     runs = shipped["runs"]

@@ -13,17 +13,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model import bench, data
-from model.checkpoint import load_pretrained
-from model.evaluate import (
+from model.networks.checkpoint import load_pretrained
+from model.networks.presets import preset
+from model.training import bench, data
+from model.training.evaluate import (
     frame_accuracy,
     frechet_distance,
     load_classifier,
     psnr_ssim,
     temporal_difference,
 )
-from model.networks import preset
-from model.options import BenchOptions
+from model.training.options import BenchOptions
 from service.cli import build_parser, main
 
 # The bench's fixed threshold settings: TeaCache, and adaptive Skip-Cache at N=4.

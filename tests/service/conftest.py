@@ -18,8 +18,8 @@ import pytest
 import redis
 import torch
 
-from model.checkpoint import save_pretrained
-from model.networks import build, preset
+from model.networks.checkpoint import save_pretrained
+from model.networks.presets import build, preset
 from service.api import build_app
 from service.settings import Settings
 from tests.conftest import randomized, tiny

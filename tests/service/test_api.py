@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from model.checkpoint import load_pretrained
-from model.pipeline import Pipeline
-from model.request import GenerateParams
+from model.networks.checkpoint import load_pretrained
+from model.sampling.pipeline import Pipeline
 from service.queue.keys import Keys
+from service.request import GenerateParams
 from tests.conftest import BATCH_TOL
+from tests.helpers import generate
 from tests.service.conftest import Clock, RedisServer, redis_client, running_app, settings_for
 
 pytestmark = pytest.mark.anyio
@@ -65,8 +66,9 @@ async def test_sync_generate_returns_the_pipelines_image(make_settings, tiny_mod
     assert result["speedup"] == pytest.approx(result["mean_full_step_seconds"] * 8 / took)
     assert 0 < result["speedup"] <= 8 / 5
     model, card = load_pretrained(tiny_model_dir)
-    (direct,) = Pipeline(model, default_guidance=card["default_guidance"]).generate(
-        [GenerateParams(**{k: v for k, v in body.items()})]
+    (direct,) = generate(
+        Pipeline(model, default_guidance=card["default_guidance"]),
+        [GenerateParams(**{k: v for k, v in body.items()})],
     )
     for encoded, expected in zip(out["images"], direct.images, strict=True):
         got = pixels(base64.b64decode(encoded))
@@ -315,7 +317,7 @@ async def test_concurrent_mixed_requests_batch_and_match_solo_runs(
     model, card = load_pretrained(tiny_model_dir)
     pipeline = Pipeline(model, default_guidance=card["default_guidance"])
     for body, response in zip(bodies, responses, strict=True):
-        (solo,) = pipeline.generate([GenerateParams(**body)])
+        (solo,) = generate(pipeline, [GenerateParams(**body)])
         got = pixels(base64.b64decode(response.json()["images"][0]))
         assert np.abs(got - solo.images[0, ..., 0].numpy().astype(np.int16)).max() <= 1
     values = parse_metrics(metrics)
@@ -335,6 +337,6 @@ def test_engine_output_independent_of_batch_at_latent_level(tiny_model_dir) -> N
     model, card = load_pretrained(tiny_model_dir)
     pipeline = Pipeline(model, default_guidance=card["default_guidance"])
     params = [GenerateParams(steps=10, seed=100 + i, cache_interval=1 + i % 4) for i in range(16)]
-    together = pipeline.generate(params)
+    together = generate(pipeline, params)
     for p, r in zip(params, together, strict=True):
-        torch.testing.assert_close(r.latents, pipeline.generate([p])[0].latents, **BATCH_TOL)
+        torch.testing.assert_close(r.latents, generate(pipeline, [p])[0].latents, **BATCH_TOL)

@@ -13,9 +13,10 @@ from PIL import Image
 
 from model import registry
 from model.cache import Mode
-from model.checkpoint import save_pretrained
-from model.request import GenerateParams
+from model.networks.checkpoint import save_pretrained
+from service.request import GenerateParams
 from tests.conftest import tiny
+from tests.helpers import generate
 from tests.service.conftest import RedisServer, running_app, settings_for
 
 pytestmark = pytest.mark.anyio
@@ -54,7 +55,7 @@ async def test_generate_runs_the_policy_with_the_cards_calibration(
     assert result["steps_full"] + result["steps_cached"] == 10
     assert result["steps_cached"] > 0 and result["steps_full"] > 1
     pipeline = registry.load(str(calibrated_dir)).pipeline
-    (direct,) = pipeline.generate([GenerateParams(**body)])
+    (direct,) = generate(pipeline, [GenerateParams(**body)])
     assert direct.stats.steps[Mode.CACHED] == result["steps_cached"]
     if body["cache_policy"] == "teacache":  # the card's polynomial decided: steps 1, 3, 5, 7
         assert result["steps_cached"] == 4

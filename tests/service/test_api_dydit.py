@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from model import registry
-from model.checkpoint import save_pretrained
-from model.dydit import DyDiT
-from model.request import GenerateParams
+from model.networks.checkpoint import save_pretrained
+from model.networks.dydit import DyDiT
+from service.request import GenerateParams
 from tests.conftest import tiny
+from tests.helpers import generate
 from tests.service.conftest import RedisServer, running_app, settings_for
 
 pytestmark = pytest.mark.anyio
@@ -59,7 +60,7 @@ async def test_a_dydit_model_serves_routed_and_static_requests(
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     pipeline = registry.load(str(dydit_dir)).pipeline
     served = [pixels(r.json()["images"][0]) for r in responses]
-    direct = [r.images[0, ..., 0].numpy() for r in pipeline.generate(
+    direct = [r.images[0, ..., 0].numpy() for r in generate(pipeline,
         [GenerateParams(**body) for body in bodies])]  # fmt: skip
     for got, want in zip(served, direct, strict=True):
         assert np.abs(got - want).max() <= 1

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from model.request import GenerateParams
+from service.request import GenerateParams
+from tests.helpers import generate
 from tests.service.conftest import RedisServer, running_app, settings_for
 from tests.service.test_api import parse_metrics, sample
 from tests.service.test_multi_model import assert_solo, pipeline_of
@@ -79,7 +80,7 @@ async def test_generate_mp4_decodes_to_the_pipelines_frames(
     served = [base64.b64decode(x) for x in out["images"]]
     assert second.status_code == 200 and second.headers["content-type"] == "video/mp4"
     assert second.content == served[1]  # mp4 is the video default
-    (solo,) = pipeline_of(video).generate([GenerateParams(**body)])
+    (solo,) = generate(pipeline_of(video), [GenerateParams(**body)])
     clips = solo.images[..., 0].numpy().astype(np.int16)[..., None]  # (2, F, H, W, 1)
     for i, data in enumerate(served):
         frames = np.stack(mp4_frames(data)).astype(np.int16)  # (F, H, W, 3)
@@ -100,7 +101,7 @@ async def test_lossless_webp_frames_are_the_pipelines_and_gif_holds_every_frame(
         gif = (await client.post("/generate", json=body | {"output_format": "gif"})).json()
     assert webp["content_type"] == "image/webp" and gif["content_type"] == "image/gif"
     params = GenerateParams(**{k: v for k, v in body.items() if k != "model"})
-    (solo,) = pipeline_of(video).generate([params])
+    (solo,) = generate(pipeline_of(video), [params])
     expected = solo.images[0, ..., 0].numpy().astype(np.int16)  # (F, H, W)
     got = webp_frames(base64.b64decode(webp["images"][0]))
     assert got.shape == (FRAMES, SIDE, SIDE) and np.abs(got - expected).max() <= 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model.checkpoint import save_pretrained
+from model.networks.checkpoint import save_pretrained
 from service.cli import main
 from tests.conftest import tiny
 

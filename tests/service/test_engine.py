@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from model.pipeline import Pipeline
-from model.request import GenerateParams
+from model.sampling.pipeline import Pipeline
 from service.engine import Engine, EngineEvent, EngineRequest, EventKind
+from service.request import GenerateParams
 from tests.conftest import BATCH_TOL
+from tests.helpers import generate, plan_of
 from tests.service.conftest import Clock
 
 TOKENS = 16  # digits-tiny: 8x8 pixels, patch 2
@@ -32,12 +35,12 @@ def test_requests_batch_together_and_match_their_solo_runs(tiny_pipeline: Pipeli
         "c": GenerateParams(steps=5, seed=3, cache_interval=2, sampler="dpm++"),
     }
     for rid, p in params.items():
-        engine.submit(EngineRequest(rid, p))
+        engine.submit(EngineRequest(rid, plan_of(engine.pipeline, p)))
     events, report = engine.step()
     assert report.requests == 3 and set(by_kind(events, EventKind.STARTED)) == set(params)
     done = by_kind(events + run_all(engine), EventKind.DONE)
     for rid, p in params.items():
-        (solo,) = tiny_pipeline.generate([p])
+        (solo,) = generate(tiny_pipeline, [p])
         torch.testing.assert_close(done[rid].result.latents, solo.latents, **BATCH_TOL)
 
 
@@ -47,7 +50,11 @@ def test_token_budget_caps_the_batch_and_new_requests_join_between_steps(
     # guidance doubles rows: each request is 2 rows x 16 tokens = 32 tokens.
     engine = Engine(tiny_pipeline, max_batch_tokens=64)
     for i in range(3):
-        engine.submit(EngineRequest(f"r{i}", GenerateParams(steps=3, seed=i, guidance_scale=2)))
+        engine.submit(
+            EngineRequest(
+                f"r{i}", plan_of(engine.pipeline, GenerateParams(steps=3, seed=i, guidance_scale=2))
+            )
+        )
     _, first = engine.step()
     assert first.requests == 2 and first.rows == 4
     engine.step()
@@ -56,26 +63,43 @@ def test_token_budget_caps_the_batch_and_new_requests_join_between_steps(
     assert "r2" in by_kind(events, EventKind.STARTED) and report.requests == 1
 
 
-def test_a_request_over_the_budget_on_its_own_fails_alone_naming_the_field(
-    tiny_pipeline: Pipeline,
-) -> None:
+def test_a_plan_over_the_budget_runs_alone(tiny_pipeline: Pipeline) -> None:
+    """The API refuses such a request (``resolve``); a worker with a smaller budget than the
+    API's still runs it, alone, and the next request waits for it."""
     engine = Engine(tiny_pipeline, max_batch_tokens=64)  # 2 rows x 16 tokens per image
-    engine.submit(EngineRequest("big", GenerateParams(steps=2, num_images=3, guidance_scale=2)))
-    engine.submit(EngineRequest("ok", GenerateParams(steps=2, num_images=2, guidance_scale=2)))
-    events = run_all(engine)
-    failed = by_kind(events, EventKind.FAILED)
-    assert set(failed) == {"big"} and "ok" in by_kind(events, EventKind.DONE)
-    assert failed["big"].error.startswith("num_images: 3 images need 96 tokens")
+    big = plan_of(tiny_pipeline, GenerateParams(steps=2, num_images=3, guidance_scale=2))
+    assert big.tokens == 96
+    engine.submit(EngineRequest("big", big))
+    engine.submit(
+        EngineRequest("ok", plan_of(tiny_pipeline, GenerateParams(steps=2, num_images=2)))
+    )
+    events, sizes = [], []
+    while engine.has_work():
+        step_events, report = engine.step()
+        events += step_events
+        sizes.append(report.requests)
+    assert set(by_kind(events, EventKind.DONE)) == {"big", "ok"}
+    assert max(sizes) == 1
 
 
 def test_priority_then_least_slack_decide_admission(tiny_pipeline: Pipeline) -> None:
     clock = Clock()
     engine = Engine(tiny_pipeline, max_batch_tokens=32, clock=clock)
     p = GenerateParams(steps=2, guidance_scale=2)
-    engine.submit(EngineRequest("late-deadline", p, deadline=clock.now + 500, submitted=1.0))
-    engine.submit(EngineRequest("soon-deadline", p, deadline=clock.now + 50, submitted=2.0))
-    engine.submit(EngineRequest("no-deadline", p, submitted=0.0))
-    engine.submit(EngineRequest("important", p, priority=5, submitted=3.0))
+    engine.submit(
+        EngineRequest(
+            "late-deadline", plan_of(engine.pipeline, p), deadline=clock.now + 500, submitted=1.0
+        )
+    )
+    engine.submit(
+        EngineRequest(
+            "soon-deadline", plan_of(engine.pipeline, p), deadline=clock.now + 50, submitted=2.0
+        )
+    )
+    engine.submit(EngineRequest("no-deadline", plan_of(engine.pipeline, p), submitted=0.0))
+    engine.submit(
+        EngineRequest("important", plan_of(engine.pipeline, p), priority=5, submitted=3.0)
+    )
     order = [e.request_id for e in run_all(engine) if e.kind is EventKind.STARTED]
     assert order == ["important", "soon-deadline", "late-deadline", "no-deadline"]
 
@@ -83,8 +107,12 @@ def test_priority_then_least_slack_decide_admission(tiny_pipeline: Pipeline) -> 
 def test_deadline_passed_expires_at_the_next_step_boundary(tiny_pipeline: Pipeline) -> None:
     clock = Clock()
     engine = Engine(tiny_pipeline, max_batch_tokens=1000, clock=clock)
-    engine.submit(EngineRequest("run", GenerateParams(steps=10), deadline=clock.now + 10))
-    engine.submit(EngineRequest("keep", GenerateParams(steps=4, seed=9)))
+    engine.submit(
+        EngineRequest(
+            "run", plan_of(engine.pipeline, GenerateParams(steps=10)), deadline=clock.now + 10
+        )
+    )
+    engine.submit(EngineRequest("keep", plan_of(engine.pipeline, GenerateParams(steps=4, seed=9))))
     engine.step()
     engine.step()
     clock.advance(11)
@@ -97,8 +125,8 @@ def test_deadline_passed_expires_at_the_next_step_boundary(tiny_pipeline: Pipeli
 def test_cancel_a_waiting_and_a_running_request(tiny_pipeline: Pipeline) -> None:
     engine = Engine(tiny_pipeline, max_batch_tokens=32)
     p = GenerateParams(steps=5, guidance_scale=2)
-    engine.submit(EngineRequest("running", p))
-    engine.submit(EngineRequest("waiting", p))
+    engine.submit(EngineRequest("running", plan_of(engine.pipeline, p)))
+    engine.submit(EngineRequest("waiting", plan_of(engine.pipeline, p)))
     engine.step()
     assert engine.active_ids == ["running"] and engine.waiting_ids == ["waiting"]
     engine.cancel("waiting")
@@ -111,16 +139,21 @@ def test_cancel_a_waiting_and_a_running_request(tiny_pipeline: Pipeline) -> None
 
 def test_an_invalid_request_fails_alone(tiny_pipeline: Pipeline) -> None:
     engine = Engine(tiny_pipeline, max_batch_tokens=1000)
-    engine.submit(EngineRequest("bad", GenerateParams(steps=3, class_label=99)))
-    engine.submit(EngineRequest("good", GenerateParams(steps=3)))
+    good = plan_of(engine.pipeline, GenerateParams(steps=3))
+    # Plans are checked where they are made; one that is wrong anyway (no such class row in the
+    # label embedding) fails in the batched step and alone.
+    engine.submit(EngineRequest("bad", dataclasses.replace(good, class_label=99)))
+    engine.submit(EngineRequest("good", good))
     events = run_all(engine)
-    assert "class_label" in by_kind(events, EventKind.FAILED)["bad"].error
+    assert "index" in by_kind(events, EventKind.FAILED)["bad"].error
     assert "good" in by_kind(events, EventKind.DONE)
 
 
 def test_step_report_counts_modes_and_measures_their_cost(tiny_pipeline: Pipeline) -> None:
     engine = Engine(tiny_pipeline, max_batch_tokens=1000)
-    engine.submit(EngineRequest("a", GenerateParams(steps=6, cache_interval=3)))
+    engine.submit(
+        EngineRequest("a", plan_of(engine.pipeline, GenerateParams(steps=6, cache_interval=3)))
+    )
     totals = {"full": 0, "cached": 0}
     while engine.has_work():
         _, report = engine.step()
@@ -148,11 +181,11 @@ def test_sixteen_staggered_mixed_requests_equal_solo_latents_at_fp32(
         for _ in range(3):  # three new requests join before each step
             if pending:
                 rid, p = pending.pop(0)
-                engine.submit(EngineRequest(rid, p))
+                engine.submit(EngineRequest(rid, plan_of(engine.pipeline, p)))
         events, report = engine.step()
         batch_sizes.append(report.requests)
         done |= by_kind(events, EventKind.DONE)
     assert max(batch_sizes) > 1
     for rid, p in params.items():
-        (solo,) = tiny_pipeline.generate([p])
+        (solo,) = generate(tiny_pipeline, [p])
         torch.testing.assert_close(done[rid].result.latents, solo.latents, **BATCH_TOL)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from model.cache import Mode
-from model.pipeline import Pipeline
-from model.request import GenerateParams
+from model.sampling.pipeline import Pipeline
 from service.engine import Engine, EngineRequest, StepReport
 from service.metrics import LATENCY_BUCKETS, SPEEDUP_BUCKETS, STEP_BUCKETS, Metrics
+from service.request import GenerateParams
+from tests.helpers import plan_of
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -56,8 +57,14 @@ def test_a_real_engine_step_becomes_batch_mode_and_duration_series(
 ) -> None:
     metrics = Metrics()
     engine = Engine(tiny_pipeline, max_batch_tokens=10_000)
-    engine.submit(EngineRequest("a", GenerateParams(steps=6, cache_interval=3)))
-    engine.submit(EngineRequest("b", GenerateParams(steps=6, cache_interval=1, seed=1)))
+    engine.submit(
+        EngineRequest("a", plan_of(engine.pipeline, GenerateParams(steps=6, cache_interval=3)))
+    )
+    engine.submit(
+        EngineRequest(
+            "b", plan_of(engine.pipeline, GenerateParams(steps=6, cache_interval=1, seed=1))
+        )
+    )
     reports = []
     while engine.has_work():
         _, report = engine.step()

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.checkpoint import load_pretrained
-from model.pipeline import Pipeline
-from model.request import GenerateParams
+from model.networks.checkpoint import load_pretrained
+from model.sampling.pipeline import Pipeline
 from service.engine import Engine
-from service.messages import JobRecord, JobRequest, JobStatus
+from service.messages import JobRequest, JobStatus
 from service.metrics import Metrics
 from service.queue.memory import MemoryBackend
+from service.request import GenerateParams
 from service.worker import Worker
+from tests.helpers import generate, job_record
 from tests.service.conftest import Clock, RedisServer, running_app, settings_for
 from tests.service.test_api import parse_metrics, sample
 from tests.service.test_redis_workers import Workers, api_settings, wait_for
@@ -48,7 +49,7 @@ def pixels(data: bytes) -> np.ndarray:
 def assert_solo(pipeline: Pipeline, body: dict, encoded: str) -> None:
     """The served image is the request run alone on ``pipeline`` (within 1/255)."""
     params = GenerateParams(**{k: v for k, v in body.items() if k != "model"})
-    (solo,) = pipeline.generate([params])
+    (solo,) = generate(pipeline, [params])
     expected = solo.images[0, ..., 0].numpy().astype(np.int16)
     assert np.abs(pixels(base64.b64decode(encoded)) - expected).max() <= 1
 
@@ -148,7 +149,7 @@ async def test_the_worker_steps_its_engines_in_turn(tiny_pipeline: Pipeline) -> 
     jobs = []
     for model, steps in (("a", 6), ("b", 3)):
         body = JobRequest(model=model, steps=steps)
-        record = JobRecord(request=body.model_dump(mode="json", by_alias=True), total_steps=steps)
+        record = job_record(tiny_pipeline, body)
         jobs.append((await backend.submit(record))[0])
     task = asyncio.create_task(worker.run())
     async with asyncio.timeout(60):

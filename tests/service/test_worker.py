@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import math
 import time
@@ -12,14 +13,15 @@ from contextlib import asynccontextmanager
 import pytest
 from PIL import Image
 
-from model.pipeline import Pipeline
-from model.request import GenerateParams
+from model.sampling.pipeline import Pipeline
 from service.engine import Engine, EngineEvent, EngineRequest, StepReport
 from service.messages import EventKind, JobRecord, JobRequest, JobStatus
 from service.metrics import Metrics
 from service.queue.base import Delivery
 from service.queue.memory import MemoryBackend
+from service.request import GenerateParams
 from service.worker import Worker, burst
+from tests.helpers import job_record, plan_of
 from tests.service.conftest import Clock
 
 pytestmark = pytest.mark.anyio
@@ -62,11 +64,7 @@ class Rig:
 
     async def submit(self, **params: object) -> JobRecord:
         body = JobRequest(**{"model": MODEL, **params})
-        record = JobRecord(
-            request=body.model_dump(mode="json", by_alias=True),
-            created_at=self.clock(),
-            total_steps=body.steps,
-        )
+        record = job_record(self.engine.pipeline, body, created_at=self.clock())
         return (await self.backend.submit(record))[0]
 
     async def until(self, job_id: str, check: Callable[[JobRecord], bool]) -> JobRecord:
@@ -143,14 +141,17 @@ async def test_cancel_reaches_a_running_job_through_the_backend(rig: Rig) -> Non
     assert await rig.backend.cancel_requested([job.id]) == set()
 
 
-async def test_a_bad_request_fails_alone(rig: Rig) -> None:
+async def test_a_job_without_a_plan_fails_alone(rig: Rig) -> None:
+    """A record no API of this version wrote (no plan: a rolling upgrade's old API) is failed
+    with the reason, and the next job runs."""
+    record = job_record(rig.engine.pipeline, JobRequest(model=MODEL, steps=3))
     async with rig.running():
-        bad = await rig.submit(steps=3, class_label=99)
+        bad = (await rig.backend.submit(dataclasses.replace(record, plan=None)))[0]
         good = await rig.submit(steps=3)
         failed = await rig.until(bad.id, lambda r: r.status.terminal)
         done = await rig.until(good.id, lambda r: r.status.terminal)
     assert failed.status is JobStatus.FAILED and failed.error is not None
-    assert failed.error["code"] == "generation_failed" and "class_label" in failed.error["message"]
+    assert failed.error["code"] == "generation_failed" and "no plan" in failed.error["message"]
     assert done.status is JobStatus.DONE
     assert rig.sample("skipdit_errors_total", reason="generation_failed") == 1
 
@@ -240,8 +241,8 @@ def test_a_burst_steps_back_to_back_until_a_request_ends_or_its_time_is_up(
     def pick() -> str | None:
         return MODEL if engine.has_work() else None
 
-    engine.submit(EngineRequest("a", GenerateParams(steps=3, seed=1)))
-    engine.submit(EngineRequest("b", GenerateParams(steps=6, seed=2)))
+    engine.submit(EngineRequest("a", plan_of(engine.pipeline, GenerateParams(steps=3, seed=1))))
+    engine.submit(EngineRequest("b", plan_of(engine.pipeline, GenerateParams(steps=6, seed=2))))
     assert len(burst(engines, pick, until=-math.inf)) == 1  # time is up: one step all the same
     second = burst(engines, pick, until=math.inf)  # until "a" ends: its result goes out at once
     ended = [e.request_id for _, events, _ in second for e in events if e.kind.terminal]

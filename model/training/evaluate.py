@@ -25,8 +25,8 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-from model import data
-from model.options import CLASSIFIER_DIR
+from model.training import data
+from model.training.options import CLASSIFIER_DIR
 
 
 class DigitClassifier(nn.Module):

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.networks import CONFIGS, PRESETS, Config, build
-from model.skip_dit import DiTConfig, SkipDiT
-from model.skip_latte import LatteConfig
+from model.networks.presets import CONFIGS, PRESETS, Config, build
+from model.networks.skip_dit import DiTConfig, SkipDiT
+from model.networks.skip_latte import LatteConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

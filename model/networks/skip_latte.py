@@ -1,7 +1,7 @@
 """Skip-Latte: a Latte class-to-video DiT (arXiv 2401.03048) with Skip-DiT's long skips.
 
 Read top-down: config, model, presets. Blocks, embedders, long-skip fusion and the final layer
-are the image network's (``model.skip_dit``); parameter names follow the official Latte /
+are the image network's (``model.networks.skip_dit``); parameter names follow the official Latte /
 Skip-DiT class-to-video code (Vchitect/Latte ``models/latte.py``, OpenSparseLLMs/Skip-DiT
 ``class-to-video/models/latte.py``) so that official checkpoints load key for key: the image
 DiT's keys plus ``temp_embed``.
@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from model.skip_dit import Branch, BranchOverride, DiTConfig, SkipDiT, _recording
+from model.networks.skip_dit import Branch, BranchOverride, DiTConfig, SkipDiT, _recording
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -244,8 +244,8 @@ class DiTConfig:
     class_dropout_prob: float = 0.1  # > 0 adds the null-class row used for guidance
     learn_sigma: bool = True  # output 2*C channels: eps then variance interpolation
     long_skip: bool = True  # Skip-DiT; False gives the vanilla DiT
-    # DyDiT (``model.dydit``): per-block routers pick attention heads and MLP channel groups
-    # by timestep and tokens for the MLP; False: the static network.
+    # DyDiT (``model.networks.dydit``): per-block routers pick attention heads and MLP channel
+    # groups by timestep and tokens for the MLP; False: the static network.
     dynamic: bool = False
     # Eps channels that classifier-free guidance mixes, from channel 0; None: all of them. The
     # official DiT / Skip-DiT samplers guide channels 0-2 of 4 ("for exact reproducibility"); their
@@ -310,8 +310,8 @@ class DiTConfig:
 class SkipDiT(nn.Module):
     """DiT / Skip-DiT. x: (B, C, H, W); t: (B,) timesteps, one per sample; y: (B,) labels.
 
-    Skip-Latte (``model.skip_latte``) subclasses it: everything here that counts blocks counts
-    ``config.units`` (blocks here, block pairs there), and the per-frame token grid is
+    Skip-Latte (``model.networks.skip_latte``) subclasses it: everything here that counts blocks
+    counts ``config.units`` (blocks here, block pairs there), and the per-frame token grid is
     ``input_size / patch_size`` on each side."""
 
     kernels: Resolved = "torch"  # the kernel backend that runs, see use_kernels

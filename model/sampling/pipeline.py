@@ -6,8 +6,8 @@ one step each (they may be at different steps, use different samplers and cache 
 every FULL row goes through one plain forward, CACHED rows through one forward per cache
 group, classifier-free guidance rows ride in the same forward as their conditional rows; then
 all requests of one sampler family take their scheduler step in one batched tensor update
-(``model.samplers``). A request's result does not depend on its batch-mates (same seed, same
-image).
+(``model.sampling.samplers``). A request's result does not depend on its batch-mates (same seed,
+same image).
 
 Nothing in a step waits for the device: forwards are timed with CUDA events that are read one
 step late (see ``ForwardTimer``); on the CPU a forward's wall time is known at once.
@@ -15,9 +15,9 @@ step late (see ``ForwardTimer``); on the CPU a forward's wall time is known at o
 ``Pipeline.generate`` runs a list of requests to completion; a serving engine calls
 ``denoise_step`` itself to let requests join and leave between steps.
 
-Video models (``model.skip_latte``) run through the same code: a sample is (C, F, H, W) instead
-of (C, H, W) (``config.sample_shape``), channel dim 1 either way, and a result's images are the
-video's frames.
+Video models (``model.networks.skip_latte``) run through the same code: a sample is (C, F, H, W)
+instead of (C, H, W) (``config.sample_shape``), channel dim 1 either way, and a result's images are
+the video's frames.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from diffusers import (
     SchedulerMixin,
 )
 
-from model.cache import Mode, RequestCache
+from model.cache import POLICIES, Mode, RequestCache
 from model.cache.skip_cache import default_depth
-from model.dydit import DyDiT
-from model.graphs import DEFAULT_BUCKETS, BucketedForward, GroupForward, resolve_mode
-from model.request import GenerateParams
-from model.samplers import Member, batch_key, coefficient_table, step_batch
-from model.skip_dit import SkipDiT
+from model.networks.dydit import DyDiT
+from model.networks.skip_dit import SkipDiT
+from model.sampling.graphs import DEFAULT_BUCKETS, BucketedForward, GroupForward, resolve_mode
+from model.sampling.plan import RunPlan, plan
+from model.sampling.samplers import Member, batch_key, coefficient_table, step_batch
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ ProgressFn = Callable[["Job", Mode], None]
 class Job:
     """The sampling state of one request."""
 
-    params: GenerateParams
+    plan: RunPlan
     latents: torch.Tensor  # (n, C, H, W), current sample; video (n, C, F, H, W)
     labels: torch.Tensor  # (n,) class labels
     scheduler: SchedulerMixin  # its timesteps set
@@ -412,7 +412,7 @@ def step_samplers(jobs: Sequence[Job], outputs: Sequence[torch.Tensor]) -> None:
 
 @dataclass
 class Result:
-    params: GenerateParams
+    plan: RunPlan
     status: str  # "done" or "cancelled"
     latents: torch.Tensor  # (n, *sample_shape): (n, C, H, W); video (n, C, F, H, W) (fp32, CPU)
     # (n, H, W, channels) uint8; video: (n, F, H, W, channels), each sample's frames in order.
@@ -445,12 +445,22 @@ class Pipeline:
         # A DyDiT's static twin (the same weights, no routing): ``dynamic: false`` requests.
         self.static = model.dense() if isinstance(model, DyDiT) else model
         self.vae = vae.eval() if vae is not None else None
+        # The card's defaults (``ModelInfo``), which plans for this model start from where a
+        # request leaves them unset: the guidance scale, and policy name -> config fields the
+        # model sets over the policy's defaults (TeaCache's calibrated coefficients).
         self.default_guidance = default_guidance
-        # Policy name -> config fields this model sets over the policy's defaults (from its
-        # card: ``ModelInfo.cache_overrides``, e.g. TeaCache's coefficients); every request's
-        # cache starts from them, its own fields win.
         self.cache_overrides = dict(cache_overrides or {})
         self.forward: GroupForward = forward_group  # a step group's forward, see use_fast_path
+
+    def plan(self, **params: Any) -> RunPlan:
+        """A checked plan for this model (``model.sampling.plan.plan``'s parameters) from the
+        card's defaults this pipeline holds: guidance, the policies' calibration."""
+        return plan(
+            self.model.config,
+            default_guidance=self.default_guidance,
+            overrides=self.cache_overrides,
+            **params,
+        )
 
     def use_fast_path(
         self, kernels: str = "auto", graphs: str = "auto", buckets: Sequence[int] = DEFAULT_BUCKETS
@@ -480,27 +490,27 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def start(self, params: GenerateParams) -> Job:
-        """Validate ``params`` against this model and create its job (initial noise drawn)."""
+    def start(self, plan: RunPlan) -> Job:
+        """The job of a plan made for this model (``plan.plan``; initial noise drawn). The plan
+        was checked where it was made: nothing is checked here."""
         config = self.model.config
-        params.check_for(config)
-        scheduler = make_scheduler(params.sampler, config.learn_sigma, self.vae is None)
-        scheduler.set_timesteps(params.steps)
-        generator = torch.Generator("cpu").manual_seed(params.seed)
-        shape = (params.num_images, *config.sample_shape)  # (n, C, H, W) or (n, C, F, H, W)
+        scheduler = make_scheduler(plan.sampler, config.learn_sigma, self.vae is None)
+        scheduler.set_timesteps(plan.steps)
+        generator = torch.Generator("cpu").manual_seed(plan.seed)
+        shape = (plan.num_images, *config.sample_shape)  # (n, C, H, W) or (n, C, F, H, W)
         noise = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
         dtype = next(self.model.parameters()).dtype
         return Job(
-            params=params,
+            plan=plan,
             latents=noise.to(self.device, dtype),
-            labels=torch.full((params.num_images,), params.class_label, device=self.device),
+            labels=torch.full((plan.num_images,), plan.class_label, device=self.device),
             scheduler=scheduler,
             generator=generator,
-            cache=params.cache_for(config, self.cache_overrides),
-            guidance=params.guidance_for(config, self.default_guidance),
+            cache=RequestCache(POLICIES[plan.policy], plan.cache),
+            guidance=plan.guidance,
             null_class=config.num_classes,
             guided_channels=config.guided_channels,
-            network=self.static if params.dynamic is False else None,
+            network=self.static if config.dynamic and not plan.dynamic else None,
         )
 
     @torch.inference_mode()
@@ -525,13 +535,13 @@ class Pipeline:
 
     def generate(
         self,
-        requests: Sequence[GenerateParams],
+        plans: Sequence[RunPlan],
         progress: ProgressFn | None = None,
     ) -> list[Result]:
         """Run all requests together to completion. ``progress(job, mode)`` is called after
         each step of each job; it may call ``job.cancel()`` to stop that job."""
         begin = time.perf_counter()
-        jobs = [self.start(p) for p in requests]
+        jobs = [self.start(p) for p in plans]
         results: dict[int, Result] = {}
         active = list(jobs)
         while active:
@@ -552,7 +562,7 @@ class Pipeline:
         images = None if job.cancelled else self.decode(job.latents)
         job.stats.settle()
         return Result(
-            params=job.params,
+            plan=job.plan,
             status="cancelled" if job.cancelled else "done",
             latents=job.latents.float().cpu(),
             images=images,

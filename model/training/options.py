@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 DigitSource = Literal["sklearn", "mnist"]
-CLASSIFIER_DIR = Path(__file__).parent / "weights" / "classifier"
+CLASSIFIER_DIR = Path(__file__).parents[1] / "weights" / "classifier"
 
 
 class _Options(BaseModel):
@@ -45,7 +45,7 @@ class TrainOptions(_Options):
         ge=0.05,
         le=1.0,
         description="DyDiT: target FLOPs of a forward over the base network's (lambda), "
-        "whole network, as model.flops counts it.",
+        "whole network, as model.networks.flops counts it.",
     )
     flops_weight: float = Field(2.0, ge=0, description="DyDiT: weight of the FLOPs loss.")
     token_minimal: float = Field(

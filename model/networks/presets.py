@@ -1,15 +1,16 @@
-"""The networks this project serves, by kind: ``image`` (Skip-DiT / DiT, ``model.skip_dit``) and
-``video`` (Skip-Latte / Latte, ``model.skip_latte``). One place that maps a config to its
-network, a kind to its config class, and a preset name to its config."""
+"""The networks this project serves, by kind: ``image`` (Skip-DiT / DiT,
+``model.networks.skip_dit``) and ``video`` (Skip-Latte / Latte, ``model.networks.skip_latte``). One
+place that maps a config to its network, a kind to its config class, and a preset name to its
+config."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from model import skip_dit, skip_latte
-from model.dydit import DyDiT
-from model.skip_dit import DiTConfig, SkipDiT
-from model.skip_latte import LatteConfig, SkipLatte
+from model.networks import skip_dit, skip_latte
+from model.networks.dydit import DyDiT
+from model.networks.skip_dit import DiTConfig, SkipDiT
+from model.networks.skip_latte import LatteConfig, SkipLatte
 
 Config = DiTConfig | LatteConfig
 

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from model import registry
-from model.checkpoint import CONFIG_FILE
-from model.options import CalibrateOptions
-from model.pipeline import Job, Pipeline, denoise_step
-from model.request import GenerateParams
-from model.skip_dit import SkipDiT
+from model.networks.checkpoint import CONFIG_FILE
+from model.networks.skip_dit import SkipDiT
+from model.sampling.pipeline import Job, Pipeline, denoise_step
+from model.sampling.plan import RunPlan
+from model.training.options import CalibrateOptions
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def trace(pipeline: Pipeline, requests: Sequence[GenerateParams]) -> list[tuple[float, float]]:
+def trace(pipeline: Pipeline, requests: Sequence[RunPlan]) -> list[tuple[float, float]]:
     """(input change, output change) of every request at every step after its first, from one
     uncached run of all the requests batched (they must share a step count)."""
     jobs = [pipeline.start(p) for p in requests]
@@ -81,15 +81,14 @@ def trace(pipeline: Pipeline, requests: Sequence[GenerateParams]) -> list[tuple[
     return points
 
 
-def calibration_requests(opts: CalibrateOptions, classes: int) -> list[GenerateParams]:
+def calibration_requests(pipeline: Pipeline, opts: CalibrateOptions, classes: int) -> list[RunPlan]:
     return [
-        GenerateParams(
+        pipeline.plan(
             class_label=c,
             num_images=opts.per_class,
             steps=opts.steps,
             sampler=SAMPLER,
             seed=opts.seed + c,
-            cache_policy="none",
         )
         for c in range(classes)
     ]
@@ -105,7 +104,7 @@ def calibrate_model(name: str, opts: CalibrateOptions) -> dict[str, Any]:
     """The ``card["teacache"]`` entry of one model: its coefficients and how they were made."""
     loaded = registry.load(name)
     config = loaded.config
-    requests = calibration_requests(opts, config.num_classes)
+    requests = calibration_requests(loaded.pipeline, opts, config.num_classes)
     points = trace(loaded.pipeline, requests)
     inputs = [x for x, _ in points]
     return {
@@ -119,7 +118,7 @@ def calibrate_model(name: str, opts: CalibrateOptions) -> dict[str, Any]:
             "seed": opts.seed,  # class c: seed + c
             "sampler": SAMPLER,
             "steps": opts.steps,
-            "guidance": requests[0].guidance_for(config, loaded.pipeline.default_guidance),
+            "guidance": requests[0].guidance,
             "points": len(points),
             "input_range": [min(inputs), max(inputs)],
         },

@@ -7,7 +7,7 @@ FlopCounterMode over a real run, not a formula: the two differ because cached st
 costs), cache memory per image, PSNR and SSIM against the uncached images of the same seeds,
 class accuracy of the shipped classifier and FID on its features against held-out real digits.
 Video models: the policies that apply to video, PSNR/SSIM over all frames, per-frame accuracy
-(``model.evaluate.frame_accuracy``) and temporal consistency (mean frame-to-frame change,
+(``model.training.evaluate.frame_accuracy``) and temporal consistency (mean frame-to-frame change,
 against real moving-digit clips) in place of FID.
 Writes ``results.md`` (tables), ``speedup_vs_psnr.png``, ``grid.png`` (same seeds across
 settings; video: ``strip_<setting>.gif``, the first clip of each class) and, given training
@@ -30,10 +30,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from model import data, registry
+from model import registry
 from model.cache import POLICIES, Mode
-from model.checkpoint import load_state, read_pretrained_meta
-from model.evaluate import (
+from model.networks.checkpoint import load_state, read_pretrained_meta
+from model.networks.flops import count as count_flops
+from model.networks.skip_dit import DiTConfig, SkipDiT
+from model.sampling.images import animate, grid, to_pil
+from model.sampling.pipeline import Job, Pipeline, Result
+from model.sampling.plan import RunPlan
+from model.training import data
+from model.training.evaluate import (
     DigitClassifier,
     accuracy,
     features,
@@ -43,14 +49,9 @@ from model.evaluate import (
     psnr_ssim,
     temporal_difference,
 )
-from model.floors import Measured
-from model.floors import table as floor_table
-from model.flops import count as count_flops
-from model.images import animate, grid, to_pil
-from model.options import BenchOptions
-from model.pipeline import Job, Pipeline, Result
-from model.request import GenerateParams
-from model.skip_dit import DiTConfig, SkipDiT
+from model.training.floors import Measured
+from model.training.floors import table as floor_table
+from model.training.options import BenchOptions
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +75,21 @@ class Row:
 def settings(
     intervals: list[int], thresholds: list[float], model: DiTConfig
 ) -> list[tuple[str, str, dict]]:
-    """(label, policy, options) of every setting of the policies that apply to the model."""
+    """(label, policy, parameters by the policy's names) of every setting of the policies that
+    apply to the model."""
     out: list[tuple[str, str, dict]] = [("none", "none", {})]
     for policy in ("skip_cache", "fora", "delta_dit"):
-        out += [(f"{policy} N={n}", policy, {"cache_interval": n}) for n in intervals]
-    out += [(f"toca N={n} r=0.25", "toca", {"cache_interval": n, "cache_ratio": 0.25})
+        out += [(f"{policy} N={n}", policy, {"interval": n}) for n in intervals]
+    out += [(f"toca N={n} r=0.25", "toca", {"interval": n, "ratio": 0.25})
             for n in intervals]  # fmt: skip
-    out += [(f"fbcache th={t}", "fbcache", {"cache_threshold": t}) for t in thresholds]
+    out += [(f"fbcache th={t}", "fbcache", {"threshold": t}) for t in thresholds]
     # TeaCache on the card's polynomial: on the shipped digit models (DDIM 50) these skip about
     # 45%, 60% and 70% of the steps, near Skip-Cache N=2, 3 and 4.
-    out += [(f"teacache th={t}", "teacache", {"cache_threshold": t}) for t in (0.02, 0.03, 0.05)]
+    out += [(f"teacache th={t}", "teacache", {"threshold": t}) for t in (0.02, 0.03, 0.05)]
     # Adaptive Skip-Cache: N=4 bounds the gap between full steps, the threshold refreshes
     # requests whose shallow output moved in between (on digits-skip-dit, DDIM 50, the median
     # change over 1, 2, 3 steps is 0.011, 0.019, 0.025; its 90th percentile 0.04, 0.07, 0.10).
-    out += [(f"skip_cache N=4 th={t}", "skip_cache", {"cache_interval": 4, "cache_threshold": t})
+    out += [(f"skip_cache N=4 th={t}", "skip_cache", {"interval": 4, "threshold": t})
             for t in (0.02, 0.05, 0.1)]  # fmt: skip
     return [s for s in out if POLICIES[s[1]].applies_to(model)]
 
@@ -95,7 +97,7 @@ def settings(
 def dydit_settings(intervals: list[int], card: dict) -> list[tuple[str, str, dict]]:
     """A DyDiT model's settings: routed alone, and routed with Skip-Cache at each interval."""
     label = f"dydit λ={card.get('dydit', {}).get('flops_ratio', '?')}"
-    cached = [(f"{label} + skip_cache N={n}", "skip_cache", {"cache_interval": n})
+    cached = [(f"{label} + skip_cache N={n}", "skip_cache", {"interval": n})
               for n in intervals]  # fmt: skip
     return [(label, "none", {}), *cached]
 
@@ -111,16 +113,24 @@ def model_settings(
 
 
 def requests(
-    policy: str, options: dict, per_class: int, steps: int, seed: int, classes: int
-) -> list[GenerateParams]:
+    pipeline: Pipeline,
+    policy: str,
+    params: dict,
+    per_class: int,
+    steps: int,
+    seed: int,
+    classes: int,
+) -> list[RunPlan]:
+    """One plan per class for ``pipeline``'s model (class c seeded ``seed + c``), guidance from
+    its card."""
     return [
-        GenerateParams(
+        pipeline.plan(
             class_label=c,
             num_images=per_class,
             steps=steps,
             seed=seed + c,
-            cache_policy=policy,
-            **options,
+            policy=policy,
+            params=params,
         )
         for c in range(classes)
     ]
@@ -139,13 +149,13 @@ def cached_share(results: list[Result]) -> float:
 
 def sample(
     pipeline: Pipeline,
-    batch: list[GenerateParams],
+    batch: list[RunPlan],
     judge: Judge,
     reference: torch.Tensor | None = None,
 ) -> tuple[Measured, torch.Tensor]:
-    """One untimed run of ``batch`` judged as a floor row is (``model.floors``): PSNR against
-    ``reference`` (the uncached images of the same requests; None: this run is that reference,
-    PSNR inf), accuracy, share cached; and the run's images."""
+    """One untimed run of ``batch`` judged as a floor row is (``model.training.floors``): PSNR
+    against ``reference`` (the uncached images of the same requests; None: this run is that
+    reference, PSNR inf), accuracy, share cached; and the run's images."""
     results = pipeline.generate(batch)
     images = images_of(results)
     labels = torch.tensor([p.class_label for p in batch]).repeat_interleave(batch[0].num_images)
@@ -155,7 +165,7 @@ def sample(
     return Measured(psnr, judge.accuracy(images, labels), cached_share(results)), images
 
 
-def counted_flops(pipeline: Pipeline, params: GenerateParams) -> float:
+def counted_flops(pipeline: Pipeline, params: RunPlan) -> float:
     """FLOPs of one request's whole run, counted op by op."""
     job = pipeline.start(params)
 
@@ -166,13 +176,13 @@ def counted_flops(pipeline: Pipeline, params: GenerateParams) -> float:
     return count_flops(run)
 
 
-def timed_run(pipeline: Pipeline, batch: list[GenerateParams]) -> tuple[Any, float, float]:
+def timed_run(pipeline: Pipeline, batch: list[RunPlan]) -> tuple[Any, float, float]:
     """(results, wall seconds, peak cache bytes per image) for one batched run."""
     peak = 0.0
 
     def progress(job: Job, mode: Mode) -> None:
         nonlocal peak
-        held = job.cache.policy.state_bytes(job.cache.state) / job.params.num_images
+        held = job.cache.policy.state_bytes(job.cache.state) / job.plan.num_images
         peak = max(peak, held)
 
     began = time.perf_counter()
@@ -182,8 +192,8 @@ def timed_run(pipeline: Pipeline, batch: list[GenerateParams]) -> tuple[Any, flo
 
 def _measure(
     pipeline: Pipeline,
-    batch: list[GenerateParams],
-    uncached: list[GenerateParams],
+    batch: list[RunPlan],
+    uncached: list[RunPlan],
     repeats: int,
     baseline: Pipeline,
 ) -> tuple[list, float, float]:
@@ -195,7 +205,7 @@ def _measure(
     for i in range(repeats):
         if i:
             seconds = timed_run(pipeline, batch)[1]
-        is_baseline = batch[0].cache_policy == "none" and pipeline is baseline
+        is_baseline = batch[0].policy == "none" and pipeline is baseline
         base = seconds if is_baseline else timed_run(baseline, uncached)[1]
         ratios.append(base / seconds)
     return results, statistics.median(ratios), peak
@@ -217,13 +227,13 @@ def bench_model(
     classes = config.num_classes
     labels = torch.arange(classes).repeat_interleave(opts.per_class)
     for warm in {id(p): p for p in (pipeline, baseline)}.values():
-        warm.generate(requests("none", {}, 1, 2, 0, 1))
+        warm.generate(requests(warm, "none", {}, 1, 2, 0, 1))
     rows, grids = [], {}
-    uncached = requests("none", {}, opts.per_class, opts.steps, opts.seed, classes)
+    uncached = requests(baseline, "none", {}, opts.per_class, opts.steps, opts.seed, classes)
     reference = images_of(baseline.generate(uncached))
     base_flops = counted_flops(baseline, uncached[0])
     for label, policy, options in model_settings(config, opts, card):
-        batch = requests(policy, options, opts.per_class, opts.steps, opts.seed, classes)
+        batch = requests(pipeline, policy, options, opts.per_class, opts.steps, opts.seed, classes)
         results, speedup, peak = _measure(pipeline, batch, uncached, opts.repeats, baseline)
         images = images_of(results)  # (n, H, W, 1); video (n, F, H, W, 1)
         flops = counted_flops(pipeline, batch[0])
@@ -294,7 +304,7 @@ def training_curves(run_dirs: list[Path], opts: BenchOptions, judge: Judge) -> d
         for snap in sorted((run / "snapshots").glob("step_*.safetensors")):
             model = load_state(SkipDiT(config), load_file(snap))
             pipeline = Pipeline(model, default_guidance=card.get("default_guidance", 2.0))
-            batch = requests("none", {}, opts.per_class, opts.curve_steps, opts.seed, 10)
+            batch = requests(pipeline, "none", {}, opts.per_class, opts.curve_steps, opts.seed, 10)
             images = torch.cat([r.images for r in pipeline.generate(batch)])
             fids.append((int(snap.stem.split("_")[1]), judge.fid(images)))
         curves[card.get("architecture", run.name)] = {"loss": loss, "fid": fids}
@@ -504,8 +514,9 @@ def twin_lines(rows: list[Row], skip: str, plain: str) -> list[str]:
 
 
 def floor_lines(rows: list[Row]) -> list[str]:
-    """The quality floors (``model.floors``) of the rows' settings, each beside its new figure:
-    a floor a re-run falls below, or a figure the table no longer matches, is in plain view."""
+    """The quality floors (``model.training.floors``) of the rows' settings, each beside its new
+    figure: a floor a re-run falls below, or a figure the table no longer matches, is in plain
+    view."""
     return floor_table({(r.model, r.label): Measured(r.psnr, r.accuracy, r.steps_cached)
                         for r in rows})  # fmt: skip
 

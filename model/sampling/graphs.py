@@ -45,7 +45,7 @@ import torch
 from model.cache import Mode, RequestCache
 from model.cache.none import NoCache
 from model.cache.skip_cache import SkipCache
-from model.skip_dit import SkipDiT
+from model.networks.skip_dit import SkipDiT
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (autotune, cuBLAS workspace)
 
 # One step group's forward: (model, jobs, FULL?, x, t, y) -> (out, captured), as
-# ``model.pipeline.forward_group`` (jobs are ``model.pipeline.Job``s).
+# ``model.sampling.pipeline.forward_group`` (jobs are ``model.sampling.pipeline.Job``s).
 GroupForward = Callable[..., tuple[torch.Tensor, dict[Hashable, torch.Tensor]]]
 
 # What a prepared forward computes: "full", or the cache depth K of a cached forward.
@@ -219,8 +219,8 @@ class BucketedForward:
         return cache.policy.name != SkipCache.name or cache.config.depth in self.depths
 
     def group_forward(self, eager: GroupForward) -> GroupForward:
-        """A step group's forward (``model.pipeline.forward_group``'s signature) through this
-        runner where it serves every job of the group, through ``eager`` otherwise."""
+        """A step group's forward (``model.sampling.pipeline.forward_group``'s signature) through
+        this runner where it serves every job of the group, through ``eager`` otherwise."""
 
         def forward(
             model: SkipDiT,

@@ -37,7 +37,7 @@ CACHED_MARGIN = 0.1  # share of steps
 
 @dataclass(frozen=True)
 class Sample:
-    """The small seeded run a model's floors are checked on (``model.bench.requests``)."""
+    """The small seeded run a model's floors are checked on (``model.training.bench.requests``)."""
 
     classes: int  # class labels 0..classes-1, one request each
     per_class: int
@@ -56,7 +56,7 @@ SAMPLES: dict[str, Sample] = {
 
 @dataclass(frozen=True)
 class Floor:
-    """One bench row: ``setting`` is its label (``model.bench.settings``)."""
+    """One bench row: ``setting`` is its label (``model.training.bench.settings``)."""
 
     model: str
     setting: str
@@ -188,7 +188,7 @@ def table(measured: dict[tuple[str, str], Measured] | None = None) -> list[str]:
     if measured is not None and not any((f.model, f.setting) in measured for f in FLOORS):
         return []
     lines = [
-        f"Floors (model.floors; margins: PSNR {PSNR_MARGIN_DB} dB, accuracy "
+        f"Floors (model.training.floors; margins: PSNR {PSNR_MARGIN_DB} dB, accuracy "
         f"{ACCURACY_MARGIN:.0%} + the bench's own loss, cached share {CACHED_MARGIN:.0%}):",
         "",
         "| model | setting | bench PSNR | PSNR floor | accuracy margin | cached floor "

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import flops
-from model.skip_dit import Branch, DiTBlock, DiTConfig, Record, SkipDiT, modulate
+from model.networks import flops
+from model.networks.skip_dit import Branch, DiTBlock, DiTConfig, Record, SkipDiT, modulate
 
 TAU = 5.0  # Gumbel-sigmoid temperature in training (official default)
 HEAD_BIAS = 15.0  # router biases at the start of fine-tuning: every head and group on
@@ -303,7 +303,7 @@ def is_router(key: str) -> bool:
 
 @dataclass(frozen=True)
 class FlopModel:
-    """Per-row FLOPs of a forward (2 per multiply-add, as ``model.flops`` counts them)."""
+    """Per-row FLOPs of a forward (2 per multiply-add, as ``model.networks.flops`` counts them)."""
 
     base: float  # the static network (no routers)
     fixed: float  # what never shrinks: embedders, adaLN, fusions, final layer, routers
