@@ -341,7 +341,7 @@ def test_skip_cache_defaults_are_the_papers_video_ones_in_pairs() -> None:
     assert POLICIES["skip_cache"].default_config(preset("Latte-XL/2"), depth=7).depth == 7
     with pytest.raises(FieldError) as err:
         cache.build("skip_cache", preset("Latte-XL/2"), depth=8)  # 8 of 14 pairs
-    assert err.value.field == "cache_depth" and "[1, 7]" in str(err.value)
+    assert err.value.field == "depth" and "[1, 7]" in str(err.value)
 
 
 @pytest.mark.parametrize("name", VIDEO_POLICIES)

@@ -40,10 +40,10 @@ def test_the_polynomial_is_highest_power_first_and_checked() -> None:
     assert TeaCacheConfig().rescale(0.25) == 0.25  # the identity default
     assert TeaCacheConfig(coefficients=[0.5, 1]).coefficients == (0.5, 1.0)  # JSON lists too
     with pytest.raises(FieldError):
-        TeaCacheConfig(coefficients=(float("nan"),))
+        TeaCacheConfig(coefficients=(float("nan"),)).check()
     with pytest.raises(FieldError) as err:
-        TeaCacheConfig(threshold=1.5)
-    assert err.value.field == "cache_threshold"
+        TeaCacheConfig(threshold=1.5).check()
+    assert err.value.field == "threshold"
 
 
 def test_large_thresholds_skip_steps_and_zero_skips_none(tiny_pipeline: Pipeline) -> None:
@@ -220,7 +220,7 @@ def test_the_cards_coefficients_reach_every_teacache_request(model_dir: Path) ->
     assert job.cache.config.coefficients == stored and job.cache.config.threshold == 0.3
     assert loaded.info.cache_defaults()["teacache"]["coefficients"] == stored
     # Other policies and models without a calibration keep the defaults.
-    assert start(loaded.pipeline, GenerateParams()).cache.policy.name == "skip_cache"
+    assert start(loaded.pipeline, GenerateParams()).cache.policy.name == "none"  # no default
     assert POLICIES["teacache"].default_config(loaded.config).coefficients == IDENTITY
 
 
