@@ -33,6 +33,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -51,13 +52,18 @@ from service.video import VIDEO_CONTENT_TYPES, encode_video
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Step = tuple[str, list[EngineEvent], StepReport]  # (model, its events, its report)
-MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skipdit-model")
+
+
+@functools.cache
+def model_thread() -> ThreadPoolExecutor:
+    """The process's one model thread, started on first use (not at import)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="skipdit-model")
 
 
 async def in_model_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run model work on the process's one model thread (see the module docstring)."""
     return await asyncio.get_running_loop().run_in_executor(
-        MODEL_THREAD, functools.partial(fn, *args)
+        model_thread(), functools.partial(fn, *args)
     )
 
 
@@ -81,6 +87,29 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker takes and reports work (seconds unless named otherwise)."""
+
+    name: str = field(default_factory=default_worker_name)
+    max_inflight: int = 32  # jobs held at once (running + waiting in the engines)
+    heartbeat: float = 5.0  # between heartbeats that keep held deliveries this worker's
+    drain_timeout: float = 60.0  # after stop(): running jobs get this long, the rest go back
+    progress_interval: float = 0.1  # between a job's step events (0: every step)
+    poll_interval: float = 0.05  # between queue asks while work runs
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerConfig:
+        return cls(
+            name=settings.worker_name or default_worker_name(),
+            max_inflight=settings.max_inflight,
+            heartbeat=settings.heartbeat_s,
+            drain_timeout=settings.drain_timeout_s,
+            progress_interval=settings.progress_interval_s,
+            poll_interval=settings.poll_interval_s,
+        )
+
+
 class Worker:
     """Holds one engine per model it loaded and claims only those models' jobs. Engines step in
     turn (round-robin among those with work, one step each), so requests of different models
@@ -91,32 +120,28 @@ class Worker:
         backend: QueueBackend,
         engines: dict[str, Engine],
         metrics: Metrics,
-        name: str | None = None,
-        max_inflight: int = 32,
-        heartbeat: float = 5.0,
-        drain_timeout: float = 60.0,
+        config: WorkerConfig | None = None,
         runtimes: dict[str, dict[str, Any]] | None = None,
-        progress_interval: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
-        poll_interval: float = 0.05,
     ):
         self.backend = backend
         self.engines = engines  # model name -> its engine
         self.metrics = metrics
-        self.name = name or default_worker_name()
-        self.max_inflight = max_inflight
-        self.heartbeat_every = heartbeat
-        self.drain_timeout = drain_timeout
+        self.config = config or WorkerConfig()
         # How each model runs: device, dtype, kernels, graphs.
         self.runtimes = runtimes or {model: {} for model in engines}
         self._held: dict[str, tuple[Delivery, JobRecord]] = {}
-        self.progress_interval = progress_interval  # seconds between a job's step events
-        self.poll_interval = poll_interval  # seconds between queue polls while work runs
         self._clock = clock  # times the step events
         self._progress_at: dict[str, float] = {}  # job -> when its last progress went out
         self._unsent: dict[str, EngineEvent] = {}  # job -> its latest step held back
         self._stopping = asyncio.Event()
         self._turn = 0  # the engine to try first at the next step
+        self._last_beat = self._last_poll = -float("inf")  # time.monotonic()
+        self._drain_until: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
 
     @property
     def models(self) -> list[str]:
@@ -132,6 +157,20 @@ class Worker:
         return any(engine.has_work() for engine in self.engines.values())
 
     async def run(self) -> None:
+        """Turns until stopped and drained. Each turn starts a burst of steps in the model thread,
+        and while it runs publishes the previous burst, heartbeats and asks the queue: the model
+        thread never waits for Redis. Then it hands back what it still holds."""
+        self._log_models()
+        done: list[Step] = []  # the last burst's steps, published while the next burst runs
+        while not self._drained():
+            running = self._start_burst()
+            await self._between_bursts(done, bursting=running is not None)
+            done = await running if running is not None else []
+        await self._publish_steps(done)
+        await self._hand_back()
+        log.info("worker %s stopped", self.name)
+
+    def _log_models(self) -> None:
         for model, runtime in self.runtimes.items():
             log.info(
                 "worker %s: model %s, backend %s, %s",
@@ -140,47 +179,42 @@ class Worker:
                 self.backend.name,
                 ", ".join(f"{k}={v}" for k, v in runtime.items()),
             )
-        last_beat = last_poll = -float("inf")
-        drain_until: float | None = None
-        done: list[Step] = []  # the last burst's steps, published while the next burst runs
-        while True:
-            now = time.monotonic()
-            if self._stopping.is_set():
-                drain_until = drain_until or now + self.drain_timeout
-                if not self._held or now >= drain_until:
-                    await self._publish_steps(done)
-                    break
-            # A burst of steps runs in the model thread while this loop publishes the previous
-            # burst's events and talks to the queue: the model thread never waits for Redis.
-            running = None
-            if self.has_work():
-                until = now + self.poll_interval
-                running = asyncio.ensure_future(
-                    in_model_thread(burst, self.engines, self._next_engine, until)
-                )
-            steps, done = done, []
-            try:
-                await self._publish_steps(steps)
-                if now - last_beat >= self.heartbeat_every:
-                    await self._heartbeat()
-                    last_beat = now
-                # While work runs, ask the queue at most every poll_interval (each ask is a
-                # round trip or more): new jobs and cancel flags wait that long.
-                if running is None or now - last_poll >= self.poll_interval:
-                    await self._cancellations()
-                    if not self._stopping.is_set():
-                        # last: a new job starts at the next turn; never a blocking ask while
-                        # a burst runs (the model thread would idle until it returns)
-                        await self._intake(may_block=running is None)
-                    last_poll = time.monotonic()  # after the ask: it may have blocked
-            except BackendUnavailable as e:
-                self.metrics.errors.labels(NO_MODEL, "backend_unavailable").inc()
-                log.warning("worker %s: %s; retrying", self.name, e)
-                await asyncio.sleep(1.0)
-            if running is not None:
-                done = await running
-        await self._hand_back()
-        log.info("worker %s stopped", self.name)
+
+    def _drained(self) -> bool:
+        """Stopping, and nothing held or the drain time is up."""
+        if not self._stopping.is_set():
+            return False
+        now = time.monotonic()
+        self._drain_until = self._drain_until or now + self.config.drain_timeout
+        return not self._held or now >= self._drain_until
+
+    def _start_burst(self) -> asyncio.Future[list[Step]] | None:
+        """A burst in the model thread until the next queue poll is due; None: no work."""
+        if not self.has_work():
+            return None
+        until = time.monotonic() + self.config.poll_interval
+        return asyncio.ensure_future(in_model_thread(burst, self.engines, self._next_engine, until))
+
+    async def _between_bursts(self, steps: list[Step], bursting: bool) -> None:
+        """Publish ``steps``, heartbeat when due, ask the queue when due. While a burst runs the
+        queue is asked at most every ``poll_interval`` (each ask is a round trip or more: new
+        jobs and cancel flags wait that long), and never with a blocking ask (the model thread
+        would idle until it returns); a new job starts at the next turn."""
+        now = time.monotonic()
+        try:
+            await self._publish_steps(steps)
+            if now - self._last_beat >= self.config.heartbeat:
+                await self._heartbeat()
+                self._last_beat = now
+            if not bursting or now - self._last_poll >= self.config.poll_interval:
+                await self._cancellations()
+                if not self._stopping.is_set():
+                    await self._intake(may_block=not bursting)
+                self._last_poll = time.monotonic()  # after the ask: it may have blocked
+        except BackendUnavailable as e:
+            self.metrics.errors.labels(NO_MODEL, "backend_unavailable").inc()
+            log.warning("worker %s: %s; retrying", self.name, e)
+            await asyncio.sleep(1.0)
 
     async def _heartbeat(self) -> None:
         """Keep the held deliveries ours; advertise the models while taking work."""
@@ -211,7 +245,7 @@ class Worker:
         latest = {e.request_id: i for i, (_, e) in enumerate(events) if e.kind is EventKind.STEP}
         for i, (model, event) in enumerate(events):
             superseded = event.kind is EventKind.STEP and latest[event.request_id] != i
-            if not (superseded and self.progress_interval > 0):
+            if not (superseded and self.config.progress_interval > 0):
                 await self._publish(model, event)
         held = [d.model for d, _ in self._held.values()]
         for name in self.engines:
@@ -222,7 +256,7 @@ class Worker:
         burst runs, and the engines have no work) the ask blocks until a job comes, up to 0.5 s.
         ``has_work()`` is only asked while no burst runs: during a step it can read False (a
         request taken from the inbox and still being prepared is in none of its lists)."""
-        room = self.max_inflight - len(self._held)
+        room = self.config.max_inflight - len(self._held)
         if room <= 0:
             return
         block = 0.5 if may_block and not self.has_work() else 0.0
@@ -287,7 +321,7 @@ class Worker:
         return (
             event.step >= event.total
             or last is None
-            or self._clock() - last >= self.progress_interval
+            or self._clock() - last >= self.config.progress_interval
         )
 
     async def _progress(self, event: EngineEvent) -> None:
@@ -374,18 +408,7 @@ def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> 
     runtimes: dict[str, dict[str, Any]] = {}
     for name in settings.models or []:
         engines[name], runtimes[name] = _load(settings, name)
-    return Worker(
-        backend,
-        engines,
-        metrics,
-        name=settings.worker_name,
-        max_inflight=settings.max_inflight,
-        heartbeat=settings.heartbeat_s,
-        drain_timeout=settings.drain_timeout_s,
-        runtimes=runtimes,
-        progress_interval=settings.progress_interval_s,
-        poll_interval=settings.poll_interval_s,
-    )
+    return Worker(backend, engines, metrics, WorkerConfig.from_settings(settings), runtimes)
 
 
 def run_worker_process(settings: Settings) -> int:

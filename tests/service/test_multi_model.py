@@ -22,7 +22,7 @@ from service.messages import JobRequest, JobStatus
 from service.metrics import Metrics
 from service.queue.memory import MemoryBackend
 from service.request import GenerateParams
-from service.worker import Worker
+from service.worker import Worker, WorkerConfig
 from tests.helpers import generate, job_record
 from tests.service.conftest import Clock, RedisServer, running_app, settings_for
 from tests.service.test_api import parse_metrics, sample
@@ -145,7 +145,7 @@ async def test_the_worker_steps_its_engines_in_turn(tiny_pipeline: Pipeline) -> 
             return step()
 
         engine.step = recording  # type: ignore[method-assign]
-    worker = Worker(backend, engines, Metrics(list(engines)), "w1", heartbeat=0.5)
+    worker = Worker(backend, engines, Metrics(list(engines)), WorkerConfig("w1", heartbeat=0.5))
     jobs = []
     for model, steps in (("a", 6), ("b", 3)):
         body = JobRequest(model=model, steps=steps)

@@ -20,7 +20,7 @@ from service.metrics import Metrics
 from service.queue.base import Delivery
 from service.queue.memory import MemoryBackend
 from service.request import GenerateParams
-from service.worker import Worker, burst
+from service.worker import Worker, WorkerConfig, burst
 from tests.helpers import job_record, plan_of
 from tests.service.conftest import Clock
 
@@ -55,12 +55,13 @@ class Rig:
         self.backend = backend_cls(100, result_ttl=60, job_ttl=600, clock=self.clock)
         self.metrics = Metrics()
         self.engine = engine = engine_cls(pipeline, max_batch_tokens=10_000, clock=self.clock)
-        self.worker = Worker(
-            self.backend, {MODEL: engine}, self.metrics, "w1", max_inflight,
-            heartbeat=0.5, drain_timeout=drain_timeout,
+        config = WorkerConfig(
+            "w1", max_inflight, heartbeat=0.5, drain_timeout=drain_timeout,
             progress_interval=progress_interval, poll_interval=poll_interval,
-            clock=self.worker_clock,
         )  # fmt: skip
+        self.worker = Worker(
+            self.backend, {MODEL: engine}, self.metrics, config, clock=self.worker_clock
+        )
 
     async def submit(self, **params: object) -> JobRecord:
         body = JobRequest(**{"model": MODEL, **params})
