@@ -510,7 +510,9 @@ def _recorder(
     return record
 
 
-def _recording(branch: Branch, into: dict[Hashable, torch.Tensor], key: Hashable) -> Branch:
+def recording(branch: Branch, into: dict[Hashable, torch.Tensor], key: Hashable) -> Branch:
+    """``branch``, its output also recorded into ``into[key]`` (Skip-Latte's branch captures)."""
+
     def run(h: torch.Tensor) -> torch.Tensor:
         into[key] = out = branch(h)
         return out

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from model.networks.skip_dit import Branch, BranchOverride, DiTConfig, SkipDiT, _recording
+from model.networks.skip_dit import Branch, BranchOverride, DiTConfig, SkipDiT, recording
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -158,7 +158,7 @@ class SkipLatte(SkipDiT):
         ):
             if (name, k) in capture:
                 module = getattr(self.blocks[k], name)
-                override = _recording(override or _flat(module), captured, (name, k))
+                override = recording(override or _flat(module), captured, (name, k))
             out.append(_batch_first(override, batch) if override is not None else None)
         return out[0], out[1]
 
