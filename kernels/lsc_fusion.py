@@ -144,6 +144,11 @@ def _configs(triton: Any) -> list[Any]:
     ]
 
 
+# Plain functions here, jit-compiled by _kernel() on first launch (as in kernels.attention): the
+# interpreter runs kernels against this module's globals, so the helpers and `tl` are bound here.
+tl: Any = None  # triton.language, bound by _kernel()
+
+
 def _row_offsets(offs_m, INNER, stride_o, stride_i):
     # row m of a (outer, INNER, d) view sits at (m // INNER) * stride_o + (m % INNER) * stride_i
     m = offs_m.to(tl.int64)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 from abc import ABC
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 
@@ -31,7 +31,17 @@ class Mode(enum.StrEnum):
     CACHED = "cached"
 
 
-class CachePolicy(ABC):
+class PolicyConfig(Protocol):
+    """What every policy's config (a frozen dataclass) has: its range check."""
+
+    def check(self) -> None: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=PolicyConfig)  # a policy's config
+StateT = TypeVar("StateT")  # a policy's per-request state
+
+
+class CachePolicy(ABC, Generic[ConfigT, StateT]):
     """Stateless strategy object; all request state lives in the object ``new_state`` returns."""
 
     name: str
@@ -40,7 +50,7 @@ class CachePolicy(ABC):
     config_cls: ClassVar[type]
     state_cls: ClassVar[type]  # per-request state with reset()
     # Pure rule (step, t, config, state) -> Mode; a staticmethod of the policy's module function.
-    decide_rule: ClassVar[Callable[[int, int, Any, Any], Mode]]
+    decide_rule: ClassVar[staticmethod[[int, int, Any, Any], Mode]]
     # Model kinds (``config.kind``: image, video) the policy runs on; ``cache.build`` refuses
     # the others with ``refusal``, the reason.
     kinds: ClassVar[frozenset[str]] = IMAGE_AND_VIDEO
@@ -55,13 +65,13 @@ class CachePolicy(ABC):
     def applies_to(self, model: DiTConfig) -> bool:
         return self.refusal_for(model) is None
 
-    def default_config(self, model: DiTConfig, **overrides: Any) -> Any:
+    def default_config(self, model: DiTConfig, **overrides: Any) -> ConfigT:
         """The paper's defaults for this model with ``overrides`` applied; policies whose
         bounds depend on the model (a depth of at most half its units) check them here.
         ``configure`` is what a run's config comes from: it also checks the values."""
         return dataclasses.replace(self.config_cls(), **overrides)
 
-    def configure(self, model: DiTConfig, **params: Any) -> Any:
+    def configure(self, model: DiTConfig, **params: Any) -> ConfigT:
         """The config one run of this policy on ``model`` uses: built and checked, once. Raises
         FieldError naming the parameter (``policy`` where the policy cannot run on it)."""
         refusal = self.refusal_for(model)
@@ -71,27 +81,29 @@ class CachePolicy(ABC):
         config.check()
         return config
 
-    def new_state(self) -> Any:
+    def new_state(self) -> StateT:
         return self.state_cls()
 
-    def decide(self, step: int, t: int, config: Any, state: Any) -> Mode:
+    def decide(self, step: int, t: int, config: ConfigT, state: StateT) -> Mode:
         """The mode of step ``step`` (0-based) at scheduler timestep ``t``."""
         return type(self).decide_rule(step, t, config, state)
 
-    def planned_modes(self, config: Any, timesteps: Sequence[int]) -> list[Mode]:
+    def planned_modes(self, config: ConfigT, timesteps: Sequence[int]) -> list[Mode]:
         """The modes a fresh request will run, for time estimates. Static policies are exact;
         this default, every step FULL, is the upper bound a dynamic policy (fbcache) gives."""
         return [Mode.FULL] * len(timesteps)
 
-    def capture_blocks(self, config: Any, model: DiTConfig) -> tuple[int, ...]:
+    def capture_blocks(self, config: ConfigT, model: DiTConfig) -> tuple[Hashable, ...]:
         """Capture keys (``SkipDiT.run_blocks``: a unit index for the hidden state entering it,
         ``(branch, block)`` for branch outputs) a full step must hand to ``on_full``."""
         return ()
 
-    def on_full(self, config: Any, state: Any, captured: dict[int, torch.Tensor]) -> None:
+    def on_full(
+        self, config: ConfigT, state: StateT, captured: dict[Hashable, torch.Tensor]
+    ) -> None:
         """Called after a full step with this request's rows of the captured hidden states."""
 
-    def cached_group_key(self, config: Any) -> Hashable:
+    def cached_group_key(self, config: ConfigT) -> Hashable:
         """Cached rows whose keys are equal run as one forward."""
         return (self.name, config)
 
@@ -101,21 +113,21 @@ class CachePolicy(ABC):
         x: torch.Tensor,
         t: torch.Tensor,
         y: torch.Tensor,
-        config: Any,
-        states: Sequence[Any],
+        config: ConfigT,
+        states: Sequence[StateT],
     ) -> torch.Tensor:
         """One forward for the cached rows of ``states`` (in order, concatenated in x/t/y)."""
         return self.forward_cached(model, CachedBatch(x, t, y, states), config)
 
-    def forward_cached(self, model: SkipDiT, batch: CachedBatch, config: Any) -> torch.Tensor:
+    def forward_cached(self, model: SkipDiT, batch: CachedBatch, config: ConfigT) -> torch.Tensor:
         """The policy's cached forward of one group (``run_cached`` bundles its arguments)."""
         raise NotImplementedError(f"cache policy {self.name!r} has no cached mode")
 
-    def realized_mode(self, state: Any, decided: Mode) -> Mode:
+    def realized_mode(self, state: StateT, decided: Mode) -> Mode:
         """The mode a step really ran in (dynamic policies may compute a 'cached' step fully)."""
         return decided
 
-    def state_bytes(self, state: Any) -> int:
+    def state_bytes(self, state: StateT) -> int:
         """Memory the request's cache holds now."""
         return 0
 
@@ -158,6 +170,6 @@ class RequestCache:
     def reset(self) -> None:
         self.state.reset()
 
-    def capture_blocks(self, model: DiTConfig) -> tuple[int, ...]:
+    def capture_blocks(self, model: DiTConfig) -> tuple[Hashable, ...]:
         """Block indices whose entering hidden state this request's full steps hand on."""
         return self.policy.capture_blocks(self.config, model)

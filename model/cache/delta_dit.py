@@ -47,7 +47,7 @@ class DeltaDiTState(StoredState):
     """stored: full-step hidden states; key k enters block k (pre-fusion), "final" the head."""
 
 
-class DeltaDiT(IntervalPolicy):
+class DeltaDiT(IntervalPolicy[DeltaDiTConfig, DeltaDiTState]):
     name = "delta_dit"
     config_cls = DeltaDiTConfig
     state_cls = DeltaDiTState

@@ -61,7 +61,7 @@ def relative_change(now: torch.Tensor, before: torch.Tensor) -> float:
     return ((now - before).abs().mean() / before.abs().mean().clamp_min(1e-12)).item()
 
 
-class FBCache(CachePolicy):
+class FBCache(CachePolicy[FBCacheConfig, FBCacheState]):
     name = "fbcache"
     config_cls = FBCacheConfig
     state_cls = FBCacheState

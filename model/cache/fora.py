@@ -38,7 +38,7 @@ def branch_keys(model: DiTConfig) -> tuple[tuple[str, int], ...]:
     return tuple((kind, k) for k in range(model.depth) for kind in ("attn", "mlp"))
 
 
-class Fora(IntervalPolicy):
+class Fora(IntervalPolicy[ForaConfig, ForaState]):
     name = "fora"
     config_cls = ForaConfig
     state_cls = ForaState

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 
@@ -56,24 +57,33 @@ def decide(step: int, t: int, config: IntervalConfig, state: StoredState) -> Mod
 
 def stack(states: Sequence[StoredState]) -> dict[Hashable, torch.Tensor]:
     """The requests' stores concatenated key by key, rows in the order of ``states``."""
-    return {key: torch.cat([s.stored[key] for s in states]) for key in states[0].stored}
+    # Cached rows only: a full step (``on_full``) has filled every store.
+    stores = [cast(dict[Hashable, torch.Tensor], s.stored) for s in states]
+    return {key: torch.cat([s[key] for s in stores]) for key in stores[0]}
 
 
-class IntervalPolicy(CachePolicy):
+IntervalConfigT = TypeVar("IntervalConfigT", bound=IntervalConfig)
+StoredStateT = TypeVar("StoredStateT", bound=StoredState)
+
+
+class IntervalPolicy(CachePolicy[IntervalConfigT, StoredStateT]):
     """Base of the interval policies. Its defaults keep a StoredState; a policy whose state is
     shaped otherwise (Skip-Cache keeps a single tensor) overrides ``on_full``/``state_bytes``."""
 
-    decide_rule = staticmethod(decide)
+    decide_rule: ClassVar[staticmethod[[int, int, Any, Any], Mode]] = staticmethod(decide)
 
-    def planned_modes(self, config: IntervalConfig, timesteps: Sequence[int]) -> list[Mode]:
+    def planned_modes(self, config: IntervalConfigT, timesteps: Sequence[int]) -> list[Mode]:
         """Exact: step 0 is always full (0 % N == 0) and leaves the cache filled for good."""
         return [interval_mode(i, t, config, cached=i > 0) for i, t in enumerate(timesteps)]
 
     def on_full(
-        self, config: IntervalConfig, state: StoredState, captured: dict[Hashable, torch.Tensor]
+        self,
+        config: IntervalConfigT,
+        state: StoredStateT,
+        captured: dict[Hashable, torch.Tensor],
     ) -> None:
         # Own storage: do not pin the whole batch's tensors.
         state.stored = {key: value.clone() for key, value in captured.items()}
 
-    def state_bytes(self, state: StoredState) -> int:
+    def state_bytes(self, state: StoredStateT) -> int:
         return tensor_bytes((state.stored or {}).values())

@@ -28,7 +28,7 @@ def decide(step: int, t: int, config: NoCacheConfig, state: NoCacheState) -> Mod
     return Mode.FULL
 
 
-class NoCache(CachePolicy):
+class NoCache(CachePolicy[NoCacheConfig, NoCacheState]):
     name = "none"
     config_cls = NoCacheConfig
     state_cls = NoCacheState

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -114,7 +114,8 @@ def default_depth(model: DiTConfig) -> int:
     return max(1, min(model.units // 2, round(model.units * k / of)))
 
 
-class SkipCache(IntervalPolicy):
+# Its state is no StoredState (one deep tensor, not a store): it overrides what reads one.
+class SkipCache(IntervalPolicy[SkipCacheConfig, Any]):
     name = "skip_cache"
     config_cls = SkipCacheConfig
     state_cls = SkipCacheState
@@ -139,15 +140,19 @@ class SkipCache(IntervalPolicy):
             return [Mode.FULL] * len(timesteps)
         return super().planned_modes(config, timesteps)
 
-    def capture_blocks(self, config: SkipCacheConfig, model: DiTConfig) -> tuple[int, ...]:
+    def capture_blocks(self, config: SkipCacheConfig, model: DiTConfig) -> tuple[Hashable, ...]:
         deep = model.units - config.depth
         return (deep,) if config.threshold is None else tuple(sorted({config.depth, deep}))
 
     def on_full(
-        self, config: SkipCacheConfig, state: SkipCacheState, captured: dict[int, torch.Tensor]
+        self,
+        config: SkipCacheConfig,
+        state: SkipCacheState,
+        captured: dict[Hashable, torch.Tensor],
     ) -> None:
         # Own storage: do not pin the whole batch's tensor. The deep unit D-K >= K.
-        state.deep = captured[max(captured)].clone()
+        units = cast(dict[int, torch.Tensor], captured)  # Skip-Cache captures unit indices only
+        state.deep = units[max(units)].clone()
         if config.threshold is not None:
             state.shallow = captured[config.depth].clone()
             state.threshold = config.threshold
@@ -177,10 +182,12 @@ def stale_rows(
 ) -> torch.Tensor:
     """Rows of the requests whose shallow output moved by >= their threshold (relative L1 over
     each request's own rows, one host sync for the group); marks each state refreshed or not."""
+    # Adaptive states: their last full step stored the shallow output (and the threshold).
+    stored = [cast(torch.Tensor, s.shallow) for s in states]
     changes = torch.stack(
         [
-            (shallow[rows] - s.shallow).abs().mean() / s.shallow.abs().mean().clamp_min(1e-12)
-            for s, rows in zip(states, slices, strict=True)
+            (shallow[rows] - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
+            for prev, rows in zip(stored, slices, strict=True)
         ]
     ).tolist()
     stale: list[int] = []

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -107,14 +108,16 @@ def relative_changes(
     now: torch.Tensor, states: Sequence[TeaCacheState], slices: Sequence[slice]
 ) -> list[float]:
     """Each request's mean |now - previous| / mean |previous| over its own rows (one sync)."""
+    # Cached rows only: a full step (``on_full``) has stored every previous input.
+    previous = [cast(torch.Tensor, s.previous) for s in states]
     changes = [
-        (now[rows] - s.previous).abs().mean() / s.previous.abs().mean().clamp_min(1e-12)
-        for s, rows in zip(states, slices, strict=True)
+        (now[rows] - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
+        for prev, rows in zip(previous, slices, strict=True)
     ]
     return torch.stack(changes).tolist()
 
 
-class TeaCache(CachePolicy):
+class TeaCache(CachePolicy[TeaCacheConfig, TeaCacheState]):
     name = "teacache"
     config_cls = TeaCacheConfig
     state_cls = TeaCacheState

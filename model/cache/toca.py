@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from model.cache.base import CachedBatch
 from model.cache.fora import branch_keys
 from model.cache.interval import IntervalConfig, IntervalPolicy, StoredState, stack
 from model.errors import FieldError
-from model.networks.skip_dit import Attention, DiTConfig, SkipDiT
+from model.networks.skip_dit import Attention, DiTBlock, DiTConfig, SkipDiT
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def partial_attention(attn: Attention, h: torch.Tensor, idx: torch.Tensor) -> to
     return attn.proj(out.transpose(1, 2).reshape(b, -1, d))  # (B, m, D)
 
 
-class ToCa(IntervalPolicy):
+class ToCa(IntervalPolicy[ToCaConfig, ToCaState]):
     name = "toca"
     config_cls = ToCaConfig
     state_cls = ToCaState
@@ -119,7 +119,7 @@ class ToCa(IntervalPolicy):
             return merged
 
         def branches(k: int) -> tuple[Any, Any]:
-            block = model.blocks[k]
+            block = cast(DiTBlock, model.blocks[k])  # image models only: DiT blocks
 
             def attn(h: torch.Tensor) -> torch.Tensor:
                 return refresh(("attn", k), partial_attention(block.attn, h, idx))
