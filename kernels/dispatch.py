@@ -25,6 +25,22 @@ class KernelUnavailable(RuntimeError):
     """The kernel backend asked for cannot run here; the message says why."""
 
 
+class Kernels:
+    """A network's kernel choice: one object per network, held by reference by every module
+    that launches a kernel op, so choosing a backend (``SkipDiT.use_kernels``) is one write."""
+
+    def __init__(self, backend: Resolved = "torch") -> None:
+        self.backend: Resolved = backend
+
+    @property
+    def triton(self) -> bool:
+        """Whether the Triton kernels run (else the plain torch references)."""
+        return self.backend == "triton"
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.backend!r})"
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -26,8 +26,9 @@ Parameter names follow the official DyDiT code (``attn_rate.router``, ``mlp_rate
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -127,8 +128,9 @@ class DyDiTBlock(DiTBlock):
         for rate in (self.attn_rate, self.mlp_rate):
             nn.init.zeros_(rate.router.weight)
             nn.init.constant_(rate.router.bias, HEAD_BIAS)
-        nn.init.zeros_(self.token_selection.mlp_head[-1].weight)
-        nn.init.constant_(self.token_selection.mlp_head[-1].bias, TOKEN_BIAS)
+        last = cast(nn.Linear, self.token_selection.mlp_head[-1])  # the 1-logit linear
+        nn.init.zeros_(last.weight)
+        nn.init.constant_(last.bias, TOKEN_BIAS)
 
     def forward(
         self,
@@ -249,7 +251,7 @@ class DyDiT(SkipDiT):
         if not config.dynamic:
             raise ValueError("DyDiT needs a config with dynamic=True")
         super().__init__(config)
-        for block in self.blocks:
+        for block in cast(Iterable[DyDiTBlock], self.blocks):  # block_cls
             block.start_on()
 
     @classmethod
@@ -263,7 +265,7 @@ class DyDiT(SkipDiT):
             raise ValueError(f"not a static base network: {missing=} {unexpected=}")
         return model.to(next(base.parameters()))
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor) -> Routed:
+    def condition(self, t: torch.Tensor, y: torch.Tensor) -> Routed:  # type: ignore[override]  # Routed c: DyDiT's blocks and head take either
         t_emb = self.t_embedder(t)  # (B, D)
         return Routed(t_emb + self.y_embedder(y), t_emb)
 
@@ -281,6 +283,7 @@ class DyDiT(SkipDiT):
         for name, child in self.named_children():
             twin.add_module(name, child)
         twin.register_parameter("pos_embed", self.pos_embed)
+        twin.kernels = self.kernels  # the blocks' own: they are shared too
         return twin.train(self.training)
 
     def usage_capture(self) -> set[tuple[str, int]]:
@@ -323,8 +326,9 @@ def flop_model(model: DyDiT) -> FlopModel:
     cfg = model.config
     t, d = cfg.num_tokens, cfg.hidden_size
     attn = 8 * t * d * d + 4 * t * t * d  # qkv 6TD^2 + proj 2TD^2 + QK^T and AV 4T^2 D
-    mlp = 4 * t * d * model.blocks[0].mlp.fc1.out_features
-    inner = model.blocks[0].token_selection.mlp_head[0].out_features
+    block = cast(DyDiTBlock, model.blocks[0])  # block_cls
+    mlp = 4 * t * d * block.mlp.fc1.out_features
+    inner = cast(nn.Linear, block.token_selection.mlp_head[0]).out_features
     routers = 2 * 2 * d * (cfg.num_heads - 1) + 2 * t * (d * inner + inner)  # per block
     x = torch.zeros(1, *cfg.sample_shape, device=model.pos_embed.device)
     zero = torch.zeros(1, dtype=torch.long, device=x.device)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import attention, dispatch, lsc_fusion
-from kernels.dispatch import Resolved
+from kernels.dispatch import Kernels, Resolved
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -124,10 +124,9 @@ class LabelEmbedder(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm layout)."""
 
-    kernels: Resolved = "torch"  # set by SkipDiT.use_kernels
-
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
+        self.kernels = Kernels()  # its network's, shared (SkipDiT.__init__)
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
@@ -135,7 +134,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        if self.kernels == "triton":  # reads q, k, v in place; no permute copies
+        if self.kernels.triton:  # reads q, k, v in place; no permute copies
             return self.proj(attention.attention(qkv))  # (B, T, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh)
@@ -314,7 +313,6 @@ class SkipDiT(nn.Module):
     counts ``config.units`` (blocks here, block pairs there), and the per-frame token grid is
     ``input_size / patch_size`` on each side."""
 
-    kernels: Resolved = "torch"  # the kernel backend that runs, see use_kernels
     block_cls: ClassVar[type[DiTBlock]] = DiTBlock
 
     def __init__(self, config: DiTConfig):
@@ -330,6 +328,10 @@ class SkipDiT(nn.Module):
             self.block_cls(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
+        # The kernel backend that runs (``use_kernels``): one object, every attention's.
+        self.kernels = Kernels()
+        for block in self.blocks:
+            block.attn.kernels = self.kernels
         self._init_weights()
         if config.long_skip:
             # Created after the DiT init, as in the official code: default nn init for these.
@@ -366,7 +368,7 @@ class SkipDiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D), strides of (B, D, T)
-        if self.kernels == "triton":  # the kernels read rows of D: make the stream row-major
+        if self.kernels.triton:  # the kernels read rows of D: make the stream row-major
             tokens = tokens.contiguous()  # (the torch path keeps its layout: same bits as ever)
         return tokens, self.condition(t, y)
 
@@ -377,7 +379,7 @@ class SkipDiT(nn.Module):
     def fuse(self, k: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Long-skip fusion before unit ``k >= units/2``: replaces x, main path first."""
         j = k - self.config.units // 2
-        if self.kernels == "triton":  # one GEMM; the concat and the normalised tensor never exist
+        if self.kernels.triton:  # one GEMM; the concat and the normalised tensor never exist
             return lsc_fusion.lsc_fusion(x, skip, self._folded[j])  # (B, T, D)
         return self.skip_linears[j](self.skip_norms[j](torch.cat([x, skip], dim=-1)))  # (B, T, D)
 
@@ -388,17 +390,15 @@ class SkipDiT(nn.Module):
         the device the weights are on; returns the one that runs. Triton folds each long skip's
         LayerNorm affine into its linear here, once: call again after moving or casting the
         network or changing its weights. Raises KernelUnavailable for a backend that cannot run."""
-        self.kernels = dispatch.resolve(backend, self.x_embedder.proj.weight.device)
-        for block in self.blocks:
-            block.attn.kernels = self.kernels
+        self.kernels.backend = dispatch.resolve(backend, self.x_embedder.proj.weight.device)
         self._folded = []
-        if self.kernels == "triton" and self.config.long_skip:
+        if self.kernels.triton and self.config.long_skip:
             with torch.no_grad():
                 self._folded = [
                     lsc_fusion.fold(norm, skip.linear)
                     for norm, skip in zip(self.skip_norms, self.skip_linears, strict=True)
                 ]
-        return self.kernels
+        return self.kernels.backend
 
     def modulated_input(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """What block 0's attention branch reads: its normalised input, shifted and scaled by

@@ -95,7 +95,7 @@ def test_model_attention_module(device: str) -> None:
     x = torch.randn(3, 16, 32, device=device)
     with torch.no_grad():
         expected = module(x)
-        module.kernels = "triton"
+        module.kernels.backend = "triton"
         got = module(x)
     torch.testing.assert_close(got, expected)
 

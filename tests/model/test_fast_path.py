@@ -31,7 +31,7 @@ def test_auto_on_a_cpu_is_plain_eager_torch() -> None:
     pipeline = Pipeline(tiny(), default_guidance=2.0)
     fast = pipeline.use_fast_path()
     assert (fast.kernels, fast.graphs, fast.warmup_seconds) == ("torch", "off", 0.0)
-    assert pipeline.forward is forward_group and pipeline.model.kernels == "torch"
+    assert pipeline.forward is forward_group and pipeline.model.kernels.backend == "torch"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only machine")
