@@ -81,6 +81,13 @@ class CachePolicy(ABC, Generic[ConfigT, StateT]):
         config.check()
         return config
 
+    def captured_modes(self, config: ConfigT) -> frozenset[Mode]:
+        """The step modes a captured graph may run for a request with ``config`` (the runner of
+        ``model.sampling.graphs`` has a plain full forward and Skip-Cache's cached forward). A
+        policy whose forward decides inside it (adaptive thresholds) or has its own cached
+        forward declares none: its steps run eagerly. Default: none."""
+        return frozenset()
+
     def new_state(self) -> StateT:
         return self.state_cls()
 

@@ -34,6 +34,9 @@ class NoCache(CachePolicy[NoCacheConfig, NoCacheState]):
     state_cls = NoCacheState
     decide_rule = staticmethod(decide)
 
+    def captured_modes(self, config: NoCacheConfig) -> frozenset[Mode]:
+        return frozenset({Mode.FULL})  # every step a plain forward
+
     def default_config(self, model: DiTConfig, **overrides: Any) -> NoCacheConfig:
         if overrides:
             raise FieldError("policy", f"'none' takes no options, got {sorted(overrides)}")

@@ -121,6 +121,11 @@ class SkipCache(IntervalPolicy[SkipCacheConfig, Any]):
     state_cls = SkipCacheState
     decide_rule = staticmethod(decide)
 
+    def captured_modes(self, config: SkipCacheConfig) -> frozenset[Mode]:
+        """The fixed schedule: both; adaptive (a threshold): none, it splits its cached rows
+        after block K-1 and its full steps capture block K too, inside the forward."""
+        return frozenset() if config.threshold is not None else frozenset(Mode)
+
     def default_config(self, model: DiTConfig, **overrides: Any) -> SkipCacheConfig:
         _, t_start, t_end = PAPER_DEFAULTS[model.kind]
         paper = SkipCacheConfig(depth=default_depth(model), t_start=t_start, t_end=t_end)

@@ -38,13 +38,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Hashable, Sequence
-from typing import Any, Literal
+from typing import Literal, Protocol
 
 import torch
 
 from model.cache import Mode, RequestCache
-from model.cache.none import NoCache
-from model.cache.skip_cache import SkipCache
 from model.networks.skip_dit import SkipDiT
 
 log = logging.getLogger(__name__)
@@ -54,9 +52,28 @@ RUN_MODES: tuple[str, ...] = ("cuda_graphs", "compile", "off")
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (autotune, cuBLAS workspace)
 
-# One step group's forward: (model, jobs, FULL?, x, t, y) -> (out, captured), as
-# ``model.sampling.pipeline.forward_group`` (jobs are ``model.sampling.pipeline.Job``s).
-GroupForward = Callable[..., tuple[torch.Tensor, dict[Hashable, torch.Tensor]]]
+
+class Cached(Protocol):
+    """What a group forward reads of each job of its group: the request's cache."""
+
+    cache: RequestCache
+
+
+class GroupForward(Protocol):
+    """One step group's forward (``model.sampling.pipeline.forward_group`` is the eager one):
+    x (rows, ...), t (rows,), y (rows,) hold the jobs' rows in order; returns the output and,
+    for a FULL group, the hidden states the jobs' policies capture (else {})."""
+
+    def __call__(
+        self,
+        model: SkipDiT,
+        jobs: Sequence[Cached],
+        full: bool,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]: ...
+
 
 # What a prepared forward computes: "full", or the cache depth K of a cached forward.
 Kind = Literal["full"] | int
@@ -204,42 +221,20 @@ class BucketedForward:
 
     # -- routing
 
-    @property
-    def served(self) -> frozenset[tuple[str, Mode]]:
-        """(policy name, step mode) pairs this runner runs; others stay eager."""
-        pairs = {(NoCache.name, Mode.FULL)}
-        if self.depths:
-            pairs |= {(SkipCache.name, Mode.FULL), (SkipCache.name, Mode.CACHED)}
-        return frozenset(pairs)
-
     def serves(self, cache: RequestCache, mode: Mode) -> bool:
-        """Whether this request's rows in ``mode`` run here (Skip-Cache: its depth prepared)."""
-        if (cache.policy.name, mode) not in self.served:
+        """Whether a request's rows in ``mode`` run here: its policy declares the mode
+        capturable (``CachePolicy.captured_modes``) and what the step needs is prepared (a full
+        step's capture keys; a cached step's depth: a captured cached step is Skip-Cache's)."""
+        if mode not in cache.policy.captured_modes(cache.config):
             return False
-        return cache.policy.name != SkipCache.name or cache.config.depth in self.depths
+        if mode is Mode.FULL:
+            return set(cache.capture_blocks(self.model.config)) <= set(self.capture_keys)
+        return cache.config.depth in self.depths
 
-    def group_forward(self, eager: GroupForward) -> GroupForward:
-        """A step group's forward (``model.sampling.pipeline.forward_group``'s signature) through
-        this runner where it serves every job of the group, through ``eager`` otherwise."""
-
-        def forward(
-            model: SkipDiT,
-            jobs: Sequence[Any],
-            full: bool,
-            x: torch.Tensor,
-            t: torch.Tensor,
-            y: torch.Tensor,
-        ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
-            mode = Mode.FULL if full else Mode.CACHED
-            if model is not self.model or not all(self.serves(job.cache, mode) for job in jobs):
-                return eager(model, jobs, full, x, t, y)
-            if full:
-                capture = {k for job in jobs for k in job.cache.capture_blocks(model.config)}
-                return self.full(x, t, y, capture)
-            deep = torch.cat([job.cache.state.deep for job in jobs])  # (rows, T, D)
-            return self.cached(x, t, y, deep, jobs[0].cache.config.depth), {}
-
-        return forward
+    def group_forward(self, eager: GroupForward) -> RoutedForward:
+        """A step group's forward through this runner where it serves every job of the group,
+        through ``eager`` otherwise."""
+        return RoutedForward(self, eager)
 
     # -- warm-up, at worker start
 
@@ -378,3 +373,30 @@ class BucketedForward:
         c = self.model.config
         shapes = [c.sample_shape, (), ()]  # x (C, H, W); video (C, F, H, W)
         return shapes if kind == FULL else [*shapes, c.hidden_shape]  # deep (T, D); (F, T, D)
+
+
+class RoutedForward:
+    """A ``GroupForward``: a group runs through ``runner`` where it serves every job of it (the
+    runner's network, and ``BucketedForward.serves``), through ``eager`` otherwise."""
+
+    def __init__(self, runner: BucketedForward, eager: GroupForward):
+        self.runner = runner
+        self.eager = eager
+
+    def __call__(
+        self,
+        model: SkipDiT,
+        jobs: Sequence[Cached],
+        full: bool,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
+        runner, mode = self.runner, Mode.FULL if full else Mode.CACHED
+        if model is not runner.model or not all(runner.serves(job.cache, mode) for job in jobs):
+            return self.eager(model, jobs, full, x, t, y)
+        if full:
+            capture = {k for job in jobs for k in job.cache.capture_blocks(model.config)}
+            return runner.full(x, t, y, capture)
+        deep = torch.cat([job.cache.state.deep for job in jobs])  # (rows, T, D)
+        return runner.cached(x, t, y, deep, jobs[0].cache.config.depth), {}

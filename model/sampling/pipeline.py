@@ -41,7 +41,13 @@ from model.cache import POLICIES, Mode, RequestCache
 from model.cache.skip_cache import default_depth
 from model.networks.dydit import DyDiT
 from model.networks.skip_dit import SkipDiT
-from model.sampling.graphs import DEFAULT_BUCKETS, BucketedForward, GroupForward, resolve_mode
+from model.sampling.graphs import (
+    DEFAULT_BUCKETS,
+    BucketedForward,
+    Cached,
+    GroupForward,
+    resolve_mode,
+)
 from model.sampling.plan import RunPlan, plan
 from model.sampling.samplers import Member, batch_key, coefficient_table, step_batch
 
@@ -293,12 +299,12 @@ FULL = "full"  # the group key of FULL rows; CACHED rows group by their policy's
 
 def forward_group(
     model: SkipDiT,
-    jobs: Sequence[Job],
+    jobs: Sequence[Cached],
     full: bool,
     x: torch.Tensor,
     t: torch.Tensor,
     y: torch.Tensor,
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
     """The eager forward of one group: every forward of a step goes through here.
 
     x (rows, C, H, W), t (rows,), y (rows,): the group's jobs' rows in order. Returns the
@@ -311,27 +317,6 @@ def forward_group(
     first = jobs[0].cache
     states = [job.cache.state for job in jobs]
     return first.policy.run_cached(model, x, t, y, first.config, states), {}
-
-
-def eager_when_deciding(fast: GroupForward) -> GroupForward:
-    """``fast`` (a captured-step runner's group forward), except for groups with a job whose
-    cache has a threshold: such a policy decides rows inside its forward (adaptive Skip-Cache
-    splits its cached rows after block K-1 and its full steps capture block K too), which no
-    captured forward does. They run ``forward_group``, eagerly."""
-
-    def forward(
-        model: SkipDiT,
-        jobs: Sequence[Job],
-        full: bool,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
-        if any(getattr(job.cache.config, "threshold", None) is not None for job in jobs):
-            return forward_group(model, jobs, full, x, t, y)
-        return fast(model, jobs, full, x, t, y)
-
-    return forward
 
 
 def _forward_groups(
@@ -479,7 +464,7 @@ class Pipeline:
             depths = {default_depth(self.model.config)}
             runner = BucketedForward(self.static, mode, buckets, depths)
             seconds = runner.warmup()
-            self.forward = eager_when_deciding(runner.group_forward(forward_group))
+            self.forward = runner.group_forward(forward_group)
         return FastPath(kernel_backend, mode, seconds)
 
     def step(self, jobs: Sequence[Job]) -> list[Mode]:

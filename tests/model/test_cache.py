@@ -12,7 +12,7 @@ from model.cache.skip_cache import SkipCacheConfig, SkipCacheState, decide, defa
 from model.errors import FieldError
 from model.networks.skip_dit import preset
 from model.sampling.graphs import BucketedForward
-from model.sampling.pipeline import Job, Pipeline, denoise_step, eager_when_deciding, forward_group
+from model.sampling.pipeline import Job, Pipeline, denoise_step, forward_group
 from service.request import FIELDS, GenerateParams
 from tests.conftest import BATCH_TOL, tiny
 from tests.helpers import generate, plan_of, start
@@ -348,7 +348,7 @@ def test_adaptive_groups_run_eagerly_beside_captured_steps() -> None:
     fast = Pipeline(tiny(), default_guidance=2.0)
     runner = BucketedForward(fast.model, "off", buckets=(1, 2, 4), depths={1})
     runner.warmup()
-    fast.forward = eager_when_deciding(runner.group_forward(forward_group))
+    fast.forward = runner.group_forward(forward_group)  # adaptive steps: declared eager
     requests = [_adaptive(0.1, seed=1), _adaptive(None, seed=2), _adaptive(0.3, seed=3)]
     for a, b in zip(generate(eager, requests), generate(fast, requests), strict=True):
         torch.testing.assert_close(b.latents, a.latents, **BATCH_TOL)

@@ -189,12 +189,10 @@ def test_routing_serves_none_and_prepared_skip_cache_depths(off_runner) -> None:
     assert not only_depth_1.serves(unprepared, Mode.CACHED)
     assert not only_depth_1.serves(unprepared, Mode.FULL)  # its deep feature is not captured
     assert not any(only_depth_1.serves(fora, mode) for mode in Mode)
-    assert only_depth_1.served == {
-        ("none", Mode.FULL),
-        ("skip_cache", Mode.FULL),
-        ("skip_cache", Mode.CACHED),
-    }
-    assert BucketedForward(off_runner.model, "off").served == {("none", Mode.FULL)}
+    adaptive = cache.build("skip_cache", config, depth=1, threshold=0.1)  # decides inside
+    assert not any(only_depth_1.serves(adaptive, mode) for mode in Mode)
+    no_depths = BucketedForward(off_runner.model, "off")
+    assert no_depths.serves(none, Mode.FULL) and not no_depths.serves(prepared, Mode.FULL)
 
 
 def test_unprepared_work_and_steps_before_warmup_raise(off_runner) -> None:
