@@ -287,7 +287,7 @@ class DyDiT(SkipDiT):
         return twin.train(self.training)
 
     def usage_capture(self) -> set[tuple[str, int]]:
-        """Capture keys of every block's kept shares (for ``forward(capture=...)``)."""
+        """Capture keys of every block's kept shares (for ``capturing``)."""
         return {(USAGE, k) for k in range(self.config.depth)}
 
     def usage(self, captured: dict[Any, torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,7 @@ block ``j`` feeds block ``D-1-j``. With ``long_skip=False`` this is the vanilla 
 
 The network holds no request state. Besides the plain ``forward`` it offers the two primitives a
 feature cache needs (policies live in ``model.cache`` and call these from outside):
-``forward(..., capture=...)`` returns hidden states entering chosen blocks (and block 0's
+``capturing(..., capture)`` also returns hidden states entering chosen blocks (and block 0's
 modulated input), and ``forward_cached`` runs only the first and last ``depth`` blocks around a
 stored deep feature.
 """
@@ -454,12 +454,22 @@ class SkipDiT(nn.Module):
         x: torch.Tensor,
         t: torch.Tensor,
         y: torch.Tensor,
-        capture: Iterable[Hashable] = (),
         branches: BranchOverride | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
-        """Full forward. With ``capture`` (keys as in ``run_blocks``, plus ``"final"``: the
-        hidden state entering the final layer, and ``"modulated"``: ``modulated_input`` of the
-        embedded tokens) also returns what it captured."""
+    ) -> torch.Tensor:
+        """Full forward: (B, C_out, H, W) (video: (B, C_out, F, H, W))."""
+        return self.capturing(x, t, y, (), branches)[0]
+
+    def capturing(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        capture: Iterable[Hashable],
+        branches: BranchOverride | None = None,
+    ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
+        """Full forward and what it captured: ``capture`` keys as in ``run_blocks``, plus
+        ``"final"`` (the hidden state entering the final layer) and ``"modulated"``
+        (``modulated_input`` of the embedded tokens)."""
         want = set(capture)
         tokens, c = self.embed(x, t, y)
         captured: dict[Hashable, torch.Tensor] = {}
@@ -468,8 +478,7 @@ class SkipDiT(nn.Module):
         h = self.run_blocks(tokens, c, range(self.config.units), [], want, captured, branches)
         if "final" in want:
             captured["final"] = h
-        out = self.head(h, c)
-        return (out, captured) if want else out
+        return self.head(h, c), captured
 
     def forward_cached(
         self,

@@ -270,7 +270,7 @@ class BucketedForward:
         def full(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Tensors:
             if not keys:
                 return (model(x, t, y),)
-            out, captured = model(x, t, y, capture=keys)  # (B, C_out, H, W), {k: (B, T, D)}
+            out, captured = model.capturing(x, t, y, keys)  # (B, C_out, H, W), {k: (B, T, D)}
             return (out, *(captured[k] for k in keys))
 
         def cached(
@@ -317,7 +317,7 @@ class BucketedForward:
         y: torch.Tensor,
         capture: Collection[Hashable] = (),
     ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
-        """``model(x, t, y, capture=capture)`` for prepared capture keys (blocks D-K), always
+        """``model.capturing(x, t, y, capture)`` for prepared capture keys (blocks D-K), always
         with the dict. x: (B, C, H, W); t, y: (B,). Returns (B, C_out, H, W), {k: (B, T, D)}."""
         wanted = set(capture)
         if not wanted <= set(self.capture_keys):

@@ -313,7 +313,7 @@ def forward_group(
     """
     if full:
         capture = {k for job in jobs for k in job.cache.capture_blocks(model.config)}
-        return model(x, t, y, capture=capture) if capture else (model(x, t, y), {})
+        return model.capturing(x, t, y, capture) if capture else (model(x, t, y), {})
     first = jobs[0].cache
     states = [job.cache.state for job in jobs]
     return first.policy.run_cached(model, x, t, y, first.config, states), {}
