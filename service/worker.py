@@ -353,7 +353,10 @@ class Worker:
         if event.result is None:
             return None
         request = record.request  # as the API resolved it (``new_record``)
-        samples = event.result.images  # (n, H, W, c), or a video's (n, F, H, W, c); uint8
+        samples = event.result.images
+        assert samples is not None, (
+            "a done result is decoded"
+        )  # (n, H, W, c), or a video's (n, F, H, W, c); uint8
         fmt = request["output_format"]
         meta = {
             "seed": request["seed"],

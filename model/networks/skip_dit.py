@@ -22,7 +22,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self, cast
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freq = self.frequencies(t, self.frequency_size)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (B, D)
+        first = cast(nn.Linear, self.mlp[0])
+        return self.mlp(freq.to(first.weight.dtype))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):
@@ -302,7 +303,7 @@ class DiTConfig:
         """One sample's hidden state between units (what captures and caches hold): (T, D)."""
         return (self.num_tokens, self.hidden_size)
 
-    def replace(self, **changes: object) -> Self:
+    def replace(self, **changes: Any) -> Self:
         return dataclasses.replace(self, **changes)
 
 
@@ -330,7 +331,7 @@ class SkipDiT(nn.Module):
         self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
         # The kernel backend that runs (``use_kernels``): one object, every attention's.
         self.kernels = Kernels()
-        for block in self.blocks:
+        for block in self.dit_blocks:
             block.attn.kernels = self.kernels
         self._init_weights()
         if config.long_skip:
@@ -350,17 +351,24 @@ class SkipDiT(nn.Module):
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.config.hidden_size, grid)[None])
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.x_embedder.proj.bias))
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        for i in (0, 2):
+            nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[i]).weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity
+        for modulation in [b.adaLN_modulation for b in self.dit_blocks] + [
+            self.final_layer.adaLN_modulation
+        ]:
+            last = cast(nn.Linear, modulation[-1])
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def dit_blocks(self) -> list[DiTBlock]:
+        """``blocks``, typed."""
+        return cast(list[DiTBlock], list(self.blocks))
 
     # -- pieces
 
@@ -381,7 +389,8 @@ class SkipDiT(nn.Module):
         j = k - self.config.units // 2
         if self.kernels.triton:  # one GEMM; the concat and the normalised tensor never exist
             return lsc_fusion.lsc_fusion(x, skip, self._folded[j])  # (B, T, D)
-        return self.skip_linears[j](self.skip_norms[j](torch.cat([x, skip], dim=-1)))  # (B, T, D)
+        linear, norm = self.skip_linears[j], self.skip_norms[j]
+        return linear(norm(torch.cat([x, skip], dim=-1)))  # (B, T, D)
 
     # -- kernels
 
@@ -394,9 +403,10 @@ class SkipDiT(nn.Module):
         self._folded = []
         if self.kernels.triton and self.config.long_skip:
             with torch.no_grad():
+                pairs = zip(self.skip_norms, self.skip_linears, strict=True)
                 self._folded = [
-                    lsc_fusion.fold(norm, skip.linear)
-                    for norm, skip in zip(self.skip_norms, self.skip_linears, strict=True)
+                    lsc_fusion.fold(cast(nn.LayerNorm, norm), cast(SkipLinear, skip).linear)
+                    for norm, skip in pairs
                 ]
         return self.kernels.backend
 
@@ -404,7 +414,7 @@ class SkipDiT(nn.Module):
         """What block 0's attention branch reads: its normalised input, shifted and scaled by
         its adaLN modulation of c. tokens: (B, T, D), video (B, F, T, D); c: (B, D), broadcast
         over every token axis."""
-        block = self.blocks[0]
+        block = self.dit_blocks[0]
         shift, scale = block.adaLN_modulation(c).chunk(6, dim=1)[:2]  # (B, D) each: *_msa
         per_row = (c.shape[0], *[1] * (tokens.dim() - 2), c.shape[1])  # (B, 1, D); (B, 1, 1, D)
         return block.norm1(tokens) * (1 + scale.view(per_row)) + shift.view(per_row)
@@ -435,11 +445,12 @@ class SkipDiT(nn.Module):
         ``branches(k)`` may replace block k's branch modules.
         """
         half = self.config.units // 2
+        into = captured if captured is not None else {}
         for k in blocks:
             if k in capture:
-                captured[k] = x
+                into[k] = x
             attn, mlp = branches(k) if branches is not None else (None, None)
-            record = _recorder(k, capture, captured)
+            record = _recorder(k, capture, into)
             if self.config.long_skip and k >= half:
                 x = self.fuse(k, x, skips.pop())
             x = self.blocks[k](x, c, attn, mlp, record)  # (B, T, D)
@@ -504,7 +515,7 @@ class SkipDiT(nn.Module):
 
 
 def _recorder(
-    k: int, capture: Collection[Hashable], into: dict[Hashable, torch.Tensor] | None
+    k: int, capture: Collection[Hashable], into: dict[Hashable, torch.Tensor]
 ) -> Record | None:
     """Records what block k reports (its branch outputs, ``(name, k)``) that ``capture`` asks
     for into ``into``; None if it asks for nothing of block k."""

@@ -38,7 +38,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Hashable, Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -54,9 +54,13 @@ GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (autotune, c
 
 
 class Cached(Protocol):
-    """What a group forward reads of each job of its group: the request's cache."""
+    """What a group forward reads of each job of its group: the request's cache, and its rows
+    of the group's batch."""
 
     cache: RequestCache
+
+    @property
+    def rows(self) -> int: ...
 
 
 class GroupForward(Protocol):
@@ -81,6 +85,7 @@ FULL: Kind = "full"
 # Inputs and outputs of a prepared forward, batch first: (x, t, y) for a full forward, plus deep
 # for a cached one; (out, *deep features in capture-key order) or (out,).
 Tensors = tuple[torch.Tensor, ...]
+GraphPool = Any  # torch.cuda.graph_pool_handle()'s (torch.cuda._POOL_HANDLE, private to torch)
 
 
 class ModeUnavailable(RuntimeError):
@@ -143,7 +148,7 @@ class _Replay:
 
 
 def capture_graph(
-    fn: Callable[..., Tensors], inputs: Tensors, pool: tuple[int, int]
+    fn: Callable[..., Tensors], inputs: Tensors, pool: GraphPool
 ) -> tuple[torch.cuda.CUDAGraph, Tensors]:
     """Capture ``fn(*inputs)`` as a CUDA graph in ``pool``; returns it and its static outputs.
 
@@ -193,7 +198,7 @@ class BucketedForward:
         d = model.config.units  # blocks; Skip-Latte: block pairs
         self.capture_keys: tuple[int, ...] = tuple(d - k for k in self.depths)  # unit D-K per K
         self._forwards: dict[tuple[Kind, int], _Padded | _Replay] = {}
-        self._pool: tuple[int, int] | None = None  # the CUDA graphs' shared memory pool
+        self._pool: GraphPool | None = None  # the CUDA graphs' shared memory pool
 
     def _check(self, weight_dtype: torch.dtype, asked: torch.device) -> None:
         if self.mode not in RUN_MODES:
@@ -273,16 +278,21 @@ class BucketedForward:
             out, captured = model.capturing(x, t, y, keys)  # (B, C_out, H, W), {k: (B, T, D)}
             return (out, *(captured[k] for k in keys))
 
+        if not isinstance(kind, int):  # FULL
+            return full
+        depth = kind  # a cached forward's K
+
         def cached(
             x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, deep: torch.Tensor
         ) -> Tensors:
-            return (model.forward_cached(x, t, y, deep, kind),)  # (B, C_out, H, W)
+            return (model.forward_cached(x, t, y, deep, depth),)  # (B, C_out, H, W)
 
-        return full if kind == FULL else cached
+        return cached
 
     def _prepare(self, fn: Callable[..., Tensors], kind: Kind, bucket: int) -> _Padded | _Replay:
         inputs = self._dummy(kind, bucket)
         if self.mode == "cuda_graphs":
+            assert self._pool is not None, "warmup() makes the pool before it captures"
             graph, outputs = capture_graph(fn, inputs, self._pool)
             return _Replay(graph, inputs, outputs)
         forward = _Padded(fn, bucket, compiled=self.mode == "compile")

@@ -282,7 +282,8 @@ class Job:
         return variance in ("learned", "learned_range")
 
     def member(self) -> Member:
-        """This job in a batched scheduler update."""
+        """This job in a batched scheduler update (``sampler_key`` set: its table is too)."""
+        assert self.sampler_table is not None, "member() of a job its sampler cannot batch"
         return Member(
             self.scheduler, self.step, self.sampler_table, self.generator, self.latents.shape[0]
         )

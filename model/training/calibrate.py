@@ -34,7 +34,8 @@ import torch
 from model import registry
 from model.networks.checkpoint import CONFIG_FILE
 from model.networks.skip_dit import SkipDiT
-from model.sampling.pipeline import Job, Pipeline, denoise_step
+from model.sampling.graphs import Cached
+from model.sampling.pipeline import Pipeline, denoise_step
 from model.sampling.plan import RunPlan
 from model.training.options import CalibrateOptions
 
@@ -52,21 +53,21 @@ def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
 def trace(pipeline: Pipeline, requests: Sequence[RunPlan]) -> list[tuple[float, float]]:
     """(input change, output change) of every request at every step after its first, from one
     uncached run of all the requests batched (they must share a step count)."""
-    jobs = [pipeline.start(p) for p in requests]
+    started = [pipeline.start(p) for p in requests]
     previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     points: list[tuple[float, float]] = []
 
     def forward(
         model: SkipDiT,
-        group: Sequence[Job],
+        jobs: Sequence[Cached],
         full: bool,
         x: torch.Tensor,
         t: torch.Tensor,
         y: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
-        out, captured = model(x, t, y, capture={"modulated"})  # (rows, C_out, H, W), {(rows,..)}
+        out, captured = model.capturing(x, t, y, {"modulated"})  # (rows, C_out, H, W), {(rows,..)}
         offset = 0
-        for job in group:
+        for job in jobs:
             rows = slice(offset, offset + job.rows)
             offset = rows.stop
             now = (captured["modulated"][rows], out[rows])
@@ -76,8 +77,8 @@ def trace(pipeline: Pipeline, requests: Sequence[RunPlan]) -> list[tuple[float, 
             previous[id(job)] = now
         return out, {}
 
-    while not all(job.done for job in jobs):
-        denoise_step(pipeline.model, jobs, forward)
+    while not all(job.done for job in started):
+        denoise_step(pipeline.model, started, forward)
     return points
 
 
