@@ -24,12 +24,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
 
-from model.networks.skip_dit import Branch, BranchOverride, DiTConfig, SkipDiT, recording
+from model.networks.skip_dit import (
+    Branch,
+    BranchOverride,
+    DiTConfig,
+    SkipDiT,
+    SkipLinear,
+    recording,
+)
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -115,12 +122,12 @@ class SkipLatte(SkipDiT):
     config: LatteConfig
 
     def __init__(self, config: LatteConfig):
-        super().__init__(config)  # type: ignore[arg-type]  # same fields, units = pairs
+        super().__init__(config)  # same fields, units = pairs
         d = config.hidden_size
         temporal = sincos_pos_embed_1d(d, config.num_frames)[None]  # (1, F, D)
         self.temp_embed = nn.Parameter(temporal, requires_grad=False)
         if config.long_skip:  # official Skip-Latte: its DiT init covers the skip linears too
-            for skip in self.skip_linears:
+            for skip in cast(Iterable[SkipLinear], self.skip_linears):
                 nn.init.xavier_uniform_(skip.linear.weight)
                 nn.init.zeros_(skip.linear.bias)
 
@@ -157,6 +164,7 @@ class SkipLatte(SkipDiT):
             ("attn", "mlp"), branches(k) if branches is not None else (None, None), strict=True
         ):
             if (name, k) in capture:
+                assert captured is not None, "capture keys come with a captured dict"
                 module = getattr(self.blocks[k], name)
                 override = recording(override or _flat(module), captured, (name, k))
             out.append(_batch_first(override, batch) if override is not None else None)
@@ -183,6 +191,7 @@ class SkipLatte(SkipDiT):
         half = self.config.units // 2
         for p in blocks:
             if p in capture:
+                assert captured is not None, "capture keys come with a captured dict"
                 captured[p] = x
             if self.config.long_skip and p >= half:
                 rows = self.fuse(p, x.flatten(0, 1), skips.pop().flatten(0, 1))  # (B*F, T, D)

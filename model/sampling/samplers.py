@@ -22,8 +22,9 @@ with ``scheduler.step``" (any configuration not listed below).
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
@@ -40,7 +41,11 @@ class Member:
     rows: int  # its samples in the batch
 
 
-def batch_key(scheduler: SchedulerMixin) -> Hashable | None:
+# ("ddim", clip) | ("ddpm", variance_type, clip) | ("dpm++",): the family first.
+BatchKey = tuple[Any, ...]
+
+
+def batch_key(scheduler: SchedulerMixin) -> BatchKey | None:
     """Schedulers with equal keys step in one update; ``None``: step per request."""
     config = scheduler.config
     if config.prediction_type != "epsilon" or config.thresholding:
@@ -56,7 +61,7 @@ def batch_key(scheduler: SchedulerMixin) -> Hashable | None:
     return None
 
 
-def _dpm_supported(config: object) -> bool:
+def _dpm_supported(config: Any) -> bool:
     """DPM-Solver++(2M), midpoint, deterministic, on the scheduler's sigmas (as we configure)."""
     return (
         config.algorithm_type == "dpmsolver++"
@@ -78,7 +83,9 @@ def coefficient_table(scheduler: SchedulerMixin) -> torch.Tensor:
     if table is None:
         if len(_TABLES) >= _MAX_TABLES:
             _TABLES.pop(next(iter(_TABLES)))  # the oldest
-        kind = batch_key(scheduler)[0]
+        family = batch_key(scheduler)
+        assert family is not None, "tables are of batched schedulers only"
+        kind = family[0]
         rows = {"ddim": _ddim_row, "ddpm": _ddpm_row, "dpm++": _dpm_row}[kind]
         steps = range(len(scheduler.timesteps))
         table = _TABLES[key] = torch.stack([rows(scheduler, i) for i in steps])  # (S, k)
@@ -118,6 +125,7 @@ def step_batch(
     and advances each member's scheduler state where it has one (DPM++ history).
     """
     key = batch_key(members[0].scheduler)
+    assert key is not None, "members of a batched update have a batch key"
     coef = _gather(members, sample.device, dpm=key[0] == "dpm++")  # (R, k)
     if key[0] == "ddim":
         new = ddim_update(sample, eps, coef, clip=key[1])

@@ -22,9 +22,10 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict, cast
 
 import numpy as np
 import torch
@@ -138,7 +139,7 @@ def requests(
 
 def images_of(results: list[Result]) -> torch.Tensor:
     """The results' images in request order: (n, H, W, 1); clips (n, F, H, W, 1)."""
-    return torch.cat([r.images for r in results])
+    return torch.cat([cast(torch.Tensor, r.images) for r in results])  # none cancelled
 
 
 def cached_share(results: list[Result]) -> float:
@@ -257,6 +258,14 @@ def bench_model(
     return rows, grids
 
 
+class Scores(TypedDict):
+    """``Judge.score``: the Row fields it fills."""
+
+    accuracy: float
+    fid: float | None  # images only
+    temporal: NotRequired[float]  # clips only
+
+
 @dataclass
 class Judge:
     """The shipped classifier and the features of held-out real digits, for accuracy and FID."""
@@ -281,7 +290,7 @@ class Judge:
             self.classifier, images, labels, data.clip_digit_size(images.shape[2])
         )
 
-    def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+    def score(self, images: torch.Tensor, labels: torch.Tensor) -> Scores:
         """accuracy and FID of images (n, H, W, 1); accuracy and temporal consistency of clips
         (n, F, H, W, 1)."""
         if images.ndim == 4:
@@ -305,7 +314,7 @@ def training_curves(run_dirs: list[Path], opts: BenchOptions, judge: Judge) -> d
             model = load_state(SkipDiT(config), load_file(snap))
             pipeline = Pipeline(model, default_guidance=card.get("default_guidance", 2.0))
             batch = requests(pipeline, "none", {}, opts.per_class, opts.curve_steps, opts.seed, 10)
-            images = torch.cat([r.images for r in pipeline.generate(batch)])
+            images = images_of(pipeline.generate(batch))
             fids.append((int(snap.stem.split("_")[1]), judge.fid(images)))
         curves[card.get("architecture", run.name)] = {"loss": loss, "fid": fids}
     return curves
@@ -338,6 +347,10 @@ def _table(rows: list[Row], curves: dict, opts: BenchOptions) -> list[str]:
 
 def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _difference(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None else f"{a - b:+.1f} dB"
 
 
 def _training_lines(curves: dict) -> list[str]:
@@ -437,7 +450,7 @@ def write_outputs(
     grids: dict[str, dict[str, torch.Tensor]],
     curves: dict,
     opts: BenchOptions,
-    notes: list[str] = (),
+    notes: Sequence[str] = (),
 ) -> None:
     """results.md/json, speedup_vs_psnr.png, the pictures (``_write_pictures``) and
     training.png when there are curves."""
@@ -504,10 +517,11 @@ def twin_lines(rows: list[Row], skip: str, plain: str) -> list[str]:
                       if r.model == other and _series(r) == _series(row))  # fmt: skip
         at = None
         if len(same) >= 2 and same[0][0] <= row.flop_ratio <= same[-1][0]:
-            at = float(np.interp(row.flop_ratio, *zip(*same, strict=True)))
+            ratios, psnrs = zip(*same, strict=True)
+            at = float(np.interp(row.flop_ratio, ratios, psnrs))
         psnr = {row.model: row.psnr, other: at}
         cells = [_num(psnr[skip], ".1f"), _num(psnr[plain], ".1f"),
-                 "-" if at is None else f"{psnr[skip] - psnr[plain]:+.1f} dB"]  # fmt: skip
+                 _difference(psnr[skip], psnr[plain])]  # fmt: skip
         lines.append(f"| {_series(row)} | {row.label} ({row.model}) | {row.flop_ratio:.2f}x | "
                      + " | ".join(cells) + " |")  # fmt: skip
     return lines

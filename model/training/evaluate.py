@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -157,4 +158,5 @@ def psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, flo
         x, y, data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)
     )
     ssim = structural_similarity_index_measure(x, y, data_range=1.0, kernel_size=5)
-    return float(psnr), float(ssim)
+    # a tuple only with return_full_image or return_contrast_sensitivity
+    return float(psnr), float(cast(torch.Tensor, ssim))

@@ -202,6 +202,7 @@ def table(measured: dict[tuple[str, str], Measured] | None = None) -> list[str]:
             continue
         cells = ["-", "-", "-", "-"]
         if got is not None:
+            assert measured is not None  # got is one of its rows
             bad = violations(row, got, measured.get((row.model, first.setting)))
             cells = [f"{got.psnr:.1f}", f"{got.accuracy:.1%}", f"{got.cached:.0%}",
                      "BELOW: " + "; ".join(bad) if bad else "ok"]  # fmt: skip

@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from model.networks.checkpoint import load_state, save_pretrained
 from model.networks.dydit import DyDiT, FlopModel, flop_model, is_router
 from model.networks.presets import Config, build, preset
 from model.networks.skip_dit import SkipDiT
-from model.networks.skip_latte import init_from_image
+from model.networks.skip_latte import SkipLatte, init_from_image
 from model.training import data
 from model.training.options import TrainOptions
 
@@ -76,6 +76,7 @@ class _Run:
     @classmethod
     def fresh(cls, config: Config, opts: TrainOptions) -> _Run:
         torch.manual_seed(opts.seed)
+        model: SkipDiT
         if opts.from_model is not None:  # DyDiT fine-tune: the base's weights, routers all on
             model = DyDiT.from_base(registry.load(opts.from_model).pipeline.model).train()
         else:
@@ -84,7 +85,8 @@ class _Run:
         if opts.init_from is not None:
             if config.kind != "video":
                 raise FieldError("init_from", "starts a video model from an image model")
-            init_from_image(model, registry.load(opts.init_from).pipeline.model)
+            video = cast(SkipLatte, model)  # a video config builds a Skip-Latte
+            init_from_image(video, registry.load(opts.init_from).pipeline.model)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         opt = torch.optim.AdamW(_param_groups(model, opts), weight_decay=0.0)
         return cls(model, ema, opt, lr_history=[[0, opts.lr]])
@@ -162,10 +164,11 @@ def _train_step(
         if budget is None:
             pred, ratio = run.model(xt, t, y), None
         else:
-            pred, captured = run.model(xt, t, y, capture=run.model.usage_capture())
+            dydit = cast(DyDiT, run.model)  # a FLOPs budget: a dynamic config, a DyDiT
+            pred, captured = dydit.capturing(xt, t, y, dydit.usage_capture())
     loss = F.mse_loss(pred.float(), noise)
     if budget is not None:
-        usage = run.model.usage(captured).float()  # (B, depth, 3)
+        usage = cast(DyDiT, run.model).usage(captured).float()  # (B, depth, 3)
         ratio = budget.ratio(usage).mean()
         loss = loss + opts.flops_weight * (ratio - opts.flops_ratio) ** 2
         # DyDiT's floor: each block's MLP keeps at least token_minimal of the tokens.
@@ -201,7 +204,7 @@ def train(opts: TrainOptions) -> Path:
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
         run.resume(ckpt_path, opts)
-    budget = flop_model(run.model) if config.dynamic else None
+    budget = flop_model(cast(DyDiT, run.model)) if config.dynamic else None
     schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     columns = ["step", "loss", "seconds"] + (["flops"] if budget is not None else [])
     loss_file, writer = _loss_log(out / "loss.csv", run.step, columns)
