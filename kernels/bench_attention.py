@@ -11,6 +11,7 @@ backend. A benchmark script, not a test: it exits with a message where there is 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 
@@ -64,12 +65,14 @@ def _sdpa_ms(qkv: torch.Tensor, rep: int) -> dict[str, float | None]:
 
 def _kernel_ms(qkv: torch.Tensor, rep: int) -> dict[str, float]:
     """ms of the Triton kernel per head tiling (one when they coincide)."""
-    from kernels.attention import attention, head_tiles
+    from kernels.attention import HeadTile, attention, head_tiles
 
     dh = qkv.shape[-1]
-    tilings = ["pad", "split"] if head_tiles(dh, "pad") != head_tiles(dh, "split") else ["pad"]
+    tilings: list[HeadTile] = (
+        ["pad", "split"] if head_tiles(dh, "pad") != head_tiles(dh, "split") else ["pad"]
+    )
     return {
-        f"triton-{t}": _time_ms(lambda t=t: attention(qkv, head_tile=t), rep)  # type: ignore[misc]
+        f"triton-{t}": _time_ms(functools.partial(attention, qkv, head_tile=t), rep)
         for t in tilings
     }
 

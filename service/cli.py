@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -84,7 +84,8 @@ def _range(info: FieldInfo) -> str:
 
 def _add_field(parser: argparse.ArgumentParser, name: str, info: FieldInfo, default: Any) -> None:
     kind, optional = _unwrap(info.annotation)
-    flags = ["--" + name.replace("_", "-"), *(info.json_schema_extra or {}).get("cli_aliases", [])]
+    extra = cast(dict[str, Any], info.json_schema_extra or {})  # our fields give a dict
+    flags = ["--" + name.replace("_", "-"), *extra.get("cli_aliases", [])]
     help_ = (info.description or "") + _range(info)
     if kind is bool and optional:  # unset, --name or --no-name
         action = argparse.BooleanOptionalAction
@@ -204,7 +205,7 @@ def _generate(args: argparse.Namespace, prog: str) -> int:
         log.info("step %d/%d %s", job.step, job.total_steps, mode.value)
 
     (result,) = loaded.pipeline.generate([run], progress=progress)
-    _write(args.out, result.images, args.fps)
+    _write(args.out, cast(torch.Tensor, result.images), args.fps)  # never cancelled: set
     stats = {
         "model": loaded.name,
         "random_weights": loaded.random_weights,
@@ -232,10 +233,10 @@ def _generate(args: argparse.Namespace, prog: str) -> int:
 # ----------------------------------------------------------------------------- serve, worker
 
 
-def _settings(prog: str, models: list[str] | None, **overrides: object) -> Settings:
+def _settings(prog: str, models: list[str] | None, **overrides: Any) -> Settings:
     """Settings from the environment; flags given override it. ``--model`` (repeatable) replaces
     both SKIPDIT_MODEL and SKIPDIT_MODELS."""
-    values = {k: v for k, v in overrides.items() if v is not None}
+    values: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     if models:
         values |= {"models": models, "model": None}
     try:

@@ -18,8 +18,9 @@ import logging
 import math
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from model.cache import Mode
 from model.sampling.pipeline import Job, Pipeline, Result
@@ -162,7 +163,7 @@ class Engine:
         self._active = still
         return events, report
 
-    def _run(self, jobs: list[Job], events: list[EngineEvent]) -> list[Mode | None]:
+    def _run(self, jobs: list[Job], events: list[EngineEvent]) -> Sequence[Mode | None]:
         """One batched step; if it raises, step each job alone so one bad request fails alone."""
         try:
             return self.pipeline.step(jobs)
@@ -191,7 +192,7 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "submit":
-                self._prepare(item, events)  # type: ignore[arg-type]
+                self._prepare(cast(EngineRequest, item), events)  # a submit's item: a request
                 continue
             for entries in (self._waiting, self._active):
                 for entry in [e for e in entries if e.request.id == item]:

@@ -10,7 +10,7 @@ import enum
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -20,7 +20,10 @@ from service.request import GenerateParams
 from service.video import VIDEO_FORMATS
 
 # Images: png, jpeg, webp; videos: mp4, gif, webp (animated). Which apply: the model's kind.
-OutputFormat = Literal[tuple(dict.fromkeys([*IMAGE_FORMATS, *VIDEO_FORMATS]))]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # a Literal over a runtime tuple is no static type: a str to mypy
+    OutputFormat = str
+else:  # pydantic validates against the formats the encoders write
+    OutputFormat = Literal[tuple(dict.fromkeys([*IMAGE_FORMATS, *VIDEO_FORMATS]))]
 DEFAULT_FORMATS = {"image": "png", "video": "mp4"}  # model kind -> output format
 DEFAULT_FPS = 8.0
 MAX_FPS = 60.0  # a video's frames per second: (0, MAX_FPS]

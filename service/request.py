@@ -24,7 +24,10 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 MAX_SEED = 2**63 - 1
-CachePolicyName = Literal[tuple(cache.POLICIES)]  # type: ignore[valid-type]  # a runtime tuple
+if TYPE_CHECKING:  # a Literal over a runtime tuple is no static type: a str to mypy
+    CachePolicyName = str
+else:  # pydantic validates against the registered policies' names
+    CachePolicyName = Literal[tuple(cache.POLICIES)]
 
 # Request field -> the policy's own parameter, per policy. A cache field a policy lacks is
 # refused with that policy; errors a policy raises are renamed back to the request field.
@@ -43,7 +46,7 @@ FIELDS: dict[str, dict[str, str]] = {
     "fbcache": {"cache_threshold": "threshold", "cache_t_end": "t_end"},
     "teacache": {"cache_threshold": "threshold", "cache_t_end": "t_end"},
 }
-CACHE_FIELDS = ("cache_interval", "cache_depth", "cache_t_start", "cache_t_end")
+CACHE_FIELDS: tuple[str, ...] = ("cache_interval", "cache_depth", "cache_t_start", "cache_t_end")
 CACHE_FIELDS += ("cache_threshold", "cache_ratio")
 # The plan's parameters whose request field has another name.
 PLAN_FIELDS = {"guidance": "guidance_scale", "policy": "cache_policy"}
@@ -130,13 +133,14 @@ class CacheDefault:
 def cache_default(info: ModelInfo, settings: Settings | None = None) -> CacheDefault:
     """The deployment's default cache for a served model (``SKIPDIT_CACHE_DEFAULTS``), else
     its card's (``default_cache``: shipped Skip-DiT models recommend Skip-Cache), else none."""
-    for source, table in (
+    tables: tuple[tuple[Literal["deployment", "card"], Mapping[str, Mapping[str, Any]]], ...] = (
         ("deployment", settings.cache_defaults if settings is not None else {}),
         ("card", {info.name: info.card["default_cache"]} if "default_cache" in info.card else {}),
-    ):
+    )
+    for source, table in tables:
         if info.name in table:
             params = dict(table[info.name])
-            return CacheDefault(params.pop("policy"), params, source)  # type: ignore[arg-type]
+            return CacheDefault(params.pop("policy"), params, source)
     return CacheDefault("none", {}, "none")
 
 

@@ -127,7 +127,10 @@ def new_record(
     """The record of a checked request: the plan its worker runs, and in ``request`` the body
     with what was resolved (the model, the output format and a video's fps, the guidance and
     the cache that run: what the response's ``request`` shows)."""
-    resolved = {"model": info.name, "output_format": body.format_for(info.kind)}
+    resolved: dict[str, str | float | None] = {
+        "model": info.name,
+        "output_format": body.format_for(info.kind),
+    }
     if info.kind == "video":
         resolved["fps"] = body.fps_for(info.kind)
     request = body.model_dump(mode="json", by_alias=True) | resolved | echo(run)

@@ -69,4 +69,4 @@ def install(app: FastAPI) -> None:
     """Register one handler for every mapped type and for request validation."""
     for error_type in STATUS:
         app.add_exception_handler(error_type, _typed)
-    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]  # starlette types every handler for Exception; this one gets RequestValidationError only

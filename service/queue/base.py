@@ -91,8 +91,9 @@ class QueueBackend(ABC):
         return record
 
     @abstractmethod
-    async def events(self, job_id: str) -> AsyncIterator[Event]:
-        """Every event of the job from its first, ending after a terminal one."""
+    def events(self, job_id: str) -> AsyncIterator[Event]:
+        """Every event of the job from its first, ending after a terminal one (an async
+        generator: ``async def`` with ``yield`` in the backends)."""
 
     @abstractmethod
     async def depth(self, model: str) -> int:

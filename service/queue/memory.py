@@ -132,9 +132,11 @@ class MemoryBackend(QueueBackend):
         seen = 0
         while True:
             async with self._changed:
-                await self._changed.wait_for(
-                    lambda seen=seen: len(self._events.get(job_id, ())) > seen
-                )
+
+                def arrived(seen: int = seen) -> bool:
+                    return len(self._events.get(job_id, ())) > seen
+
+                await self._changed.wait_for(arrived)
                 new = self._events[job_id][seen:]
             seen += len(new)
             for event in new:

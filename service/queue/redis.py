@@ -41,14 +41,15 @@ import functools
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ClusterError, RedisClusterException, ResponseError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT, StreamIdT
 
 from service import jobs
 from service.errors import BackendUnavailable, QueueFull
@@ -106,18 +107,25 @@ def _down(e: Exception) -> bool:
     )
 
 
-def guarded(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+# Replies as this client gets them: bytes (decode_responses off), RESP2. redis-py types each
+# reply for every decoding and protocol at once (bytes | str; lists or dicts).
+Streams = list[list[Any]]  # XREAD / XREADGROUP: [[stream, [(entry id, fields), ...]], ...]
+
+
+def guarded(
+    fn: Callable[Concatenate[RedisBackend, P], Awaitable[R]],
+) -> Callable[Concatenate[RedisBackend, P], Coroutine[Any, Any, R]]:
     """Map 'Redis is unreachable' to BackendUnavailable (the API's 503)."""
 
     @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    async def wrapper(self: RedisBackend, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            await args[0]._started()  # type: ignore[attr-defined]
-            return await fn(*args, **kwargs)
+            await self._started()
+            return await fn(self, *args, **kwargs)
         except (*DOWN, RedisClusterException) as e:
             if not _down(e):
                 raise
-            args[0]._groups_ready.clear()  # type: ignore[attr-defined]
+            self._groups_ready.clear()
             raise BackendUnavailable(f"redis unreachable: {e}") from e
 
     return wrapper
@@ -204,12 +212,13 @@ class RedisBackend(QueueBackend):
         under another entry, and on success that entry becomes the job's."""
         key, entry_key = self.keys.job(job_id), self.keys.entry(job_id)
         while True:
-            raw, entry = await self.redis.mget(key, entry_key)
+            raw, entry = cast(list[bytes | None], await self.redis.mget(key, entry_key))
             record = _record(raw)
             if record is None:
                 return None, False
             running = record.status is JobStatus.RUNNING and entry is not None
-            if token is not None and running and entry.decode() != token:
+            # running: entry is not None
+            if token is not None and running and cast(bytes, entry).decode() != token:
                 return record, False  # a second entry of a job that runs: drop it
             change = transition(record)
             if change is None:
@@ -276,7 +285,7 @@ class RedisBackend(QueueBackend):
         await self._ensure_group(record.model)
         idem = self.keys.idempotency(idempotency_key) if idempotency_key else None
         if idem is not None and not await self.redis.set(idem, record.id, nx=True, ex=self.job_ttl):
-            known = await self.redis.get(idem)
+            known = cast(bytes | None, await self.redis.get(idem))
             existing = await self.get(known.decode()) if known else None
             if existing is not None:
                 lost = not await self.redis.exists(self.keys.entry(existing.id))
@@ -295,11 +304,11 @@ class RedisBackend(QueueBackend):
 
     @guarded
     async def get(self, job_id: str) -> JobRecord | None:
-        return _record(await self.redis.get(self.keys.job(job_id)))
+        return _record(cast(bytes | None, await self.redis.get(self.keys.job(job_id))))
 
     @guarded
     async def get_result(self, job_id: str) -> StoredResult | None:
-        raw = await self.redis.hgetall(self.keys.result(job_id))
+        raw = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.result(job_id)))
         if not raw:
             return None
         n = int(raw[b"n"])
@@ -315,7 +324,9 @@ class RedisBackend(QueueBackend):
         while True:
             try:
                 await self._started()
-                reply = await self.redis.xread({key: last}, count=100, block=2000)
+                reply = cast(
+                    Streams | None, await self.redis.xread({key: last}, count=100, block=2000)
+                )
             except (*DOWN, RedisClusterException) as e:
                 if not _down(e):
                     raise
@@ -344,7 +355,8 @@ class RedisBackend(QueueBackend):
 
     @guarded
     async def holders(self) -> dict[str, list[str]]:
-        names = sorted(n.decode() for n in await self.redis.smembers(self.keys.worker_names))
+        members = cast(set[bytes], await self.redis.smembers(self.keys.worker_names))
+        names = sorted(n.decode() for n in members)
         if not names:
             return {}
         beats = await self.redis.mget([self.keys.worker(n) for n in names])
@@ -398,9 +410,10 @@ class RedisBackend(QueueBackend):
         reply = await self.redis.xreadgroup(
             self.keys.group, consumer, dict.fromkeys(model_of, ">"), count=count, block=block_ms
         )
+        streams = cast(Streams | None, reply)
         return [
             Delivery(fields[b"id"].decode(), entry_id.decode(), consumer, model_of[key.decode()])
-            for key, entries in reply or []
+            for key, entries in streams or []
             for entry_id, fields in entries
         ]
 
@@ -434,7 +447,11 @@ class RedisBackend(QueueBackend):
         await self._commit(
             delivery.job_id, lambda r: jobs.finish(r, JobStatus.FAILED, now, error=error)
         )
-        fields = {"id": delivery.job_id, "attempts": delivery.attempts, "at": now}
+        fields: dict[FieldT, EncodableT] = {
+            "id": delivery.job_id,
+            "attempts": delivery.attempts,
+            "at": now,
+        }
         await self.redis.xadd(self.keys.dead_letter(delivery.model), fields)
         await self._retire(delivery)
 
@@ -469,7 +486,7 @@ class RedisBackend(QueueBackend):
             pipe.set(self.keys.worker(consumer), beat, px=self.claim_idle_ms)
             pipe.sadd(self.keys.worker_names, consumer)
             await pipe.execute()
-        tokens: dict[str, list[str]] = {}
+        tokens: dict[str, list[StreamIdT]] = {}
         for d in deliveries:
             tokens.setdefault(d.model, []).append(d.token)
         for model, held in tokens.items():  # reset their idle time: not for XAUTOCLAIM
