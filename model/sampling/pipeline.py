@@ -343,7 +343,7 @@ def denoise_step(
     inputs = [job.model_input() for job in jobs]
     modes = [job.cache.decide(job.step, job.timestep) for job in jobs]
     outputs: list[torch.Tensor] = [torch.empty(0)] * len(jobs)
-    timers: list[ForwardTimer] = [None] * len(jobs)  # type: ignore[list-item]
+    timers: list[ForwardTimer | None] = [None] * len(jobs)  # each job's group's, below
     device = next(model.parameters()).device
 
     for (network, key), members in _forward_groups(jobs, modes).items():
@@ -367,8 +367,9 @@ def denoise_step(
                 )
 
     step_samplers(jobs, outputs)
-    for job, mode, timer in zip(jobs, modes, timers, strict=True):
-        job.stats.record(mode, timer)  # CUDA: reads the previous step's timers
+    for job, mode, timed in zip(jobs, modes, timers, strict=True):
+        assert timed is not None, "every job is in a group"
+        job.stats.record(mode, timed)  # CUDA: reads the previous step's timers
     return modes
 
 
