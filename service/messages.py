@@ -115,10 +115,6 @@ class JobRecord:
         return name
 
     @property
-    def params(self) -> JobRequest:
-        return JobRequest.model_validate(self.request)
-
-    @property
     def run_plan(self) -> RunPlan:
         """The plan the API resolved: the worker runs it as it is, checking nothing again."""
         if self.plan is None:
