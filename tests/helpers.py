@@ -9,14 +9,64 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
+import pytest
+import torch
+
+from model.networks import presets
+from model.networks.skip_dit import SkipDiT, preset
+from model.networks.skip_latte import SkipLatte
 from model.registry import ModelInfo
 from model.sampling.pipeline import Job, Pipeline, ProgressFn, Result
 from model.sampling.plan import RunPlan
 from service.api.deps import new_record
 from service.messages import JobRecord, JobRequest
 from service.request import GenerateParams, resolve
+
+# The test pytest is setting up or running (tests/conftest.py sets it), or None.
+running_test: pytest.Item | None = None
+
+
+def require_marker(name: str, what: str) -> None:
+    """Fail the running test if it does ``what`` without carrying the marker ``name``: ``-m``
+    selections (``-m "not redis"`` on a machine without redis-server) rely on the markers."""
+    test = running_test
+    assert test is None or test.get_closest_marker(name) is not None, (
+        f"{test.nodeid} {what} but is not marked {name}: add @pytest.mark.{name}"
+    )
+
+
+# Batched vs solo at fp32: GEMMs of different batch sizes round differently (~1 ulp per op);
+# over tens of steps that reaches ~1e-5. Far below any visible change (1/255 ~ 4e-3).
+BATCH_TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def randomized(model: M, seed: int = 0, scale: float = 0.05) -> M:
+    """Perturb every trainable weight so that adaLN-Zero's zero init does not make blocks the
+    identity (an untouched fresh DiT outputs exactly zero, which would hide cache bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model.eval()
+
+
+def tiny(seed: int = 0, **overrides: object) -> SkipDiT:
+    """Skip-DiT ``digits-tiny``, randomized: depth 4, hidden 32, 8x8 pixels, 10 classes."""
+    torch.manual_seed(seed)
+    return randomized(SkipDiT(preset("digits-tiny", **overrides)), seed)
+
+
+def tiny_video(seed: int = 0, **overrides: object) -> SkipLatte:
+    """Skip-Latte ``digits-video-tiny``, randomized: 4 pairs (8 blocks), hidden 32, 4 frames of
+    8x8 pixels, 10 classes + null class."""
+    torch.manual_seed(seed)
+    return randomized(SkipLatte(presets.preset("digits-video-tiny", **overrides)), seed)
 
 
 def info_of(pipeline: Pipeline, card: dict[str, Any] | None = None) -> ModelInfo:

@@ -90,6 +90,7 @@ MUTANTS: dict[str, Mutant] = {
 TESTS = [
     "tests/model/test_cache_structure.py",
     "tests/model/test_cache.py",
+    "tests/model/test_cache_contract.py",
     "tests/model/test_teacache.py",
     "tests/model/test_quality_floors.py",
 ]
