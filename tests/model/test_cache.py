@@ -1,4 +1,5 @@
-"""The contract every cache policy passes, then Skip-Cache's own rule."""
+"""Skip-Cache's own rule (fixed and adaptive), then each other policy's own, on the image
+model. The contract every policy passes, on the image and the video model: test_cache_contract."""
 
 from __future__ import annotations
 
@@ -12,115 +13,10 @@ from model.cache.skip_cache import SkipCacheConfig, SkipCacheState, decide, defa
 from model.errors import FieldError
 from model.networks.skip_dit import preset
 from model.sampling.graphs import BucketedForward
-from model.sampling.pipeline import Job, Pipeline, denoise_step, forward_group
-from service.request import FIELDS, GenerateParams
-from tests.conftest import BATCH_TOL, tiny
-from tests.helpers import generate, plan_of, start
-
-# policy -> request options that make it cache (for "none": nothing to set).
-CACHING = {
-    "none": {},
-    "skip_cache": {"cache_interval": 3},
-    "fora": {"cache_interval": 3},
-    "fbcache": {"cache_threshold": 0.5},
-    "delta_dit": {"cache_interval": 2},
-    "toca": {"cache_interval": 3, "cache_ratio": 0.5},
-    "teacache": {"cache_threshold": 0.5},
-}
-# policy -> request options that turn its caching off.
-OFF = {
-    "none": {},
-    "skip_cache": {"cache_interval": 1},
-    "fora": {"cache_interval": 1},
-    "fbcache": {"cache_threshold": 0},
-    "delta_dit": {"cache_interval": 1},
-    "toca": {"cache_interval": 1},
-    "teacache": {"cache_threshold": 0},
-}
-
-
-def test_every_policy_is_covered_by_the_contract() -> None:
-    assert set(CACHING) == set(OFF) == set(POLICIES)
-
-
-def _run(pipeline: Pipeline, **kw: object) -> torch.Tensor:
-    params = GenerateParams(steps=8, num_images=2, class_label=3, seed=5, **kw)
-    (result,) = generate(pipeline, [params])
-    return result.latents
-
-
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_caching_off_is_bitwise_no_cache(tiny_pipeline: Pipeline, name: str) -> None:
-    reference = _run(tiny_pipeline, cache_policy="none")
-    assert torch.equal(_run(tiny_pipeline, cache_policy=name, **OFF[name]), reference)
-
-
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_state_of_two_requests_never_mixes(tiny_pipeline: Pipeline, name: str) -> None:
-    a = GenerateParams(steps=8, seed=1, class_label=1, cache_policy=name, **CACHING[name])
-    b = GenerateParams(steps=8, seed=2, class_label=7, cache_policy=name, **CACHING[name])
-    together = generate(tiny_pipeline, [a, b])
-    for params, batched in zip([a, b], together, strict=True):
-        (alone,) = generate(tiny_pipeline, [params])
-        torch.testing.assert_close(batched.latents, alone.latents, **BATCH_TOL)
-
-
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_state_reset_forgets_the_cache(tiny_pipeline: Pipeline, name: str) -> None:
-    params = GenerateParams(steps=4, cache_policy=name, **CACHING[name])
-    job = start(tiny_pipeline, params)
-    denoise_step(tiny_pipeline.model, [job])
-    job.cache.reset()
-    assert job.cache.policy.state_bytes(job.cache.state) == 0
-    assert job.cache.decide(1, 500) is Mode.FULL
-
-
-# Policies whose modes depend on the run itself: their planned_modes is an estimate. (Adaptive
-# Skip-Cache too: see test_adaptive_skip_cache_plans_every_step_full.)
-DYNAMIC = {"fbcache", "teacache"}
-# Request options the planning contract tries; each policy takes its own (service.request.FIELDS).
-# (cache_threshold alone: skip_cache runs it at its default interval, adaptive.)
-PLAN_OPTIONS = [
-    {"cache_interval": 3, "cache_ratio": 0.5},
-    {"cache_threshold": 0.5},
-    {"cache_interval": 2, "cache_t_start": 700, "cache_t_end": 300},
-    {"cache_interval": 4, "cache_depth": 2, "cache_t_end": 150},
-]
-PLAN_RUNS = [("ddim", 10), ("ddpm", 13), ("dpm++", 7)]  # (sampler, steps)
-
-
-def _plan_and_run(pipeline: Pipeline, params: GenerateParams) -> tuple[list[Mode], list[Mode]]:
-    """A fresh request's planned modes, and the modes a real run of it reports step by step."""
-    job = start(pipeline, params)
-    planned = job.cache.policy.planned_modes(
-        job.cache.config, [int(t) for t in job.scheduler.timesteps]
-    )
-    ran: list[Mode] = []
-    generate(pipeline, [params], progress=lambda _job, mode: ran.append(mode))
-    return planned, ran
-
-
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_planned_modes_are_what_a_run_reports(tiny_pipeline: Pipeline, name: str) -> None:
-    """Static policies plan exactly; a dynamic one plans every step FULL, an upper bound on time
-    (its 'cached' steps may compute fully)."""
-    assert set(POLICIES) >= DYNAMIC
-    fields = FIELDS[name]
-    settings = {tuple((k, v) for k, v in o.items() if k in fields) for o in PLAN_OPTIONS}
-    seen: set[Mode] = set()
-    for options in sorted(settings):
-        for sampler, steps in PLAN_RUNS:
-            params = GenerateParams(
-                steps=steps, sampler=sampler, seed=3, cache_policy=name, **dict(options)
-            )
-            planned, ran = _plan_and_run(tiny_pipeline, params)
-            assert len(ran) == steps
-            adaptive = name in DYNAMIC or "cache_threshold" in dict(options)  # skip_cache's too
-            expected = [Mode.FULL] * steps if adaptive else ran
-            assert planned == expected, (options, sampler)
-            seen.update(ran)
-    assert name == "none" or Mode.CACHED in seen  # the schedules tried really cache
-
+from model.sampling.pipeline import Pipeline, denoise_step, forward_group
+from service.request import GenerateParams
+from tests.helpers import BATCH_TOL, generate, start, tiny
+from tests.model.helpers import run_with_modes
 
 # ----------------------------------------------------------------------------- Skip-Cache rule
 
@@ -158,66 +54,6 @@ def test_bad_skip_cache_options_name_the_parameter(options: dict, field: str) ->
     assert err.value.field == field
 
 
-def test_cached_step_runs_2k_blocks_on_the_requests_own_deep_feature(
-    tiny_pipeline: Pipeline,
-) -> None:
-    model = tiny_pipeline.model
-    d, hidden = model.config.depth, model.config.hidden_size
-    k = default_depth(model.config)
-    j = (d - k) - d // 2  # the fusion in front of block D-K
-    events: list[tuple] = []
-    handles = [
-        block.register_forward_hook(lambda m, a, o, i=i: events.append(("block", i, o.shape[0])))
-        for i, block in enumerate(model.blocks)
-    ]
-    handles.append(
-        model.skip_norms[j].register_forward_pre_hook(
-            lambda m, a: events.append(("fuse", a[0][..., :hidden].clone()))
-        )
-    )
-    # A: 1 row, interval 2; B: 2 rows, interval 3. Row counts tell their forwards apart.
-    a = start(tiny_pipeline, GenerateParams(steps=8, guidance_scale=1, cache_interval=2, seed=1))
-    b = start(
-        tiny_pipeline,
-        GenerateParams(steps=8, guidance_scale=1, num_images=2, cache_interval=3, seed=2),
-    )
-    last_full: dict[str, torch.Tensor] = {}
-    cached_checks = {"a": 0, "b": 0}
-    try:
-        while not a.done:
-            events.clear()
-            modes = dict(zip("ab", denoise_step(model, [a, b]), strict=True))
-            forwards: list[dict] = []
-            for event in events:
-                if event[0] == "block":
-                    if event[1] == 0:
-                        forwards.append({"blocks": [], "rows": event[2], "deep": None})
-                    forwards[-1]["blocks"].append(event[1])
-                else:
-                    forwards[-1]["deep"] = event[1]
-            for fwd in forwards:
-                owners = {1: ["a"], 2: ["b"], 3: ["a", "b"]}[fwd["rows"]]
-                mode = modes[owners[0]]
-                assert all(modes[o] is mode for o in owners)
-                if mode is Mode.CACHED:
-                    assert fwd["blocks"] == [*range(k), *range(d - k, d)]  # exactly 2K of D
-                else:
-                    assert fwd["blocks"] == list(range(d))
-                offset = 0
-                for owner in owners:
-                    rows = fwd["deep"][offset : offset + {"a": 1, "b": 2}[owner]]
-                    offset += rows.shape[0]
-                    if mode is Mode.FULL:
-                        last_full[owner] = rows
-                    else:
-                        assert torch.equal(rows, last_full[owner])
-                        cached_checks[owner] += 1
-    finally:
-        for h in handles:
-            h.remove()
-    assert cached_checks["a"] >= 2 and cached_checks["b"] >= 2
-
-
 def test_planned_modes_match_what_a_run_does(tiny_pipeline: Pipeline) -> None:
     job = start(tiny_pipeline, GenerateParams(steps=8, cache_interval=3))
     timesteps = [int(t) for t in job.scheduler.timesteps]
@@ -232,20 +68,6 @@ def test_planned_modes_match_what_a_run_does(tiny_pipeline: Pipeline) -> None:
 def _adaptive(threshold: float | None, seed: int = 5, label: int = 3, **kw: object):
     return GenerateParams(steps=10, num_images=2, class_label=label, seed=seed,
                           cache_interval=4, cache_threshold=threshold, **kw)  # fmt: skip
-
-
-def run_with_modes(
-    pipeline: Pipeline, requests: list[GenerateParams]
-) -> tuple[list[torch.Tensor], list[list[Mode]]]:
-    """Each request's latents and the mode each of its steps really ran in."""
-    modes: dict[int, list[Mode]] = {}
-
-    def progress(job: Job, mode: Mode) -> None:
-        modes.setdefault(id(job.plan), []).append(mode)
-
-    plans = [plan_of(pipeline, p) for p in requests]
-    results = pipeline.generate(plans, progress=progress)
-    return [r.latents for r in results], [modes[id(p)] for p in plans]
 
 
 def test_adaptive_skip_cache_at_threshold_0_is_no_cache(tiny_pipeline: Pipeline) -> None:
@@ -354,48 +176,7 @@ def test_adaptive_groups_run_eagerly_beside_captured_steps() -> None:
         torch.testing.assert_close(b.latents, a.latents, **BATCH_TOL)
 
 
-# ----------------------------------------------------------------------------- memory, FORA
-
-
-def test_each_policy_reports_the_memory_its_cache_holds(tiny_pipeline: Pipeline) -> None:
-    config = tiny_pipeline.model.config
-    one_hidden = 2 * config.num_tokens * config.hidden_size * 4  # 2 rows (guidance), fp32
-    held = {}
-    for name in POLICIES:
-        job = start(tiny_pipeline, GenerateParams(steps=4, cache_policy=name, **CACHING[name]))
-        denoise_step(tiny_pipeline.model, [job])
-        held[name] = job.cache.policy.state_bytes(job.cache.state)
-    assert held == {
-        "none": 0,
-        "skip_cache": one_hidden,
-        "fora": 2 * config.depth * one_hidden,
-        "fbcache": 2 * one_hidden,
-        "delta_dit": (1 + 1 + 1 + 1) * one_hidden,  # n=1: enter 0, enter 1, enter D-1, final
-        "toca": 2 * config.depth * one_hidden,  # + per-token staleness counters
-        "teacache": 2 * one_hidden,  # block 0's modulated input, the block stack's residual
-    }
-
-
-def test_fora_cached_step_computes_no_attention_or_mlp(tiny_pipeline: Pipeline) -> None:
-    model = tiny_pipeline.model
-    calls: list[str] = []
-    handles = [
-        m.register_forward_hook(lambda *a, name=name: calls.append(name))
-        for block in model.blocks
-        for name, m in (("attn", block.attn), ("mlp", block.mlp))
-    ]
-    job = start(tiny_pipeline, GenerateParams(steps=6, cache_policy="fora", cache_interval=3))
-    try:
-        counts = []
-        while not job.done:
-            calls.clear()
-            mode = denoise_step(model, [job])[0]
-            counts.append((mode, len(calls)))
-    finally:
-        for h in handles:
-            h.remove()
-    d = model.config.depth
-    assert counts == [(Mode.FULL, 2 * d), (Mode.CACHED, 0), (Mode.CACHED, 0)] * 2
+# ----------------------------------------------------------------------------- the others
 
 
 def test_fbcache_decides_per_request_from_its_own_rows(tiny_pipeline: Pipeline) -> None:

@@ -22,8 +22,8 @@ from model.cache import POLICIES, Mode
 from model.networks.dydit import DyDiT
 from model.networks.presets import build, preset
 from model.networks.skip_dit import SkipDiT
-from tests.conftest import BATCH_TOL, randomized
-from tests.model.test_dydit import routing
+from tests.helpers import BATCH_TOL, randomized
+from tests.model.helpers import routing
 
 # policy -> config overrides that make its cached step cache.
 CONFIGS: dict[str, dict[str, Any]] = {

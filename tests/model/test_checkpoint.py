@@ -23,7 +23,7 @@ from model.networks.checkpoint import (
     save_pretrained,
 )
 from model.networks.skip_dit import DiTConfig, SkipDiT, preset
-from tests.conftest import tiny
+from tests.helpers import tiny
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -180,6 +180,7 @@ print(json.dumps({"base": base, "described": described, "loaded": peak_mib(), "s
 """
 
 
+@pytest.mark.slow
 def test_official_training_checkpoint_reads_only_its_ema_weights(tmp_path: Path) -> None:
     torch.manual_seed(0)
     trained, ema = SkipDiT(preset("S/2")), SkipDiT(preset("S/2"))

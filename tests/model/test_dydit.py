@@ -16,8 +16,8 @@ from model.networks.skip_dit import SkipDiT
 from model.sampling.pipeline import Pipeline
 from model.sampling.plan import plan
 from service.request import GenerateParams
-from tests.conftest import tiny
-from tests.helpers import generate, start
+from tests.helpers import generate, start, tiny
+from tests.model.helpers import routing
 
 ATOL = 1e-5  # fp32: a row computed in a different batch (BLAS blocking)
 
@@ -29,19 +29,6 @@ def trained_like(long_skip: bool, seed: int = 0) -> SkipDiT:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
-    return model
-
-
-def routing(model: DyDiT, seed: int = 1) -> DyDiT:
-    """Random routers: masks that differ across timesteps, rows and tokens."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for block in model.blocks:
-            for rate in (block.attn_rate, block.mlp_rate):
-                rate.router.weight.normal_(0, 1)
-                rate.router.bias.normal_(0, 1)
-            block.token_selection.mlp_head[-1].weight.normal_(0, 1)
-            block.token_selection.mlp_head[-1].bias.zero_()
     return model
 
 

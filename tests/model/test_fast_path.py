@@ -10,8 +10,7 @@ from kernels.dispatch import KernelUnavailable
 from model.sampling.graphs import BucketedForward, ModeUnavailable
 from model.sampling.pipeline import Pipeline, forward_group
 from service.request import GenerateParams
-from tests.conftest import BATCH_TOL, tiny
-from tests.helpers import generate
+from tests.helpers import BATCH_TOL, generate, tiny
 
 MIXED = [
     GenerateParams(steps=6, seed=1, class_label=2, cache_interval=2),  # skip_cache: graphed
@@ -92,6 +91,7 @@ def test_triton_kernels_give_the_torch_networks_full_and_cached_forwards() -> No
         )
 
 
+@pytest.mark.slow
 def test_a_pipeline_on_triton_kernels_makes_the_eager_images() -> None:
     eager = Pipeline(tiny(), default_guidance=2.0)
     fused = Pipeline(tiny(), default_guidance=2.0)
@@ -100,6 +100,7 @@ def test_a_pipeline_on_triton_kernels_makes_the_eager_images() -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the full-size check needs a GPU")
 def test_full_size_fast_paths_match_the_fp32_reference_on_a_gpu() -> None:
     """Skip-DiT-XL/2 in bf16, 16 rows: the Triton kernels and the CUDA-graph replays are within

@@ -17,7 +17,7 @@ from model.cache import Mode
 from model.networks.skip_dit import SkipDiT
 from model.sampling import graphs
 from model.sampling.graphs import BucketedForward, ModeUnavailable
-from tests.conftest import BATCH_TOL, tiny
+from tests.helpers import BATCH_TOL, tiny
 
 BUCKETS = (1, 2, 4, 8)
 ROWS = (1, 3, 4, 5, 11)  # 11: above the largest bucket, runs as 8 + 3 (padded to 4)
@@ -72,7 +72,7 @@ def compile_runner(tiny_model: SkipDiT) -> BucketedForward:
     return runner
 
 
-@pytest.fixture(params=["off", "compile"])
+@pytest.fixture(params=["off", pytest.param("compile", marks=pytest.mark.slow)])
 def runner(request: pytest.FixtureRequest) -> BucketedForward:
     return request.getfixturevalue(f"{request.param}_runner")
 
@@ -218,6 +218,7 @@ def test_cuda_graphs_without_cuda_is_an_error_naming_the_mode(tiny_model) -> Non
         BucketedForward(tiny_model, "cuda_graphs", BUCKETS, depths=(1,))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_replays_equal_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny().cuda()

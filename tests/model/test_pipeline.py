@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import DDPMScheduler
 
 from model import registry
 from model.cache import Mode
@@ -25,8 +25,8 @@ from model.sampling.pipeline import (
     step_samplers,
 )
 from service.request import GenerateParams
-from tests.conftest import BATCH_TOL, tiny
-from tests.helpers import generate, start
+from tests.helpers import BATCH_TOL, generate, start, tiny
+from tests.model.helpers import tiny_vae
 
 CONFIGS = list(itertools.product(["ddim", "ddpm", "dpm++"], [False, True], [True, False]))
 
@@ -134,23 +134,8 @@ def test_stats_report_cached_steps_cheaper_in_count_and_speedup(tiny_pipeline: P
 
 def _save_tiny_vae(directory: Path) -> Path:
     """A 4-channel AutoencoderKL that downsamples by 2, saved for ``registry.load``."""
-    _tiny_vae().save_pretrained(directory)
+    tiny_vae().save_pretrained(directory)
     return directory
-
-
-def _tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
 
 
 def test_latent_model_decodes_with_a_local_vae(tmp_path: Path) -> None:
@@ -291,7 +276,7 @@ def test_batched_scheduler_update_equals_diffusers_per_request_step(
     if pixel:
         pipeline = Pipeline(tiny(learn_sigma=learn_sigma))
     else:
-        pipeline = Pipeline(tiny(in_channels=4, learn_sigma=learn_sigma), _tiny_vae())
+        pipeline = Pipeline(tiny(in_channels=4, learn_sigma=learn_sigma), tiny_vae())
     requests = [
         GenerateParams(steps=6, seed=1, sampler=sampler),
         GenerateParams(steps=16, seed=2, num_images=2, sampler=sampler, guidance_scale=1),

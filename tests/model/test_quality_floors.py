@@ -29,6 +29,8 @@ from model.training.floors import (
 )
 from model.training.options import BenchOptions
 
+pytestmark = pytest.mark.slow  # every shipped model sampled at its floors' settings
+
 BENCH = Path(__file__).parents[2] / "docs" / "bench"
 
 

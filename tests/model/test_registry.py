@@ -17,7 +17,7 @@ from model.networks.checkpoint import WEIGHTS_FILE, save_pretrained
 from model.networks.skip_dit import preset
 from model.registry import ModelInfo
 from model.sampling.pipeline import DEFAULT_GUIDANCE
-from tests.conftest import tiny
+from tests.helpers import tiny
 
 
 def test_our_format_is_described_from_its_config_json_alone(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model import registry
@@ -9,6 +10,8 @@ from model.training.bench import counted_flops
 from model.training.evaluate import accuracy, load_classifier
 from service.request import GenerateParams
 from tests.helpers import generate, plan_of
+
+pytestmark = pytest.mark.slow  # the shipped models at their real size
 
 
 def test_default_model_is_the_shipped_skip_dit_with_its_dit_twin() -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.networks.skip_dit import DiTConfig, FP32LayerNorm, SkipDiT, preset
-from tests.conftest import tiny
+from tests.helpers import tiny
 
 
 def _count(config: DiTConfig) -> int:

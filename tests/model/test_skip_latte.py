@@ -1,5 +1,6 @@
 """Skip-Latte: the network against a transcription of the official forward, its pair wiring,
-official and our checkpoint formats, the pipeline on videos, and Skip-Cache's contract in pairs."""
+official and our checkpoint formats, the pipeline on videos, and the cache policies on video
+(the contract every policy passes on video too: test_cache_contract)."""
 
 from __future__ import annotations
 
@@ -24,23 +25,12 @@ from model.networks.presets import build, preset
 from model.networks.skip_dit import DiTConfig, SkipDiT
 from model.networks.skip_latte import LatteConfig, SkipLatte, init_from_image
 from model.sampling.graphs import BucketedForward
-from model.sampling.pipeline import Pipeline, denoise_step, step_samplers
-from service.request import FIELDS, GenerateParams, resolve
-from tests.conftest import BATCH_TOL, randomized, tiny
-from tests.helpers import generate, info_of, start
-from tests.model.test_cache import CACHING, DYNAMIC, OFF, PLAN_OPTIONS, PLAN_RUNS, _plan_and_run
-from tests.model.test_pipeline import _tiny_vae
+from model.sampling.pipeline import Pipeline, step_samplers
+from service.request import GenerateParams, resolve
+from tests.helpers import BATCH_TOL, generate, info_of, randomized, start, tiny, tiny_video
+from tests.model.helpers import tiny_vae
 
 VIDEO_POLICIES = sorted(n for n, p in POLICIES.items() if p.applies_to(preset("digits-video-tiny")))
-# fbcache at the image contract's 0.5 reuses one residual for 6 of 8 steps on this random video
-# network (its first pair's output moves little); 0.2 caches 4.
-VIDEO_CACHING = CACHING | {"fbcache": {"cache_threshold": 0.2}}
-
-
-def tiny_video(seed: int = 0, **overrides: object) -> SkipLatte:
-    """4 pairs (8 blocks), hidden 32, 4 frames of 8x8 pixels, 10 classes + null class."""
-    torch.manual_seed(seed)
-    return randomized(SkipLatte(preset("digits-video-tiny", **overrides)), seed)
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +266,7 @@ def test_pixel_video_result_holds_each_samples_frames(video_pipeline: Pipeline) 
 
 
 def test_latent_video_decodes_frame_by_frame() -> None:
-    pipeline = Pipeline(tiny_video(in_channels=4, learn_sigma=True), _tiny_vae())
+    pipeline = Pipeline(tiny_video(in_channels=4, learn_sigma=True), tiny_vae())
     (result,) = generate(pipeline, [GenerateParams(steps=3, num_images=2, sampler="ddpm")])
     assert result.images.shape == (2, 4, 16, 16, 3)
     with torch.no_grad():
@@ -315,13 +305,7 @@ def test_batched_video_requests_equal_their_solo_runs(video_pipeline: Pipeline) 
         torch.testing.assert_close(result.latents, alone.latents, **BATCH_TOL)
 
 
-# ----------------------------------------------------------------------------- cache contract
-
-
-def _run(pipeline: Pipeline, **kw: object) -> torch.Tensor:
-    params = GenerateParams(steps=8, num_images=2, class_label=3, seed=5, **kw)
-    (result,) = generate(pipeline, [params])
-    return result.latents
+# ----------------------------------------------------------------------------- caching on video
 
 
 def test_policies_that_do_not_apply_to_video_are_refused_by_name() -> None:
@@ -344,22 +328,6 @@ def test_skip_cache_defaults_are_the_papers_video_ones_in_pairs() -> None:
     assert err.value.field == "depth" and "[1, 7]" in str(err.value)
 
 
-@pytest.mark.parametrize("name", VIDEO_POLICIES)
-def test_caching_off_is_bitwise_no_cache(video_pipeline: Pipeline, name: str) -> None:
-    reference = _run(video_pipeline, cache_policy="none")
-    assert torch.equal(_run(video_pipeline, cache_policy=name, **OFF[name]), reference)
-
-
-@pytest.mark.parametrize("name", VIDEO_POLICIES)
-def test_state_of_two_requests_never_mixes(video_pipeline: Pipeline, name: str) -> None:
-    a = GenerateParams(steps=8, seed=1, class_label=1, cache_policy=name, **VIDEO_CACHING[name])
-    b = GenerateParams(steps=8, seed=2, class_label=7, cache_policy=name, **VIDEO_CACHING[name])
-    together = generate(video_pipeline, [a, b])
-    for params, batched in zip([a, b], together, strict=True):
-        (alone,) = generate(video_pipeline, [params])
-        torch.testing.assert_close(batched.latents, alone.latents, **BATCH_TOL)
-
-
 def test_two_intervals_batched_equal_their_solo_runs(video_pipeline: Pipeline) -> None:
     a = GenerateParams(steps=10, seed=1, class_label=1, cache_interval=2)
     b = GenerateParams(steps=10, seed=2, class_label=7, cache_interval=3, cache_depth=2)
@@ -370,107 +338,10 @@ def test_two_intervals_batched_equal_their_solo_runs(video_pipeline: Pipeline) -
         torch.testing.assert_close(batched.latents, alone.latents, **BATCH_TOL)
 
 
-@pytest.mark.parametrize("name", VIDEO_POLICIES)
-def test_planned_modes_are_what_a_run_reports(video_pipeline: Pipeline, name: str) -> None:
-    fields = FIELDS[name]
-    settings = {tuple((k, v) for k, v in o.items() if k in fields) for o in PLAN_OPTIONS}
-    seen: set[Mode] = set()
-    for options in sorted(settings):
-        for sampler, steps in PLAN_RUNS:
-            params = GenerateParams(
-                steps=steps, sampler=sampler, seed=3, cache_policy=name, **dict(options)
-            )
-            planned, ran = _plan_and_run(video_pipeline, params)
-            assert len(ran) == steps
-            adaptive = name in DYNAMIC or "cache_threshold" in dict(options)  # skip_cache's too
-            assert planned == ([Mode.FULL] * steps if adaptive else ran), (options, sampler)
-            seen.update(ran)
-    assert name == "none" or Mode.CACHED in seen
-
-
-def test_cached_step_runs_2_of_p_pairs_on_the_requests_own_deep_feature(
-    video_pipeline: Pipeline,
-) -> None:
-    """K=1: a cached step runs pairs 0 and P-1 only (blocks 0, 1, 2P-2, 2P-1), and the main
-    path entering pair P-1's fusion is the request's own hidden state from its last full step."""
-    model = video_pipeline.model
-    pairs, hidden, frames = model.config.units, model.config.hidden_size, model.config.num_frames
-    j = (pairs - 1) - pairs // 2  # the fusion in front of pair P-1
-    events: list[tuple] = []
-    handles = [
-        block.register_forward_hook(lambda m, a, o, i=i: events.append(("block", i)))
-        for i, block in enumerate(model.blocks)
-    ]
-    handles.append(
-        model.skip_norms[j].register_forward_pre_hook(
-            lambda m, a: events.append(("fuse", a[0][..., :hidden].unflatten(0, (-1, frames))))
-        )
-    )
-    # A: 1 row, interval 2; B: 2 rows, interval 3. Row counts tell their forwards apart.
-    a = start(video_pipeline, GenerateParams(steps=8, guidance_scale=1, cache_interval=2, seed=1))
-    b = start(
-        video_pipeline,
-        GenerateParams(steps=8, guidance_scale=1, num_images=2, cache_interval=3, seed=2),
-    )
-    last_full: dict[str, torch.Tensor] = {}
-    checked = {"a": 0, "b": 0}
-    try:
-        while not a.done:
-            events.clear()
-            modes = dict(zip("ab", denoise_step(model, [a, b]), strict=True))
-            forwards: list[dict] = []
-            for event in events:
-                if event[0] == "block" and event[1] == 0:
-                    forwards.append({"blocks": [], "deep": None})
-                if event[0] == "block":
-                    forwards[-1]["blocks"].append(event[1])
-                else:
-                    forwards[-1]["deep"] = event[1]  # (B, F, T, D)
-            for fwd in forwards:
-                owners = {1: ["a"], 2: ["b"], 3: ["a", "b"]}[fwd["deep"].shape[0]]
-                mode = modes[owners[0]]
-                assert all(modes[o] is mode for o in owners)
-                full = list(range(2 * pairs))
-                assert fwd["blocks"] == (full if mode is Mode.FULL else [0, 1, *full[-2:]])
-                sizes = [{"a": 1, "b": 2}[o] for o in owners]
-                rows = dict(zip(owners, fwd["deep"].split(sizes), strict=True))
-                for owner, deep in rows.items():
-                    if mode is Mode.FULL:
-                        last_full[owner] = deep
-                    else:
-                        assert torch.equal(deep, last_full[owner])
-                        checked[owner] += 1
-    finally:
-        for h in handles:
-            h.remove()
-    assert checked["a"] >= 2 and checked["b"] >= 2
-
-
-def test_fora_on_video_reuses_every_spatial_and_temporal_branch(video_pipeline: Pipeline) -> None:
-    model = video_pipeline.model
-    calls: list[str] = []
-    handles = [
-        m.register_forward_hook(lambda *a: calls.append("x"))
-        for block in model.blocks
-        for m in (block.attn, block.mlp)
-    ]
-    job = start(video_pipeline, GenerateParams(steps=3, cache_policy="fora", cache_interval=3))
-    counts = []
-    try:
-        while not job.done:
-            calls.clear()
-            counts.append((denoise_step(model, [job])[0], len(calls)))
-    finally:
-        for h in handles:
-            h.remove()
-    assert counts == [(Mode.FULL, 2 * model.config.depth), (Mode.CACHED, 0), (Mode.CACHED, 0)]
-    one = 2 * model.config.num_tokens * model.config.hidden_size * 4  # 2 rows (guidance), fp32
-    assert job.cache.policy.state_bytes(job.cache.state) == 2 * model.config.depth * one
-
-
 # ----------------------------------------------------------------------------- fast paths
 
 
+@pytest.mark.slow
 def test_triton_kernels_give_the_torch_networks_forwards() -> None:
     plain, fused = tiny_video(), tiny_video()
     assert fused.use_kernels("triton") == "triton"

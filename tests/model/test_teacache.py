@@ -20,9 +20,8 @@ from model.networks.presets import build, preset
 from model.sampling.pipeline import Pipeline
 from service.cli import main
 from service.request import GenerateParams
-from tests.conftest import BATCH_TOL, randomized, tiny
-from tests.helpers import generate, start
-from tests.model.test_cache import run_with_modes
+from tests.helpers import BATCH_TOL, generate, randomized, start, tiny
+from tests.model.helpers import run_with_modes
 
 
 def teacache(threshold: float, seed: int = 1, label: int = 3, steps: int = 10) -> GenerateParams:
@@ -237,6 +236,7 @@ def test_every_shipped_model_carries_a_calibration() -> None:
     assert all("teacache" in registry.describe(name).card for name in default_models())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["digits-skip-dit", "digits-dit", "digits-skip-dydit", "digits-video-skip"]
 )

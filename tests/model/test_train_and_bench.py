@@ -26,6 +26,8 @@ from model.training.evaluate import (
 from model.training.options import BenchOptions
 from service.cli import build_parser, main
 
+pytestmark = pytest.mark.slow  # real training runs (a module fixture) and benchmarks
+
 # The bench's fixed threshold settings: TeaCache, and adaptive Skip-Cache at N=4.
 PEER_THRESHOLD_LABELS = [f"teacache th={t}" for t in (0.02, 0.03, 0.05)] + [
     f"skip_cache N=4 th={t}" for t in (0.02, 0.05, 0.1)
