@@ -1,4 +1,5 @@
-"""Shared fixtures: small real networks with non-trivial weights."""
+"""Shared fixtures: small real networks with non-trivial weights; the ``redis`` and ``cluster``
+markers, applied from what a test uses."""
 
 from __future__ import annotations
 
@@ -13,28 +14,50 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from model.networks.skip_dit import SkipDiT, preset
-from model.sampling.pipeline import Pipeline
+# Asserts in the helpers modules report their operands as asserts in test modules do; registered
+# before anything imports them.
+pytest.register_assert_rewrite("tests.helpers", "tests.model.helpers", "tests.service.helpers")
 
-# Batched vs solo at fp32: GEMMs of different batch sizes round differently (~1 ulp per op);
-# over tens of steps that reaches ~1e-5. Far below any visible change (1/255 ~ 4e-3).
-BATCH_TOL = {"rtol": 1e-4, "atol": 1e-4}
+from model.networks.skip_dit import SkipDiT  # noqa: E402
+from model.sampling.pipeline import Pipeline  # noqa: E402
+from tests import helpers  # noqa: E402
+from tests.helpers import tiny  # noqa: E402
 
-
-def randomized(model: SkipDiT, seed: int = 0, scale: float = 0.05) -> SkipDiT:
-    """Perturb every trainable weight so that adaLN-Zero's zero init does not make blocks the
-    identity (an untouched fresh DiT outputs exactly zero, which would hide cache bugs)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return model.eval()
+# Fixtures that start or reach a real redis-server (tests/service/conftest.py).
+REDIS_FIXTURES = {"redis_server", "plain_redis", "redis_cluster"}
 
 
-def tiny(seed: int = 0, **overrides: object) -> SkipDiT:
-    torch.manual_seed(seed)
-    return randomized(SkipDiT(preset("digits-tiny", **overrides)), seed)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``redis`` on every test that uses a real redis-server: through a Redis fixture (or one
+    that depends on one), on a ``backend`` parameter of "redis" or "cluster", or marked
+    ``cluster``; ``cluster`` on those that use the session's Redis Cluster or the "cluster"
+    backend. (A test that starts a redis-server or a worker itself carries its marker by hand;
+    ``helpers.require_marker`` fails it if it does not.)"""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend") if callspec is not None else None
+        wanted = set()
+        if fixtures & REDIS_FIXTURES or backend == "redis":
+            wanted.add("redis")
+        if (
+            "redis_cluster" in fixtures
+            or backend == "cluster"
+            or item.get_closest_marker("cluster")
+        ):
+            wanted |= {"cluster", "redis"}
+        for name in sorted(wanted - {mark.name for mark in item.iter_markers()}):
+            item.add_marker(name)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before its fixtures: the test whose markers ``helpers.require_marker`` checks."""
+    helpers.running_test = item
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    helpers.running_test = None
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The suite's own asserts can fail: no assert compares an expression with itself, asserts a
 value that is always true (a constant, a bare call of something that returns an object, ">= 0"
-of a count), or expects any exception at all. Read from every test file's syntax tree."""
+of a count), or expects any exception at all. And what tests share lives in helpers modules: no
+file of the suite imports from a test module or a conftest. Read from every file's syntax tree."""
 
 from __future__ import annotations
 
@@ -78,4 +79,61 @@ def test_the_check_finds_what_it_looks_for(tmp_path: Path) -> None:
         "assert >= 0, true of any count or size",
         "assert a constant",
         "pytest.raises of any exception",
+    ]
+
+
+def _is_test_module(dotted: str) -> bool:
+    """``tests.service.test_api``, ``tests.conftest``, ``test_api`` (relative)..."""
+    last = dotted.rpartition(".")[2]
+    return last.startswith("test_") or last == "conftest"
+
+
+def _imports_of_test_modules(path: Path) -> list[str]:
+    """Each import in ``path`` of a test module or a conftest (or of a name from one)."""
+    tree = ast.parse(path.read_text(), str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            # ``from tests.service import test_api``: the names may be modules themselves.
+            modules = [base, *(f"{base.rstrip('.')}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        if any(_is_test_module(m) for m in modules):
+            out.append(f"{path.name}:{node.lineno}: imports {modules[0]}")
+    return out
+
+
+def test_no_file_of_the_suite_imports_from_a_test_module_or_a_conftest() -> None:
+    """Shared helpers live in tests/helpers.py, tests/model/helpers.py, tests/service/helpers.py:
+    a test module imported by another runs its module-level code twice under two names, and a
+    conftest is pytest's to load."""
+    findings = [f for path in sorted(TESTS.rglob("*.py")) for f in _imports_of_test_modules(path)]
+    assert findings == []
+
+
+def test_the_import_check_finds_what_it_looks_for(tmp_path: Path) -> None:
+    bad = tmp_path / "test_bad.py"
+    source = (  # "T" for "tests": no line of this file is an import the check reports
+        "import T.service.test_api\n"
+        "from T.conftest import tiny\n"
+        "from T.service.conftest import Clock\n"
+        "from T.model.test_cache import CACHING\n"
+        "from T.service import test_redis_workers as plain\n"
+        "from .test_pipeline import tiny_vae\n"
+        "from T.helpers import tiny\n"
+        "from T.service.helpers import Clock\n"
+        "from T import helpers\n"
+        "import pytest\n"
+    )
+    bad.write_text(source.replace("T.", "tests.").replace("from T ", "from tests "))
+    assert [f.split(": ", 1)[1] for f in _imports_of_test_modules(bad)] == [
+        "imports tests.service.test_api",
+        "imports tests.conftest",
+        "imports tests.service.conftest",
+        "imports tests.model.test_cache",
+        "imports tests.service",
+        "imports .test_pipeline",
     ]

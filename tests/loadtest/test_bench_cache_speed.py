@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the benchmark script end to end
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -14,7 +18,7 @@ def test_every_setting_gets_a_row_and_caching_cuts_counted_flops() -> None:
         [sys.executable, "loadtest/bench_cache_speed.py", "--preset", "digits-tiny",
          "--device", "cpu", "--dtype", "float32", "--steps", "8", "--requests", "2",
          "--repeats", "1", "--intervals", "2", "4", "--thresholds", "0.1"],
-        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=240,
     ).stdout  # fmt: skip
     rows = {
         cells[0]: cells[1:]

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the benchmark script end to end
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,7 +29,7 @@ def test_step_costs_cache_speedups_and_engine_rates_are_reported(tmp_path: Path)
          "--repeats", "1", "--paths", "eager", "kernels", "--vanilla", "skip",
          "--concurrency", "2", "--total", "3", "--engine-path", "kernels", "--skip", "diffusers",
          "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
         env=os.environ | {"TRITON_INTERPRET": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,16 +13,18 @@ import pytest
 
 from loadtest.run import audit
 from model import registry
-from tests.service.conftest import running_app, settings_for
+from tests.service.helpers import running_app, settings_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.redis  # loadtest.run starts its own redis-server and worker
+@pytest.mark.slow
 def test_a_small_load_run_writes_its_report_and_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "load"
     argv = [sys.executable, "-m", "loadtest.run", "--users", "2", "--duration", "6", "--steps",
             "6", "--workers", "1", "--out", str(out)]  # fmt: skip
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((out / "results.json").read_text())
     (level,) = results["levels"]
@@ -37,7 +39,6 @@ def test_a_small_load_run_writes_its_report_and_loses_nothing(tmp_path: Path) ->
         assert (out / plot).stat().st_size > 0
 
 
-@pytest.mark.anyio
 async def test_the_audit_counts_lost_and_duplicated_jobs() -> None:
     shipped = Path(registry.default_model())  # a name, as SKIPDIT_MODEL takes it
     async with running_app(settings_for("memory", shipped, None)) as client:

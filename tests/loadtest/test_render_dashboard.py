@@ -41,6 +41,7 @@ def test_grafana_variables_are_substituted_into_valid_promql() -> None:
         substitute('up{cluster="$cluster"}', variables)
 
 
+@pytest.mark.slow
 def test_the_dashboard_renders_from_prometheus_over_a_real_run(tmp_path: Path) -> None:
     if shutil.which("prometheus") is None:
         pytest.skip("no `prometheus` binary (Debian: apt-get install prometheus)")

@@ -1,33 +1,20 @@
-"""Service fixtures: a real redis-server and a real 3-master Redis Cluster per test session (and
-private servers on demand), the tiny models saved as real model directories (a Skip-DiT, a vanilla
-DiT and a Skip-Latte video model), and an app client with its lifespan running."""
+"""Service fixtures: the queue ``backend`` an app test runs on, a real redis-server and a real
+3-master Redis Cluster per test session (the classes that run them, and private servers on
+demand: tests/service/helpers.py), and the tiny models saved as real model directories (a
+Skip-DiT, a vanilla DiT and a Skip-Latte video model)."""
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import socket
-import subprocess
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-import redis
 import torch
 
 from model.networks.checkpoint import save_pretrained
 from model.networks.presets import build, preset
-from service.api import build_app
-from service.settings import Settings
-from tests.conftest import randomized, tiny
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+from tests.helpers import randomized, tiny
+from tests.service.helpers import RedisClusterServers, RedisServer
 
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
@@ -35,139 +22,6 @@ def backend(request: pytest.FixtureRequest) -> str:
     """The queue backend an app test runs on (queue tests override it with an instance); on
     "cluster", ``redis_server`` is a node of the session's Redis Cluster."""
     return request.param
-
-
-class Clock:
-    """A clock that moves only when a test moves it (Unix seconds)."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A real redis-server on a free port, in a temp dir, no persistence unless ``args`` (more
-    redis-server options, which win over the defaults) ask for it."""
-
-    def __init__(self, workdir: Path, port: int | None = None, args: Sequence[str] = ()):
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.args = list(args)
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        exe = shutil.which("redis-server")
-        assert exe, "redis-server is not on PATH"
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-
-class RedisClusterServers:
-    """A real Redis Cluster: ``masters`` cluster-enabled redis-servers on free loopback ports, each
-    in its own directory under ``workdir`` (its nodes.conf, and its AOF when ``args`` turn it
-    on), every slot assigned by ``redis-cli --cluster create``, no replicas. ``args`` go to every
-    node."""
-
-    def __init__(self, workdir: Path, masters: int = 3, args: Sequence[str] = ()):
-        ports = [free_port() for _ in range(masters)]
-        self.nodes = [  # the bus port is a free port too: port + 10000 may pass 65535
-            RedisServer(workdir / f"node-{port}", port, ["--cluster-enabled", "yes",
-                        "--cluster-port", str(free_port()), *args])
-            for port in ports
-        ]  # fmt: skip
-
-    @property
-    def url(self) -> str:  # any node will do: the cluster client learns the rest from it
-        return self.nodes[0].url
-
-    def start(self) -> RedisClusterServers:
-        """Start every node and form the cluster; a failure stops the nodes it started."""
-        try:
-            for node in self.nodes:
-                node.workdir.mkdir(parents=True, exist_ok=True)
-                node.start()
-            exe = shutil.which("redis-cli")
-            assert exe, "redis-cli is not on PATH"
-            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-            subprocess.run(
-                [exe, "--cluster", "create", *addresses, "--cluster-replicas", "0",
-                 "--cluster-yes"],
-                check=True, capture_output=True, timeout=60,
-            )  # fmt: skip
-            self.wait_ok()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def wait_ok(self, timeout: float = 30) -> None:
-        """Until every node agrees the cluster serves every slot (bounded)."""
-        self.wait_state("ok", timeout)
-
-    def wait_state(self, state: str, timeout: float = 30) -> None:
-        """Until every running node reports ``cluster_state`` ``state`` (bounded)."""
-        deadline = time.monotonic() + timeout
-        for node in self.nodes:
-            if node.proc is None:
-                continue
-            with redis.Redis(port=node.port) as client:
-                while client.cluster("info")["cluster_state"] != state:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"cluster not {state} on port {node.port}")
-                    time.sleep(0.05)
-
-    def master_of(self, key: str) -> RedisServer:
-        """The node that serves ``key``'s slot (CLUSTER KEYSLOT, then CLUSTER SLOTS)."""
-        live = next(node for node in self.nodes if node.proc is not None)
-        with redis.Redis(port=live.port) as client:
-            slot = client.cluster("keyslot", key)
-            for first, last, (_, port, *_), *_ in client.cluster("slots"):  # master first
-                if first <= slot <= last:
-                    return next(node for node in self.nodes if node.port == port)
-        raise LookupError(f"no node serves slot {slot} of {key!r}")
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
 
 
 @pytest.fixture(scope="session")
@@ -196,11 +50,13 @@ def redis_server(request: pytest.FixtureRequest) -> RedisServer:
     return request.getfixturevalue("plain_redis")
 
 
-def redis_client(settings: Settings) -> redis.Redis | redis.RedisCluster:
-    """A client of the settings' Redis (a cluster client on a cluster), to look at keys."""
-    assert settings.redis_url is not None
-    client = redis.RedisCluster if settings.redis_cluster else redis.Redis
-    return client.from_url(settings.redis_url)
+@pytest.fixture
+def redis_url(backend: str, request: pytest.FixtureRequest) -> str | None:
+    """The URL of the Redis an app test on ``backend`` talks to; None on "memory", which starts
+    no redis-server (so a memory test neither needs one nor carries the ``redis`` marker)."""
+    if backend == "memory":
+        return None
+    return request.getfixturevalue("redis_server").url
 
 
 @pytest.fixture(scope="session")
@@ -224,26 +80,3 @@ def tiny_video_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = randomized(build(preset("digits-video-tiny")), seed=2)
     card = {"name": "tiny-video", "default_guidance": 2.0}
     return save_pretrained(model, tmp_path_factory.mktemp("models") / "tiny-video", card=card)
-
-
-def settings_for(backend: str, model_dir: Path, redis_url: str | None, **kw: object) -> Settings:
-    base: dict[str, object] = {"model": str(model_dir), "max_steps": 1000, "heartbeat_s": 0.2}
-    if "models" in kw:
-        base["model"] = None
-    base["claim_idle_s"] = 1.0
-    if backend in ("redis", "cluster"):
-        base |= {"redis_url": redis_url, "redis_prefix": f"t{uuid.uuid4().hex[:8]}"}
-        base["redis_cluster"] = backend == "cluster"
-        base.setdefault("run_worker", True)
-    return Settings(**(base | kw))
-
-
-@contextlib.asynccontextmanager
-async def running_app(
-    settings: Settings, clock: Callable[[], float] = time.time
-) -> AsyncIterator[httpx.AsyncClient]:
-    app = build_app(settings, clock)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
-            yield c

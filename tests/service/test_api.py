@@ -14,29 +14,29 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from model.networks.checkpoint import load_pretrained
 from model.sampling.pipeline import Pipeline
 from service.queue.keys import Keys
 from service.request import GenerateParams
-from tests.conftest import BATCH_TOL
-from tests.helpers import generate
-from tests.service.conftest import Clock, RedisServer, redis_client, running_app, settings_for
-
-pytestmark = pytest.mark.anyio
+from tests.helpers import BATCH_TOL, generate
+from tests.service.helpers import (
+    Clock,
+    parse_metrics,
+    pixels,
+    redis_client,
+    running_app,
+    sample,
+    settings_for,
+)
 
 
 @pytest.fixture
-def make_settings(backend: str, tiny_model_dir: Path, redis_server: RedisServer):
+def make_settings(backend: str, tiny_model_dir: Path, redis_url: str | None):
     def make(**kw: object):
-        return settings_for(backend, tiny_model_dir, redis_server.url, **kw)
+        return settings_for(backend, tiny_model_dir, redis_url, **kw)
 
     return make
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
 
 
 async def events_of(client: httpx.AsyncClient, job_id: str) -> list[dict]:
@@ -288,19 +288,6 @@ SERIES = [  # (name, labels beside model): every series carries the model
     ("skipdit_inflight_requests", {}),
     ("skipdit_queue_depth", {}),
 ]
-
-
-def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
-    """Prometheus text -> {(name, labels): value}."""
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def sample(values: dict, name: str, **labels: str) -> float | None:
-    return values.get((name, frozenset(labels.items())))
 
 
 async def test_concurrent_mixed_requests_batch_and_match_solo_runs(

@@ -15,11 +15,8 @@ from model import registry
 from model.cache import Mode
 from model.networks.checkpoint import save_pretrained
 from service.request import GenerateParams
-from tests.conftest import tiny
-from tests.helpers import generate
-from tests.service.conftest import RedisServer, running_app, settings_for
-
-pytestmark = pytest.mark.anyio
+from tests.helpers import generate, tiny
+from tests.service.helpers import running_app, settings_for
 
 # A constant rescaled change of 0.3 a step: at threshold 0.5 TeaCache skips every other step,
 # whatever the inputs do (the identity default would decide by the inputs' change).
@@ -44,10 +41,10 @@ def pixels(data: str) -> np.ndarray:
     ],
 )
 async def test_generate_runs_the_policy_with_the_cards_calibration(
-    backend: str, calibrated_dir: Path, redis_server: RedisServer, body: dict
+    backend: str, calibrated_dir: Path, redis_url: str | None, body: dict
 ) -> None:
     body = {"class_label": 2, "steps": 10, "seed": 3, "num_images": 2, **body}
-    settings = settings_for(backend, calibrated_dir, redis_server.url)
+    settings = settings_for(backend, calibrated_dir, redis_url)
     async with running_app(settings) as client:
         response = await client.post("/generate", json=body)
     assert response.status_code == 200, response.text

@@ -17,11 +17,8 @@ from model import registry
 from model.networks.checkpoint import save_pretrained
 from model.networks.dydit import DyDiT
 from service.request import GenerateParams
-from tests.conftest import tiny
-from tests.helpers import generate
-from tests.service.conftest import RedisServer, running_app, settings_for
-
-pytestmark = pytest.mark.anyio
+from tests.helpers import generate, tiny
+from tests.service.helpers import running_app, settings_for
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +43,9 @@ def pixels(data: str) -> np.ndarray:
 
 
 async def test_a_dydit_model_serves_routed_and_static_requests(
-    backend: str, dydit_dir: Path, redis_server: RedisServer
+    backend: str, dydit_dir: Path, redis_url: str | None
 ) -> None:
-    settings = settings_for(backend, dydit_dir, redis_server.url)
+    settings = settings_for(backend, dydit_dir, redis_url)
     bodies = [
         {"class_label": 2, "steps": 8, "seed": 3, "cache_interval": 2},
         {"class_label": 2, "steps": 8, "seed": 3, "cache_interval": 2, "dynamic": False},

@@ -13,8 +13,6 @@ from service import errors
 from service.api.errors import STATUS, install
 from service.metrics import Metrics
 
-pytestmark = pytest.mark.anyio
-
 RAISED = {
     "field": FieldError("steps", "must be in [1, 250], got 999"),
     "not_found": errors.JobNotFound("abc"),

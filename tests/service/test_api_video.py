@@ -19,11 +19,14 @@ from PIL import Image, ImageSequence
 
 from service.request import GenerateParams
 from tests.helpers import generate
-from tests.service.conftest import RedisServer, running_app, settings_for
-from tests.service.test_api import parse_metrics, sample
-from tests.service.test_multi_model import assert_solo, pipeline_of
-
-pytestmark = pytest.mark.anyio
+from tests.service.helpers import (
+    assert_solo,
+    parse_metrics,
+    pipeline_of,
+    running_app,
+    sample,
+    settings_for,
+)
 
 FRAMES, SIDE = 4, 8  # digits-video-tiny: 4 frames of 8x8 grey
 
@@ -61,13 +64,13 @@ async def wait_video(client: httpx.AsyncClient, video_id: str, check: Any) -> di
 
 
 async def test_generate_mp4_decodes_to_the_pipelines_frames(
-    backend: str, both: list[str], redis_server: RedisServer
+    backend: str, both: list[str], redis_url: str | None
 ) -> None:
     """The served MP4s, decoded, are the pipeline's own frames within H.264's loss (crf 18,
     yuv420p); a second sample of the seed is another clip."""
     video = both[0]
     body = {"class_label": 4, "steps": 6, "seed": 3, "cache_interval": 2, "num_images": 2}
-    settings = settings_for(backend, Path(video), redis_server.url, models=both)
+    settings = settings_for(backend, Path(video), redis_url, models=both)
     async with running_app(settings) as client:
         response = await client.post("/generate", json=body | {"output_format": "mp4"})
         assert response.status_code == 200, response.text
@@ -111,14 +114,14 @@ async def test_lossless_webp_frames_are_the_pipelines_and_gif_holds_every_frame(
 
 
 async def test_image_and_video_requests_interleaved_each_batch_with_their_own_kind(
-    backend: str, both: list[str], redis_server: RedisServer
+    backend: str, both: list[str], redis_url: str | None
 ) -> None:
     video, image = both
     bodies = []
     for i in range(8):
         body = {"class_label": i, "steps": 6, "seed": 20 + i, "cache_interval": 1 + i % 3}
         bodies.append(body | {"model": video if i % 2 else image})
-    settings = settings_for(backend, Path(video), redis_server.url, models=both)
+    settings = settings_for(backend, Path(video), redis_url, models=both)
     async with running_app(settings) as client:
         responses = await asyncio.gather(*(client.post("/generate", json=x) for x in bodies))
         metrics = parse_metrics((await client.get("/metrics")).text)
@@ -181,11 +184,9 @@ async def test_fields_that_do_not_fit_the_models_kind_are_422s_naming_them(
     assert "fixed length" in fixed.json()["error"]["message"]  # why the count is the model's
 
 
-async def test_v1_videos_lifecycle(
-    backend: str, both: list[str], redis_server: RedisServer
-) -> None:
+async def test_v1_videos_lifecycle(backend: str, both: list[str], redis_url: str | None) -> None:
     video, image = both
-    settings = settings_for(backend, Path(video), redis_server.url, models=both, max_inflight=1)
+    settings = settings_for(backend, Path(video), redis_url, models=both, max_inflight=1)
     async with running_app(settings) as client:
         slow = {"prompt": "7", "steps": 1000}
         running = (await client.post("/v1/videos", json=slow)).json()

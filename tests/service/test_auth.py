@@ -13,9 +13,7 @@ import pytest
 from service.api.auth import KeyRing
 from service.errors import RateLimited
 from service.settings import Settings
-from tests.service.conftest import RedisServer, running_app, settings_for
-
-pytestmark = pytest.mark.anyio
+from tests.service.helpers import running_app, settings_for
 
 KEY_A = "key-a-0123456789abcdef"
 KEY_B = "key-b-fedcba9876543210"
@@ -25,10 +23,10 @@ SLOW = {"class_label": 3, "steps": 400, "async": True}  # long enough to still b
 
 
 @pytest.fixture
-def make_settings(backend: str, tiny_model_dir: Path, redis_server: RedisServer):
+def make_settings(backend: str, tiny_model_dir: Path, redis_url: str | None):
     def make(**kw: object) -> Settings:
         kw.setdefault("api_keys", f"{KEY_A},{KEY_B}")
-        return settings_for(backend, tiny_model_dir, redis_server.url, **kw)
+        return settings_for(backend, tiny_model_dir, redis_url, **kw)
 
     return make
 

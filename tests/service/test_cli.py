@@ -13,7 +13,7 @@ from PIL import Image
 
 from model.networks.checkpoint import save_pretrained
 from service.cli import main
-from tests.conftest import tiny
+from tests.helpers import tiny
 
 CLI = [sys.executable, "-m", "service.cli"]
 
@@ -27,6 +27,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_pretrained(tiny(), tmp_path_factory.mktemp("models") / "tiny", card={"name": "t"})
 
 
+@pytest.mark.slow
 def test_generate_writes_a_png_grid_and_prints_stats(model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "grid.png"
     proc = run(
@@ -37,10 +38,11 @@ def test_generate_writes_a_png_grid_and_prints_stats(model_dir: Path, tmp_path: 
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     assert stats["steps_full"] + stats["steps_cached"] == 6 and stats["steps_cached"] == 3
     assert stats["random_weights"] is False
-    image = Image.open(out)
-    assert image.format == "PNG" and image.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
 
 
+@pytest.mark.slow
 def test_generate_runs_the_shipped_dydit_routed_or_static(tmp_path: Path) -> None:
     for flag in ("--dynamic", "--no-dynamic"):
         out = tmp_path / f"{flag}.png"
@@ -49,6 +51,7 @@ def test_generate_runs_the_shipped_dydit_routed_or_static(tmp_path: Path) -> Non
     assert (tmp_path / "--dynamic.png").read_bytes() != (tmp_path / "--no-dynamic.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_same_seed_writes_the_same_png(model_dir: Path, tmp_path: Path) -> None:
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path in paths:
@@ -57,6 +60,7 @@ def test_same_seed_writes_the_same_png(model_dir: Path, tmp_path: Path) -> None:
     assert paths[0].read_bytes() == paths[1].read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("out", "size"), [("v.gif", (22, 12)), ("v.png", (42, 22))])
 def test_generate_on_a_video_model_writes_an_animation_or_a_grid_of_frames(
     tmp_path: Path, out: str, size: tuple[int, int]
@@ -68,10 +72,12 @@ def test_generate_on_a_video_model_writes_an_animation_or_a_grid_of_frames(
         "--num-frames", "4", "--out", str(tmp_path / out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    image = Image.open(tmp_path / out)
-    assert image.size == size and getattr(image, "n_frames", 1) == (4 if out.endswith("gif") else 1)
+    with Image.open(tmp_path / out) as image:
+        frames = getattr(image, "n_frames", 1)
+        assert image.size == size and frames == (4 if out.endswith("gif") else 1)
 
 
+@pytest.mark.slow
 def test_console_script_says_when_weights_are_random(tmp_path: Path) -> None:
     exe = shutil.which("skipdit")
     assert exe is not None, "the skipdit console script is not installed"
@@ -124,6 +130,7 @@ def test_invalid_input_exits_nonzero_with_one_line_naming_the_field(
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_invalid_input_from_a_real_process_on_the_default_model(tmp_path: Path) -> None:
     proc = run("generate", "--class-label", "12", "--out", str(tmp_path / "x.png"))
     assert proc.returncode == 2
@@ -151,6 +158,7 @@ def run_without_train_extra(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
@@ -171,6 +179,7 @@ def test_train_extra_commands_name_the_extra_without_a_traceback(
     assert not (tmp_path / "out").exists() or args[0] == "train"
 
 
+@pytest.mark.slow
 def test_generate_and_help_work_without_the_train_extra(tmp_path: Path) -> None:
     proc = run_without_train_extra(
         "generate",
@@ -182,7 +191,8 @@ def test_generate_and_help_work_without_the_train_extra(tmp_path: Path) -> None:
         str(tmp_path / "g.png"),
     )
     assert proc.returncode == 0, proc.stderr
-    assert Image.open(tmp_path / "g.png").format == "PNG"
+    with Image.open(tmp_path / "g.png") as image:
+        assert image.format == "PNG"
     for command in ("train", "train-classifier", "bench"):
         proc = run_without_train_extra(command, "--help")
         assert proc.returncode == 0 and "--out" in proc.stdout, proc.stderr

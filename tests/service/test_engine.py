@@ -7,9 +7,8 @@ import torch
 from model.sampling.pipeline import Pipeline
 from service.engine import Engine, EngineEvent, EngineRequest, EventKind
 from service.request import GenerateParams
-from tests.conftest import BATCH_TOL
-from tests.helpers import generate, plan_of
-from tests.service.conftest import Clock
+from tests.helpers import BATCH_TOL, generate, plan_of
+from tests.service.helpers import Clock
 
 TOKENS = 16  # digits-tiny: 8x8 pixels, patch 2
 

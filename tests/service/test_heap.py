@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.api import build_app
-from tests.service.conftest import settings_for
-
-pytestmark = pytest.mark.anyio
+from tests.service.helpers import settings_for
 
 
 def scanned(obj: object) -> bool:

@@ -9,18 +9,10 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import uvicorn
 
 from service.api import build_app
-from tests.service.conftest import free_port, running_app, settings_for
-
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+from tests.service.helpers import free_port, running_app, settings_for
 
 
 async def test_a_body_over_the_limit_gets_413_before_parsing(tiny_model_dir: Path) -> None:

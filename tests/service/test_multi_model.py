@@ -4,31 +4,33 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
-from model.networks.checkpoint import load_pretrained
 from model.sampling.pipeline import Pipeline
 from service.engine import Engine
 from service.messages import JobRequest, JobStatus
 from service.metrics import Metrics
 from service.queue.memory import MemoryBackend
-from service.request import GenerateParams
 from service.worker import Worker, WorkerConfig
-from tests.helpers import generate, job_record
-from tests.service.conftest import Clock, RedisServer, running_app, settings_for
-from tests.service.test_api import parse_metrics, sample
-from tests.service.test_redis_workers import Workers, api_settings, wait_for
-
-pytestmark = pytest.mark.anyio
+from tests.helpers import job_record
+from tests.service.helpers import (
+    Clock,
+    RedisServer,
+    Workers,
+    api_settings,
+    assert_solo,
+    parse_metrics,
+    pipeline_of,
+    running_app,
+    sample,
+    settings_for,
+    until_ready,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -37,25 +39,8 @@ def two(tiny_model_dir: Path, tiny_dit_model_dir: Path) -> list[str]:
     return [str(tiny_model_dir), str(tiny_dit_model_dir)]
 
 
-def pipeline_of(model_dir: str) -> Pipeline:
-    model, card = load_pretrained(model_dir)
-    return Pipeline(model, default_guidance=card["default_guidance"])
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
-
-
-def assert_solo(pipeline: Pipeline, body: dict, encoded: str) -> None:
-    """The served image is the request run alone on ``pipeline`` (within 1/255)."""
-    params = GenerateParams(**{k: v for k, v in body.items() if k != "model"})
-    (solo,) = generate(pipeline, [params])
-    expected = solo.images[0, ..., 0].numpy().astype(np.int16)
-    assert np.abs(pixels(base64.b64decode(encoded)) - expected).max() <= 1
-
-
 async def test_interleaved_requests_route_by_model_and_match_their_solo_runs(
-    backend: str, two: list[str], redis_server: RedisServer
+    backend: str, two: list[str], redis_url: str | None
 ) -> None:
     a, b = two
     bodies = []
@@ -65,7 +50,7 @@ async def test_interleaved_requests_route_by_model_and_match_their_solo_runs(
             bodies.append(body | {"model": b})  # vanilla DiT: no long skips to cache with
         else:
             bodies.append(body | {"cache_interval": 1 + i % 3} | ({"model": a} if i % 4 else {}))
-    settings = settings_for(backend, Path(a), redis_server.url, models=two)
+    settings = settings_for(backend, Path(a), redis_url, models=two)
     async with running_app(settings) as client:
         responses = await asyncio.gather(*(client.post("/generate", json=x) for x in bodies))
         metrics = parse_metrics((await client.get("/metrics")).text)
@@ -89,10 +74,10 @@ async def test_interleaved_requests_route_by_model_and_match_their_solo_runs(
 
 
 async def test_unknown_model_models_list_readiness_and_openai_route(
-    backend: str, two: list[str], tiny_model_dir: Path, redis_server: RedisServer
+    backend: str, two: list[str], tiny_model_dir: Path, redis_url: str | None
 ) -> None:
     a, b = two
-    settings = settings_for(backend, tiny_model_dir, redis_server.url, models=two)
+    settings = settings_for(backend, tiny_model_dir, redis_url, models=two)
     async with running_app(settings) as client:
         unknown = await client.post("/generate", json={"model": "nope", "steps": 2})
         unknown_openai = await client.post(
@@ -116,19 +101,6 @@ async def test_unknown_model_models_list_readiness_and_openai_route(
     assert ready["model"] == a and set(ready["models"]) == set(two)
     assert openai.status_code == 200, openai.text
     assert_solo(pipeline_of(b), {"class_label": 3}, openai.json()["data"][0]["b64_json"])
-
-
-async def until_ready(
-    client: httpx.AsyncClient, check: Callable[[dict], bool], timeout: float = 30
-) -> dict:
-    """/readyz once ``check`` holds (workers advertise their models with their heartbeat)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            ready = await client.get("/readyz")
-            assert ready.status_code == 200, ready.text
-            if check(ready.json()):
-                return ready.json()
-            await asyncio.sleep(0.05)
 
 
 async def test_the_worker_steps_its_engines_in_turn(tiny_pipeline: Pipeline) -> None:
@@ -162,6 +134,7 @@ async def test_the_worker_steps_its_engines_in_turn(tiny_pipeline: Pipeline) -> 
     assert stepped == ["a", "b"] * 3 + ["a"] * 3  # b is done after 3 steps; a runs on alone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["redis", "cluster"])
 async def test_a_redis_worker_takes_only_the_models_it_holds(
     backend: str, redis_server: RedisServer, two: list[str], tiny_model_dir: Path

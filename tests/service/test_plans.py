@@ -17,9 +17,7 @@ from model.cache import POLICIES, CachePolicy
 from model.errors import FieldError
 from service.request import FIELDS, GenerateParams, resolve
 from service.settings import Settings
-from tests.service.conftest import RedisServer, running_app, settings_for
-
-pytestmark = pytest.mark.anyio
+from tests.service.helpers import RedisServer, running_app, settings_for
 
 SHIPPED = ["digits-skip-dit", "digits-dit", "digits-skip-dydit", "digits-video-skip"]
 
@@ -39,9 +37,9 @@ def expected_cached(config: dict, steps: int) -> int:
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_a_request_naming_no_cache_field_runs_the_default_models_shows(
-    backend: str, redis_server: RedisServer
+    backend: str, redis_url: str | None
 ) -> None:
-    settings = settings_for(backend, Path(), redis_server.url, models=SHIPPED[:2])
+    settings = settings_for(backend, Path(), redis_url, models=SHIPPED[:2])
     async with running_app(settings) as client:
         models = {m["id"]: m for m in (await client.get("/models")).json()["data"]}
         ran = {}
@@ -76,9 +74,9 @@ async def test_a_request_naming_no_cache_field_runs_the_default_models_shows(
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_cache_interval_1_is_no_cache_bit_for_bit(
-    backend: str, redis_server: RedisServer
+    backend: str, redis_url: str | None
 ) -> None:
-    settings = settings_for(backend, Path(), redis_server.url, model="digits-skip-dit")
+    settings = settings_for(backend, Path(), redis_url, model="digits-skip-dit")
     body = {"class_label": 5, "steps": 12, "seed": 4, "num_images": 2}
     async with running_app(settings) as client:
         one = (await client.post("/generate", json=body | {"cache_interval": 1})).json()
@@ -91,7 +89,7 @@ async def test_cache_interval_1_is_no_cache_bit_for_bit(
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_one_request_is_resolved_and_checked_once_end_to_end(
-    backend: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    backend: str, redis_url: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """API, queue, worker, engine and pipeline: one policy configuration, one check of its
     config, for one request (the worker runs the stored plan as it is)."""
@@ -111,7 +109,7 @@ async def test_one_request_is_resolved_and_checked_once_end_to_end(
             return _check(config)
 
         monkeypatch.setattr(policy.config_cls, "check", counted_check)
-    settings = settings_for(backend, Path(), redis_server.url, model="digits-skip-dit")
+    settings = settings_for(backend, Path(), redis_url, model="digits-skip-dit")
     async with running_app(settings) as client:
         counts.clear()  # start-up is not the request's
         response = await client.post("/generate", json={"class_label": 2, "steps": 6})

@@ -10,9 +10,7 @@ from service.errors import QueueFull
 from service.messages import EventKind, JobRecord, JobStatus, StoredResult
 from service.queue.base import Delivery
 from service.queue.memory import MemoryBackend
-from tests.service.conftest import Clock
-
-pytestmark = pytest.mark.anyio
+from tests.service.helpers import Clock
 
 RESULT_TTL, JOB_TTL = 60.0, 600.0
 MODEL = "tiny"

@@ -12,25 +12,26 @@ from pathlib import Path
 
 import httpx
 import pytest
+import pytest_asyncio
 import redis
 from redis.cluster import key_slot
 
 from service.messages import JobRecord, JobStatus, StoredResult
 from service.queue.keys import Keys
 from service.queue.redis import RedisBackend
-from tests.service import test_redis_workers as on_plain_redis
-from tests.service.conftest import (
+from tests.service.helpers import (
     Clock,
+    Load,
     RedisClusterServers,
     RedisServer,
+    Workers,
+    a_killed_workers_job_is_finished_by_another_exactly_once,
+    api_settings,
     redis_client,
     running_app,
+    until_ready,
 )
-from tests.service.test_multi_model import until_ready
-from tests.service.test_redis_persistence import Load
-from tests.service.test_redis_workers import Workers, api_settings
 
-pytestmark = pytest.mark.anyio
 MODEL = "tiny"
 
 
@@ -49,7 +50,7 @@ def test_the_keys_of_a_job_share_a_slot_and_so_do_the_queues() -> None:
         Keys("a{b}")
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def backend(redis_cluster: RedisClusterServers) -> AsyncIterator[RedisBackend]:
     backend = RedisBackend(
         redis_cluster.url, max_queue=100, result_ttl=60, job_ttl=600, claim_idle=30,
@@ -106,13 +107,12 @@ def cluster_workers(redis_cluster: RedisClusterServers, tiny_model_dir: Path) ->
     w.stop_all()
 
 
+@pytest.mark.slow
 async def test_a_killed_workers_job_is_finished_by_another_exactly_once(
     cluster_workers: Workers,
 ) -> None:
     """The plain Redis test, against worker processes and an API on the cluster."""
-    await on_plain_redis.test_a_killed_workers_job_is_finished_by_another_exactly_once(
-        cluster_workers
-    )
+    await a_killed_workers_job_is_finished_by_another_exactly_once(cluster_workers)
 
 
 async def outage(
@@ -133,6 +133,8 @@ async def outage(
     return down
 
 
+@pytest.mark.cluster  # its own Redis Cluster
+@pytest.mark.slow
 async def test_the_queues_master_down_answers_503_and_back_loses_no_accepted_job(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:

@@ -20,64 +20,13 @@ import asyncio
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
 from service.queue.keys import Keys
-from tests.service.conftest import RedisServer, running_app, settings_for
+from tests.service.helpers import Load, RedisServer, running_app, settings_for
 
-pytestmark = pytest.mark.anyio
-TERMINAL = {"done", "failed", "cancelled", "expired"}
-
-
-class Load:
-    """Submits async jobs one after another until stopped; sorts the answers."""
-
-    def __init__(self, client: httpx.AsyncClient):
-        self.client = client
-        self.accepted: list[str] = []  # 202: ids, in order
-        self.refused = 0  # 503: Redis was down
-        self.stop = asyncio.Event()
-
-    async def run(self) -> None:
-        seed = 0
-        while not self.stop.is_set():
-            body = {"class_label": seed % 10, "steps": 20, "seed": seed, "async": True}
-            response = await self.client.post("/generate", json=body)
-            if response.status_code == 202:
-                self.accepted.append(response.json()["id"])
-            else:
-                assert response.status_code == 503, response.text
-                assert response.json()["error"]["code"] == "backend_unavailable"
-                self.refused += 1
-            seed += 1
-            await asyncio.sleep(0.02)  # a steady stream, not a flood
-
-    async def settle(self, submitting: asyncio.Task, timeout: float) -> tuple[list, list]:
-        """Stop submitting, wait until every accepted job's event stream has ended (it ends
-        with the job); each job's record and the status of its result."""
-        self.stop.set()
-        await submitting
-        async with asyncio.timeout(timeout):
-            for job_id in self.accepted:
-                assert (await self.client.get(f"/jobs/{job_id}/events")).status_code == 200
-        records = [(await self.client.get(f"/jobs/{i}")).json() for i in self.accepted]
-        results = [(await self.client.get(f"/jobs/{i}/result")).status_code for i in self.accepted]
-        return records, results
-
-    def terminal_events(self, r: redis.Redis, keys: Keys) -> list[list[str]]:
-        """Each accepted job's terminal events, read from its event stream."""
-        return [
-            [t for _, f in r.xrange(keys.events(i)) if (t := json.loads(f[b"e"])["type"])
-             in TERMINAL]
-            for i in self.accepted
-        ]  # fmt: skip
-
-    async def until(self, check, timeout: float = 60) -> None:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.02)
+pytestmark = pytest.mark.redis  # its own redis-server, killed and started again
 
 
 async def test_a_redis_crash_mid_load_loses_no_accepted_job_and_finishes_each_once(

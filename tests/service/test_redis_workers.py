@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import pytest_asyncio
 import redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -24,55 +24,20 @@ from service.errors import BackendUnavailable
 from service.messages import EventKind, JobRecord, JobStatus, StoredResult
 from service.queue.keys import Keys
 from service.queue.redis import RedisBackend
-from tests.service.conftest import (
+from tests.service.helpers import (
     Clock,
     RedisServer,
+    Workers,
+    a_killed_workers_job_is_finished_by_another_exactly_once,
+    api_settings,
     free_port,
     redis_client,
     running_app,
     settings_for,
+    wait_for,
 )
 
-pytestmark = pytest.mark.anyio
 MODEL = "tiny"  # the backend tests' model name (no model is loaded there)
-
-
-class Workers:
-    """Starts ``skipdit worker`` processes against one Redis prefix (``cluster``: ``url`` names a
-    node of a Redis Cluster)."""
-
-    def __init__(self, url: str, model_dir: Path, prefix: str, cluster: bool = False):
-        self.url, self.model_dir, self.prefix, self.cluster = url, model_dir, prefix, cluster
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, **env: str) -> subprocess.Popen:
-        """A worker named ``name``; ``env`` adds or overrides variables ("" unsets one)."""
-        environ = os.environ | {
-            "SKIPDIT_REDIS_URL": self.url,
-            "SKIPDIT_REDIS_PREFIX": self.prefix,
-            "SKIPDIT_REDIS_CLUSTER": str(self.cluster).lower(),
-            "SKIPDIT_MODEL": str(self.model_dir),
-            "SKIPDIT_WORKER_NAME": name,
-            "SKIPDIT_CLAIM_IDLE_S": "1.5",
-            "SKIPDIT_HEARTBEAT_S": "0.2",
-            "SKIPDIT_MAX_STEPS": "1000",
-            **env,
-        }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker"],
-            env={k: v for k, v in environ.items() if v != ""},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.procs[name] = proc
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture
@@ -82,27 +47,7 @@ def workers(redis_server: RedisServer, tiny_model_dir: Path) -> Iterator[Workers
     w.stop_all()
 
 
-def api_settings(workers: Workers, **kw: object):
-    return settings_for(
-        "cluster" if workers.cluster else "redis", workers.model_dir, workers.url,
-        redis_prefix=workers.prefix, run_worker=False, claim_idle_s=1.5, **kw,
-    )  # fmt: skip
-
-
-async def wait_for(client: httpx.AsyncClient, job_id: str, check, timeout: float = 60) -> dict:
-    async with asyncio.timeout(timeout):
-        while True:
-            record = (await client.get(f"/jobs/{job_id}")).json()
-            if check(record):
-                return record
-            await asyncio.sleep(0.05)
-
-
-def event_types(workers: Workers, job_id: str) -> list[str]:
-    entries = redis_client(api_settings(workers)).xrange(Keys(workers.prefix).events(job_id))
-    return [json.loads(fields[b"e"])["type"] for _, fields in entries]
-
-
+@pytest.mark.slow
 async def test_http_redis_worker_returns_the_same_bytes_as_skipdit_generate(
     workers: Workers, tmp_path: Path
 ) -> None:
@@ -124,23 +69,12 @@ async def test_http_redis_worker_returns_the_same_bytes_as_skipdit_generate(
     assert served == out.read_bytes()
 
 
+@pytest.mark.slow
 async def test_a_killed_workers_job_is_finished_by_another_exactly_once(workers: Workers) -> None:
-    workers.start("a")
-    async with running_app(api_settings(workers)) as client:
-        job_id = (await client.post("/generate", json={"steps": 1000, "async": True})).json()["id"]
-        running = await wait_for(client, job_id, lambda r: r["step"] >= 20)
-        assert running["worker"] == "a"
-        workers.procs["a"].send_signal(signal.SIGKILL)
-        workers.procs["a"].wait(10)
-        workers.start("b")
-        done = await wait_for(client, job_id, lambda r: r["status"] == "done", timeout=120)
-        result = await client.get(f"/jobs/{job_id}/result")
-    assert done["worker"] == "b" and result.status_code == 200
-    types = event_types(workers, job_id)
-    assert types.count("done") == 1 and types[-1] == "done"
-    assert types.count("started") == 2  # ran on a, then again from the start on b
+    await a_killed_workers_job_is_finished_by_another_exactly_once(workers)
 
 
+@pytest.mark.slow
 async def test_a_job_that_keeps_killing_workers_goes_to_the_dead_letter_stream(
     workers: Workers,
 ) -> None:
@@ -162,6 +96,7 @@ async def test_a_job_that_keeps_killing_workers_goes_to_the_dead_letter_stream(
     assert [fields[b"id"].decode() for _, fields in dead] == [job_id]
 
 
+@pytest.mark.slow
 async def test_sigterm_stops_intake_finishes_running_work_and_exits(workers: Workers) -> None:
     port = free_port()
     proc = workers.start(
@@ -186,6 +121,7 @@ async def test_sigterm_stops_intake_finishes_running_work_and_exits(workers: Wor
     assert "skipdit_inflight_requests" in metrics
 
 
+@pytest.mark.redis  # its own redis-server
 async def test_redis_down_gives_503_and_the_service_recovers(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -209,7 +145,7 @@ async def test_redis_down_gives_503_and_the_service_recovers(
     assert after.status_code == 200, after.text
 
 
-@pytest.fixture(params=["redis", "cluster"])
+@pytest_asyncio.fixture(params=["redis", "cluster"])
 async def backend(
     request: pytest.FixtureRequest, redis_server: RedisServer
 ) -> AsyncIterator[RedisBackend]:

@@ -39,6 +39,7 @@ def test_a_bad_device_names_the_setting() -> None:
         Settings(device="gpu-please")
 
 
+@pytest.mark.slow
 @NO_CUDA
 def test_serve_with_an_impossible_fast_path_exits_2_in_one_line() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -22,9 +22,7 @@ from service.queue.memory import MemoryBackend
 from service.request import GenerateParams
 from service.worker import Worker, WorkerConfig, burst
 from tests.helpers import job_record, plan_of
-from tests.service.conftest import Clock
-
-pytestmark = pytest.mark.anyio
+from tests.service.helpers import Clock
 
 MODEL = "tiny"
 
