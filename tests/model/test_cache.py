@@ -138,8 +138,8 @@ def test_adaptive_cached_forward_splits_rows_after_block_k(tiny_pipeline: Pipeli
     keys = policy.capture_blocks(configs[0], model.config)
     assert keys == (k, d - k)
     with torch.no_grad():
-        _, before = model(x0, t, y, capture=keys)
-        full, after = model(x1, t, y, capture=keys)
+        _, before = model.capturing(x0, t, y, keys)
+        full, after = model.capturing(x1, t, y, keys)
     states = [policy.new_state(), policy.new_state()]
     for state, config, rows in zip(states, configs, (slice(0, 2), slice(2, 3)), strict=True):
         policy.on_full(config, state, {key: v[rows] for key, v in before.items()})
@@ -187,7 +187,7 @@ def test_fbcache_decides_per_request_from_its_own_rows(tiny_pipeline: Pipeline) 
     x = torch.randn(2, 1, 8, 8, generator=g)
     t, y = torch.tensor([500, 500]), torch.tensor([1, 2])
     with torch.no_grad():
-        _, captured = model(x, t, y, capture=policy.capture_blocks(config, model.config))
+        _, captured = model.capturing(x, t, y, policy.capture_blocks(config, model.config))
     still, moved = policy.new_state(), policy.new_state()
     policy.on_full(config, still, {k: v[:1] for k, v in captured.items()})
     policy.on_full(config, moved, {k: v[1:] * 3 for k, v in captured.items()})  # far from now
@@ -211,7 +211,7 @@ def test_delta_dit_skips_the_rear_range_early_and_the_front_range_late(
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     t, y = torch.tensor([900, 100]), torch.tensor([3, 3])
     with torch.no_grad():
-        full, captured = model(x, t, y, capture=policy.capture_blocks(config, model.config))
+        full, captured = model.capturing(x, t, y, policy.capture_blocks(config, model.config))
     states = [policy.new_state(), policy.new_state()]
     for i, state in enumerate(states):
         policy.on_full(config, state, {k: v[i : i + 1] for k, v in captured.items()})

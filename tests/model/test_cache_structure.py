@@ -111,7 +111,7 @@ def _inputs(model: SkipDiT, t: int, seed: int) -> tuple[torch.Tensor, ...]:
 def _full(policy: str, model: SkipDiT, config: Any, state: Any, inputs) -> torch.Tensor:
     """A full step as the pipeline runs it: one forward capturing what the policy asks for."""
     p = POLICIES[policy]
-    out, captured = model(*inputs, capture=p.capture_blocks(config, model.config))
+    out, captured = model.capturing(*inputs, p.capture_blocks(config, model.config))
     p.on_full(config, state, captured)
     return out
 

@@ -93,7 +93,7 @@ def test_the_flop_model_equals_a_flop_count_of_each_row(long_skip: bool) -> None
     x, t, y = batch()
     model = flop_model(dy)
     with torch.no_grad():
-        _, captured = dy(x, t, y, capture=dy.usage_capture())
+        _, captured = dy.capturing(x, t, y, dy.usage_capture())
         ratios = model.ratio(dy.usage(captured))
         base = flops.count(lambda: dy.dense()(x[:1], t[:1], y[:1]))
         counted = [flops.count(lambda i=i: dy(x[i:i + 1], t[i:i + 1], y[i:i + 1])) / base

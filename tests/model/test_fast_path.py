@@ -78,8 +78,8 @@ def test_triton_kernels_give_the_torch_networks_full_and_cached_forwards() -> No
     y = torch.tensor([0, 3, 9, 10, 1])  # 10: the null class
     deep_key = plain.config.depth - 1
     with torch.no_grad():
-        want, want_captured = plain(x, t, y, capture={deep_key})
-        got, got_captured = fused(x, t, y, capture={deep_key})
+        want, want_captured = plain.capturing(x, t, y, {deep_key})
+        got, got_captured = fused.capturing(x, t, y, {deep_key})
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_captured[deep_key], want_captured[deep_key])
         deep = want_captured[deep_key]

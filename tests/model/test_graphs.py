@@ -87,7 +87,7 @@ def check_full(runner: BucketedForward, rows: int, tol: Tol) -> None:
     x, t, y, _ = _inputs(model, rows)
     keys = runner.capture_keys
     with torch.inference_mode():
-        want, want_deep = model(x, t, y, capture=keys)
+        want, want_deep = model.capturing(x, t, y, keys)
     out, deep = runner.full(x, t, y, keys)
     assert out.shape == want.shape and set(deep) == set(keys)
     torch.testing.assert_close(out, want, **tol)

@@ -43,7 +43,7 @@ def test_block_j_feeds_block_d_minus_1_minus_j_main_path_first() -> None:
         block.register_forward_hook(lambda m, a, out, k=k: outputs.__setitem__(k, out))
     for j, norm in enumerate(model.skip_norms):
         norm.register_forward_pre_hook(lambda m, a, j=j: fused_inputs.__setitem__(j, a[0]))
-    _, entering = model(*_inputs(model), capture=range(d))  # hidden entering each block
+    _, entering = model.capturing(*_inputs(model), range(d))  # hidden entering each block
     hidden = model.config.hidden_size
     for k in range(d // 2, d):
         cat = fused_inputs[k - d // 2]
@@ -82,7 +82,7 @@ def test_cached_forward_with_the_same_steps_deep_feature_equals_full(
     x, t, y = _inputs(model)
     d = model.config.depth
     with torch.no_grad():
-        full, captured = model(x, t, y, capture=[d - depth])
+        full, captured = model.capturing(x, t, y, [d - depth])
         cached = model.forward_cached(x, t, y, captured[d - depth], depth)
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
 

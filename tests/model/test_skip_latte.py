@@ -348,8 +348,8 @@ def test_triton_kernels_give_the_torch_networks_forwards() -> None:
     x, t, y = _inputs(plain)
     key = plain.config.units - 1
     with torch.no_grad():
-        want, captured = plain(x, t, y, capture={key})
-        got, got_captured = fused(x, t, y, capture={key})
+        want, captured = plain.capturing(x, t, y, {key})
+        got, got_captured = fused.capturing(x, t, y, {key})
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_captured[key], captured[key], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(
@@ -366,7 +366,7 @@ def test_padded_bucket_runner_serves_video(video: SkipLatte) -> None:
     x, t, y = _inputs(video)
     keys = runner.capture_keys
     with torch.no_grad():
-        want, captured = video(x, t, y, capture=keys)
+        want, captured = video.capturing(x, t, y, keys)
         got, got_captured = runner.full(x, t, y, keys)
         torch.testing.assert_close(got, want, **BATCH_TOL)
         for k in keys:

@@ -62,7 +62,7 @@ def test_the_rescaled_change_accumulates_until_the_threshold(tiny_pipeline: Pipe
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     t, y = torch.tensor([500, 500]), torch.tensor([1, 1])
     with torch.no_grad():
-        full, captured = model(x, t, y, capture=policy.capture_blocks(config, model.config))
+        full, captured = model.capturing(x, t, y, policy.capture_blocks(config, model.config))
     state = policy.new_state()
     policy.on_full(config, state, captured)
     ran = []
@@ -84,7 +84,7 @@ def test_decisions_are_per_request_and_computing_rows_run_as_one_batch(
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     t, y = torch.full((5,), 400), torch.tensor([1, 1, 2, 3, 3])
     with torch.no_grad():
-        full, captured = model(x, t, y, capture=policy.capture_blocks(policy.default_config(
+        full, captured = model.capturing(x, t, y, policy.capture_blocks(policy.default_config(
             model.config), model.config))  # fmt: skip
     states, configs = [], []
     for rows, threshold in ((slice(0, 2), 0.2), (slice(2, 3), 0.9), (slice(3, 5), 0.2)):
