@@ -185,15 +185,14 @@ class Limits:
 
 
 def limits(info: ModelInfo, settings: Settings | None = None) -> Limits:
-    """The limits of a served model under ``settings`` (None: the schema's bounds, no batch
-    budget: the CLI)."""
+    """The limits of a served model under ``settings``, within the schema's caps (None: the
+    schema's caps, no batch budget: the CLI)."""
     config = info.config
     fields = GenerateParams.model_fields
+    steps, images = _le(fields["steps"]), _le(fields["num_images"])  # the schema's caps
     return Limits(
-        max_steps=settings.max_steps if settings is not None else _le(fields["steps"]),
-        max_num_images=(
-            settings.max_num_images if settings is not None else _le(fields["num_images"])
-        ),
+        max_steps=min(steps, settings.max_steps) if settings is not None else steps,
+        max_num_images=min(images, settings.max_num_images) if settings is not None else images,
         num_frames=config.num_frames if info.kind == "video" else None,
         num_classes=config.num_classes,
         max_guidance=MAX_GUIDANCE if config.has_null_class else 1.0,

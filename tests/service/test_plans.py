@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler
 from model import registry
 from model.cache import POLICIES, CachePolicy
 from model.errors import FieldError
-from service.request import FIELDS, GenerateParams, resolve
+from service.request import FIELDS, GenerateParams, limits, resolve
 from service.settings import Settings
 from tests.service.helpers import RedisServer, running_app, settings_for
 
@@ -229,3 +229,13 @@ def test_a_deployment_default_overrides_the_card_and_is_checked_at_boot() -> Non
     ):
         with pytest.raises(ValueError, match=says):
             Settings(model="digits-skip-dit", cache_defaults=bad)
+
+
+def test_published_limits_stay_within_the_schemas_caps() -> None:
+    """A deployment cap above the schema's (steps <= 1000, num_images <= 16) publishes the
+    schema's: a client never sees a limit the server refuses."""
+    info = registry.describe("digits-skip-dit")
+    wide = Settings(model="digits-skip-dit", max_steps=5000, max_num_images=64)
+    published = limits(info, wide).published()
+    assert (published["steps"]["max"], published["num_images"]["max"]) == (1000, 16)
+    resolve(GenerateParams(steps=1000, num_images=16), info, wide)
