@@ -153,7 +153,7 @@ class Limits:
     num_frames: int | None  # a video model's fixed frame count; None: an image model
     num_classes: int
     max_guidance: float  # 1: no null class, guidance is off
-    default_guidance: float
+    default_guidance: float  # what a request leaving guidance unset runs (1: off)
     max_batch_tokens: int | None  # None: no budget (one process runs the request alone)
     tokens_per_image: int
 
@@ -167,7 +167,7 @@ class Limits:
 
     def published(self) -> dict[str, Any]:
         """The JSON ``GET /models`` shows: each request field's accepted range."""
-        guided = self.default_guidance > 1 and self.max_guidance > 1
+        guided = self.default_guidance > 1
         images = self.images_within_budget(guided)
         view: dict[str, Any] = {
             "steps": {"min": 1, "max": self.max_steps},
@@ -196,7 +196,7 @@ def limits(info: ModelInfo, settings: Settings | None = None) -> Limits:
         num_frames=config.num_frames if info.kind == "video" else None,
         num_classes=config.num_classes,
         max_guidance=MAX_GUIDANCE if config.has_null_class else 1.0,
-        default_guidance=info.default_guidance,
+        default_guidance=guidance_of(config, None, info.default_guidance),
         max_batch_tokens=settings.max_batch_tokens if settings is not None else None,
         tokens_per_image=config.num_tokens,
     )

@@ -63,6 +63,11 @@ class Cached(Protocol):
     def rows(self) -> int: ...
 
 
+def group_capture(jobs: Sequence[Cached], model: SkipDiT) -> set[Hashable]:
+    """The capture keys a FULL group's forward must hand back: every job's policy's."""
+    return {k for job in jobs for k in job.cache.capture_blocks(model.config)}
+
+
 class GroupForward(Protocol):
     """One step group's forward (``model.sampling.pipeline.forward_group`` is the eager one):
     x (rows, ...), t (rows,), y (rows,) hold the jobs' rows in order; returns the output and,
@@ -406,7 +411,6 @@ class RoutedForward:
         if model is not runner.model or not all(runner.serves(job.cache, mode) for job in jobs):
             return self.eager(model, jobs, full, x, t, y)
         if full:
-            capture = {k for job in jobs for k in job.cache.capture_blocks(model.config)}
-            return runner.full(x, t, y, capture)
+            return runner.full(x, t, y, group_capture(jobs, model))
         deep = torch.cat([job.cache.state.deep for job in jobs])  # (rows, T, D)
         return runner.cached(x, t, y, deep, jobs[0].cache.config.depth), {}

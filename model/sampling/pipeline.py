@@ -46,6 +46,7 @@ from model.sampling.graphs import (
     BucketedForward,
     Cached,
     GroupForward,
+    group_capture,
     resolve_mode,
 )
 from model.sampling.plan import RunPlan, plan
@@ -313,7 +314,7 @@ def forward_group(
     capture ({block: (rows, T, D)}). A captured-graph runner takes this signature.
     """
     if full:
-        capture = {k for job in jobs for k in job.cache.capture_blocks(model.config)}
+        capture = group_capture(jobs, model)
         return model.capturing(x, t, y, capture) if capture else (model(x, t, y), {})
     first = jobs[0].cache
     states = [job.cache.state for job in jobs]
