@@ -50,7 +50,7 @@ class CachePolicy(ABC, Generic[ConfigT, StateT]):
     config_cls: ClassVar[type]
     state_cls: ClassVar[type]  # per-request state with reset()
     # Pure rule (step, t, config, state) -> Mode; a staticmethod of the policy's module function.
-    decide_rule: ClassVar[staticmethod[[int, int, Any, Any], Mode]]
+    decide_rule: ClassVar[staticmethod[[int, float, Any, Any], Mode]]
     # Model kinds (``config.kind``: image, video) the policy runs on; ``cache.build`` refuses
     # the others with ``refusal``, the reason.
     kinds: ClassVar[frozenset[str]] = IMAGE_AND_VIDEO
@@ -91,8 +91,12 @@ class CachePolicy(ABC, Generic[ConfigT, StateT]):
     def new_state(self) -> StateT:
         return self.state_cls()
 
-    def decide(self, step: int, t: int, config: ConfigT, state: StateT) -> Mode:
-        """The mode of step ``step`` (0-based) at scheduler timestep ``t``."""
+    def decide(self, step: int, t: float, config: ConfigT, state: StateT) -> Mode:
+        """The mode of step ``step`` (0-based) at scheduler timestep ``t``.
+
+        Timestep windows (``t_start``, ``t_end``) are on the timestep scale the sampler feeds
+        the network, 1000 = pure noise, 0 = clean, for DDPM-family and flow alike (flow: sigma
+        * 1000, a float, not truncated)."""
         return type(self).decide_rule(step, t, config, state)
 
     def planned_modes(self, config: ConfigT, timesteps: Sequence[int]) -> list[Mode]:
@@ -171,7 +175,7 @@ class RequestCache:
         if self.state is None:
             self.state = self.policy.new_state()
 
-    def decide(self, step: int, t: int) -> Mode:
+    def decide(self, step: int, t: float) -> Mode:
         return self.policy.decide(step, t, self.config, self.state)
 
     def reset(self) -> None:

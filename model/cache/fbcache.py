@@ -50,7 +50,7 @@ class FBCacheState:
         self.last_mode = Mode.FULL
 
 
-def decide(step: int, t: int, config: FBCacheConfig, state: FBCacheState) -> Mode:
+def decide(step: int, t: float, config: FBCacheConfig, state: FBCacheState) -> Mode:
     """CACHED means 'may skip': the forward decides from block 0's output."""
     if state.first is None or config.threshold <= 0 or t <= config.t_end:
         return Mode.FULL

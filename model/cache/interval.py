@@ -50,7 +50,7 @@ class StoredState:
         self.stored = None
 
 
-def decide(step: int, t: int, config: IntervalConfig, state: StoredState) -> Mode:
+def decide(step: int, t: float, config: IntervalConfig, state: StoredState) -> Mode:
     """The rule of every policy that keeps a StoredState (FORA, Delta-DiT, ToCa)."""
     return interval_mode(step, t, config, cached=state.stored is not None)
 
@@ -70,7 +70,7 @@ class IntervalPolicy(CachePolicy[IntervalConfigT, StoredStateT]):
     """Base of the interval policies. Its defaults keep a StoredState; a policy whose state is
     shaped otherwise (Skip-Cache keeps a single tensor) overrides ``on_full``/``state_bytes``."""
 
-    decide_rule: ClassVar[staticmethod[[int, int, Any, Any], Mode]] = staticmethod(decide)
+    decide_rule: ClassVar[staticmethod[[int, float, Any, Any], Mode]] = staticmethod(decide)
 
     def planned_modes(self, config: IntervalConfigT, timesteps: Sequence[int]) -> list[Mode]:
         """Exact: step 0 is always full (0 % N == 0) and leaves the cache filled for good."""

@@ -24,7 +24,7 @@ class NoCacheState:
         pass
 
 
-def decide(step: int, t: int, config: NoCacheConfig, state: NoCacheState) -> Mode:
+def decide(step: int, t: float, config: NoCacheConfig, state: NoCacheState) -> Mode:
     return Mode.FULL
 
 

@@ -96,7 +96,7 @@ class SkipCacheState:
         self.refreshed = False
 
 
-def decide(step: int, t: int, config: SkipCacheConfig, state: SkipCacheState) -> Mode:
+def decide(step: int, t: float, config: SkipCacheConfig, state: SkipCacheState) -> Mode:
     """The paper's rule: full when step % N == 0, no deep feature yet, t >= t_start, t <= t_end."""
     return interval_mode(step, t, config, cached=state.deep is not None)
 

@@ -97,7 +97,7 @@ class TeaCacheState:
         self.last_mode = Mode.FULL
 
 
-def decide(step: int, t: int, config: TeaCacheConfig, state: TeaCacheState) -> Mode:
+def decide(step: int, t: float, config: TeaCacheConfig, state: TeaCacheState) -> Mode:
     """CACHED means 'may skip': the cached forward decides from block 0's modulated input."""
     if state.previous is None or config.threshold <= 0 or t <= config.t_end:
         return Mode.FULL

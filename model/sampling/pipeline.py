@@ -34,6 +34,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
     SchedulerMixin,
 )
 
@@ -59,8 +60,18 @@ DEFAULT_GUIDANCE = 1.5  # DiT's ImageNet default; a model card may choose its ow
 VAE_DECODE_ROWS = 16  # images (video frames) the VAE decodes at once: bounds its activations
 
 
-def make_scheduler(sampler: str, learn_sigma: bool, pixel_space: bool) -> SchedulerMixin:
-    """A fresh scheduler with DiT's training schedule (linear betas, 1000 steps, eps)."""
+def make_scheduler(
+    sampler: str, learn_sigma: bool, pixel_space: bool, *, shift: float = 1.0
+) -> SchedulerMixin:
+    """A fresh scheduler. ddim, ddpm, dpm++: DiT's training schedule (linear betas, 1000 steps,
+    eps). flow_euler: flow matching's Euler sampler (the network predicts the velocity;
+    timestep = sigma * 1000), its sigmas shifted by ``shift`` (a model card's; 1: none)."""
+    if sampler == "flow_euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    if shift != 1.0:
+        raise ValueError(
+            f"shift: only flow_euler shifts its timesteps, got {shift} for {sampler!r}"
+        )
     common = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
     if sampler == "ddim":
         return DDIMScheduler(**common, clip_sample=pixel_space)
@@ -217,8 +228,17 @@ class Job:
         return self.step >= self.total_steps
 
     @property
-    def timestep(self) -> int:
-        return int(self.scheduler.timesteps[self.step])
+    def flow(self) -> bool:
+        """Flow matching: float timesteps (sigma * 1000), no input scaling."""
+        return isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler)
+
+    @property
+    def timestep(self) -> float:
+        """This step's timestep as the network gets it: 1000 is pure noise, 0 clean. DDPM
+        family: an int (999 ... 0); flow: sigma * 1000 as it is (truncating it would move the
+        edges of the cache policies' windows)."""
+        t = self.scheduler.timesteps[self.step]
+        return float(t) if self.flow else int(t)
 
     @property
     def uses_guidance(self) -> bool:
@@ -235,12 +255,16 @@ class Job:
 
     def model_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = self.scheduler.timesteps[self.step]
-        x = self.scheduler.scale_model_input(self.latents, t)  # (n, C, H, W)
+        # flow matching feeds the sample unscaled, its float timestep as it is
+        x = self.latents if self.flow else self.scheduler.scale_model_input(self.latents, t)
         y = self.labels
         if self.uses_guidance:
             x = torch.cat([x, x])  # (2n, C, H, W): conditional rows, then unconditional
             y = torch.cat([y, torch.full_like(y, self.null_class)])
-        tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        if self.flow:
+            tt = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
+        else:
+            tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         return x, tt, y
 
     def guide(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,7 +510,8 @@ class Pipeline:
         scheduler.set_timesteps(plan.steps)
         generator = torch.Generator("cpu").manual_seed(plan.seed)
         shape = (plan.num_images, *config.sample_shape)  # (n, C, H, W) or (n, C, F, H, W)
-        noise = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+        sigma = getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching has none: unit noise
+        noise = torch.randn(shape, generator=generator) * sigma
         dtype = next(self.model.parameters()).dtype
         return Job(
             plan=plan,

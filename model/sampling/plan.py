@@ -17,7 +17,7 @@ from model import cache
 from model.errors import FieldError
 from model.networks.presets import Config
 
-Sampler = Literal["ddim", "ddpm", "dpm++"]
+Sampler = Literal["ddim", "ddpm", "dpm++", "flow_euler"]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ the same float ops on the same values as diffusers' (bitwise at fp32 where the o
 see tests/model/test_samplers.py). Tables live on the CPU; each step gathers one row per
 request and moves them to the device in one copy.
 
+Flow matching (Euler) takes the same path: its table holds the step's ``dt`` from the
+scheduler's own ``sigmas``, so any sigma schedule (shift, terminal stretch, Karras...) steps in
+one update.
+
 Noise (DDPM) is drawn from each request's OWN CPU generator with the shape and dtype diffusers
 would use, so a request's samples do not depend on its batch mates.
 
@@ -27,7 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SchedulerMixin,
+)
 
 
 @dataclass
@@ -41,13 +51,17 @@ class Member:
     rows: int  # its samples in the batch
 
 
-# ("ddim", clip) | ("ddpm", variance_type, clip) | ("dpm++",): the family first.
+# The family first: ("ddim", clip) | ("ddpm", variance_type, clip) | ("dpm++",) | ("flow_euler",)
 BatchKey = tuple[Any, ...]
 
 
 def batch_key(scheduler: SchedulerMixin) -> BatchKey | None:
     """Schedulers with equal keys step in one update; ``None``: step per request."""
     config = scheduler.config
+    if type(scheduler) is FlowMatchEulerDiscreteScheduler:
+        # The shift and the other sigma options only change the sigmas, which the table reads:
+        # one key for all. Stochastic sampling draws noise and is another update.
+        return None if config.stochastic_sampling else ("flow_euler",)
     if config.prediction_type != "epsilon" or config.thresholding:
         return None
     clip = config.clip_sample_range if config.get("clip_sample") else None
@@ -86,7 +100,12 @@ def coefficient_table(scheduler: SchedulerMixin) -> torch.Tensor:
         family = batch_key(scheduler)
         assert family is not None, "tables are of batched schedulers only"
         kind = family[0]
-        rows = {"ddim": _ddim_row, "ddpm": _ddpm_row, "dpm++": _dpm_row}[kind]
+        rows = {
+            "ddim": _ddim_row,
+            "ddpm": _ddpm_row,
+            "dpm++": _dpm_row,
+            "flow_euler": _flow_row,
+        }[kind]
         steps = range(len(scheduler.timesteps))
         table = _TABLES[key] = torch.stack([rows(scheduler, i) for i in steps])  # (S, k)
     return table
@@ -120,9 +139,10 @@ def step_batch(
 ) -> torch.Tensor:
     """One update for all members (equal ``batch_key``), rows in member order.
 
-    sample, eps: (R, C, H, W), R = sum of members' rows; variance: the learned-variance
-    channels (R, C, H, W) where the scheduler uses them. Returns the next sample (R, C, H, W)
-    and advances each member's scheduler state where it has one (DPM++ history).
+    sample, eps: (R, C, H, W), R = sum of members' rows; eps is the model's prediction (flow:
+    the velocity); variance: the learned-variance channels (R, C, H, W) where the scheduler
+    uses them. Returns the next sample (R, C, H, W) and advances each member's scheduler state
+    where it has one (DPM++ history, the flow step index).
     """
     key = batch_key(members[0].scheduler)
     assert key is not None, "members of a batched update have a batch key"
@@ -133,8 +153,10 @@ def step_batch(
         noise = _noise(members, eps)
         learned = variance if key[1] == "learned_range" else None
         new = ddpm_update(sample, eps, coef, noise, learned, clip=key[2])
-    else:
+    elif key[0] == "dpm++":
         new = _dpm_step(members, sample, eps, coef)
+    else:
+        new = _flow_step(members, sample, eps, coef)
     return new.to(sample.dtype)  # fp32 coefficients promote half-precision rows
 
 
@@ -354,3 +376,34 @@ def _dpm_step(
         s.lower_order_nums = min(s.lower_order_nums + 1, s.config.solver_order)
         s._step_index = m.index + 1  # as ``step`` leaves it: the per-request path can go on
     return out
+
+
+# ------------------------------------------------------------------------ flow matching (Euler)
+
+FLOW_DT = 0
+
+
+def _flow_row(s: FlowMatchEulerDiscreteScheduler, i: int) -> torch.Tensor:
+    """``FlowMatchEulerDiscreteScheduler.step`` (deterministic) at step i: its ``dt``, by its
+    own op on its own sigmas (the only scalar its update reads)."""
+    sigma = s.sigmas[i]
+    sigma_next = s.sigmas[i + 1]
+    dt = sigma_next - sigma
+    return torch.stack([dt])
+
+
+def flow_update(sample: torch.Tensor, velocity: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """Flow Euler: (R, C, H, W) sample and velocity, (R, 1) coefficients -> next sample, in
+    velocity's dtype. As diffusers: the sample upcast to fp32; dt, a 0-d tensor there, takes
+    the velocity's dtype in ``dt * velocity`` (bf16/fp16 products round there)."""
+    dt = _col(coef, FLOW_DT, sample).to(velocity.dtype)  # (R, 1, 1, 1)
+    return (sample.float() + dt * velocity).to(velocity.dtype)
+
+
+def _flow_step(
+    members: Sequence[Member], sample: torch.Tensor, velocity: torch.Tensor, coef: torch.Tensor
+) -> torch.Tensor:
+    """Flow Euler over all members; each scheduler's step index left as ``step`` leaves it."""
+    for m in members:
+        m.scheduler._step_index = m.index + 1  # the per-request path can go on
+    return flow_update(sample, velocity, coef)
