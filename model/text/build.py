@@ -1,0 +1,79 @@
+"""Builders of the small text encoder trained jointly with a text-to-image model: a word-level
+tokenizer learnt from the training captions and a T5 encoder sized for it. Tests build tiny ones.
+
+Both are plain ``transformers`` objects: ``save_pretrained`` writes directories that
+``TextEncoder.load`` reads back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.normalizers import Lowercase
+from tokenizers.pre_tokenizers import Whitespace
+from tokenizers.processors import TemplateProcessing
+from tokenizers.trainers import WordLevelTrainer
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
+# The trainer gives the special tokens the first ids, in this order: pad 0 and eos 1 are T5's.
+PAD_ID, EOS_ID = 0, 1
+
+
+def build_tokenizer(
+    corpus: Iterable[str], max_tokens: int, *, vocab_size: int = 30_000, bos: bool = False
+) -> PreTrainedTokenizerFast:
+    """A lower-casing, whitespace-split word-level tokenizer with the ``vocab_size`` most frequent
+    words of ``corpus`` (special tokens included); unknown words become ``<unk>``. Every prompt
+    ends with ``</s>`` (T5's layout) and, with ``bos``, starts with ``<s>`` (CLIP's: its pooled
+    output and causal attention expect both). ``max_tokens`` is the tokenizer's
+    ``model_max_length``."""
+    specials = [PAD, EOS, UNK, BOS] if bos else [PAD, EOS, UNK]
+    tokenizer = Tokenizer(WordLevel(unk_token=UNK))
+    tokenizer.normalizer = Lowercase()
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.train_from_iterator(
+        corpus, WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials)
+    )
+    template = f"{BOS} $A {EOS}" if bos else f"$A {EOS}"
+    tokenizer.post_processor = TemplateProcessing(
+        single=template,
+        special_tokens=[(t, specials.index(t)) for t in (BOS, EOS) if t in specials],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        unk_token=UNK,
+        eos_token=EOS,
+        **({"bos_token": BOS} if bos else {}),
+        model_max_length=max_tokens,
+    )
+
+
+def build_t5(
+    vocab_size: int,
+    d_model: int,
+    layers: int,
+    heads: int,
+    *,
+    d_kv: int | None = None,
+    d_ff: int | None = None,
+    dropout: float = 0.1,
+) -> T5EncoderModel:
+    """A randomly initialised T5 encoder (relative position buckets: no fixed length limit).
+    ``d_kv`` defaults to ``d_model // heads``, ``d_ff`` to ``4 * d_model``; ``dropout`` is T5's
+    own default. Its pad and eos ids are those ``build_tokenizer`` gives."""
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_kv if d_kv is not None else d_model // heads,
+        d_ff=d_ff if d_ff is not None else 4 * d_model,
+        num_layers=layers,
+        num_heads=heads,
+        dropout_rate=dropout,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+    )
+    return T5EncoderModel(config)
