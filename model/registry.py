@@ -33,7 +33,12 @@ from model.networks.checkpoint import (
 )
 from model.networks.presets import PRESETS, Config, build, preset
 from model.networks.skip_dit import SkipDiT
+from model.networks.text_dit import TextDiTConfig
 from model.sampling.pipeline import DEFAULT_GUIDANCE, Pipeline
+from model.sampling.plan import samplers_of
+from model.sampling.prompts import Prompting
+from model.text.cache import EmbeddingCache
+from model.text.encoder import TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,32 @@ class ModelInfo:
     @property
     def default_guidance(self) -> float:
         return float(self.card.get("default_guidance", DEFAULT_GUIDANCE))
+
+    @property
+    def conditioning(self) -> str:
+        """What a request conditions on: "class" (a class label) or "text" (a prompt)."""
+        return self.config.conditioning
+
+    @property
+    def max_tokens(self) -> int | None:
+        """Text models: the most prompt tokens the encoder reads (longer prompts are cut)."""
+        return self.config.max_tokens if isinstance(self.config, TextDiTConfig) else None
+
+    @property
+    def objective(self) -> str:
+        """What the network predicts: "eps" (noise; DDPM-family samplers) or "flow" (velocity;
+        flow_euler), from the card."""
+        return str(self.card.get("objective", "eps"))
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The samplers this model runs; the first is the default."""
+        return samplers_of(self.objective)
+
+    @property
+    def shift(self) -> float:
+        """flow_euler's timestep shift (the card's; 1: none)."""
+        return float(self.card.get("shift", 1.0))
 
     def label_from_prompt(self, prompt: str) -> int:
         """Class-conditional models take the class as the prompt: a card class name, or a
@@ -212,9 +243,12 @@ def load(
     dtype: torch.dtype = torch.float32,
     vae_path: str | Path | None = None,
     seed: int = 0,
+    embeddings: EmbeddingCache | None = None,
 ) -> LoadedModel:
     """Load a model by name or path. Unknown names raise FieldError('model', ...); a latent
-    model without ``vae_path`` raises FieldError('vae', ...) before any weights are read."""
+    model without ``vae_path`` raises FieldError('vae', ...) before any weights are read. A
+    text model loads its text encoder too; its prompt embeddings go to ``embeddings`` (a
+    worker's shared LRU; None: a cache of its own)."""
     info = describe(name_or_path)
     if info.latent and vae_path is None:
         raise FieldError(
@@ -222,7 +256,39 @@ def load(
             f"model {info.name!r} samples {info.config.in_channels}-channel latents: "
             "give the local directory of its AutoencoderKL",
         )
+    prompting = _prompting(info, device, embeddings) if info.conditioning == "text" else None
     network = _network(info, seed).to(device=device, dtype=dtype)
     vae = load_vae(vae_path).to(device=device, dtype=dtype) if vae_path is not None else None
-    pipeline = Pipeline(network, vae, info.default_guidance, info.cache_overrides)
+    pipeline = Pipeline(
+        network,
+        vae,
+        info.default_guidance,
+        info.cache_overrides,
+        prompting=prompting,
+        objective=info.objective,
+        shift=info.shift,
+    )
     return LoadedModel(info, pipeline)
+
+
+def _prompting(
+    info: ModelInfo, device: str | torch.device, embeddings: EmbeddingCache | None
+) -> Prompting:
+    """A text model's encoder and tokenizer, from the directories its card names (relative to
+    the model's directory), read from local files only."""
+    kind, where = _source(info.name)
+    missing = [key for key in ("text_encoder", "tokenizer") if key not in info.card]
+    if kind != "pretrained" or missing:
+        raise FieldError(
+            "model",
+            f"text model {info.name!r} needs a directory whose card names its text_encoder "
+            f"and tokenizer directories (missing: {missing or ['a model directory']})",
+        )
+    root = Path(where)
+    encoder = TextEncoder.load(
+        root / info.card["text_encoder"],
+        root / info.card["tokenizer"],
+        info.config.max_tokens if isinstance(info.config, TextDiTConfig) else 0,
+        device,
+    )
+    return Prompting(encoder, info.name, embeddings)

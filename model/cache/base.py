@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 import torch
 
 from model.errors import FieldError
+from model.networks.conditions import Condition
 from model.networks.skip_dit import DiTConfig, SkipDiT
 
 IMAGE_AND_VIDEO = frozenset({"image", "video"})
@@ -123,7 +124,7 @@ class CachePolicy(ABC, Generic[ConfigT, StateT]):
         model: SkipDiT,
         x: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor,
+        y: Condition,
         config: ConfigT,
         states: Sequence[StateT],
     ) -> torch.Tensor:
@@ -149,7 +150,7 @@ class CachedBatch:
 
     x: torch.Tensor  # (B, C, H, W); video (B, C, F, H, W)
     t: torch.Tensor  # (B,)
-    y: torch.Tensor  # (B,)
+    y: Condition  # (B,) labels, or a text model's text
     states: Sequence[Any]  # one per request
 
     def row_slices(self, rows: Iterable[int]) -> list[slice]:

@@ -1,8 +1,9 @@
 """Loading and saving weights, strictly.
 
 Formats read:
-- our own directory: ``config.json`` (the network's kind, ``image`` or ``video``, its config
-  and a model card; a file without ``kind`` is an image model) + ``model.safetensors``;
+- our own directory: ``config.json`` (the network's kind, ``image``, ``text-image`` or
+  ``video``, its config and a model card; a file without ``kind`` is an image model) +
+  ``model.safetensors``;
 - the official DiT release (``DiT-XL-2-256x256.pt``): a plain state dict;
 - the official Skip-DiT release (``DiT-XL-2-skip.pt``): ``{model, ema, opt, args}``; ``ema`` is
   used for inference;
@@ -23,10 +24,11 @@ import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from model.networks.presets import CONFIGS, PRESETS, Config, build
 from model.networks.skip_dit import DiTConfig, SkipDiT
@@ -40,11 +42,14 @@ OFFICIAL_GUIDED_CHANNELS = 3
 VAE_DOWNSCALE = 8  # sd-vae-ft-mse: image pixels per latent pixel, along each side
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
+
 class CheckpointError(ValueError):
     """A checkpoint does not fit the network; the message names the keys that differ."""
 
 
-def check_state_dict(model: SkipDiT, state: dict[str, torch.Tensor]) -> None:
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -64,7 +69,7 @@ def check_state_dict(model: SkipDiT, state: dict[str, torch.Tensor]) -> None:
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
 
 
-def load_state(model: SkipDiT, state: dict[str, torch.Tensor]) -> SkipDiT:
+def load_state(model: _M, state: dict[str, torch.Tensor]) -> _M:
     check_state_dict(model, state)
     model.load_state_dict(state, strict=True)
     return model
@@ -80,7 +85,7 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {
-        "kind": model.config.kind,
+        "kind": model.config.file_kind,
         "config": dataclasses.asdict(model.config),
         "card": card or {},
     }

@@ -30,6 +30,7 @@ from torch import nn
 
 from kernels import attention, dispatch, lsc_fusion
 from kernels.dispatch import Kernels, Resolved
+from model.networks.conditions import Condition
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -253,6 +254,8 @@ class DiTConfig:
     guided_channels: int | None = None
 
     kind: ClassVar[str] = "image"  # what a sample is: "image" here, "video" for Skip-Latte
+    file_kind: ClassVar[str] = "image"  # config.json's "kind": which config class reads it
+    conditioning: ClassVar[str] = "class"  # what a sample is conditioned on: "class" | "text"
     num_frames: ClassVar[int] = 1  # an image is one frame
 
     def __post_init__(self) -> None:
@@ -341,6 +344,22 @@ class SkipDiT(nn.Module):
             self.skip_linears = nn.ModuleList(SkipLinear(d) for _ in range(n))
 
     def _init_weights(self) -> None:
+        self.init_backbone()
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity
+        for modulation in [b.adaLN_modulation for b in self.dit_blocks] + [
+            self.final_layer.adaLN_modulation
+        ]:
+            last = cast(nn.Linear, modulation[-1])
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def init_backbone(self) -> None:
+        """DiT's initialisation of what every variant shares: xavier linears, zero biases, the
+        fixed position embedding, the patch embedding, the timestep MLP."""
+
         def basic(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -352,18 +371,8 @@ class SkipDiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(cast(torch.Tensor, self.x_embedder.proj.bias))
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         for i in (0, 2):
             nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[i]).weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity
-        for modulation in [b.adaLN_modulation for b in self.dit_blocks] + [
-            self.final_layer.adaLN_modulation
-        ]:
-            last = cast(nn.Linear, modulation[-1])
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
 
     @property
     def dit_blocks(self) -> list[DiTBlock]:
@@ -373,15 +382,16 @@ class SkipDiT(nn.Module):
     # -- pieces
 
     def embed(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+        self, x: torch.Tensor, t: torch.Tensor, y: Condition
     ) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D), strides of (B, D, T)
         if self.kernels.triton:  # the kernels read rows of D: make the stream row-major
             tokens = tokens.contiguous()  # (the torch path keeps its layout: same bits as ever)
         return tokens, self.condition(t, y)
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def condition(self, t: torch.Tensor, y: Condition) -> torch.Tensor:
         """adaLN's conditioning c: timestep plus label embedding, (B, D)."""
+        assert isinstance(y, torch.Tensor), "a class model's condition is its labels"
         return self.t_embedder(t) + self.y_embedder(y)
 
     def fuse(self, k: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -421,7 +431,10 @@ class SkipDiT(nn.Module):
 
     def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Final layer and unpatchify: (B, T, D) -> (B, C_out, H, W)."""
-        x = self.final_layer(x, c)  # (B, T, p*p*C_out)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, p*p*C_out) -> (B, C_out, H, W)."""
         p, ch = self.config.patch_size, self.config.out_channels
         g = self.config.input_size // p
         x = x.reshape(x.shape[0], g, g, p, p, ch)
@@ -464,7 +477,7 @@ class SkipDiT(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor,
+        y: Condition,
         branches: BranchOverride | None = None,
     ) -> torch.Tensor:
         """Full forward: (B, C_out, H, W) (video: (B, C_out, F, H, W))."""
@@ -474,7 +487,7 @@ class SkipDiT(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor,
+        y: Condition,
         capture: Iterable[Hashable],
         branches: BranchOverride | None = None,
     ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
@@ -495,7 +508,7 @@ class SkipDiT(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor,
+        y: Condition,
         deep: torch.Tensor,
         depth: int,
     ) -> torch.Tensor:

@@ -29,6 +29,7 @@ from typing import ClassVar, cast
 import torch
 from torch import nn
 
+from model.networks.conditions import Condition
 from model.networks.skip_dit import (
     Branch,
     BranchOverride,
@@ -74,6 +75,7 @@ class LatteConfig(DiTConfig):
     # guided_channels None: Latte's sampler guides all 4 eps channels.
 
     kind: ClassVar[str] = "video"
+    file_kind: ClassVar[str] = "video"
 
     def _checks(self) -> dict[str, bool]:
         # DyDiT's routers are built and trained for image blocks only.
@@ -134,7 +136,7 @@ class SkipLatte(SkipDiT):
     # -- pieces
 
     def embed(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+        self, x: torch.Tensor, t: torch.Tensor, y: Condition
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, F, H, W) -> tokens (B, F, T, D), conditioning c (B, D)."""
         b, ch, f, hh, ww = x.shape

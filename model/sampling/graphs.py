@@ -43,6 +43,7 @@ from typing import Any, Literal, Protocol, cast
 import torch
 
 from model.cache import Mode, RequestCache
+from model.networks.conditions import Condition
 from model.networks.skip_dit import SkipDiT
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class GroupForward(Protocol):
         full: bool,
         x: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor,
+        y: Condition,
     ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]: ...
 
 
@@ -405,10 +406,14 @@ class RoutedForward:
         full: bool,
         x: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor,
+        y: Condition,
     ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
         runner, mode = self.runner, Mode.FULL if full else Mode.CACHED
-        if model is not runner.model or not all(runner.serves(job.cache, mode) for job in jobs):
+        if (
+            model is not runner.model
+            or not isinstance(y, torch.Tensor)  # text: its length differs per batch
+            or not all(runner.serves(job.cache, mode) for job in jobs)
+        ):
             return self.eager(model, jobs, full, x, t, y)
         if full:
             return runner.full(x, t, y, group_capture(jobs, model))

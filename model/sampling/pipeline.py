@@ -40,8 +40,11 @@ from diffusers import (
 
 from model.cache import POLICIES, Mode, RequestCache
 from model.cache.skip_cache import default_depth
+from model.networks import conditions
+from model.networks.conditions import Condition, TextContext
 from model.networks.dydit import DyDiT
 from model.networks.skip_dit import SkipDiT
+from model.networks.text_dit import TextSkipDiT
 from model.sampling.graphs import (
     DEFAULT_BUCKETS,
     BucketedForward,
@@ -51,6 +54,7 @@ from model.sampling.graphs import (
     resolve_mode,
 )
 from model.sampling.plan import RunPlan, plan
+from model.sampling.prompts import Prompting, PromptReport, RequestText
 from model.sampling.samplers import Member, batch_key, coefficient_table, step_batch
 
 log = logging.getLogger(__name__)
@@ -207,6 +211,10 @@ class Job:
     # The network this job's forwards run on; None: the pipeline's. A DyDiT pipeline gives
     # ``dynamic: false`` requests its static twin (the same weights, no routing).
     network: SkipDiT | None = None
+    # A text model's: its rows' text (conditional rows, then unconditional), what its prompts
+    # became; None for class models.
+    text: TextContext | None = None
+    prompt_report: PromptReport | None = None
     step: int = 0
     stats: StepStats = field(default_factory=StepStats)
     cancelled: bool = False
@@ -253,14 +261,16 @@ class Job:
         """Stop at the next step boundary."""
         self.cancelled = True
 
-    def model_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def model_input(self) -> tuple[torch.Tensor, torch.Tensor, Condition]:
         t = self.scheduler.timesteps[self.step]
         # flow matching feeds the sample unscaled, its float timestep as it is
         x = self.latents if self.flow else self.scheduler.scale_model_input(self.latents, t)
-        y = self.labels
+        y: Condition = self.labels
         if self.uses_guidance:
             x = torch.cat([x, x])  # (2n, C, H, W): conditional rows, then unconditional
-            y = torch.cat([y, torch.full_like(y, self.null_class)])
+            y = torch.cat([self.labels, torch.full_like(self.labels, self.null_class)])
+        if self.text is not None:  # its rows' text, guidance's rows included
+            y = self.text
         if self.flow:
             tt = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
         else:
@@ -329,7 +339,7 @@ def forward_group(
     full: bool,
     x: torch.Tensor,
     t: torch.Tensor,
-    y: torch.Tensor,
+    y: Condition,
 ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
     """The eager forward of one group: every forward of a step goes through here.
 
@@ -375,7 +385,7 @@ def denoise_step(
         group = [jobs[i] for i in members]
         x = torch.cat([inputs[i][0] for i in members])  # (rows, C, H, W)
         t = torch.cat([inputs[i][1] for i in members])  # (rows,)
-        y = torch.cat([inputs[i][2] for i in members])  # (rows,)
+        y = conditions.cat([inputs[i][2] for i in members])  # (rows,): labels or text
         timer = ForwardTimer(device)
         out, captured = forward(network or model, group, key == FULL, x, t, y)  # (rows, C', ..)
         timer.stop()
@@ -432,6 +442,7 @@ class Result:
     images: torch.Tensor | None
     stats: StepStats
     seconds: float  # wall time from start to finish, decode included
+    prompt_report: PromptReport | None = None  # text models: tokens used, truncation
 
 
 @dataclass(frozen=True)
@@ -452,6 +463,9 @@ class Pipeline:
         vae: AutoencoderKL | None = None,
         default_guidance: float = DEFAULT_GUIDANCE,
         cache_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        prompting: Prompting | None = None,
+        objective: str = "eps",
+        shift: float = 1.0,
     ):
         self.model = model.eval()
         # A DyDiT's static twin (the same weights, no routing): ``dynamic: false`` requests.
@@ -463,6 +477,14 @@ class Pipeline:
         self.default_guidance = default_guidance
         self.cache_overrides = dict(cache_overrides or {})
         self.forward: GroupForward = forward_group  # a step group's forward, see use_fast_path
+        # A text model's prompt side (its encoder and embedding cache); None for class models.
+        self.prompting = prompting
+        if isinstance(model, TextSkipDiT) and prompting is None:
+            raise ValueError("a text model's pipeline needs its text encoder (prompting)")
+        # What the card says the network was trained for: "eps" (DDPM family samplers) or
+        # "flow" (flow_euler), and the flow sampler's timestep shift.
+        self.objective = objective
+        self.shift = shift
 
     def plan(self, **params: Any) -> RunPlan:
         """A checked plan for this model (``model.sampling.plan.plan``'s parameters) from the
@@ -471,6 +493,7 @@ class Pipeline:
             self.model.config,
             default_guidance=self.default_guidance,
             overrides=self.cache_overrides,
+            objective=self.objective,
             **params,
         )
 
@@ -486,6 +509,9 @@ class Pipeline:
         if self.static is not self.model:  # a DyDiT's twin: its own folded LSC weights
             self.static.use_kernels(kernels)
         mode = resolve_mode(graphs, self.device)
+        if self.prompting is not None and mode != "off":
+            log.info("captured steps are off for text models: their text differs per request")
+            mode = "off"
         self.forward, seconds = forward_group, 0.0
         if mode != "off":  # captures the static network; DyDiT's routed rows run eagerly
             depths = {default_depth(self.model.config)}
@@ -505,8 +531,21 @@ class Pipeline:
     def start(self, plan: RunPlan) -> Job:
         """The job of a plan made for this model (``plan.plan``; initial noise drawn). The plan
         was checked where it was made: nothing is checked here."""
+        return self.start_all([plan])[0]
+
+    def start_all(self, plans: Sequence[RunPlan]) -> list[Job]:
+        """``start`` of each plan; a text model encodes all their prompts in one batch."""
+        if self.prompting is None:
+            return [self._start(p, None) for p in plans]
+        model = self.model
+        assert isinstance(model, TextSkipDiT), "prompting is a text model's"
+        texts = self.prompting.texts(model, plans)
+        return [self._start(p, text) for p, text in zip(plans, texts, strict=True)]
+
+    def _start(self, plan: RunPlan, text: RequestText | None) -> Job:
         config = self.model.config
-        scheduler = make_scheduler(plan.sampler, config.learn_sigma, self.vae is None)
+        shift = self.shift if plan.sampler == "flow_euler" else 1.0
+        scheduler = make_scheduler(plan.sampler, config.learn_sigma, self.vae is None, shift=shift)
         scheduler.set_timesteps(plan.steps)
         generator = torch.Generator("cpu").manual_seed(plan.seed)
         shape = (plan.num_images, *config.sample_shape)  # (n, C, H, W) or (n, C, F, H, W)
@@ -524,6 +563,8 @@ class Pipeline:
             null_class=config.num_classes,
             guided_channels=config.guided_channels,
             network=self.static if config.dynamic and not plan.dynamic else None,
+            text=None if text is None else text.rows(plan.num_images, plan.uses_guidance),
+            prompt_report=None if text is None else text.report,
         )
 
     @torch.inference_mode()
@@ -554,7 +595,7 @@ class Pipeline:
         """Run all requests together to completion. ``progress(job, mode)`` is called after
         each step of each job; it may call ``job.cancel()`` to stop that job."""
         begin = time.perf_counter()
-        jobs = [self.start(p) for p in plans]
+        jobs = self.start_all(plans)
         results: dict[int, Result] = {}
         active = list(jobs)
         while active:
@@ -581,4 +622,5 @@ class Pipeline:
             images=images,
             stats=job.stats,
             seconds=elapsed + time.perf_counter() - start,
+            prompt_report=job.prompt_report,
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from model import cache
 from model.errors import FieldError
@@ -35,6 +35,8 @@ class RunPlan:
     policy: str  # cache policy name (``cache.POLICIES``)
     cache: Any  # that policy's config
     tokens_per_row: int  # the model's tokens per sample (frames x patches for video)
+    prompt: str | None = None  # text models: the prompt (class models: None)
+    negative_prompt: str | None = None  # replaces the empty prompt of guidance's other branch
 
     @property
     def uses_guidance(self) -> bool:
@@ -71,13 +73,47 @@ def guidance_of(model: Config, asked: float | None, default: float) -> float:
     return default if model.has_null_class else 1.0
 
 
+FLOW_SAMPLERS = ("flow_euler",)
+EPS_SAMPLERS = ("ddim", "ddpm", "dpm++")
+
+
+def samplers_of(objective: str) -> tuple[str, ...]:
+    """The samplers a model trained with ``objective`` (a card's: "eps" or "flow") runs; the
+    first is its default."""
+    return FLOW_SAMPLERS if objective == "flow" else EPS_SAMPLERS
+
+
+def _condition(
+    model: Config, class_label: int | None, prompt: str | None, negative_prompt: str | None
+) -> int:
+    """The class label a run carries (0 for text models), after the conditioning checks."""
+    if model.conditioning == "text":
+        if class_label is not None:
+            raise FieldError("class_label", "this model is text-conditional: give a prompt")
+        if prompt is None:
+            raise FieldError("prompt", "this model is text-conditional: give a prompt")
+        return 0
+    if prompt is not None or negative_prompt is not None:
+        field = "prompt" if prompt is not None else "negative_prompt"
+        raise FieldError(
+            field, f"this model is class-conditional: give class_label 0..{model.num_classes - 1}"
+        )
+    label = 0 if class_label is None else class_label
+    if not 0 <= label < model.num_classes:
+        raise FieldError("class_label", f"must be in [0, {model.num_classes - 1}], got {label}")
+    return label
+
+
 def plan(
     model: Config,
     *,
-    class_label: int = 0,
+    class_label: int | None = None,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
     num_images: int = 1,
     steps: int = 50,
-    sampler: Sampler = "ddim",
+    sampler: Sampler | None = None,
+    objective: str = "eps",
     seed: int = 0,
     guidance: float | None = None,
     default_guidance: float = 1.0,
@@ -86,15 +122,18 @@ def plan(
     params: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RunPlan:
-    """The checked plan of one run on ``model``: the model-dependent checks (class label range,
-    guidance needs a null class, routing needs a DyDiT) and the cache policy's config: its
-    defaults for the model, the card's ``overrides`` for the policy (TeaCache's calibration)
-    over them, ``params`` over both. ``guidance`` None: ``guidance_of``. Raises FieldError
-    naming the parameter."""
+    """The checked plan of one run on ``model``: the model-dependent checks (a class label in
+    range for class models, a prompt for text models; a sampler of the model's ``objective``,
+    its first by default; guidance needs a null class; routing needs a DyDiT) and the cache
+    policy's config: its defaults for the model, the card's ``overrides`` for the policy
+    (TeaCache's calibration) over them, ``params`` over both. ``guidance`` None:
+    ``guidance_of``. Raises FieldError naming the parameter."""
     guidance = guidance_of(model, guidance, default_guidance)
-    if not 0 <= class_label < model.num_classes:
+    label = _condition(model, class_label, prompt, negative_prompt)
+    allowed = samplers_of(objective)
+    if sampler is not None and sampler not in allowed:
         raise FieldError(
-            "class_label", f"must be in [0, {model.num_classes - 1}], got {class_label}"
+            "sampler", f"this model ({objective} objective) samples with one of {list(allowed)}"
         )
     if guidance > 1 and not model.has_null_class:
         raise FieldError("guidance", "this model has no null class: must be 1")
@@ -105,14 +144,16 @@ def plan(
     options = {**(overrides or {}).get(policy, {}), **(params or {})}
     config = cache.configure(policy, model.replace(dynamic=routed), **options)
     return RunPlan(
-        class_label=class_label,
+        class_label=label,
         num_images=num_images,
         steps=steps,
-        sampler=sampler,
+        sampler=sampler or cast(Sampler, allowed[0]),
         seed=seed,
         guidance=guidance,
         dynamic=routed,
         policy=policy,
         cache=config,
         tokens_per_row=model.num_tokens,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
     )

@@ -33,6 +33,7 @@ import torch
 
 from model import registry
 from model.networks.checkpoint import CONFIG_FILE
+from model.networks.conditions import Condition
 from model.networks.skip_dit import SkipDiT
 from model.sampling.graphs import Cached
 from model.sampling.pipeline import Pipeline, denoise_step
@@ -63,7 +64,7 @@ def trace(pipeline: Pipeline, requests: Sequence[RunPlan]) -> list[tuple[float, 
         full: bool,
         x: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor,
+        y: Condition,
     ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
         out, captured = model.capturing(x, t, y, {"modulated"})  # (rows, C_out, H, W), {(rows,..)}
         offset = 0

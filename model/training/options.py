@@ -21,11 +21,15 @@ class _Options(BaseModel):
 
 
 class TrainOptions(_Options):
-    """``skipdit train``: a class-conditional (Skip-)DiT on bundled digits, resumable."""
+    """``skipdit train``: a class-conditional (Skip-)DiT on bundled digits, or (a
+    ``digits-t2i*`` preset) a text-conditioned one with its text encoder on captioned scenes of
+    them; resumable."""
 
     out: Path = Field(..., description="Run directory (resumed when it holds a checkpoint).")
     preset: str = Field(
-        "digits-small", description="Network preset (digits-video-* trains a video model)."
+        "digits-small",
+        description="Network preset (digits-video-* trains a video model, digits-t2i* a "
+        "text-to-image model).",
     )
     vanilla: bool = Field(False, description="Train the DiT twin (no long skips).")
     init_from: str | None = Field(
@@ -56,6 +60,11 @@ class TrainOptions(_Options):
         gt=0,
         description="DyDiT: AdamW learning rate of the routers (a short fine-tune moves their "
         "biases from 'all on' only with a rate far above the network's).",
+    )
+    objective: Literal["eps", "flow"] = Field(
+        "eps",
+        description="eps: DDPM noise prediction (linear betas, 1000 steps); flow: rectified "
+        "flow (velocity noise - x0 at t ~ U(0, 1), sampled with flow_euler).",
     )
     data: DigitSource = Field("sklearn", description="Bundled digit set.")
     steps: int = Field(2000, ge=1, description="Optimizer steps in all (a resume continues).")

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from safetensors.torch import save_file
+from torch import nn
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
 
 from model import registry
 from model.errors import FieldError
@@ -36,7 +38,8 @@ from model.networks.dydit import DyDiT, FlopModel, flop_model, is_router
 from model.networks.presets import Config, build, preset
 from model.networks.skip_dit import SkipDiT
 from model.networks.skip_latte import SkipLatte, init_from_image
-from model.training import data
+from model.networks.text_dit import TextDiTConfig
+from model.training import data, scenes, t2i
 from model.training.options import TrainOptions
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ ARCHITECTURES = {
 }
 
 
-def _ema_update(ema: SkipDiT, model: SkipDiT, decay: float) -> None:
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
             if p.requires_grad:
@@ -66,18 +69,23 @@ def _atomic_save(obj: Any, path: Path) -> None:
 class _Run:
     """What a checkpoint holds: the weights, the optimizer and where the run stands."""
 
-    model: SkipDiT
-    ema: SkipDiT
+    model: SkipDiT | t2i.Trainee
+    ema: SkipDiT | t2i.Trainee
     opt: torch.optim.Optimizer
     step: int = 0
     seconds: float = 0.0  # training time so far, resumed runs included
     lr_history: list[list[float]] = field(default_factory=list)  # [step, lr] pairs
 
     @classmethod
-    def fresh(cls, config: Config, opts: TrainOptions) -> _Run:
+    def fresh(
+        cls, config: Config, opts: TrainOptions, tokenizer: PreTrainedTokenizerFast | None
+    ) -> _Run:
         torch.manual_seed(opts.seed)
-        model: SkipDiT
-        if opts.from_model is not None:  # DyDiT fine-tune: the base's weights, routers all on
+        model: SkipDiT | t2i.Trainee
+        if isinstance(config, TextDiTConfig):  # the network and its text encoder, jointly
+            assert tokenizer is not None
+            model = t2i.fresh(config, tokenizer).train()
+        elif opts.from_model is not None:  # DyDiT fine-tune: the base's weights, routers all on
             model = DyDiT.from_base(registry.load(opts.from_model).pipeline.model).train()
         else:
             model = build(config).train()
@@ -122,7 +130,7 @@ class _Run:
         _atomic_save(state, path)
 
 
-def _param_groups(model: SkipDiT, opts: TrainOptions) -> list[dict[str, Any]]:
+def _param_groups(model: nn.Module, opts: TrainOptions) -> list[dict[str, Any]]:
     """The network's parameters at ``lr``, then (a DyDiT's) its routers' at ``router_lr``."""
     named = list(model.named_parameters())
     groups = [
@@ -145,9 +153,44 @@ def _loss_log(path: Path, start: int, columns: list[str]) -> tuple[Any, Any]:
     return file, writer
 
 
+Source = data.Digits | t2i.Batches  # what batches are drawn from: digits, or captioned scenes
+
+
+def _batch(
+    config: Config, source: Source, n: int, g: torch.Generator
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """n training samples (n, ...) and their condition: (labels,), or (token ids, mask)."""
+    if isinstance(source, t2i.Batches):
+        return source.draw(n, g)
+    idx = torch.randint(0, len(source.labels), (n,), generator=g)
+    return _samples(config, source, idx, g), (source.labels[idx],)
+
+
+FLOW_TIMESTEPS = 1000  # a flow sample at sigma s is fed the timestep s * 1000, as diffusers'
+
+
+def _noised(
+    objective: str, schedule: DDPMScheduler, x0: torch.Tensor, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy samples, the timesteps fed to the network, the regression target).
+
+    eps: DDPM's ``add_noise`` at t ~ U{0..999}, target the noise. flow: rectified flow,
+    x_s = (1 - s) x0 + s noise at s ~ U[0, 1), target the velocity noise - x0 (what
+    ``FlowMatchEulerDiscreteScheduler.step`` integrates from s = 1 to 0)."""
+    n = x0.shape[0]
+    if objective == "flow":
+        s = torch.rand(n, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        sv = s.view(-1, *[1] * (x0.dim() - 1))
+        return (1 - sv) * x0 + sv * noise, s * FLOW_TIMESTEPS, noise - x0
+    t = torch.randint(0, 1000, (n,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    return schedule.add_noise(x0, noise, t), t, noise
+
+
 def _train_step(
     run: _Run,
-    digits: data.Digits,
+    source: Source,
     schedule: DDPMScheduler,
     opts: TrainOptions,
     budget: FlopModel | None,
@@ -155,18 +198,15 @@ def _train_step(
     """One optimizer step on the batch, timesteps and noise seeded by (seed, step). Returns
     the loss and, for a DyDiT (``budget``: its FLOPs), the batch's FLOPs ratio."""
     g = torch.Generator().manual_seed(opts.seed * 1_000_003 + run.step)
-    idx = torch.randint(0, len(digits.labels), (opts.batch_size,), generator=g)
-    x0, y = _samples(run.model.config, digits, idx, g), digits.labels[idx]  # (B, ...), (B,)
-    t = torch.randint(0, 1000, (opts.batch_size,), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
-    xt = schedule.add_noise(x0, noise, t)
+    x0, cond = _batch(run.model.config, source, opts.batch_size, g)  # (B, ...), condition
+    xt, t, target = _noised(opts.objective, schedule, x0, g)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.bf16):
         if budget is None:
-            pred, ratio = run.model(xt, t, y), None
+            pred, ratio = run.model(xt, t, *cond), None
         else:
             dydit = cast(DyDiT, run.model)  # a FLOPs budget: a dynamic config, a DyDiT
-            pred, captured = dydit.capturing(xt, t, y, dydit.usage_capture())
-    loss = F.mse_loss(pred.float(), noise)
+            pred, captured = dydit.capturing(xt, t, cond[0], dydit.usage_capture())
+    loss = F.mse_loss(pred.float(), target)
     if budget is not None:
         usage = cast(DyDiT, run.model).usage(captured).float()  # (B, depth, 3)
         ratio = budget.ratio(usage).mean()
@@ -199,8 +239,14 @@ def train(opts: TrainOptions) -> Path:
     config = _config(opts)
     out = opts.out
     (out / "snapshots").mkdir(parents=True, exist_ok=True)
-    digits = data.load(opts.data, size=config.input_size, split="train")
-    run = _Run.fresh(config, opts)
+    source: Source
+    tokenizer = None
+    if isinstance(config, TextDiTConfig):
+        tokenizer = t2i.tokenizer_for(config, out)
+        source = t2i.Batches(config, tokenizer)
+    else:
+        source = data.load(opts.data, size=config.input_size, split="train")
+    run = _Run.fresh(config, opts, tokenizer)
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
         run.resume(ckpt_path, opts)
@@ -209,22 +255,29 @@ def train(opts: TrainOptions) -> Path:
     columns = ["step", "loss", "seconds"] + (["flops"] if budget is not None else [])
     loss_file, writer = _loss_log(out / "loss.csv", run.step, columns)
     bar = tqdm(range(run.step, opts.steps), initial=run.step, total=opts.steps, desc=out.name)
-    for _ in bar:
-        began = time.perf_counter()
-        loss, ratio = _train_step(run, digits, schedule, opts, budget)
-        run.seconds += time.perf_counter() - began
-        extra = [] if ratio is None else [f"{ratio:.4f}"]
-        writer.writerow([run.step, f"{loss:.5f}", f"{run.seconds:.1f}", *extra])
-        bar.set_postfix(loss=f"{loss:.4f}", **({} if ratio is None else {"flops": f"{ratio:.3f}"}))
-        last = run.step == opts.steps
-        if run.step % opts.snapshot_every == 0 or last:
-            snap = {k: v.contiguous() for k, v in run.ema.state_dict().items()}
-            save_file(snap, out / "snapshots" / f"step_{run.step:06d}.safetensors")
-        if run.step % opts.checkpoint_every == 0 or last:
-            run.save(ckpt_path, opts)
-            loss_file.flush()
-    loss_file.close()
-    final = save_pretrained(run.ema, out / "final", card=_card(config, opts, run, digits))
+    with loss_file:
+        for _ in bar:
+            began = time.perf_counter()
+            loss, ratio = _train_step(run, source, schedule, opts, budget)
+            run.seconds += time.perf_counter() - began
+            extra = [] if ratio is None else [f"{ratio:.4f}"]
+            writer.writerow([run.step, f"{loss:.5f}", f"{run.seconds:.1f}", *extra])
+            flops = {} if ratio is None else {"flops": f"{ratio:.3f}"}
+            bar.set_postfix(loss=f"{loss:.4f}", **flops)
+            last = run.step == opts.steps
+            if run.step % opts.snapshot_every == 0 or last:
+                # copies: a tied T5 embedding would be one tensor under two names
+                snap = {k: v.detach().clone() for k, v in run.ema.state_dict().items()}
+                save_file(snap, out / "snapshots" / f"step_{run.step:06d}.safetensors")
+            if run.step % opts.checkpoint_every == 0 or last:
+                run.save(ckpt_path, opts)
+                loss_file.flush()
+    card = _card(config, opts, run, source)
+    if isinstance(run.ema, t2i.Trainee):
+        assert tokenizer is not None
+        final = t2i.export(run.ema, tokenizer, out / "final", card)
+    else:
+        final = save_pretrained(run.ema, out / "final", card=card)
     log.info("wrote %s after %d steps (%.0fs)", final, opts.steps, run.seconds)
     return final
 
@@ -243,13 +296,18 @@ def _config(opts: TrainOptions) -> Config:
         if config.kind != "image" or config.dynamic:
             raise FieldError("from_model", f"{opts.from_model} is not a static image model")
         config = config.replace(dynamic=True)
-    if config.in_channels != 1 or config.num_classes != 10:
+    text = isinstance(config, TextDiTConfig)
+    if config.in_channels != 1 or (not text and config.num_classes != 10):
         raise FieldError("preset", f"{opts.preset} is not a 1-channel 10-class digit model")
+    if text and opts.init_from is not None:
+        raise FieldError("init_from", "starts a video model, not a text-to-image one")
+    if text and config.input_size != scenes.CANVAS:
+        raise FieldError("preset", f"text-to-image scenes are {scenes.CANVAS}x{scenes.CANVAS}")
     return config
 
 
-def _card(config: Config, opts: TrainOptions, run: _Run, digits: data.Digits) -> dict:
-    card = _base_card(config, opts, run, digits)
+def _card(config: Config, opts: TrainOptions, run: _Run, source: Source) -> dict:
+    card = _base_card(config, opts, run, source)
     if opts.from_model is not None:
         base = registry.describe(opts.from_model)
         card |= {
@@ -267,17 +325,28 @@ def _card(config: Config, opts: TrainOptions, run: _Run, digits: data.Digits) ->
     return card
 
 
-def _base_card(config: Config, opts: TrainOptions, run: _Run, digits: data.Digits) -> dict:
+def _describe_data(config: Config, opts: TrainOptions, source: Source) -> str:
     side = config.input_size
+    if isinstance(source, t2i.Batches):
+        return (
+            f"captioned scenes of {opts.data} digits (train split glyphs) on {side}x{side}, "
+            "held-out wordings and (digit, place) combinations never drawn "
+            "(model.training.scenes)"
+        )
+    return f"{opts.data} digits, {side}x{side}, train split ({len(source.labels)} images)" + (
+        f", {data.clip_digit_size(side)} px digits bouncing, {config.num_frames} frames"
+        if config.kind == "video"
+        else ""
+    )
+
+
+def _base_card(config: Config, opts: TrainOptions, run: _Run, source: Source) -> dict:
+    text = isinstance(config, TextDiTConfig)
     return {
         "name": opts.name or opts.out.name,
-        "architecture": ARCHITECTURES[config.kind, config.long_skip],
-        "data": f"{opts.data} digits, {side}x{side}, train split ({len(digits.labels)} images)"
-        + (
-            f", {data.clip_digit_size(side)} px digits bouncing, {config.num_frames} frames"
-            if config.kind == "video"
-            else ""
-        ),
+        "architecture": ARCHITECTURES[config.kind, config.long_skip]
+        + (" (PixArt-alpha blocks, text)" if text else ""),
+        "data": _describe_data(config, opts, source),
         "steps": opts.steps,
         "batch_size": opts.batch_size,
         "lr_history": run.lr_history,
@@ -288,6 +357,8 @@ def _base_card(config: Config, opts: TrainOptions, run: _Run, digits: data.Digit
         "init_from": opts.init_from,
         "train_seconds": round(run.seconds, 1),
         "default_guidance": 2.0,
+        # A flow model samples with flow_euler: the card's sampler is what requests default to.
+        **({"objective": "flow", "sampler": "flow_euler"} if opts.objective == "flow" else {}),
         # What a request that names no cache field runs: a network with long skips serves
         # Skip-Cache at the bench's closest setting (N=2), a vanilla DiT uncached.
         **({"default_cache": DEFAULT_SKIP_CACHE} if config.long_skip else {}),

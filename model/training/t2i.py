@@ -1,0 +1,116 @@
+"""What training a text-to-image digit model adds to ``model.training.train``: the network and
+its text encoder trained jointly (``Trainee``), batches of captioned scenes
+(``model.training.scenes``), and the export: the network in our format beside the encoder and
+tokenizer in ``transformers``' (``save_pretrained``), loaded back through the card path real
+checkpoints take.
+
+The text encoder is a small T5 encoder built from a ``transformers`` config; the tokenizer is a
+word-level ``tokenizers`` model trained on every caption training can produce. A caption is
+replaced by the empty prompt with the config's ``caption_dropout_prob``: the unconditional
+branch of guidance is the encoded empty prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerFast, T5EncoderModel
+
+from model.networks.checkpoint import save_pretrained
+from model.networks.text_dit import TextDiTConfig, TextSkipDiT
+from model.text.build import build_t5, build_tokenizer
+from model.training import scenes
+
+ENCODER_DIR = "text_encoder"  # beside model.safetensors in an exported model
+TOKENIZER_DIR = "tokenizer"
+ENCODER_LAYERS = 3
+ENCODER_HEADS = 4
+
+
+class Trainee(nn.Module):
+    """The network and its text encoder, one module to optimise, average and checkpoint."""
+
+    def __init__(self, dit: TextSkipDiT, encoder: T5EncoderModel):
+        super().__init__()
+        self.dit = dit
+        self.encoder = encoder
+
+    @property
+    def config(self) -> TextDiTConfig:
+        return self.dit.config
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """x (B, C, H, W), t (B,), token ids and attention mask (B, L) -> network output."""
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, C)
+        return self.dit(x, t, self.dit.encode_text(hidden, mask))
+
+
+def tokenizer_for(config: TextDiTConfig, run_dir: Path) -> PreTrainedTokenizerFast:
+    """The run's tokenizer: trained on the captions at the run's start and kept in the run
+    directory, so a resumed run tokenizes as the first did."""
+    path = run_dir / TOKENIZER_DIR
+    if path.exists():
+        loaded = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        assert isinstance(loaded, PreTrainedTokenizerFast)
+        return loaded
+    tokenizer = build_tokenizer(scenes.corpus(), config.max_tokens)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def fresh(config: TextDiTConfig, tokenizer: PreTrainedTokenizerFast) -> Trainee:
+    """An untrained network and T5 encoder of width ``config.text_dim``."""
+    encoder = build_t5(
+        vocab_size=len(tokenizer),
+        d_model=config.text_dim,
+        layers=ENCODER_LAYERS,
+        heads=ENCODER_HEADS,
+    )
+    return Trainee(TextSkipDiT(config), encoder)
+
+
+class Batches:
+    """Captioned scenes, each step's drawn from that step's generator."""
+
+    def __init__(self, config: TextDiTConfig, tokenizer: PreTrainedTokenizerFast):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.renderer = scenes.Renderer()
+
+    def draw(
+        self, n: int, g: torch.Generator
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(images (n, 1, S, S), (token ids, attention mask) (n, L)), captions dropped to the
+        empty prompt with the config's probability."""
+        images, captions = self.renderer.batch(n, g)
+        drop = torch.rand(n, generator=g) < self.config.caption_dropout_prob
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        tokens = self.tokenizer(
+            captions,
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_tokens,
+            return_tensors="pt",
+        )
+        return images, (tokens["input_ids"], tokens["attention_mask"])
+
+
+def export(
+    ema: Trainee, tokenizer: PreTrainedTokenizerFast, directory: Path, card: dict[str, Any]
+) -> Path:
+    """The averaged network in our format, its encoder and tokenizer beside it; the card names
+    them (relative paths) and the prompt length."""
+    card = card | {
+        "text_encoder": ENCODER_DIR,
+        "tokenizer": TOKENIZER_DIR,
+        "max_tokens": ema.config.max_tokens,
+    }
+    save_pretrained(ema.dit, directory, card=card)
+    ema.encoder.save_pretrained(directory / ENCODER_DIR)
+    tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+    return directory

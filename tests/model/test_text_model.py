@@ -1,0 +1,165 @@
+"""The text-conditioned Skip-DiT end to end on the model layer: a tiny network with a tiny T5
+encoder and a word-level tokenizer, exported the way training exports the shipped model
+(``save_pretrained`` of all three) and loaded back through the registry's card path. Batched
+equals alone across prompts, guidance, negative prompts and policies; the text is projected
+once per request; the plan's conditioning and sampler checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import registry
+from model.errors import FieldError
+from model.networks.presets import preset
+from model.networks.text_dit import TextSkipDiT
+from model.sampling.pipeline import Pipeline
+from model.sampling.plan import RunPlan
+from model.text.build import build_t5, build_tokenizer
+from model.training import scenes, t2i
+from tests.helpers import BATCH_TOL, randomized, tiny
+
+CAPTIONS = ["a 7 on the left and a 2 on the right", "two digits: 3 above 8", "a large 5", ""]
+# Every policy at a setting that caches on 8 steps (request field names: service.request).
+POLICIES = {
+    "none": {},
+    "skip_cache": {"interval": 2},
+    "fora": {"interval": 3},
+    "fbcache": {"threshold": 0.5},
+    "delta_dit": {"interval": 2},
+    "toca": {"interval": 3, "ratio": 0.5},
+    "teacache": {"threshold": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny text model exported as training exports one: the network in our format, the T5
+    encoder and the tokenizer by ``save_pretrained``, a card naming them; flow objective."""
+    config = preset("digits-t2i-tiny")
+    tokenizer = build_tokenizer(scenes.corpus(), config.max_tokens)
+    torch.manual_seed(0)
+    encoder = build_t5(len(tokenizer), config.text_dim, layers=2, heads=2, dropout=0.0)
+    trainee = t2i.Trainee(randomized(TextSkipDiT(config), scale=0.1), encoder.eval())
+    card = {"objective": "flow", "sampler": "flow_euler", "default_guidance": 2.0}
+    return t2i.export(trainee, tokenizer, tmp_path_factory.mktemp("t2i") / "model", card)
+
+
+@pytest.fixture(scope="module")
+def pipeline(model_dir: Path) -> Pipeline:
+    return registry.load(str(model_dir)).pipeline
+
+
+def _plan(pipeline: Pipeline, prompt: str, **kw: object) -> RunPlan:
+    policy = str(kw.pop("policy", "none"))
+    params = POLICIES[policy] | dict(kw.pop("params", {}))  # type: ignore[arg-type]
+    return pipeline.plan(prompt=prompt, policy=policy, params=params, **{"steps": 8, **kw})
+
+
+def test_the_card_path_loads_the_text_model(model_dir: Path) -> None:
+    info = registry.describe(str(model_dir))
+    assert (info.conditioning, info.max_tokens, info.samplers) == ("text", 8, ("flow_euler",))
+    loaded = registry.load(str(model_dir))
+    assert isinstance(loaded.pipeline.model, TextSkipDiT)
+    assert loaded.pipeline.prompting is not None
+    assert (model_dir / "text_encoder" / "config.json").is_file()
+    assert (model_dir / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_batched_equals_alone_across_prompts_guidance_negatives_and_policies(
+    pipeline: Pipeline,
+) -> None:
+    plans = [
+        _plan(pipeline, CAPTIONS[0], guidance=1.0, seed=1, policy="skip_cache"),
+        _plan(pipeline, CAPTIONS[1], guidance=2.0, seed=2, policy="fora"),
+        _plan(pipeline, CAPTIONS[2], guidance=4.5, seed=3, negative_prompt="a small 3"),
+        _plan(pipeline, "a 1 on the right", guidance=3.0, seed=4, policy="toca", num_images=2),
+        _plan(pipeline, CAPTIONS[0], guidance=2.0, seed=5, policy="teacache"),
+        _plan(pipeline, CAPTIONS[1], guidance=2.0, seed=6, policy="fbcache"),
+        _plan(pipeline, CAPTIONS[2], guidance=2.0, seed=7, policy="delta_dit"),
+    ]
+    together = pipeline.generate(plans)
+    assert {len(p.prompt or "") for p in plans} != 1  # prompts of different lengths
+    for plan, batched in zip(plans, together, strict=True):
+        (alone,) = pipeline.generate([plan])
+        torch.testing.assert_close(batched.latents, alone.latents, **BATCH_TOL)
+        assert batched.stats.steps == alone.stats.steps
+    assert together[0].stats.steps[max(together[0].stats.steps)] > 0  # it cached
+    # the negative prompt is what the unconditional branch sees: another image
+    (empty,) = pipeline.generate([_plan(pipeline, CAPTIONS[2], guidance=4.5, seed=3)])
+    assert not torch.allclose(empty.latents, together[2].latents, **BATCH_TOL)
+
+
+def test_text_is_encoded_and_projected_once_per_request(pipeline: Pipeline) -> None:
+    """Over whole runs (8 steps, cached steps too), the encoder runs once per batch of misses
+    and every block's key/value projection once per request; the queries every step."""
+    model = pipeline.model
+    assert isinstance(model, TextSkipDiT) and pipeline.prompting is not None
+    calls = {"encoder": 0, "kv": 0, "q": 0}
+
+    def count(name: str):
+        def hook(*_: object) -> None:
+            calls[name] += 1
+
+        return hook
+
+    handles = [pipeline.prompting.encoder.model.register_forward_hook(count("encoder"))]
+    for block in model.text_blocks:
+        handles.append(block.cross_attn.kv_linear.register_forward_hook(count("kv")))
+        handles.append(block.cross_attn.q_linear.register_forward_hook(count("q")))
+    try:
+        fresh = ["a 4 at the top", "the digit 9 on the left", "a 4 at the top"]
+        plans = [
+            _plan(pipeline, p, seed=i, policy="skip_cache", guidance=2.0)
+            for i, p in enumerate(fresh)
+        ]
+        pipeline.generate(plans)
+    finally:
+        for handle in handles:
+            handle.remove()
+    depth = len(model.text_blocks)
+    assert calls["encoder"] == 1  # the misses of the three requests, one batch
+    assert calls["kv"] == len(plans) * depth
+    assert calls["q"] > calls["kv"]  # the steps ran cross-attention on the stored keys
+
+
+def test_repeats_hit_the_embedding_cache(pipeline: Pipeline) -> None:
+    assert pipeline.prompting is not None
+    cache = pipeline.prompting.cache
+    pipeline.generate([_plan(pipeline, "a small 6 on the right", steps=2)])
+    hits, misses = cache.hits, cache.misses
+    pipeline.generate([_plan(pipeline, "a small 6 on the right", steps=2)])
+    assert (cache.hits - hits, cache.misses - misses) == (2, 0)  # prompt and empty prompt
+
+
+def test_truncation_is_reported(pipeline: Pipeline) -> None:
+    long = "a 7 on the left and a 2 on the right and a 3 at the top"
+    short, cut = pipeline.generate(
+        [_plan(pipeline, "a large 5", steps=1), _plan(pipeline, long, steps=1)]
+    )
+    assert short.prompt_report is not None and cut.prompt_report is not None
+    assert (short.prompt_report.tokens, short.prompt_report.truncated) == (4, False)
+    assert (cut.prompt_report.tokens, cut.prompt_report.truncated) == (8, True)
+
+
+def test_plans_check_the_conditioning_and_the_sampler(pipeline: Pipeline) -> None:
+    with pytest.raises(FieldError) as e:
+        pipeline.plan(prompt="a 5", class_label=3)
+    assert e.value.field == "class_label"
+    with pytest.raises(FieldError) as e:
+        pipeline.plan()
+    assert e.value.field == "prompt"
+    with pytest.raises(FieldError) as e:
+        pipeline.plan(prompt="a 5", sampler="ddim")
+    assert e.value.field == "sampler"
+    assert pipeline.plan(prompt="a 5").sampler == "flow_euler"
+    image = Pipeline(tiny())
+    for field in ("prompt", "negative_prompt"):
+        with pytest.raises(FieldError) as e:
+            image.plan(**{field: "a red cat on a sofa"})
+        assert e.value.field == field
+    with pytest.raises(FieldError) as e:
+        image.plan(sampler="flow_euler")
+    assert e.value.field == "sampler"
