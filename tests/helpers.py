@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch
 from model.networks import presets
 from model.networks.skip_dit import SkipDiT, preset
 from model.networks.skip_latte import SkipLatte
+from model.networks.text_dit import TextDiTConfig, TextSkipDiT
 from model.registry import ModelInfo
 from model.sampling.pipeline import Job, Pipeline, ProgressFn, Result
 from model.sampling.plan import RunPlan
@@ -105,3 +107,20 @@ def job_record(pipeline: Pipeline, body: JobRequest, **fields: Any) -> JobRecord
     info = dataclasses.replace(info_of(pipeline), name=body.model or "test")
     record = new_record(body, info, resolve(body, info))
     return dataclasses.replace(record, deadline=0.0, **fields)  # deadline: from created_at
+
+
+def tiny_text_model(directory: Path, card: dict[str, Any] | None = None) -> Path:
+    """A tiny text-to-image model (``digits-t2i-tiny``, randomized; a 2-layer T5 encoder of width
+    16; a word-level tokenizer of the scene captions, 8 tokens) exported into ``directory`` as
+    training exports the shipped one: each part by its ``save_pretrained``, a card naming the
+    encoder and tokenizer directories; flow objective (sampler flow_euler), guidance 2."""
+    from model.text.build import build_t5, build_tokenizer  # the train extra: t2i's builders
+    from model.training import scenes, t2i
+
+    config = cast(TextDiTConfig, presets.preset("digits-t2i-tiny"))
+    tokenizer = build_tokenizer(scenes.corpus(), config.max_tokens)
+    torch.manual_seed(0)
+    encoder = build_t5(len(tokenizer), config.text_dim, layers=2, heads=2, dropout=0.0)
+    trainee = t2i.Trainee(randomized(TextSkipDiT(config), scale=0.1), encoder.eval())
+    own = {"objective": "flow", "sampler": "flow_euler", "default_guidance": 2.0}
+    return t2i.export(trainee, tokenizer, directory, own | (card or {}))

@@ -13,13 +13,10 @@ import torch
 
 from model import registry
 from model.errors import FieldError
-from model.networks.presets import preset
 from model.networks.text_dit import TextSkipDiT
 from model.sampling.pipeline import Pipeline
 from model.sampling.plan import RunPlan
-from model.text.build import build_t5, build_tokenizer
-from model.training import scenes, t2i
-from tests.helpers import BATCH_TOL, randomized, tiny
+from tests.helpers import BATCH_TOL, tiny, tiny_text_model
 
 CAPTIONS = ["a 7 on the left and a 2 on the right", "two digits: 3 above 8", "a large 5", ""]
 # Every policy at a setting that caches on 8 steps (request field names: service.request).
@@ -36,15 +33,7 @@ POLICIES = {
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny text model exported as training exports one: the network in our format, the T5
-    encoder and the tokenizer by ``save_pretrained``, a card naming them; flow objective."""
-    config = preset("digits-t2i-tiny")
-    tokenizer = build_tokenizer(scenes.corpus(), config.max_tokens)
-    torch.manual_seed(0)
-    encoder = build_t5(len(tokenizer), config.text_dim, layers=2, heads=2, dropout=0.0)
-    trainee = t2i.Trainee(randomized(TextSkipDiT(config), scale=0.1), encoder.eval())
-    card = {"objective": "flow", "sampler": "flow_euler", "default_guidance": 2.0}
-    return t2i.export(trainee, tokenizer, tmp_path_factory.mktemp("t2i") / "model", card)
+    return tiny_text_model(tmp_path_factory.mktemp("t2i") / "model")
 
 
 @pytest.fixture(scope="module")
