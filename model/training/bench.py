@@ -17,12 +17,13 @@ runs, ``training.png`` (loss and FID against training step for Skip-DiT and its 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict, cast
@@ -39,7 +40,7 @@ from model.networks.skip_dit import DiTConfig, SkipDiT
 from model.sampling.images import animate, grid, to_pil
 from model.sampling.pipeline import Job, Pipeline, Result
 from model.sampling.plan import RunPlan
-from model.training import data
+from model.training import adherence, data, scenes
 from model.training.evaluate import (
     DigitClassifier,
     accuracy,
@@ -212,10 +213,61 @@ def _measure(
     return results, statistics.median(ratios), peak
 
 
+@dataclass
+class Workload:
+    """What a model is benched on: its requests at a setting (``batch(pipeline, policy,
+    params)``), how its images are judged, and which of them the grid shows."""
+
+    batch: Callable[[Pipeline, str, dict], list[RunPlan]]
+    score: Callable[[torch.Tensor], Scores]
+    shown: slice  # the images of a setting the grid shows
+
+
+def class_workload(classes: int, judge: Judge, opts: BenchOptions) -> Workload:
+    """``opts.per_class`` images of every class (class c seeded ``seed + c``), judged by class
+    accuracy and FID; the grid shows the first image of each class."""
+    labels = torch.arange(classes).repeat_interleave(opts.per_class)
+    return Workload(
+        lambda p, policy, params: requests(
+            p, policy, params, opts.per_class, opts.steps, opts.seed, classes
+        ),
+        lambda images: judge.score(images, labels),
+        slice(None, None, opts.per_class),
+    )
+
+
+def text_workload(classifier: DigitClassifier, opts: BenchOptions) -> Workload:
+    """The held-out prompts (``scenes.held_out_prompts``: wordings and (digit, place)
+    combinations training never saw), one image each (prompt i seeded ``seed + i``), judged by
+    prompt adherence (reported in the accuracy column); the grid shows the first 8 prompts."""
+    prompts = scenes.held_out_prompts(opts.prompts, opts.seed)
+
+    def batch(pipeline: Pipeline, policy: str, params: dict) -> list[RunPlan]:
+        return [
+            pipeline.plan(
+                prompt=prompt,
+                steps=opts.text_steps,
+                seed=opts.seed + i,
+                policy=policy,
+                params=params,
+            )
+            for i, prompt in enumerate(prompts)
+        ]
+
+    def score(images: torch.Tensor) -> Scores:
+        judged = adherence.judge(classifier, prompts, images)
+        return {"accuracy": adherence.adherence(judged), "fid": None}
+
+    return Workload(batch, score, slice(0, GRID_PROMPTS))
+
+
+GRID_PROMPTS = 8
+
+
 def bench_model(
     name: str,
     pipeline: Pipeline,
-    judge: Judge,
+    workload: Workload,
     opts: BenchOptions,
     baseline: Pipeline | None = None,
     card: dict | None = None,
@@ -225,16 +277,14 @@ def bench_model(
     images are the PSNR/SSIM reference, its FLOPs and wall time the speedups' denominators."""
     config = pipeline.model.config
     baseline = baseline or pipeline
-    classes = config.num_classes
-    labels = torch.arange(classes).repeat_interleave(opts.per_class)
     for warm in {id(p): p for p in (pipeline, baseline)}.values():
-        warm.generate(requests(warm, "none", {}, 1, 2, 0, 1))
+        warm.generate([dataclasses.replace(workload.batch(warm, "none", {})[0], steps=2)])
     rows, grids = [], {}
-    uncached = requests(baseline, "none", {}, opts.per_class, opts.steps, opts.seed, classes)
+    uncached = workload.batch(baseline, "none", {})
     reference = images_of(baseline.generate(uncached))
     base_flops = counted_flops(baseline, uncached[0])
     for label, policy, options in model_settings(config, opts, card):
-        batch = requests(pipeline, policy, options, opts.per_class, opts.steps, opts.seed, classes)
+        batch = workload.batch(pipeline, policy, options)
         results, speedup, peak = _measure(pipeline, batch, uncached, opts.repeats, baseline)
         images = images_of(results)  # (n, H, W, 1); video (n, F, H, W, 1)
         flops = counted_flops(pipeline, batch[0])
@@ -250,11 +300,14 @@ def bench_model(
                 psnr=psnr,
                 ssim=ssim,
                 steps_cached=cached_share(results),
-                **judge.score(images, labels),
+                **workload.score(images),
             )
         )
-        grids[label] = images[:: opts.per_class]  # first image of each class
-        log.info("%s %s: %.2fx, PSNR %.1f", name, label, speedup, psnr)
+        grids[label] = images[workload.shown]
+        log.info(
+            "%s %s: %.2fx, PSNR %.1f, accuracy %.1f%%",
+            name, label, speedup, psnr, 100 * rows[-1].accuracy,
+        )  # fmt: skip
     return rows, grids
 
 
@@ -328,7 +381,9 @@ def _table(rows: list[Row], curves: dict, opts: BenchOptions) -> list[str]:
         f"against an uncached run timed right after (median of {opts.repeats} pair(s)), this "
         f"machine's CPU. Video models: PSNR/SSIM and accuracy over every frame (the classifier "
         f"sees the digit-sized window around each frame's ink), no FID; frame change is the "
-        f"mean absolute change between consecutive frames.\n",
+        f"mean absolute change between consecutive frames. Text models: {opts.prompts} "
+        f"held-out prompts, one image each, flow_euler {opts.text_steps} steps; their accuracy "
+        f"is prompt adherence (every stated digit classified at its stated place).\n",
         "| model | setting | speedup (wall) | FLOP ratio | cached steps | cache / image "
         "| PSNR dB | SSIM | accuracy | FID | frame change |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -428,14 +483,16 @@ def _plot_training(curves: dict, path: Path) -> None:
 
 def _write_pictures(grids: dict[str, dict[str, torch.Tensor]], out: Path) -> None:
     """grid.png (a row per setting, a column per class) of the first image model, with
-    grid_rows.txt naming its rows; per video model and setting a looping GIF whose frames put
-    the first clip of each class side by side (``strip_<model>_<setting>.gif``)."""
+    grid_rows.txt naming its rows, and grid_<model>.png (+ _rows.txt) of every other (a text
+    model: a column per prompt, the first 8 held-out prompts); per video model and setting a
+    looping GIF whose frames put the first clip of each class side by side
+    (``strip_<model>_<setting>.gif``)."""
     images = {m: g for m, g in grids.items() if next(iter(g.values())).ndim == 4}
-    if images:
-        first = next(iter(images.values()))
-        sheet = torch.cat(list(first.values()))  # (settings * classes, H, W, 1)
-        to_pil(grid(sheet, cols=len(next(iter(first.values()))))).save(out / "grid.png")
-        (out / "grid_rows.txt").write_text("\n".join(first) + "\n")
+    for i, (model, shown) in enumerate(images.items()):  # the first: grid.png, then by name
+        name = "grid" if i == 0 else "grid_" + "".join(ch if ch.isalnum() else "_" for ch in model)
+        sheet = torch.cat(list(shown.values()))  # (settings * columns, H, W, 1)
+        to_pil(grid(sheet, cols=len(next(iter(shown.values()))))).save(out / f"{name}.png")
+        (out / f"{name}_rows.txt").write_text("\n".join(shown) + "\n")
     for model, settings_clips in grids.items():
         if model in images:
             continue
@@ -478,8 +535,16 @@ def bench(opts: BenchOptions) -> list[Row]:
         pipeline, card = loaded.pipeline, loaded.card
         configs[name] = loaded.config
         base = registry.load(card["from"]).pipeline if loaded.config.dynamic else None
-        model_rows, grids[name] = bench_model(name, pipeline, judge, opts, base, card)
+        workload = (
+            text_workload(judge.classifier, opts)
+            if loaded.info.conditioning == "text"
+            else class_workload(loaded.config.num_classes, judge, opts)
+        )
+        model_rows, grids[name] = bench_model(name, pipeline, workload, opts, base, card)
         rows += model_rows
+        if loaded.info.conditioning == "text":
+            shown = scenes.held_out_prompts(opts.prompts, opts.seed)[:GRID_PROMPTS]
+            notes.append(f"\n{name}: the grid's columns are the prompts " + "; ".join(shown))
         if pipeline.model.config.kind == "video":
             notes.append(_real_clips_note(name, pipeline.model.config, judge.classifier.source))
     for skip, plain in twins(configs):

@@ -100,12 +100,16 @@ class BenchOptions(_Options):
 
     models: list[str] | None = Field(None, description="Models (default: every shipped one).")
     per_class: int = Field(10, ge=1, description="Images per class and setting.")
-    steps: int = Field(50, ge=1, le=1000, description="DDIM steps.")
+    steps: int = Field(50, ge=1, le=1000, description="DDIM steps (class models).")
     intervals: list[int] = Field([2, 3, 4], min_length=1, description="Cache intervals N.")
     thresholds: list[float] = Field(
         [0.05, 0.1, 0.2], min_length=1, description="fbcache thresholds."
     )
     seed: int = Field(0, ge=0)
+    prompts: int = Field(
+        200, ge=1, description="Text models: held-out prompts per setting (one image each)."
+    )
+    text_steps: int = Field(25, ge=1, le=1000, description="Text models: flow_euler steps.")
     repeats: int = Field(1, ge=1, description="Timed (setting, uncached) pairs; the median.")
     runs: list[Path] = Field([], description="Training runs whose curves to plot.")
     curve_steps: int = Field(25, ge=1, description="DDIM steps for the training-curve FID.")

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from model import registry
-from model.training import adherence, scenes
+from model.training import adherence, bench, scenes
 from model.training.evaluate import load_classifier
+from model.training.options import BenchOptions
 from service.cli import build_parser
 
 
@@ -98,3 +99,22 @@ def test_the_evaluator_passes_drawn_scenes_and_fails_wrong_digits() -> None:
     assert adherence.adherence(adherence.judge(classifier, wrong, images)) <= 0.05
     blank = -torch.ones_like(images)
     assert adherence.adherence(adherence.judge(classifier, prompts, blank)) == 0
+
+
+@pytest.mark.slow
+def test_the_bench_judges_a_text_model_by_prompt_adherence(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    opts = BenchOptions(
+        models=[str(runs["straight"] / "final")], prompts=3, text_steps=4, intervals=[2],
+        thresholds=[0.1], out=tmp_path / "bench", command_line="skipdit bench (test)",
+    )  # fmt: skip
+    rows = bench.bench(opts)
+    by = {r.label: r for r in rows}
+    assert {"none", "skip_cache N=2", "fora N=2", "toca N=2 r=0.25"} <= set(by)
+    assert by["none"].psnr == float("inf") and by["skip_cache N=2"].flop_ratio > 1
+    for row in rows:  # adherence of 3 prompts: a share in thirds, no FID
+        assert row.fid is None and round(row.accuracy * 3, 6) == round(row.accuracy * 3)
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert "prompt adherence" in table and "grid's columns are the prompts" in table
+    assert (tmp_path / "bench" / "grid.png").stat().st_size > 0
