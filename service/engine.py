@@ -3,11 +3,14 @@
 Each ``step()``: apply submissions and cancellations that arrived since the last step, expire
 requests whose deadline passed, admit waiting requests (priority first, then least slack) while
 the batch stays under a token budget, run ONE denoising step for every active request (a single
-batched forward per cache-mode group, see ``model.sampling.pipeline.denoise_step``), and report what
-happened as events. Requests join and leave only at step boundaries and never wait for a batch
-to fill. Output never depends on batch composition: each request owns its latents, scheduler,
-generator and cache state. An engine runs one pipeline (one model); a worker holding several
-models owns one engine each, so requests of different models never share a batch.
+batched forward per cache-mode group, see ``model.sampling.pipeline.denoise_step``), and report
+what happened as events. The requests submitted since the last step start together
+(``Pipeline.start_all``: a text model encodes all their prompts in one batch); if that raises,
+each starts alone, so a request that cannot start fails alone. Requests join and leave only at
+step boundaries and never wait for a batch to fill. Output never depends on batch composition:
+each request owns its latents, scheduler, generator and cache state. An engine runs one
+pipeline (one model); a worker holding several models owns one engine each, so requests of
+different models never share a batch.
 
 ``submit`` and ``cancel`` may be called from any thread; ``step`` from one thread at a time.
 """
@@ -61,6 +64,10 @@ class StepReport:
     # Per mode: requests that ran a step in it, and seconds of that mode's forward(s).
     mode_requests: dict[Mode, int] = field(default_factory=lambda: {m: 0 for m in Mode})
     mode_seconds: dict[Mode, float] = field(default_factory=dict)
+    # Text models: prompts the embedding cache served (hits) and encoded (misses) while this
+    # step started its new requests; None for class models.
+    prompt_cache_hits: int | None = None
+    prompt_cache_misses: int | None = None
 
 
 @dataclass
@@ -124,11 +131,16 @@ class Engine:
 
     def step(self) -> tuple[list[EngineEvent], StepReport]:
         events: list[EngineEvent] = []
+        report = StepReport()
+        before = self._prompt_cache_counts()
         self._drain_inbox(events)
+        after = self._prompt_cache_counts()
+        if before is not None and after is not None:
+            report.prompt_cache_hits = after[0] - before[0]
+            report.prompt_cache_misses = after[1] - before[1]
         now = self.clock()
         self._expire(now, events)
         self._admit(now, events)
-        report = StepReport()
         if not self._active:
             return events, report
         # One engine serves one model, so every active request joins one batch. Requests that
@@ -185,15 +197,28 @@ class Engine:
                 modes.append(None)
         return modes
 
+    def _prompt_cache_counts(self) -> tuple[int, int] | None:
+        """(hits, misses) of a text model's embedding cache so far; None for class models.
+        A worker steps all its engines on one thread, so a difference over ``_drain_inbox`` is
+        this engine's, even where the worker's models share one cache."""
+        prompting = self.pipeline.prompting
+        return None if prompting is None else (prompting.cache.hits, prompting.cache.misses)
+
     def _drain_inbox(self, events: list[EngineEvent]) -> None:
+        """Take submissions and cancellations in order. Submissions start together; a cancel
+        first starts those before it, so it finds the request it names."""
+        submitted: list[EngineRequest] = []
         while True:
             try:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if kind == "submit":
-                self._prepare(cast(EngineRequest, item), events)  # a submit's item: a request
+                submitted.append(cast(EngineRequest, item))  # a submit's item: a request
                 continue
+            if submitted:
+                self._prepare(submitted, events)
+                submitted = []
             for entries in (self._waiting, self._active):
                 for entry in [e for e in entries if e.request.id == item]:
                     entries.remove(entry)
@@ -205,17 +230,38 @@ class Engine:
                             entry.job.total_steps,
                         )
                     )
+        if submitted:
+            self._prepare(submitted, events)
 
-    def _prepare(self, request: EngineRequest, events: list[EngineEvent]) -> None:
+    def _prepare(self, requests: list[EngineRequest], events: list[EngineEvent]) -> None:
+        """Start ``requests`` together (their prompts encoded in one batch); if that raises,
+        start each alone: one that cannot start fails alone, the others wait as usual."""
         try:
-            job = self.pipeline.start(request.plan)
-        except Exception as e:  # a plan this model cannot start fails alone
-            log.exception("request %s could not start", request.id)
-            events.append(EngineEvent(EventKind.FAILED, request.id, error=str(e)))
-            return
-        timesteps = [int(t) for t in job.scheduler.timesteps]
-        modes = job.cache.policy.planned_modes(job.cache.config, timesteps)
-        self._waiting.append(_Entry(request, job, modes))
+            jobs: list[Job | None] = list(self.pipeline.start_all([r.plan for r in requests]))
+        except Exception as e:
+            if len(requests) == 1:
+                self._not_started(requests[0], e, events)
+                return
+            log.exception("starting %d requests together failed; isolating", len(requests))
+            jobs = [self._start_alone(request, events) for request in requests]
+        for request, job in zip(requests, jobs, strict=True):
+            if job is None:
+                continue
+            timesteps = [int(t) for t in job.scheduler.timesteps]
+            modes = job.cache.policy.planned_modes(job.cache.config, timesteps)
+            self._waiting.append(_Entry(request, job, modes))
+
+    def _start_alone(self, request: EngineRequest, events: list[EngineEvent]) -> Job | None:
+        try:
+            return self.pipeline.start(request.plan)
+        except Exception as e:
+            self._not_started(request, e, events)
+            return None
+
+    def _not_started(self, request: EngineRequest, e: Exception, events: list[EngineEvent]) -> None:
+        """A plan this model cannot start fails alone."""
+        log.exception("request %s could not start", request.id)
+        events.append(EngineEvent(EventKind.FAILED, request.id, error=str(e)))
 
     def _expire(self, now: float, events: list[EngineEvent]) -> None:
         for entries, where in ((self._waiting, "in queue"), (self._active, "while running")):

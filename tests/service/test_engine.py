@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import pytest
 import torch
 
+from model import registry
 from model.sampling.pipeline import Pipeline
 from service.engine import Engine, EngineEvent, EngineRequest, EventKind
 from service.request import GenerateParams
-from tests.helpers import BATCH_TOL, generate, plan_of
+from tests.helpers import BATCH_TOL, generate, plan_of, tiny_text_model
 from tests.service.helpers import Clock
 
 TOKENS = 16  # digits-tiny: 8x8 pixels, patch 2
@@ -146,6 +149,76 @@ def test_an_invalid_request_fails_alone(tiny_pipeline: Pipeline) -> None:
     events = run_all(engine)
     assert "index" in by_kind(events, EventKind.FAILED)["bad"].error
     assert "good" in by_kind(events, EventKind.DONE)
+
+
+def test_a_cancel_right_after_its_submit_finds_the_request(tiny_pipeline: Pipeline) -> None:
+    """Submissions start together at the next step; a cancel taken in the same step still
+    finds the request submitted before it (which never starts to run)."""
+    engine = Engine(tiny_pipeline, max_batch_tokens=1000)
+    plan = plan_of(engine.pipeline, GenerateParams(steps=3))
+    engine.submit(EngineRequest("gone", plan))
+    engine.cancel("gone")
+    engine.submit(EngineRequest("kept", plan))
+    events, report = engine.step()
+    assert set(by_kind(events, EventKind.CANCELLED)) == {"gone"}
+    assert set(by_kind(events, EventKind.STARTED)) == {"kept"} and report.requests == 1
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_text_model(tmp_path_factory.mktemp("t2i") / "t2i")
+
+
+@pytest.fixture
+def text_pipeline(text_model_dir: Path) -> Pipeline:
+    """The tiny text model with a fresh embedding cache (a test counts its hits and misses)."""
+    return registry.load(str(text_model_dir)).pipeline
+
+
+def test_requests_submitted_together_encode_their_prompts_in_one_batch(
+    text_pipeline: Pipeline,
+) -> None:
+    assert text_pipeline.prompting is not None
+    calls = []
+    encoder = text_pipeline.prompting.encoder.model
+    handle = encoder.register_forward_hook(lambda *_: calls.append(1))
+    engine = Engine(text_pipeline, max_batch_tokens=1000)
+    prompts = {"a": "a 4 at the top", "b": "the digit 9 on the left", "c": "a large 5"}
+    try:
+        for rid, prompt in prompts.items():
+            engine.submit(EngineRequest(rid, text_pipeline.plan(prompt=prompt, steps=3, seed=1)))
+        events, report = engine.step()
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # three prompts and the empty one: one encoder batch
+    assert set(by_kind(events, EventKind.STARTED)) == set(prompts)
+    # 6 prompts asked (each request's and its guided branch's empty one): 4 encoded, the
+    # empty prompt served twice more from the cache
+    assert (report.prompt_cache_hits, report.prompt_cache_misses) == (2, 4)
+    engine.submit(EngineRequest("again", text_pipeline.plan(prompt="a large 5", steps=3)))
+    _, report = engine.step()
+    assert (report.prompt_cache_hits, report.prompt_cache_misses) == (2, 0)
+    _, report = engine.step()  # nothing new started
+    assert (report.prompt_cache_hits, report.prompt_cache_misses) == (0, 0)
+
+
+def test_a_request_that_cannot_start_fails_alone_and_its_batch_mate_runs(
+    text_pipeline: Pipeline,
+) -> None:
+    """Starting the step's requests together raises (a class model's plan, no prompt, sent
+    to the text model's engine): each starts alone, the bad one fails, the good one runs as
+    it runs alone."""
+    engine = Engine(text_pipeline, max_batch_tokens=1000)
+    good = text_pipeline.plan(prompt="two digits: 3 above 8", steps=4, seed=5)
+    engine.submit(EngineRequest("bad", dataclasses.replace(good, prompt=None)))
+    engine.submit(EngineRequest("good", good))
+    events = run_all(engine)
+    assert set(by_kind(events, EventKind.FAILED)) == {"bad"}
+    assert set(by_kind(events, EventKind.STARTED)) == {"good"}
+    (solo,) = text_pipeline.generate([good])
+    result = by_kind(events, EventKind.DONE)["good"].result
+    assert result is not None and result.prompt_report == solo.prompt_report
+    torch.testing.assert_close(result.latents, solo.latents, **BATCH_TOL)
 
 
 def test_step_report_counts_modes_and_measures_their_cost(tiny_pipeline: Pipeline) -> None:
