@@ -32,7 +32,7 @@ from model.sampling.pipeline import Job
 from model.training.options import BenchOptions, CalibrateOptions, ClassifierOptions, TrainOptions
 from service.images import encode
 from service.messages import DEFAULT_FPS, MAX_FPS
-from service.request import GenerateParams, echo, resolve
+from service.request import GenerateParams, echo, prompt_result, resolve
 from service.settings import Settings
 from service.video import VIDEO_FORMATS, encode_video
 
@@ -193,9 +193,9 @@ def _generate(args: argparse.Namespace, prog: str) -> int:
     params = parse_schema(GenerateParams, args, prog)
     if not 0 < args.fps <= MAX_FPS:
         _fail(prog, f"fps: must be in (0, {MAX_FPS:g}], got {args.fps}")
-    try:
+    try:  # the request is checked before any weights (or a text encoder) load
+        run = resolve(params, registry.describe(params.model))
         loaded = registry.load(params.model, device=args.device, vae_path=args.vae)
-        run = resolve(params, loaded.info)
     except (FieldError, CheckpointError) as e:
         _fail(prog, str(e))
     random_note = " (RANDOM untrained weights: smoke test only)" if loaded.random_weights else ""
@@ -211,12 +211,14 @@ def _generate(args: argparse.Namespace, prog: str) -> int:
         "random_weights": loaded.random_weights,
         **{k: v for k, v in echo(run).items() if k in ("cache_policy", "cache_interval")},
         **result.stats.as_dict(),
+        **prompt_result(run, result.prompt_report),
         "seconds_total": result.seconds,
         "out": str(args.out),
     }
     if args.json:
         print(json.dumps(stats))
         return 0
+    _print_prompts(stats, loaded.info.max_tokens)
     s = result.stats
     full_ms = (s.mean_seconds(Mode.FULL) or 0) * 1e3
     cached = s.mean_seconds(Mode.CACHED)
@@ -228,6 +230,17 @@ def _generate(args: argparse.Namespace, prog: str) -> int:
     print(f"time: {result.seconds:.2f} s total, model speedup {s.speedup():.2f}x")
     print(f"wrote {args.out}")
     return 0
+
+
+def _print_prompts(stats: dict[str, Any], max_tokens: int | None) -> None:
+    """A text model's prompts: tokens read, and a cut said out loud."""
+    for name in ("prompt", "negative_prompt"):
+        if f"{name}_tokens" not in stats:
+            continue
+        cut = (
+            f" (TRUNCATED at the model's {max_tokens} tokens)" if stats[f"{name}_truncated"] else ""
+        )
+        print(f"{name.replace('_', ' ')}: {stats[f'{name}_tokens']} tokens{cut}")
 
 
 # ----------------------------------------------------------------------------- serve, worker

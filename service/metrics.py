@@ -23,8 +23,14 @@ NO_MODEL = ""  # the model label of errors that concern no one model
 
 
 class Metrics:
-    def __init__(self, models: Sequence[str] = (), registry: CollectorRegistry | None = None):
-        """``models``: exported (at zero) from the start, per cache mode."""
+    def __init__(
+        self,
+        models: Sequence[str] = (),
+        registry: CollectorRegistry | None = None,
+        text_models: Sequence[str] = (),
+    ):
+        """``models``: exported (at zero) from the start, per cache mode; ``text_models``
+        (those of ``models`` that take prompts): their prompt-cache series too."""
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.request_duration = Histogram(
@@ -72,10 +78,29 @@ class Metrics:
         self.errors = Counter(
             "skipdit_errors", "Errors, by reason.", ["model", "reason"], registry=r
         )
+        self._prompt_cache(r)
         for model in models:
             for mode in Mode:  # export both modes from the start
                 self.step_duration.labels(model, mode.value)
                 self.steps.labels(model, mode.value)
+        for model in text_models:
+            self.prompt_cache_hits.labels(model)
+            self.prompt_cache_misses.labels(model)
+
+    def _prompt_cache(self, r: CollectorRegistry) -> None:
+        """A worker's prompt-embedding cache (text models), as its engines saw it change."""
+        self.prompt_cache_hits = Counter(
+            "skipdit_prompt_cache_hits",
+            "Prompts served from the embedding cache without encoding (text models).",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_cache_misses = Counter(
+            "skipdit_prompt_cache_misses",
+            "Prompts the text encoder encoded: not in the embedding cache (text models).",
+            ["model"],
+            registry=r,
+        )
 
     def _gauges(self, r: CollectorRegistry) -> None:
         """Levels set where they are known: queue depth and dead letters on /metrics, jobs
@@ -94,6 +119,9 @@ class Metrics:
         )
 
     def observe_step(self, model: str, report: StepReport) -> None:
+        if report.prompt_cache_hits is not None and report.prompt_cache_misses is not None:
+            self.prompt_cache_hits.labels(model).inc(report.prompt_cache_hits)
+            self.prompt_cache_misses.labels(model).inc(report.prompt_cache_misses)
         if report.requests == 0:
             return
         self.batch_size.labels(model).observe(report.requests)

@@ -9,16 +9,19 @@ raises names a request field (``FIELDS`` below maps the model's parameter names 
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from model import cache
 from model.errors import FieldError
 from model.registry import ModelInfo
 from model.sampling.plan import RunPlan, Sampler, guidance_of, plan
+from model.sampling.prompts import PromptReport
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -53,15 +56,50 @@ PLAN_FIELDS = {"guidance": "guidance_scale", "policy": "cache_policy"}
 # A request that sets cache fields but no policy, on a model whose default is no cache.
 FIELDS_ONLY_POLICY = "skip_cache"
 MAX_GUIDANCE = 20.0
+MAX_PROMPT_CHARS = 1000  # a prompt's characters (code points); the encoder cuts at its tokens
 UNSET = "unset: this deployment's default for the model (GET /models: default_cache)"
+
+
+def _printable(text: str) -> str:
+    """Refuse control characters (Unicode category Cc: NUL, BEL, ESC, newlines, tabs...): a
+    prompt is one line of text, and a tokenizer would drop or mangle them unseen."""
+    for i, char in enumerate(text):
+        if unicodedata.category(char) == "Cc":
+            raise PydanticCustomError(
+                "control_character",
+                "must not contain control characters, found {char} at index {index}",
+                {"char": f"U+{ord(char):04X}", "index": i},
+            )
+    return text
+
+
+# A text model's prompt and negative prompt: JSON strings (UTF-8), no control characters.
+Prompt = Annotated[
+    str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_printable)
+]
+NegativePrompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_printable)]
 
 
 class GenerateParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Model name or local path; None = default.")
-    class_label: int = Field(
-        0, ge=0, description="Class to generate: [0, num_classes - 1] (GET /models: limits)."
+    class_label: int | None = Field(
+        None,
+        ge=0,
+        description="Class models: the class to generate, [0, num_classes - 1] (GET /models: "
+        "limits); None: 0. Refused on text models.",
+    )
+    prompt: Prompt | None = Field(
+        None,
+        description="Text models: what to draw (required there; refused on class models). "
+        f"1 to {MAX_PROMPT_CHARS} characters, no control characters; the encoder reads at most "
+        "the model's max_tokens tokens and the result says when it cut the prompt.",
+    )
+    negative_prompt: NegativePrompt | None = Field(
+        None,
+        description="Text models: what guidance steers away from (replaces the empty prompt of "
+        f"the unconditional branch); 0 to {MAX_PROMPT_CHARS} characters. None: the empty prompt.",
     )
     num_images: int = Field(
         1,
@@ -80,7 +118,11 @@ class GenerateParams(BaseModel):
         description="Sampler steps. 1000 is the schema's cap; the deployment's limit is lower "
         "(GET /models: limits.steps).",
     )
-    sampler: Sampler = "ddim"
+    sampler: Sampler | None = Field(
+        None,
+        description="ddim, ddpm, dpm++ (noise-prediction models) or flow_euler (flow models); "
+        "None: the model's default (GET /models: samplers, default_sampler).",
+    )
     guidance_scale: float | None = Field(
         None,
         ge=1.0,
@@ -156,6 +198,8 @@ class Limits:
     default_guidance: float  # what a request leaving guidance unset runs (1: off)
     max_batch_tokens: int | None  # None: no budget (one process runs the request alone)
     tokens_per_image: int
+    max_tokens: int | None = None  # a text model's prompt tokens; None: a class model
+    samplers: tuple[str, ...] = ()  # the samplers the model runs, its default first
 
     def images_within_budget(self, guided: bool) -> int:
         """Images one request may ask for: the cap, and the batch budget (guided rows count
@@ -172,11 +216,19 @@ class Limits:
         view: dict[str, Any] = {
             "steps": {"min": 1, "max": self.max_steps},
             "num_images": {"min": 1, "max": images},
-            "class_label": {"min": 0, "max": self.num_classes - 1},
             "guidance_scale": {"min": 1.0, "max": self.max_guidance},
+            "samplers": list(self.samplers),
             "max_batch_tokens": self.max_batch_tokens,
             "tokens_per_image": self.tokens_per_image,
         }
+        if self.max_tokens is None:
+            view["class_label"] = {"min": 0, "max": self.num_classes - 1}
+        else:  # characters the schema takes; tokens past max_tokens are cut (and reported)
+            view["prompt"] = {
+                "min_length": 1,
+                "max_length": MAX_PROMPT_CHARS,
+                "max_tokens": self.max_tokens,
+            }
         if guided and images < self.images_within_budget(False):
             view["num_images"]["without_guidance"] = self.images_within_budget(False)
         if self.num_frames is not None:
@@ -199,6 +251,8 @@ def limits(info: ModelInfo, settings: Settings | None = None) -> Limits:
         default_guidance=guidance_of(config, None, info.default_guidance),
         max_batch_tokens=settings.max_batch_tokens if settings is not None else None,
         tokens_per_image=config.num_tokens,
+        max_tokens=info.max_tokens,
+        samplers=info.samplers,
     )
 
 
@@ -218,9 +272,12 @@ def resolve(params: GenerateParams, info: ModelInfo, settings: Settings | None =
         return plan(
             info.config,
             class_label=params.class_label,
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
             num_images=params.num_images,
             steps=params.steps,
             sampler=params.sampler,
+            objective=info.objective,
             seed=params.seed,
             guidance=guidance,
             dynamic=params.dynamic,
@@ -285,15 +342,50 @@ def default_config(info: ModelInfo, settings: Settings | None = None) -> tuple[C
     """The default cache of a served model and the checked config it runs (``GET /models``
     shows both; the settings check them at boot). Raises FieldError naming the parameter."""
     default = cache_default(info, settings)
+    # The cache's config does not depend on what a run is conditioned on: on a text model,
+    # the empty prompt stands for any prompt.
     run = plan(
-        info.config, policy=default.policy, params=default.params, overrides=info.cache_overrides
+        info.config,
+        prompt="" if info.conditioning == "text" else None,
+        policy=default.policy,
+        params=default.params,
+        overrides=info.cache_overrides,
+        objective=info.objective,
     )
     return default, run.cache
 
 
 def echo(run: RunPlan) -> dict[str, Any]:
-    """What ran, in request fields: the guidance and the cache policy with its parameters
-    (infinity as None)."""
+    """What ran, in request fields: the class label (class models), the sampler, the guidance
+    and the cache policy with its parameters (infinity as None)."""
     config = cache.as_json(run.cache)
-    view: dict[str, Any] = {"guidance_scale": run.guidance, "cache_policy": run.policy}
+    view: dict[str, Any] = {
+        "class_label": run.class_label if run.prompt is None else None,
+        "sampler": run.sampler,
+        "guidance_scale": run.guidance,
+        "cache_policy": run.policy,
+    }
     return view | {name: config.get(FIELDS[run.policy].get(name, "")) for name in CACHE_FIELDS}
+
+
+PROMPT_RESULT_FIELDS = (
+    "prompt_tokens",
+    "prompt_truncated",
+    "negative_prompt_tokens",
+    "negative_prompt_truncated",
+)
+
+
+def prompt_result(run: RunPlan, report: PromptReport | None) -> dict[str, Any]:
+    """What became of a text model's prompts, for its result: ``prompt_tokens`` (special
+    tokens included) and ``prompt_truncated`` (cut at the model's max_tokens), and the same of
+    the negative prompt where the request gave one. Empty for class models."""
+    if report is None:
+        return {}
+    view: dict[str, Any] = {"prompt_tokens": report.tokens, "prompt_truncated": report.truncated}
+    if run.negative_prompt is not None:
+        view |= {
+            "negative_prompt_tokens": report.negative_tokens,
+            "negative_prompt_truncated": report.negative_truncated,
+        }
+    return view

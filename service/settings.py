@@ -63,6 +63,14 @@ class Settings(BaseSettings):
         "card's default (shipped Skip-DiT models: Skip-Cache), else none",
     )
     max_batch_tokens: int = Field(4096, ge=1, description="batch rows x tokens per row, per step")
+    prompt_cache_entries: int = Field(
+        1024,
+        ge=0,
+        le=1_000_000,
+        description="prompt embeddings a worker keeps (LRU, shared by its text models; the "
+        "empty prompt is kept apart); each holds the encoder's output of one prompt (T5-XXL: "
+        "up to 120 x 4096 floats); 0: every prompt is encoded again",
+    )
     max_inflight: int = Field(32, ge=1, description="jobs one worker holds (running + waiting)")
     max_queue: int = Field(256, ge=1, description="jobs waiting per model before submits get 429")
     retry_after_s: float = Field(2.0, gt=0)

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import torch
 
 from model import registry
+from model.text.cache import EmbeddingCache
 from service.engine import Engine, EngineEvent, EngineRequest, StepReport
 from service.errors import BackendUnavailable
 from service.images import CONTENT_TYPES, encode
@@ -46,6 +47,7 @@ from service.jobs import ENDED_BY
 from service.messages import EventKind, JobRecord, JobStatus, StoredResult
 from service.metrics import NO_MODEL, Metrics
 from service.queue.base import Delivery, QueueBackend
+from service.request import prompt_result
 from service.settings import Settings
 from service.video import VIDEO_CONTENT_TYPES, encode_video
 
@@ -365,6 +367,8 @@ class Worker:
             "cache_policy": request["cache_policy"],
             **event.result.stats.as_dict(),
             "seconds_engine": event.result.seconds,
+            # Text models: the prompt's tokens and whether the encoder's limit cut it.
+            **prompt_result(event.result.plan, event.result.prompt_report),
         }
         fps = request.get("fps")
         if fps is None:
@@ -389,10 +393,17 @@ class Worker:
                 await in_model_thread(engine.step)  # drain the cancellations
 
 
-def _load(settings: Settings, name: str) -> tuple[Engine, dict[str, Any]]:
-    """One model loaded onto its fast path, its engine, and how it runs."""
+def _load(
+    settings: Settings, name: str, embeddings: EmbeddingCache
+) -> tuple[Engine, dict[str, Any]]:
+    """One model loaded onto its fast path (a text model with its text encoder, its prompt
+    embeddings in the worker's ``embeddings``), its engine, and how it runs."""
     loaded = registry.load(
-        name, device=settings.device, dtype=getattr(torch, settings.dtype), vae_path=settings.vae
+        name,
+        device=settings.device,
+        dtype=getattr(torch, settings.dtype),
+        vae_path=settings.vae,
+        embeddings=embeddings,
     )
     fast = loaded.pipeline.use_fast_path(settings.kernels, settings.graphs)
     runtime = {
@@ -406,11 +417,15 @@ def _load(settings: Settings, name: str) -> tuple[Engine, dict[str, Any]]:
 
 
 def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> Worker:
-    """Load every configured model and build an engine per model + a worker over ``backend``."""
+    """Load every configured model and build an engine per model + a worker over ``backend``.
+    Text models load their encoders here, once, and share one prompt-embedding cache of
+    ``SKIPDIT_PROMPT_CACHE_ENTRIES`` (its keys hold the model name). Runs on the model thread
+    (``in_model_thread``): loading never blocks the event loop."""
     engines: dict[str, Engine] = {}
     runtimes: dict[str, dict[str, Any]] = {}
+    embeddings = EmbeddingCache(settings.prompt_cache_entries)
     for name in settings.models or []:
-        engines[name], runtimes[name] = _load(settings, name)
+        engines[name], runtimes[name] = _load(settings, name, embeddings)
     return Worker(backend, engines, metrics, WorkerConfig.from_settings(settings), runtimes)
 
 
@@ -422,7 +437,9 @@ def run_worker_process(settings: Settings) -> int:
     from service.queue import make_backend
 
     async def main() -> None:
-        metrics = Metrics(settings.models or [])
+        names = settings.models or []
+        text = [n for n in names if registry.describe(n).conditioning == "text"]
+        metrics = Metrics(names, text_models=text)
         if settings.metrics_port is not None:
             start_http_server(settings.metrics_port, registry=metrics.registry)
         backend = make_backend(settings)

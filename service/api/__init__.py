@@ -43,7 +43,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     keys = KeyRing(
         settings.api_keys, settings.key_rate_per_s, settings.key_burst, settings.key_max_queued
     )
-    svc = Service(settings, backend, Metrics(names), infos, keys)
+    text = [name for name, info in infos.items() if info.conditioning == "text"]
+    svc = Service(settings, backend, Metrics(names, text_models=text), infos, keys)
     if settings.embedded_worker:
         svc.worker = await in_model_thread(make_worker, settings, backend, svc.metrics)
         svc.worker_task = asyncio.create_task(svc.worker.run(), name="skipdit-worker")

@@ -137,6 +137,18 @@ def new_record(
     return JobRecord(request, owner=owner, plan=run.to_json(), total_steps=body.steps)
 
 
+def prompt_fields(
+    info: ModelInfo, prompt: str, negative_prompt: str | None = None
+) -> dict[str, Any]:
+    """The request fields of an OpenAI-style ``prompt``: a text model's prompt as it is (and
+    its negative prompt); a class model's class label read from the prompt (a card class name,
+    "7", "digit 7"; anything else raises FieldError('prompt')). A negative prompt goes through
+    either way: a class model refuses it naming the field."""
+    if info.conditioning == "text":
+        return {"prompt": prompt, "negative_prompt": negative_prompt}
+    return {"class_label": info.label_from_prompt(prompt), "negative_prompt": negative_prompt}
+
+
 def check_output(body: JobRequest, info: ModelInfo) -> None:
     """The output options against the model's kind: a video's fps and formats on an image
     model, an image format on a video model, raise FieldError naming the field."""

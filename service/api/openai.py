@@ -1,4 +1,6 @@
-"""``POST /v1/images/generations``: the OpenAI Images API subset (prompt = class, b64_json)."""
+"""``POST /v1/images/generations``: the OpenAI Images API subset (b64_json). On a text model
+the prompt is the prompt (and ``negative_prompt`` an extension); on a class model it names the
+class."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from pydantic import BaseModel, Field
 
 from model.errors import FieldError
 from service.api.auth import CallerDep
-from service.api.deps import ServiceDep
+from service.api.deps import ServiceDep, prompt_fields
 from service.messages import JobRequest
+from service.request import PROMPT_RESULT_FIELDS, NegativePrompt, Prompt
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -19,7 +22,12 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 class OpenAIImageRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
-    prompt: str = Field(..., min_length=1, max_length=1000)
+    prompt: Prompt = Field(
+        ..., description="Text models: the prompt. Class models: a class label or name."
+    )
+    negative_prompt: NegativePrompt | None = Field(
+        None, description="Extension, text models: what guidance steers away from."
+    )
     model: str | None = None
     n: int = Field(1, ge=1, le=16)
     size: str | None = Field(None, description="WxH; must be the model's size")
@@ -41,13 +49,15 @@ async def openai_images(
         raise FieldError("size", f"this model makes {side}x{side} images, got {body.size!r}")
     request = JobRequest(
         model=info.name,
-        class_label=info.label_from_prompt(body.prompt),
         num_images=body.n,
         timeout_s=svc.settings.default_timeout_s,
+        **prompt_fields(info, body.prompt, body.negative_prompt),
     )
     record = await svc.submit(request, idempotency_key, caller)
     _, result = await svc.wait_done(record)
     return {
         "created": int(record.created_at),
         "data": [{"b64_json": base64.b64encode(i).decode()} for i in result.images],
+        # Text models: the prompt's tokens and whether the encoder cut it (an extension).
+        **{k: v for k, v in result.meta.items() if k in PROMPT_RESULT_FIELDS},
     }

@@ -31,6 +31,10 @@ def _model(svc: Service, name: str, info: ModelInfo) -> dict[str, Any]:
         "default": name == svc.default_model,
         "random_weights": info.random_weights,
         "config": dataclasses.asdict(info.config),
+        "conditioning": info.conditioning,  # "class": class_label; "text": prompt
+        "max_tokens": info.max_tokens,  # text models: prompt tokens read; null: class models
+        "samplers": list(info.samplers),
+        "default_sampler": info.samplers[0],  # what a request leaving sampler unset runs
         "default_guidance": info.default_guidance,
         "dynamic": info.config.dynamic,  # DyDiT routers: requests may set `dynamic`
         "cache_policies": sorted(info.cache_defaults()),  # those that apply to its kind

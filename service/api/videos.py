@@ -2,8 +2,9 @@
 
 ``POST`` queues a job and returns a video object at once; ``GET`` shows it (status queued,
 in_progress, completed or failed; progress 0-100), ``/content`` returns the MP4 when it is
-complete, ``DELETE`` cancels it. The prompt is a class label or name, as for /v1/images. A job
-made here is an ordinary job (``/jobs/{id}`` shows it); this router shows only video jobs.
+complete, ``DELETE`` cancels it. The prompt is a text model's prompt, or a class model's class
+label or name, as for /v1/images. A job made here is an ordinary job (``/jobs/{id}`` shows it);
+this router shows only video jobs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from model.errors import FieldError
 from model.registry import ModelInfo
 from service import errors
 from service.api.auth import Caller, CallerDep
-from service.api.deps import Service, ServiceDep
+from service.api.deps import Service, ServiceDep, prompt_fields
 from service.messages import DEFAULT_FPS, MAX_FPS, JobRecord, JobRequest, JobStatus
+from service.request import Prompt
 
 router = APIRouter(prefix="/v1/videos", tags=["openai"])
 
@@ -36,7 +38,9 @@ STATUS = {  # job status -> what OpenAI's video object says
 class OpenAIVideoRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
-    prompt: str = Field(..., min_length=1, max_length=1000, description="A class label or name.")
+    prompt: Prompt = Field(
+        ..., description="Text models: the prompt. Class models: a class label or name."
+    )
     model: str | None = Field(None, description="A served video model; None: the first one.")
     seconds: float | None = Field(
         None, gt=0, description="Clip length: the model's frames over this; None: at 8 fps."
@@ -74,7 +78,7 @@ def _job_request(body: OpenAIVideoRequest, info: ModelInfo, timeout_s: float) ->
     try:
         return JobRequest(
             model=info.name,
-            class_label=info.label_from_prompt(body.prompt),
+            **prompt_fields(info, body.prompt),
             output_format="mp4",
             fps=fps,
             timeout_s=timeout_s,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from model.networks.checkpoint import save_pretrained
 from service.cli import main
-from tests.helpers import tiny
+from tests.helpers import tiny, tiny_text_model
 
 CLI = [sys.executable, "-m", "service.cli"]
 
@@ -102,6 +102,10 @@ def test_console_script_says_when_weights_are_random(tmp_path: Path) -> None:
         (["--class-label", "-1"], "class_label"),
         (["--num-images", "17"], "num_images"),
         (["--sampler", "euler"], "sampler"),
+        (["--sampler", "flow_euler"], "sampler"),  # an eps model
+        (["--prompt", "a red cat on a sofa"], "prompt"),  # a class model
+        (["--prompt", "a\x07"], "prompt"),  # a control character
+        (["--negative-prompt", "blurry"], "negative_prompt"),
         (["--guidance-scale", "0.5"], "guidance_scale"),
         (["--cache-depth", "3"], "cache_depth"),
         (["--cache-policy", "none", "--cache-interval", "2"], "cache_interval"),
@@ -196,3 +200,26 @@ def test_generate_and_help_work_without_the_train_extra(tmp_path: Path) -> None:
     for command in ("train", "train-classifier", "bench"):
         proc = run_without_train_extra(command, "--help")
         assert proc.returncode == 0 and "--out" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+def test_generate_on_a_text_model_says_when_the_prompt_was_cut(tmp_path: Path) -> None:
+    model = str(tiny_text_model(tmp_path / "t2i"))
+    long = "a 7 on the left and a 2 on the right and a 3 at the top"  # past its 8 tokens
+    out = tmp_path / "t2i.png"
+    said = run("generate", "--model", model, "--prompt", long, "--steps", "2", "--out", str(out))
+    assert said.returncode == 0, said.stderr
+    assert "prompt: 8 tokens (TRUNCATED at the model's 8 tokens)" in said.stdout.splitlines()
+    with Image.open(out) as image:
+        assert image.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # 4 images of 32x32
+    stats = run("generate", "--model", model, "--prompt", "a 7", "--negative-prompt", "a 3",
+                "--steps", "2", "--out", str(out), "--json")  # fmt: skip
+    assert stats.returncode == 0, stats.stderr
+    got = json.loads(stats.stdout.strip().splitlines()[-1])
+    assert (got["prompt_tokens"], got["prompt_truncated"]) == (3, False)
+    assert (got["negative_prompt_tokens"], got["negative_prompt_truncated"]) == (3, False)
+    refused = run("generate", "--model", model, "--class-label", "3", "--out", str(out))
+    assert refused.returncode == 2  # checked before the model and its encoder load: one line
+    assert refused.stderr.strip().splitlines() == [
+        "skipdit generate: error: class_label: this model is text-conditional: give a prompt"
+    ]

@@ -40,16 +40,22 @@ def test_every_series_is_in_base_units_with_the_project_prefix_and_a_model_label
         "skipdit_inflight_requests",
         "skipdit_requests",
         "skipdit_errors",
+        "skipdit_prompt_cache_hits",
+        "skipdit_prompt_cache_misses",
     }
     counters = {f.name for f in families if f.type == "counter"}
-    assert counters == {"skipdit_steps", "skipdit_requests", "skipdit_errors"}  # *_total
+    assert counters == {  # *_total
+        "skipdit_steps", "skipdit_requests", "skipdit_errors",
+        "skipdit_prompt_cache_hits", "skipdit_prompt_cache_misses",
+    }  # fmt: skip
     for family in (
         metrics.request_duration, metrics.queue_wait, metrics.step_duration, metrics.batch_size,
         metrics.steps, metrics.speedup, metrics.queue_depth, metrics.dead_letters,
-        metrics.inflight, metrics.requests, metrics.errors,
+        metrics.inflight, metrics.requests, metrics.errors, metrics.prompt_cache_hits,
+        metrics.prompt_cache_misses,
     ):  # fmt: skip
         assert family._labelnames[0] == "model", family
-    assert len(families) == 11
+    assert len(families) == 13
 
 
 def test_a_real_engine_step_becomes_batch_mode_and_duration_series(
@@ -111,6 +117,19 @@ def test_a_step_report_counts_requests_per_mode() -> None:
     )
     assert value(metrics, "skipdit_batch_size_bucket", **labels, le="4.0") == 0
     assert value(metrics, "skipdit_batch_size_bucket", **labels, le="8.0") == 1
+
+
+def test_prompt_cache_series_are_text_models_and_add_up_their_steps_reports() -> None:
+    metrics = Metrics(["t2i", "tiny"], text_models=["t2i"])
+    for name in ("skipdit_prompt_cache_hits_total", "skipdit_prompt_cache_misses_total"):
+        assert value(metrics, name, model="t2i") == 0  # exported from the start
+        assert value(metrics, name, model="tiny") is None  # a class model has none
+    for hits, misses in ((0, 2), (2, 0), (3, 1)):
+        metrics.observe_step("t2i", StepReport(prompt_cache_hits=hits, prompt_cache_misses=misses))
+    metrics.observe_step("tiny", StepReport(requests=1))  # a class model's step: no counts
+    assert value(metrics, "skipdit_prompt_cache_hits_total", model="t2i") == 5
+    assert value(metrics, "skipdit_prompt_cache_misses_total", model="t2i") == 3
+    assert value(metrics, "skipdit_prompt_cache_hits_total", model="tiny") is None
 
 
 def test_the_end_of_a_request_records_latency_status_and_speedup() -> None:

@@ -109,3 +109,14 @@ def test_repeated_model_flags_are_the_served_list_and_an_unknown_one_exits_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("skipdit serve: error: SKIPDIT_MODELS: unknown model 'nope'; known:")
+
+
+def test_the_prompt_cache_size_comes_from_the_environment_and_is_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().prompt_cache_entries == 1024
+    monkeypatch.setenv("SKIPDIT_PROMPT_CACHE_ENTRIES", "5")
+    assert Settings().prompt_cache_entries == 5
+    monkeypatch.setenv("SKIPDIT_PROMPT_CACHE_ENTRIES", "-1")
+    with pytest.raises(ValidationError, match="prompt_cache_entries"):
+        Settings()

@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -20,9 +21,9 @@ from service.metrics import Metrics
 from service.queue.base import Delivery
 from service.queue.memory import MemoryBackend
 from service.request import GenerateParams
-from service.worker import Worker, WorkerConfig, burst
-from tests.helpers import job_record, plan_of
-from tests.service.helpers import Clock
+from service.worker import Worker, WorkerConfig, burst, make_worker
+from tests.helpers import job_record, plan_of, tiny_text_model
+from tests.service.helpers import Clock, settings_for
 
 MODEL = "tiny"
 
@@ -317,9 +318,9 @@ class SlowToPrepareEngine(CountingEngine):
 
     stepping = False
 
-    def _prepare(self, request: EngineRequest, events: list[EngineEvent]) -> None:
+    def _prepare(self, requests: list[EngineRequest], events: list[EngineEvent]) -> None:
         time.sleep(0.2)
-        super()._prepare(request, events)
+        super()._prepare(requests, events)
 
     def step(self) -> tuple[list[EngineEvent], StepReport]:
         self.stepping = True
@@ -368,3 +369,15 @@ async def test_the_worker_never_waits_on_the_queue_while_a_burst_runs(
     assert any(stepping for _, stepping in rig.backend.claims)  # it asked while stepping...
     blocking = [b for b, stepping in rig.backend.claims if stepping and b > 0]
     assert blocking == []  # ...never blocking
+
+
+def test_a_workers_text_models_share_one_prompt_cache_of_the_configured_size(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    texts = [str(tiny_text_model(tmp_path / name)) for name in ("t2i-a", "t2i-b")]
+    models = [*texts, str(tiny_model_dir)]
+    settings = settings_for("memory", tiny_model_dir, None, models=models, prompt_cache_entries=7)
+    worker = make_worker(settings, MemoryBackend(10, 60, 600), Metrics(models))
+    a, b, image = (worker.engines[name].pipeline.prompting for name in models)
+    assert a is not None and b is not None and image is None
+    assert a.cache is b.cache and a.cache.capacity == 7
