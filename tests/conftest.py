@@ -69,3 +69,9 @@ def tiny_model() -> SkipDiT:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_model: SkipDiT) -> Pipeline:
     return Pipeline(tiny_model, default_guidance=2.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_pipeline(tiny_model: SkipDiT) -> Pipeline:
+    """The tiny network served as a flow-matching model (its card's objective: flow_euler)."""
+    return Pipeline(tiny_model, default_guidance=2.0, objective="flow")

@@ -75,6 +75,8 @@ def info_of(pipeline: Pipeline, card: dict[str, Any] | None = None) -> ModelInfo
     """A ModelInfo for a pipeline built in a test, its card holding the pipeline's defaults."""
     teacache = pipeline.cache_overrides.get("teacache", {})
     own: dict[str, Any] = {"default_guidance": pipeline.default_guidance}
+    if pipeline.objective != "eps":
+        own |= {"objective": pipeline.objective, "shift": pipeline.shift}
     if "coefficients" in teacache:
         own["teacache"] = {"coefficients": list(teacache["coefficients"])}
     return ModelInfo("test", pipeline.model.config, own | (card or {}), random_weights=True)

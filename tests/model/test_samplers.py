@@ -218,30 +218,30 @@ def test_tables_are_shared_between_equal_schedules() -> None:
 # ----------------------------------------------------------------------------- flow in a pipeline
 
 
-def test_flow_requests_batched_equal_each_alone(tiny_pipeline: Pipeline) -> None:
-    # Different step counts, images, guidance and a cache, with a DDIM request in the same
-    # forwards (its integer timesteps ride beside the flow rows' float ones).
+def test_flow_requests_batched_equal_each_alone(tiny_flow_pipeline: Pipeline) -> None:
+    # Different step counts, images, guidance and a cache in the same forwards.
     requests = [
         GenerateParams(steps=6, seed=1, sampler="flow_euler"),
-        GenerateParams(steps=9, seed=2, class_label=3, num_images=2, sampler="flow_euler"),
+        GenerateParams(steps=9, seed=2, class_label=3, num_images=2),  # the model's default
         GenerateParams(steps=5, seed=3, sampler="flow_euler", guidance_scale=1, cache_interval=2),
-        GenerateParams(steps=7, seed=4, sampler="ddim"),
     ]
-    batched = generate(tiny_pipeline, requests)
+    batched = generate(tiny_flow_pipeline, requests)
     for params, result in zip(requests, batched, strict=True):
-        (alone,) = generate(tiny_pipeline, [params])
+        (alone,) = generate(tiny_flow_pipeline, [params])
         assert result.images is not None and result.images.shape == (params.num_images, 8, 8, 1)
         torch.testing.assert_close(result.latents, alone.latents, **BATCH_TOL)
-    noise = start(tiny_pipeline, requests[0]).latents
+    noise = start(tiny_flow_pipeline, requests[0]).latents
     assert not torch.allclose(batched[0].latents, noise, atol=0.1)  # it moved
 
 
-def test_an_oracle_velocity_keeps_a_flow_job_on_its_straight_path(tiny_pipeline: Pipeline) -> None:
+def test_an_oracle_velocity_keeps_a_flow_job_on_its_straight_path(
+    tiny_flow_pipeline: Pipeline,
+) -> None:
     # For a one-image data set the ideal velocity at x is (x - target) / sigma, sigma = t / 1000:
     # every step must then land on (1 - sigma') * target + sigma' * noise. It holds only where
     # the job's timestep is sigma * 1000 untruncated, its input unscaled and its step exact.
     target = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    job = start(tiny_pipeline, GenerateParams(steps=50, guidance_scale=1, sampler="flow_euler"))
+    job = start(tiny_flow_pipeline, GenerateParams(steps=50, guidance_scale=1))
     noise, sigmas = job.latents.clone(), job.scheduler.sigmas
     assert job.timestep == 1000.0  # pure noise
     while not job.done:
@@ -254,7 +254,7 @@ def test_an_oracle_velocity_keeps_a_flow_job_on_its_straight_path(tiny_pipeline:
     assert job.step == 50 and sigmas[-1] == 0
 
 
-def test_cache_windows_read_flow_timesteps_untruncated(tiny_pipeline: Pipeline) -> None:
+def test_cache_windows_read_flow_timesteps_untruncated(tiny_flow_pipeline: Pipeline) -> None:
     # Step 5 of 8 is at t = 286.43: with t_end = 286 it is outside the window (cached by the
     # interval); a truncated t (286) would put it inside (full).
     scheduler = make_scheduler("flow_euler", False, False)
@@ -268,7 +268,7 @@ def test_cache_windows_read_flow_timesteps_untruncated(tiny_pipeline: Pipeline) 
         cache_interval=2,
         cache_t_end=math.floor(t5),
     )
-    _, (modes,) = run_with_modes(tiny_pipeline, [params])
+    _, (modes,) = run_with_modes(tiny_flow_pipeline, [params])
     full, cached = Mode.FULL, Mode.CACHED
     assert modes == [full, cached, full, cached, full, cached, full, full]
 
