@@ -15,14 +15,16 @@ from model import cache, registry
 from service import request
 
 SHIPPED_VIDEO = "digits-video-skip"
+SHIPPED_TEXT = "digits-t2i-skip"
 
 
 def default_models() -> list[str]:
     """What a deployment serves when neither SKIPDIT_MODELS nor SKIPDIT_MODEL is set: the shipped
-    image model (the first: it serves requests that name no model) and the shipped video
-    model."""
+    image model (the first: it serves requests that name no model), the shipped video model and
+    the shipped text-to-image model."""
     shipped = registry.shipped_models()
-    return [registry.default_model()] + ([SHIPPED_VIDEO] if SHIPPED_VIDEO in shipped else [])
+    also = [name for name in (SHIPPED_VIDEO, SHIPPED_TEXT) if name in shipped]
+    return [registry.default_model(), *also]
 
 
 class Settings(BaseSettings):

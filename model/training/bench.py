@@ -51,7 +51,7 @@ from model.training.evaluate import (
     psnr_ssim,
     temporal_difference,
 )
-from model.training.floors import Measured
+from model.training.floors import Measured, Sample
 from model.training.floors import table as floor_table
 from model.training.options import BenchOptions
 
@@ -151,20 +151,38 @@ def cached_share(results: list[Result]) -> float:
 
 def sample(
     pipeline: Pipeline,
-    batch: list[RunPlan],
-    judge: Judge,
+    workload: Workload,
+    policy: str,
+    params: dict,
     reference: torch.Tensor | None = None,
 ) -> tuple[Measured, torch.Tensor]:
-    """One untimed run of ``batch`` judged as a floor row is (``model.training.floors``): PSNR
-    against ``reference`` (the uncached images of the same requests; None: this run is that
-    reference, PSNR inf), accuracy, share cached; and the run's images."""
-    results = pipeline.generate(batch)
+    """One untimed run of the workload's requests at a setting, judged as a floor row is
+    (``model.training.floors``): PSNR against ``reference`` (the uncached images of the same
+    requests; None: this run is that reference, PSNR inf), accuracy (text: adherence), share
+    cached; and the run's images."""
+    results = pipeline.generate(workload.batch(pipeline, policy, params))
     images = images_of(results)
-    labels = torch.tensor([p.class_label for p in batch]).repeat_interleave(batch[0].num_images)
     psnr = math.inf
     if reference is not None:
         psnr = psnr_ssim(images.flatten(0, -4), reference.flatten(0, -4))[0]
-    return Measured(psnr, judge.accuracy(images, labels), cached_share(results)), images
+    accuracy = workload.score(images)["accuracy"]
+    return Measured(psnr, accuracy, cached_share(results)), images
+
+
+def floor_workload(info: registry.ModelInfo, sample: Sample, judge: Judge) -> Workload:
+    """The small seeded run a model's floors are checked on (``floors.SAMPLES``): ``classes``
+    classes x ``per_class`` images (DDIM ``steps``), or a text model's first ``classes``
+    held-out prompts (flow ``steps``)."""
+    opts = BenchOptions(
+        per_class=sample.per_class,
+        steps=sample.steps,
+        seed=sample.seed,
+        prompts=sample.classes,
+        text_steps=sample.steps,
+    )
+    if info.conditioning == "text":
+        return text_workload(judge.classifier, opts)
+    return class_workload(sample.classes, judge, opts)
 
 
 def counted_flops(pipeline: Pipeline, params: RunPlan) -> float:

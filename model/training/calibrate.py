@@ -38,12 +38,14 @@ from model.networks.skip_dit import SkipDiT
 from model.sampling.graphs import Cached
 from model.sampling.pipeline import Pipeline, denoise_step
 from model.sampling.plan import RunPlan
+from model.training import scenes
 from model.training.options import CalibrateOptions
 
 log = logging.getLogger(__name__)
 
 DEGREE = 4  # TeaCache's polynomial
 SAMPLER = "ddim"
+TEXT_PROMPTS = 10  # text models: training captions calibrated on
 
 
 def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
@@ -84,15 +86,25 @@ def trace(pipeline: Pipeline, requests: Sequence[RunPlan]) -> list[tuple[float, 
 
 
 def calibration_requests(pipeline: Pipeline, opts: CalibrateOptions, classes: int) -> list[RunPlan]:
+    """Class models: ``per_class`` images of each class (class c seeded ``seed + c``), DDIM.
+    Text models: ``classes`` training captions of scenes (``model.training.scenes``; caption i
+    seeded ``seed + i``), ``per_class`` images each, the model's own sampler."""
+    if pipeline.prompting is None:
+        return [
+            pipeline.plan(
+                class_label=c,
+                num_images=opts.per_class,
+                steps=opts.steps,
+                sampler=SAMPLER,
+                seed=opts.seed + c,
+            )
+            for c in range(classes)
+        ]
+    g = torch.Generator().manual_seed(opts.seed)
+    prompts = [scenes.caption(scenes.random_scene(g), scenes.TRAIN, g) for _ in range(classes)]
     return [
-        pipeline.plan(
-            class_label=c,
-            num_images=opts.per_class,
-            steps=opts.steps,
-            sampler=SAMPLER,
-            seed=opts.seed + c,
-        )
-        for c in range(classes)
+        pipeline.plan(prompt=p, num_images=opts.per_class, steps=opts.steps, seed=opts.seed + i)
+        for i, p in enumerate(prompts)
     ]
 
 
@@ -106,7 +118,9 @@ def calibrate_model(name: str, opts: CalibrateOptions) -> dict[str, Any]:
     """The ``card["teacache"]`` entry of one model: its coefficients and how they were made."""
     loaded = registry.load(name)
     config = loaded.config
-    requests = calibration_requests(loaded.pipeline, opts, config.num_classes)
+    text = loaded.info.conditioning == "text"
+    runs = TEXT_PROMPTS if text else config.num_classes
+    requests = calibration_requests(loaded.pipeline, opts, runs)
     points = trace(loaded.pipeline, requests)
     inputs = [x for x, _ in points]
     return {
@@ -115,10 +129,10 @@ def calibrate_model(name: str, opts: CalibrateOptions) -> dict[str, Any]:
         "fit": f"np.polyfit(x, y, {DEGREE}): x = relative L1 change of block 0's modulated "
         "input, y = of the model output, per request and step",
         "runs": {
-            "classes": config.num_classes,
+            ("prompts" if text else "classes"): runs,
             "per_class": opts.per_class,
-            "seed": opts.seed,  # class c: seed + c
-            "sampler": SAMPLER,
+            "seed": opts.seed,  # class (prompt) i: seed + i
+            "sampler": requests[0].sampler,
             "steps": opts.steps,
             "guidance": requests[0].guidance,
             "points": len(points),

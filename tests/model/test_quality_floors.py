@@ -15,7 +15,7 @@ import torch
 
 from model import registry
 from model.sampling.pipeline import Pipeline
-from model.training.bench import Judge, model_settings, requests, sample
+from model.training.bench import Judge, Workload, floor_workload, model_settings, sample
 from model.training.floors import (
     ACCURACY_MARGIN,
     FLOORS,
@@ -32,21 +32,21 @@ from model.training.options import BenchOptions
 pytestmark = pytest.mark.slow  # every shipped model sampled at its floors' settings
 
 BENCH = Path(__file__).parents[2] / "docs" / "bench"
+TEXT_RESULTS = [p for p in [BENCH / "t2i" / "results.json"] if p.exists()]
 
 
 class Sampled(NamedTuple):
     pipeline: Pipeline
+    workload: Workload  # the model's floor sample (floors.SAMPLES)
     settings: dict[str, tuple[str, dict]]  # bench label -> (policy, options)
     reference: torch.Tensor  # uncached images of the sample (a DyDiT: its base model's)
     judge: Judge
     uncached: Measured  # the sample of the model's first row (uncached; a DyDiT: routed)
 
 
-def measure(model: Sampled, name: str, setting: str) -> Measured:
+def measure(model: Sampled, setting: str) -> Measured:
     policy, options = model.settings[setting]
-    s = SAMPLES[name]
-    batch = requests(model.pipeline, policy, options, s.per_class, s.steps, s.seed, s.classes)
-    return sample(model.pipeline, batch, model.judge, model.reference)[0]
+    return sample(model.pipeline, model.workload, policy, options, model.reference)[0]
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +58,17 @@ def sampled():
     def get(name: str) -> Sampled:
         if name not in done:
             loaded = registry.load(name)
-            s = SAMPLES[name]
-            uncached = requests(
-                loaded.pipeline, "none", {}, s.per_class, s.steps, s.seed, s.classes
-            )
+            work = floor_workload(loaded.info, SAMPLES[name], judge)
             chosen = model_settings(loaded.config, BenchOptions(), loaded.card)
             settings = {label: (policy, options) for label, policy, options in chosen}
             if loaded.config.dynamic:  # the reference is the base model's; its first row runs
                 base = registry.load(loaded.card["from"]).pipeline
-                reference = sample(base, uncached, judge)[1]
-                model = Sampled(loaded.pipeline, settings, reference, judge, None)
-                first = measure(model, name, uncached_row(name).setting)
+                reference = sample(base, work, "none", {})[1]
+                model = Sampled(loaded.pipeline, work, settings, reference, judge, None)
+                first = measure(model, uncached_row(name).setting)
             else:  # its first row, uncached, is the reference
-                first, reference = sample(loaded.pipeline, uncached, judge)
-            done[name] = Sampled(loaded.pipeline, settings, reference, judge, first)
+                first, reference = sample(loaded.pipeline, work, "none", {})
+            done[name] = Sampled(loaded.pipeline, work, settings, reference, judge, first)
         return done[name]
 
     return get
@@ -81,7 +78,7 @@ def sampled():
 def test_quality_floor(row: Floor, sampled) -> None:
     model = sampled(row.model)
     first = row == uncached_row(row.model)
-    got = model.uncached if first else measure(model, row.model, row.setting)
+    got = model.uncached if first else measure(model, row.setting)
     assert violations(row, got, model.uncached) == [], (row, got)
 
 
@@ -99,7 +96,7 @@ def test_every_bench_setting_of_every_shipped_model_has_a_floor() -> None:
 def test_the_floors_are_the_committed_bench_figures() -> None:
     """A bench re-run that moves a figure fails here until the table is updated with it."""
     committed = {}
-    for path in (BENCH / "results.json", BENCH / "video" / "results.json"):
+    for path in (BENCH / "results.json", BENCH / "video" / "results.json", *TEXT_RESULTS):
         for r in json.loads(path.read_text()):
             committed[r["model"], r["label"]] = (r["psnr"], r["accuracy"], r["steps_cached"])
     for f in FLOORS:
