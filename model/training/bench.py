@@ -104,13 +104,31 @@ def dydit_settings(intervals: list[int], card: dict) -> list[tuple[str, str, dic
     return [(label, "none", {}), *cached]
 
 
+def text_settings(intervals: list[int]) -> list[tuple[str, str, dict]]:
+    """A text model's settings: each run is 200 prompts, so every policy once at the setting
+    nearest Skip-Cache N=2 (the peers' defaults: fbcache's threshold, TeaCache at its ~N=3
+    threshold), Skip-Cache at every interval and adaptive at N=4."""
+    return [
+        ("none", "none", {}),
+        *[(f"skip_cache N={n}", "skip_cache", {"interval": n}) for n in intervals],
+        ("fora N=2", "fora", {"interval": 2}),
+        ("delta_dit N=2", "delta_dit", {"interval": 2}),
+        ("toca N=2 r=0.25", "toca", {"interval": 2, "ratio": 0.25}),
+        ("fbcache th=0.08", "fbcache", {"threshold": 0.08}),
+        ("teacache th=0.05", "teacache", {"threshold": 0.05}),
+        ("skip_cache N=4 th=0.05", "skip_cache", {"interval": 4, "threshold": 0.05}),
+    ]
+
+
 def model_settings(
     config: DiTConfig, opts: BenchOptions, card: dict | None = None
 ) -> list[tuple[str, str, dict]]:
-    """The settings the bench runs on a model: a DyDiT's own (its card's lambda), or every
-    policy's that applies."""
+    """The settings the bench runs on a model: a DyDiT's own (its card's lambda), a text
+    model's (``text_settings``), or every policy's that applies."""
     if config.dynamic:
         return dydit_settings(opts.intervals, card or {})
+    if config.conditioning == "text":
+        return text_settings(opts.intervals)
     return settings(opts.intervals, opts.thresholds, config)
 
 
