@@ -182,8 +182,10 @@ def official_forward_with_cfg(model_out: torch.Tensor, cfg_scale: float) -> torc
 
 
 def reference_sample(model: SkipDiT, params: GenerateParams) -> torch.Tensor:
-    """The official sampling loop, one guided forward per step, on our scheduler and noise."""
+    """The official sampling loop, one guided forward per step, on our scheduler and noise.
+    ``params`` name their sampler and class label (unset, the API picks them)."""
     config, n = model.config, params.num_images
+    assert params.sampler is not None and params.class_label is not None
     scheduler = make_scheduler(params.sampler, config.learn_sigma, pixel_space=False)
     scheduler.set_timesteps(params.steps)
     generator = torch.Generator().manual_seed(params.seed)
@@ -214,8 +216,9 @@ def test_official_release_guides_eps_channels_0_to_2_as_the_official_sampler(
     loaded = registry.load(str(tmp_path / "DiT-skip.pt"), vae_path=_save_tiny_vae(tmp_path / "vae"))
     assert loaded.config.guided_channels == 3
     params = GenerateParams(
-        steps=6, sampler="ddpm", guidance_scale=4, num_images=2, seed=5, cache_policy="none"
-    )
+        steps=6, sampler="ddpm", guidance_scale=4, num_images=2, seed=5, cache_policy="none",
+        class_label=0,
+    )  # fmt: skip
     job = start(loaded.pipeline, params)
     out = torch.randn(4, 8, 8, 8)  # (2n, 2C, H, W): conditional rows, then unconditional
     eps, rest = job.guide(out)
