@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
 
 from model.cache import Mode
 from model.networks.dydit import DyDiT
 from model.sampling.pipeline import Job, Pipeline
+from service.cli import build_parser
 from service.request import GenerateParams
 from tests.helpers import plan_of
 
@@ -53,3 +56,13 @@ def run_with_modes(
     plans = [plan_of(pipeline, p) for p in requests]
     results = pipeline.generate(plans, progress=progress)
     return [r.latents for r in results], [modes[id(p)] for p in plans]
+
+
+def train_run(out: Path, steps: int, *args: str) -> None:
+    """``skipdit train`` of ``steps`` into ``out`` as the CLI runs it (checkpoints and EMA
+    snapshots every 2 steps); ``args``: its other flags."""
+    parsed = build_parser().parse_args(
+        ["train", "--steps", str(steps), "--checkpoint-every", "2", "--snapshot-every", "2",
+         "--out", str(out), *args]
+    )  # fmt: skip
+    parsed.func(parsed, "skipdit train")

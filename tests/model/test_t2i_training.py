@@ -16,16 +16,11 @@ from model import registry
 from model.training import adherence, bench, scenes
 from model.training.evaluate import load_classifier
 from model.training.options import BenchOptions
-from service.cli import build_parser
+from tests.model.helpers import train_run
 
 
-def train(out: Path, steps: int, *extra: str) -> None:
-    args = build_parser().parse_args(
-        ["train", "--preset", "digits-t2i-tiny", "--objective", "flow", "--steps", str(steps),
-         "--batch-size", "4", "--checkpoint-every", "2", "--snapshot-every", "2",
-         "--out", str(out), *extra]
-    )  # fmt: skip
-    args.func(args, "skipdit train")
+def train(out: Path, steps: int) -> None:
+    train_run(out, steps, "--preset", "digits-t2i-tiny", "--objective", "flow", "--batch-size", "4")
 
 
 @pytest.fixture(scope="module")

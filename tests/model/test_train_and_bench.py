@@ -25,6 +25,7 @@ from model.training.evaluate import (
 )
 from model.training.options import BenchOptions
 from service.cli import build_parser, main
+from tests.model.helpers import train_run
 
 pytestmark = pytest.mark.slow  # real training runs (a module fixture) and benchmarks
 
@@ -35,11 +36,7 @@ PEER_THRESHOLD_LABELS = [f"teacache th={t}" for t in (0.02, 0.03, 0.05)] + [
 
 
 def train(out: Path, steps: int, *extra: str) -> None:
-    args = build_parser().parse_args(
-        ["train", "--preset", "digits-tiny", "--steps", str(steps), "--batch-size", "8",
-         "--checkpoint-every", "2", "--snapshot-every", "2", "--out", str(out), *extra]
-    )  # fmt: skip
-    args.func(args, "skipdit train")
+    train_run(out, steps, "--preset", "digits-tiny", "--batch-size", "8", *extra)
 
 
 @pytest.fixture(scope="module")
