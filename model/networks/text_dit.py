@@ -250,8 +250,8 @@ PRESETS: dict[str, Callable[..., TextDiTConfig]] = {
     "PixArt-XL/2": lambda **kw: TextDiTConfig(
         **{"depth": 28, "hidden_size": 1152, "num_heads": 16, "learn_sigma": True, **kw}
     ),
-    # The shipped text-to-image digits model: 32x32 pixels, 1 channel, patch 4 (64 tokens), a
-    # small jointly trained T5 encoder of width 128.
+    # The text-to-image digits model (skipdit train --preset digits-t2i): 32x32 pixels, 1
+    # channel, patch 4 (64 tokens), a small jointly trained T5 encoder of width 128.
     "digits-t2i": lambda **kw: TextDiTConfig(
         **{
             "depth": 6,
