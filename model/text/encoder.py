@@ -14,24 +14,18 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoTokenizer,
-    CLIPTextModel,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    T5EncoderModel,
-)
 
-# The saved config's ``model_type`` -> the class that loads the encoder.
-ENCODERS: dict[str, type[PreTrainedModel]] = {
-    "t5": T5EncoderModel,
-    "clip_text_model": CLIPTextModel,
+if TYPE_CHECKING:  # transformers' model classes take seconds to import: only when loading
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+# The saved config's ``model_type`` -> the ``transformers`` class that loads the encoder.
+ENCODERS: dict[str, str] = {
+    "t5": "T5EncoderModel",
+    "clip_text_model": "CLIPTextModel",
 }
 # A tokenizer directory holds at least one of these. Without one, AutoTokenizer builds the model
 # type's tokenizer with an empty vocabulary from a bare config.json: every word unknown, no error.
@@ -88,6 +82,9 @@ class TextEncoder(nn.Module):
         The encoder class is chosen by the saved config's ``model_type`` (``ENCODERS``). Raises
         TextEncoderError naming the directory for a missing directory or file, or an unsupported
         model type. (T5 overflows in float16; bfloat16 is its half precision.)"""
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
         encoder_dir, tokenizer_dir = Path(encoder_dir), Path(tokenizer_dir)
         config: PretrainedConfig = _load_local(
             AutoConfig.from_pretrained, encoder_dir, "encoder config"
@@ -103,9 +100,8 @@ class TextEncoder(nn.Module):
                 f"{list(VOCAB_FILES)}"
             )
         tokenizer = _load_local(AutoTokenizer.from_pretrained, tokenizer_dir, "tokenizer")
-        model = _load_local(
-            ENCODERS[config.model_type].from_pretrained, encoder_dir, "encoder", config=config
-        )
+        encoder_cls: type[PreTrainedModel] = getattr(transformers, ENCODERS[config.model_type])
+        model = _load_local(encoder_cls.from_pretrained, encoder_dir, "encoder", config=config)
         return cls(tokenizer, model, max_tokens).to(device=device, dtype=dtype).eval()
 
     @property
