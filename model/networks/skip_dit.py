@@ -144,11 +144,13 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, hidden_size: int, mlp_hidden: int):
+    """hidden_size -> mlp_hidden -> out_size (default: hidden_size), tanh GELU between."""
+
+    def __init__(self, hidden_size: int, mlp_hidden: int, out_size: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, mlp_hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+        self.fc2 = nn.Linear(mlp_hidden, out_size or hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -127,8 +127,7 @@ class CaptionEmbedder(nn.Module):
 
     def __init__(self, text_dim: int, hidden_size: int):
         super().__init__()
-        self.y_proj = Mlp(text_dim, hidden_size)
-        self.y_proj.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.y_proj = Mlp(text_dim, hidden_size, hidden_size)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         return self.y_proj(text)
