@@ -7,6 +7,13 @@ import os
 
 import torch
 
+# Under pytest-xdist (README's command runs a worker per core): one torch thread per worker, and
+# for the processes tests start, so workers do not oversubscribe the cores (OpenMP threads that
+# share a core wait on each other many times over).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 # No GPU: Triton kernels run in Triton's CPU interpreter. Triton reads this when it is first
 # imported, and importing diffusers (model.sampling.pipeline, below) imports it: set it before that.
 if not torch.cuda.is_available():

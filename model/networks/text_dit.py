@@ -250,13 +250,15 @@ PRESETS: dict[str, Callable[..., TextDiTConfig]] = {
         **{"depth": 28, "hidden_size": 1152, "num_heads": 16, "learn_sigma": True, **kw}
     ),
     # The text-to-image digits model (skipdit train --preset digits-t2i): 32x32 pixels, 1
-    # channel, patch 4 (64 tokens), a small jointly trained T5 encoder of width 128.
+    # channel, patch 2 (256 tokens: a 16 px digit spans 8x8 tokens of 2x2 pixels, as in the
+    # 16x16 class models; patch 4 left digits as speckled blobs after 2,000 steps), a small
+    # jointly trained T5 encoder of width 128.
     "digits-t2i": lambda **kw: TextDiTConfig(
         **{
             "depth": 6,
-            "hidden_size": 192,
-            "num_heads": 6,
-            "patch_size": 4,
+            "hidden_size": 128,
+            "num_heads": 4,
+            "patch_size": 2,
             "input_size": 32,
             "in_channels": 1,
             "learn_sigma": False,

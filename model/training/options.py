@@ -64,7 +64,12 @@ class TrainOptions(_Options):
     objective: Literal["eps", "flow"] = Field(
         "eps",
         description="eps: DDPM noise prediction (linear betas, 1000 steps); flow: rectified "
-        "flow (velocity noise - x0 at t ~ U(0, 1), sampled with flow_euler).",
+        "flow (velocity noise - x0, sampled with flow_euler).",
+    )
+    flow_t: Literal["logit-normal", "uniform"] = Field(
+        "logit-normal",
+        description="flow: where training draws the noise level s: logit-normal(0, 1) (SD3's "
+        "choice, most of the signal at mid noise where layout and identity form) or U(0, 1).",
     )
     data: DigitSource = Field("sklearn", description="Bundled digit set.")
     steps: int = Field(2000, ge=1, description="Optimizer steps in all (a resume continues).")

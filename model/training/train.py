@@ -170,16 +170,20 @@ FLOW_TIMESTEPS = 1000  # a flow sample at sigma s is fed the timestep s * 1000, 
 
 
 def _noised(
-    objective: str, schedule: DDPMScheduler, x0: torch.Tensor, g: torch.Generator
+    opts: TrainOptions, schedule: DDPMScheduler, x0: torch.Tensor, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy samples, the timesteps fed to the network, the regression target).
 
     eps: DDPM's ``add_noise`` at t ~ U{0..999}, target the noise. flow: rectified flow,
-    x_s = (1 - s) x0 + s noise at s ~ U[0, 1), target the velocity noise - x0 (what
-    ``FlowMatchEulerDiscreteScheduler.step`` integrates from s = 1 to 0)."""
+    x_s = (1 - s) x0 + s noise, target the velocity noise - x0 (what
+    ``FlowMatchEulerDiscreteScheduler.step`` integrates from s = 1 to 0), with s drawn by
+    ``opts.flow_t``: sigmoid of a standard normal (SD3's logit-normal), or U[0, 1)."""
     n = x0.shape[0]
-    if objective == "flow":
-        s = torch.rand(n, generator=g)
+    if opts.objective == "flow":
+        if opts.flow_t == "logit-normal":
+            s = torch.sigmoid(torch.randn(n, generator=g))
+        else:
+            s = torch.rand(n, generator=g)
         noise = torch.randn(x0.shape, generator=g)
         sv = s.view(-1, *[1] * (x0.dim() - 1))
         return (1 - sv) * x0 + sv * noise, s * FLOW_TIMESTEPS, noise - x0
@@ -199,7 +203,7 @@ def _train_step(
     the loss and, for a DyDiT (``budget``: its FLOPs), the batch's FLOPs ratio."""
     g = torch.Generator().manual_seed(opts.seed * 1_000_003 + run.step)
     x0, cond = _batch(run.model.config, source, opts.batch_size, g)  # (B, ...), condition
-    xt, t, target = _noised(opts.objective, schedule, x0, g)
+    xt, t, target = _noised(opts, schedule, x0, g)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.bf16):
         if budget is None:
             pred, ratio = run.model(xt, t, *cond), None
@@ -358,7 +362,11 @@ def _base_card(config: Config, opts: TrainOptions, run: _Run, source: Source) ->
         "train_seconds": round(run.seconds, 1),
         "default_guidance": 2.0,
         # A flow model samples with flow_euler: the card's sampler is what requests default to.
-        **({"objective": "flow", "sampler": "flow_euler"} if opts.objective == "flow" else {}),
+        **(
+            {"objective": "flow", "sampler": "flow_euler", "flow_t": opts.flow_t}
+            if opts.objective == "flow"
+            else {}
+        ),
         # What a request that names no cache field runs: a network with long skips serves
         # Skip-Cache at the bench's closest setting (N=2), a vanilla DiT uncached.
         **({"default_cache": DEFAULT_SKIP_CACHE} if config.long_skip else {}),
