@@ -187,7 +187,7 @@ def known_names() -> list[str]:
     return shipped_models() + [RANDOM_PREFIX + p for p in PRESETS]
 
 
-def _source(name: str) -> tuple[str, Path | str]:
+def source(name: str) -> tuple[str, Path | str]:
     """("pretrained", dir) | ("official", file) | ("random", preset name)."""
     path = Path(name)
     if (WEIGHTS_DIR / name / CONFIG_FILE).is_file():
@@ -204,7 +204,7 @@ def _source(name: str) -> tuple[str, Path | str]:
 def directory(name_or_path: str) -> Path:
     """The directory (``config.json`` + weights) of a shipped model or a model path in our
     format; FieldError('model', ...) for an official file or a preset, which have none."""
-    kind, where = _source(name_or_path)
+    kind, where = source(name_or_path)
     if kind != "pretrained":
         raise FieldError("model", f"{name_or_path!r} is not a model directory ({kind} weights)")
     return Path(where)
@@ -214,7 +214,7 @@ def describe(name_or_path: str | None = None) -> ModelInfo:
     """A model's config and card without its weights: ``config.json`` of our format, the
     tensor shapes of a memory-mapped official ``.pt`` (no tensor data is read), a preset."""
     name = name_or_path or default_model()
-    kind, where = _source(name)
+    kind, where = source(name)
     if kind == "pretrained":
         config, card = read_pretrained_meta(where)
         return ModelInfo(name, config, card, random_weights=False)
@@ -224,7 +224,7 @@ def describe(name_or_path: str | None = None) -> ModelInfo:
 
 
 def _network(info: ModelInfo, seed: int) -> SkipDiT:
-    kind, where = _source(info.name)
+    kind, where = source(info.name)
     if kind == "pretrained":
         return load_pretrained(where)[0]
     if kind == "official":
@@ -276,7 +276,7 @@ def _prompting(
 ) -> Prompting:
     """A text model's encoder and tokenizer, from the directories its card names (relative to
     the model's directory), read from local files only."""
-    kind, where = _source(info.name)
+    kind, where = source(info.name)
     missing = [key for key in ("text_encoder", "tokenizer") if key not in info.card]
     if kind != "pretrained" or missing:
         raise FieldError(

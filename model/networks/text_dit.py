@@ -153,11 +153,15 @@ class T2IFinalLayer(nn.Module):
 @dataclass(frozen=True)
 class TextDiTConfig(DiTConfig):
     """A text-conditioned Skip-DiT. ``text_dim``: the text encoder's hidden size;
-    ``max_tokens``: prompts are tokenized to at most this many tokens. The class fields of
+    ``max_tokens``: prompts are tokenized to at most this many tokens; ``pooled_text``: the
+    masked mean of the projected text tokens, through a linear layer (``text_pool``), is added
+    to the timestep embedding, so the whole prompt also modulates every block (as Hunyuan-DiT
+    adds its pooled T5 and SD3 its pooled CLIP; PixArt-alpha has none). The class fields of
     ``DiTConfig`` are unused: the unconditional branch of guidance is the empty prompt."""
 
     text_dim: int = 4096
     max_tokens: int = 120
+    pooled_text: bool = False
     num_classes: int = 1
     class_dropout_prob: float = 0.0
     caption_dropout_prob: float = 0.1  # training: a caption is replaced by the empty prompt
@@ -190,6 +194,7 @@ class TextSkipDiT(SkipDiT):
         del self.y_embedder  # the class embedding: text instead (PixArt's name and key layout)
         self.y_embedder = CaptionEmbedder(config.text_dim, d)  # type: ignore[assignment]
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.text_pool = nn.Linear(d, d) if config.pooled_text else None
         self.final_layer = T2IFinalLayer(  # type: ignore[assignment]  # PixArt's, t-modulated
             d, config.patch_size, config.out_channels
         )
@@ -204,8 +209,8 @@ class TextSkipDiT(SkipDiT):
     def _init_text(self) -> None:
         """PixArt-alpha's: t_block small, cross-attention outputs and final layer zero, so each
         block starts as its self-attention and MLP on the timestep alone."""
-        for module in (self.y_embedder, self.t_block, self.final_layer):
-            for m in module.modules():
+        for module in (self.y_embedder, self.t_block, self.text_pool, self.final_layer):
+            for m in module.modules() if module is not None else ():
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.zeros_(m.bias)
@@ -225,13 +230,21 @@ class TextSkipDiT(SkipDiT):
 
     def encode_text(self, hidden: torch.Tensor, mask: torch.Tensor) -> TextContext:
         """The text encoder's output (B, L, C_text) and mask (B, L) -> every block's keys and
-        values: the one place text is projected. Run once per request."""
+        values (and the pooled text): the one place text is projected. Run once per request."""
         text = self.y_embedder(hidden.to(self.x_embedder.proj.weight.dtype))  # (B, L, D)
         kv = tuple(block.cross_attn.kv(text) for block in self.text_blocks)
-        return TextContext(kv, mask.to(torch.bool))
+        real = mask.to(torch.bool)
+        pooled = None
+        if self.text_pool is not None:
+            weights = real.to(text.dtype).unsqueeze(-1)  # (B, L, 1)
+            mean = (text * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
+            pooled = self.text_pool(mean)
+        return TextContext(kv, real, pooled)
 
     def condition(self, t: torch.Tensor, y: Any) -> TextCondition:  # type: ignore[override]
         t_emb = self.t_embedder(t)  # (B, D)
+        if y.pooled is not None:
+            t_emb = t_emb + y.pooled
         return TextCondition(t_emb, self.t_block(t_emb), y)
 
     def head(self, x: torch.Tensor, c: Any) -> torch.Tensor:
@@ -264,10 +277,14 @@ PRESETS: dict[str, Callable[..., TextDiTConfig]] = {
             "learn_sigma": False,
             "text_dim": 128,
             "max_tokens": 24,
+            "pooled_text": True,
             **kw,
         }
     ),
     # Smallest useful shape, for tests: the shipped model's canvas in 4x4 patches of 8 pixels.
+    # The same network with PixArt-alpha's conditioning only (text through cross-attention, no
+    # pooled text): the first stage of the shipped model (its card).
+    "digits-t2i-pixart": lambda **kw: PRESETS["digits-t2i"](**{"pooled_text": False, **kw}),
     "digits-t2i-tiny": lambda **kw: TextDiTConfig(
         **{
             "depth": 4,
@@ -279,6 +296,7 @@ PRESETS: dict[str, Callable[..., TextDiTConfig]] = {
             "learn_sigma": False,
             "text_dim": 16,
             "max_tokens": 8,
+            "pooled_text": True,
             **kw,
         }
     ),

@@ -84,11 +84,7 @@ class Prompting:
 
 def _trim(context: TextContext) -> TextContext:
     """One row cut to its real tokens: a request's context does not depend on its company."""
-    length = int(context.mask[0].sum())
-    return TextContext(
-        tuple((k[:, :, :length], v[:, :, :length]) for k, v in context.kv),
-        context.mask[:, :length],
-    )
+    return context.trimmed(int(context.mask[0].sum()))
 
 
 def _report(pair: Sequence[Entry]) -> PromptReport:

@@ -2,7 +2,8 @@
 its text encoder trained jointly (``Trainee``), batches of captioned scenes
 (``model.training.scenes``), and the export: the network in our format beside the encoder and
 tokenizer in ``transformers``' (``save_pretrained``), loaded back through the card path real
-checkpoints take.
+checkpoints take. A run may start from an exported model (``--init-from``: ``start_from``), its
+network gaining the modules a newer preset adds.
 
 The text encoder is a small T5 encoder built from a ``transformers`` config; the tokenizer is a
 word-level ``tokenizers`` model trained on every caption training can produce. A caption is
@@ -13,13 +14,15 @@ branch of guidance is the encoded empty prompt.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
-from model.networks.checkpoint import save_pretrained
+from model.errors import FieldError
+from model.networks.checkpoint import WEIGHTS_FILE, save_pretrained
 from model.networks.text_dit import TextDiTConfig, TextSkipDiT
 from model.text.build import build_t5, build_tokenizer
 from model.training import scenes
@@ -50,13 +53,18 @@ class Trainee(nn.Module):
         return self.dit(x, t, self.dit.encode_text(hidden, mask))
 
 
-def tokenizer_for(config: TextDiTConfig, run_dir: Path) -> PreTrainedTokenizerFast:
-    """The run's tokenizer: trained on the captions at the run's start and kept in the run
-    directory, so a resumed run tokenizes as the first did."""
+def tokenizer_for(
+    config: TextDiTConfig, run_dir: Path, start: Path | None = None
+) -> PreTrainedTokenizerFast:
+    """The run's tokenizer: the exported model's it starts from (``start``), else trained on
+    the captions at the run's start; kept in the run directory, so a resumed run tokenizes as
+    the first did."""
     path = run_dir / TOKENIZER_DIR
-    if path.exists():
-        loaded = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    if path.exists() or start is not None:
+        source = path if path.exists() else cast(Path, start) / TOKENIZER_DIR
+        loaded = PreTrainedTokenizerFast.from_pretrained(source, local_files_only=True)
         assert isinstance(loaded, PreTrainedTokenizerFast)
+        loaded.save_pretrained(path)
         return loaded
     tokenizer = build_tokenizer(scenes.corpus(), config.max_tokens)
     tokenizer.save_pretrained(path)
@@ -72,6 +80,24 @@ def fresh(config: TextDiTConfig, tokenizer: PreTrainedTokenizerFast) -> Trainee:
         heads=ENCODER_HEADS,
     )
     return Trainee(TextSkipDiT(config), encoder)
+
+
+def start_from(trainee: Trainee, directory: Path) -> list[str]:
+    """Load an exported model (``export``'s layout) into ``trainee``: the network's weights by
+    name, the encoder's all. Returns the network's parameters the export lacks (modules a newer
+    config adds, such as ``text_pool``): they keep their fresh init. Anything else that differs
+    (a shape, a parameter the trainee lacks, the encoder) is a FieldError('init_from')."""
+    encoder = T5EncoderModel.from_pretrained(directory / ENCODER_DIR, local_files_only=True)
+    try:  # a shape that differs raises even when not strict
+        missing, unexpected = trainee.dit.load_state_dict(
+            load_file(directory / WEIGHTS_FILE), strict=False
+        )
+        trainee.encoder.load_state_dict(encoder.state_dict())
+    except RuntimeError as e:
+        raise FieldError("init_from", f"{directory} does not fit this preset: {e}") from e
+    if unexpected:
+        raise FieldError("init_from", f"{directory} has parameters the preset lacks: {unexpected}")
+    return missing
 
 
 class Batches:

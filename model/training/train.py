@@ -85,12 +85,15 @@ class _Run:
         if isinstance(config, TextDiTConfig):  # the network and its text encoder, jointly
             assert tokenizer is not None
             model = t2i.fresh(config, tokenizer).train()
+            if opts.init_from is not None:
+                fresh = t2i.start_from(model, _init_dir(opts.init_from))
+                log.info("started from %s; new: %s", opts.init_from, fresh or "none")
         elif opts.from_model is not None:  # DyDiT fine-tune: the base's weights, routers all on
             model = DyDiT.from_base(registry.load(opts.from_model).pipeline.model).train()
         else:
             model = build(config).train()
             torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=opts.label_init_std)
-        if opts.init_from is not None:
+        if opts.init_from is not None and not isinstance(config, TextDiTConfig):
             if config.kind != "video":
                 raise FieldError("init_from", "starts a video model from an image model")
             video = cast(SkipLatte, model)  # a video config builds a Skip-Latte
@@ -246,7 +249,8 @@ def train(opts: TrainOptions) -> Path:
     source: Source
     tokenizer = None
     if isinstance(config, TextDiTConfig):
-        tokenizer = t2i.tokenizer_for(config, out)
+        start = None if opts.init_from is None else _init_dir(opts.init_from)
+        tokenizer = t2i.tokenizer_for(config, out, start)
         source = t2i.Batches(config, tokenizer)
     else:
         source = data.load(opts.data, size=config.input_size, split="train")
@@ -286,6 +290,14 @@ def train(opts: TrainOptions) -> Path:
     return final
 
 
+def _init_dir(name: str) -> Path:
+    """The directory of the model ``--init-from`` names (shipped or a path)."""
+    kind, where = registry.source(name)
+    if kind != "pretrained":
+        raise FieldError("init_from", f"{name} is not a model directory (ours: config.json)")
+    return Path(where)
+
+
 DEFAULT_SKIP_CACHE = {"policy": "skip_cache", "interval": 2}
 
 
@@ -303,8 +315,8 @@ def _config(opts: TrainOptions) -> Config:
     text = isinstance(config, TextDiTConfig)
     if config.in_channels != 1 or (not text and config.num_classes != 10):
         raise FieldError("preset", f"{opts.preset} is not a 1-channel 10-class digit model")
-    if text and opts.init_from is not None:
-        raise FieldError("init_from", "starts a video model, not a text-to-image one")
+    if text and opts.init_from and registry.describe(opts.init_from).conditioning != "text":
+        raise FieldError("init_from", f"{opts.init_from} is not a text-to-image model")
     if text and config.input_size != scenes.CANVAS:
         raise FieldError("preset", f"text-to-image scenes are {scenes.CANVAS}x{scenes.CANVAS}")
     return config

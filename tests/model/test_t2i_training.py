@@ -7,20 +7,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from model import registry
-from model.training import adherence, bench, scenes
+from model.errors import FieldError
+from model.networks.presets import preset
+from model.networks.text_dit import TextDiTConfig
+from model.text.build import build_tokenizer
+from model.training import adherence, bench, scenes, t2i
 from model.training.evaluate import load_classifier
 from model.training.options import BenchOptions
 from tests.model.helpers import train_run
 
 
-def train(out: Path, steps: int) -> None:
-    train_run(out, steps, "--preset", "digits-t2i-tiny", "--objective", "flow", "--batch-size", "4")
+def train(out: Path, steps: int, *more: str) -> None:
+    train_run(
+        out, steps, "--preset", "digits-t2i-tiny", "--objective", "flow", "--batch-size", "4", *more
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +36,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train(root / "straight", 4)
     train(root / "resumed", 2)
     train(root / "resumed", 4)
+    # another seed: a start that ignored the export would begin far from its weights
+    train(root / "started", 1, "--init-from", str(root / "straight" / "final"), "--seed", "1")
     return {p.name: p for p in root.iterdir()}
 
 
@@ -50,6 +59,37 @@ def test_the_export_serves_prompts_through_the_card_path(runs: dict[str, Path]) 
     pipeline = registry.load(str(final)).pipeline
     (result,) = pipeline.generate([pipeline.plan(prompt="a 7 on the left", steps=3)])
     assert result.images is not None and result.images.shape == (1, 32, 32, 1)
+
+
+@pytest.mark.slow
+def test_a_run_started_from_an_export_takes_its_weights_and_tokenizer(
+    runs: dict[str, Path],
+) -> None:
+    """``--init-from`` an exported text model: its tokenizer, and weights one step away from the
+    export's (the run's own seed would start them elsewhere)."""
+    final, started = runs["straight"] / "final", runs["started"]
+    card = json.loads((started / "final" / "config.json").read_text())["card"]
+    assert card["init_from"] == str(final) and card["flow_t"] == "logit-normal"
+    tokenizer = (final / "tokenizer" / "tokenizer.json").read_text()
+    assert (started / "tokenizer" / "tokenizer.json").read_text() == tokenizer
+    export = load_file(final / "model.safetensors")
+    after = load_file(started / "final" / "model.safetensors")
+    for key, value in export.items():
+        assert (after[key] - value).abs().max() < 0.01, key
+
+
+def test_start_from_keeps_fresh_only_what_the_new_preset_adds(tmp_path: Path) -> None:
+    tokenizer = build_tokenizer(["a 7 on the left"], 8)
+    tiny = cast(TextDiTConfig, preset("digits-t2i-tiny"))
+    old = t2i.fresh(tiny.replace(pooled_text=False), tokenizer)
+    t2i.export(old, tokenizer, tmp_path / "old", {"name": "old"})
+    new = t2i.fresh(tiny, tokenizer)
+    assert sorted(t2i.start_from(new, tmp_path / "old")) == ["text_pool.bias", "text_pool.weight"]
+    for key, value in old.state_dict().items():
+        assert torch.equal(new.state_dict()[key], value), key
+    wider = t2i.fresh(tiny.replace(hidden_size=48), tokenizer)
+    with pytest.raises(FieldError, match="init_from"):
+        t2i.start_from(wider, tmp_path / "old")
 
 
 def test_every_caption_parses_back_to_its_scene() -> None:

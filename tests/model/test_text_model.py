@@ -7,13 +7,15 @@ once per request; the plan's conditioning and sampler checks."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 
 from model import registry
 from model.errors import FieldError
-from model.networks.text_dit import TextSkipDiT
+from model.networks.presets import preset
+from model.networks.text_dit import TextDiTConfig, TextSkipDiT
 from model.sampling.pipeline import Pipeline
 from model.sampling.plan import RunPlan
 from tests.helpers import BATCH_TOL, tiny, tiny_text_model
@@ -83,10 +85,11 @@ def test_batched_equals_alone_across_prompts_guidance_negatives_and_policies(
 
 def test_text_is_encoded_and_projected_once_per_request(pipeline: Pipeline) -> None:
     """Over whole runs (8 steps, cached steps too), the encoder runs once per batch of misses
-    and every block's key/value projection once per request; the queries every step."""
+    and every block's key/value projection (and the pooled text) once per request; the queries
+    every step."""
     model = pipeline.model
     assert isinstance(model, TextSkipDiT) and pipeline.prompting is not None
-    calls = {"encoder": 0, "kv": 0, "q": 0}
+    calls = {"encoder": 0, "kv": 0, "q": 0, "pool": 0}
 
     def count(name: str):
         def hook(*_: object) -> None:
@@ -94,7 +97,11 @@ def test_text_is_encoded_and_projected_once_per_request(pipeline: Pipeline) -> N
 
         return hook
 
-    handles = [pipeline.prompting.encoder.model.register_forward_hook(count("encoder"))]
+    assert model.text_pool is not None  # digits-t2i-tiny pools the text too
+    handles = [
+        pipeline.prompting.encoder.model.register_forward_hook(count("encoder")),
+        model.text_pool.register_forward_hook(count("pool")),
+    ]
     for block in model.text_blocks:
         handles.append(block.cross_attn.kv_linear.register_forward_hook(count("kv")))
         handles.append(block.cross_attn.q_linear.register_forward_hook(count("q")))
@@ -111,6 +118,7 @@ def test_text_is_encoded_and_projected_once_per_request(pipeline: Pipeline) -> N
     depth = len(model.text_blocks)
     assert calls["encoder"] == 1  # the misses of the three requests, one batch
     assert calls["kv"] == len(plans) * depth
+    assert calls["pool"] == len(plans)  # the pooled text too: once per request, with its keys
     assert calls["q"] > calls["kv"]  # the steps ran cross-attention on the stored keys
 
 
@@ -152,3 +160,24 @@ def test_plans_check_the_conditioning_and_the_sampler(pipeline: Pipeline) -> Non
     with pytest.raises(FieldError) as e:
         image.plan(sampler="flow_euler")
     assert e.value.field == "sampler"
+
+
+def test_pooled_text_reaches_every_block_through_the_timestep_embedding() -> None:
+    """``pooled_text``: with every cross-attention output zero (their init), two prompts still
+    give different outputs, through the pooled text added to the timestep embedding; with the
+    pool zeroed too, the same."""
+    torch.manual_seed(0)
+    model = TextSkipDiT(cast(TextDiTConfig, preset("digits-t2i-tiny"))).eval()
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    assert model.text_pool is not None
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([400.0, 400.0])
+    hidden, mask = torch.randn(2, 5, model.config.text_dim), torch.ones(2, 5)
+    with torch.no_grad():
+        out = model(x, t, model.encode_text(hidden, mask))
+        swapped = model(x, t, model.encode_text(hidden.flip(0), mask))
+        assert not torch.allclose(out, swapped)
+        torch.nn.init.zeros_(model.text_pool.weight)
+        torch.nn.init.zeros_(model.text_pool.bias)
+        out = model(x, t, model.encode_text(hidden, mask))
+        swapped = model(x, t, model.encode_text(hidden.flip(0), mask))
+        assert torch.equal(out, swapped)
