@@ -1,12 +1,12 @@
 """Encoding generated clips: MP4 (H.264 through PyAV), animated GIF and WebP (Pillow, through
-``model.sampling.images.animate``)."""
+``model.sampling.images.animate``). PyAV is imported when an MP4 is encoded, so everything else
+(the engine, the workers, the benchmarks) runs where it is not installed."""
 
 from __future__ import annotations
 
 import io
 from fractions import Fraction
 
-import av
 import numpy as np
 import torch
 
@@ -31,6 +31,8 @@ def encode_video(frames: torch.Tensor, fmt: str = "mp4", fps: float = 8.0) -> by
 
 def _mp4(frames: torch.Tensor, fps: float) -> bytes:
     """H.264 in MP4, yuv420p (what browsers play): odd sides are padded by one black pixel."""
+    import av  # only MP4 needs PyAV
+
     rgb = frames.expand(-1, -1, -1, 3) if frames.shape[-1] == 1 else frames  # (F, H, W, 3)
     h, w = rgb.shape[1:3]
     array = np.zeros((len(rgb), h + h % 2, w + w % 2, 3), dtype=np.uint8)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import textwrap
 
 import av
 import numpy as np
@@ -43,3 +46,25 @@ def test_bad_input_names_the_problem() -> None:
         encode_video(clip(), "avi")
     with pytest.raises(ValueError, match="frames"):
         encode_video(clip()[0], "mp4")
+
+
+def test_the_service_and_the_engine_benchmark_import_without_pyav() -> None:
+    """Only MP4 encoding needs PyAV: with it unimportable, the app, the worker and the engine
+    benchmark import, and an animated GIF still encodes; an MP4 names the missing module."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["av"] = None  # import av raises ImportError
+        import torch
+        import loadtest.bench_fast_path, service.api, service.cli, service.worker
+        from service.video import encode_video
+        assert encode_video(torch.zeros(2, 4, 4, 1, dtype=torch.uint8), "gif")[:3] == b"GIF"
+        try:
+            encode_video(torch.zeros(2, 4, 4, 1, dtype=torch.uint8), "mp4")
+        except ImportError as e:
+            print("mp4:", e)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "mp4: import of av halted" in proc.stdout
