@@ -207,10 +207,11 @@ def attention(qkv: torch.Tensor, *, head_tile: HeadTile = "pad") -> torch.Tensor
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (n + meta["BLOCK_M"] - 1) // meta["BLOCK_M"], b * h
 
-    _kernel()[grid](
-        qkv, out, b, n, LOG2E / math.sqrt(dh),
-        s_b, s_n, s_s, s_h, out.stride(0), out.stride(1),
-        H=h, HEAD_DIM=dh, BLOCK_D=block_d, BLOCK_DT=max(block_dt, 1), HAS_TAIL=block_dt > 0,
-        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-    )  # fmt: skip
+    with dispatch.on_device(qkv.device):
+        _kernel()[grid](
+            qkv, out, b, n, LOG2E / math.sqrt(dh),
+            s_b, s_n, s_s, s_h, out.stride(0), out.stride(1),
+            H=h, HEAD_DIM=dh, BLOCK_D=block_d, BLOCK_DT=max(block_dt, 1), HAS_TAIL=block_dt > 0,
+            PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+        )  # fmt: skip
     return out

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from types import ModuleType
@@ -68,6 +69,15 @@ def resolve(requested: str, device: torch.device | str) -> Resolved:
     if reason is not None:
         raise KernelUnavailable(f"kernel backend 'triton' cannot run: {reason}")
     return "triton"
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Where a kernel launches: a CUDA tensor's own device made current (Triton launches on the
+    current device, so in a process with several GPUs a tensor on cuda:1 would otherwise be
+    read by a kernel running on cuda:0); nothing to do on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def import_triton() -> ModuleType:

@@ -326,12 +326,13 @@ def lsc_fusion(x: torch.Tensor, s: torch.Tensor, folded: FoldedLSC) -> torch.Ten
     def grid(meta: dict[str, int]) -> tuple[int]:
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
 
-    _kernel()[grid](
-        x, s, w, folded.u, folded.c, y, m, n, d,
-        inner_x, stride_xo, stride_xi, inner_s, stride_so, stride_si,
-        w.stride(0), w.stride(1), y.stride(0), folded.eps,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-    )  # fmt: skip
+    with dispatch.on_device(x.device):
+        _kernel()[grid](
+            x, s, w, folded.u, folded.c, y, m, n, d,
+            inner_x, stride_xo, stride_xi, inner_s, stride_so, stride_si,
+            w.stride(0), w.stride(1), y.stride(0), folded.eps,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        )  # fmt: skip
     return y.view(*x.shape[:-1], n)
 
 

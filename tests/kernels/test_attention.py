@@ -7,6 +7,7 @@ takes ~5 s there).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -166,3 +167,11 @@ def test_cpu_bf16_is_unavailable() -> None:
     """The interpreter's bf16 dots are silently wrong: refuse rather than return garbage."""
     with pytest.raises(dispatch.KernelUnavailable, match="bf16"):
         attn.attention(torch.zeros(1, 4, 3, 1, 16, dtype=torch.bfloat16))
+
+
+def test_a_launch_makes_its_tensors_cuda_device_current() -> None:
+    """Triton launches on the current CUDA device, so both launchers run under their input's
+    device (a worker process may hold several GPUs); a CPU tensor changes nothing."""
+    context = dispatch.on_device(torch.device("cuda", 1))  # made, not entered: no GPU needed
+    assert isinstance(context, torch.cuda.device) and context.idx == 1
+    assert isinstance(dispatch.on_device(torch.device("cpu")), contextlib.nullcontext)
