@@ -281,10 +281,10 @@ PRESETS: dict[str, Callable[..., TextDiTConfig]] = {
             **kw,
         }
     ),
-    # Smallest useful shape, for tests: the shipped model's canvas in 4x4 patches of 8 pixels.
     # The same network with PixArt-alpha's conditioning only (text through cross-attention, no
-    # pooled text): the first stage of the shipped model (its card).
+    # pooled text): the first stage of the staged digits-t2i runs (docs/development.md).
     "digits-t2i-pixart": lambda **kw: PRESETS["digits-t2i"](**{"pooled_text": False, **kw}),
+    # Smallest useful shape, for tests: the digits canvas in 4x4 patches of 8 pixels.
     "digits-t2i-tiny": lambda **kw: TextDiTConfig(
         **{
             "depth": 4,
