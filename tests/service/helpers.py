@@ -298,10 +298,12 @@ async def until_ready(
 
 
 class Load:
-    """Submits async jobs one after another until stopped; sorts the answers."""
+    """Submits async jobs of ``steps`` steps one after another until stopped; sorts the
+    answers."""
 
-    def __init__(self, client: httpx.AsyncClient):
+    def __init__(self, client: httpx.AsyncClient, steps: int = 20):
         self.client = client
+        self.steps = steps
         self.accepted: list[str] = []  # 202: ids, in order
         self.refused = 0  # 503: Redis was down
         self.stop = asyncio.Event()
@@ -309,7 +311,7 @@ class Load:
     async def run(self) -> None:
         seed = 0
         while not self.stop.is_set():
-            body = {"class_label": seed % 10, "steps": 20, "seed": seed, "async": True}
+            body = {"class_label": seed % 10, "steps": self.steps, "seed": seed, "async": True}
             response = await self.client.post("/generate", json=body)
             if response.status_code == 202:
                 self.accepted.append(response.json()["id"])

@@ -160,7 +160,7 @@ async def test_the_queues_master_down_answers_503_and_back_loses_no_accepted_job
         keys = Keys(settings.redis_prefix)
         async with running_app(settings) as client:
             await until_ready(client, lambda r: r["models"][model]["held"], timeout=180)
-            load = Load(client)
+            load = Load(client, steps=100)  # slower than submissions: work is in flight
             submitting = asyncio.create_task(load.run())
             await load.until(lambda: len(load.accepted) >= 15)
             before = list(load.accepted)

@@ -38,7 +38,7 @@ async def test_a_redis_crash_mid_load_loses_no_accepted_job_and_finishes_each_on
         settings = settings_for("redis", tiny_model_dir, server.url, max_queue=10_000)
         keys = Keys(settings.redis_prefix)
         async with running_app(settings) as client:
-            load = Load(client)
+            load = Load(client, steps=100)  # slower than submissions: work is in flight
             submitting = asyncio.create_task(load.run())
             await load.until(lambda: len(load.accepted) >= 15)
             before = list(load.accepted)
