@@ -14,7 +14,7 @@ branch of guidance is the encoded empty prompt.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -60,15 +60,20 @@ def tokenizer_for(
     the captions at the run's start; kept in the run directory, so a resumed run tokenizes as
     the first did."""
     path = run_dir / TOKENIZER_DIR
-    if path.exists() or start is not None:
-        source = path if path.exists() else cast(Path, start) / TOKENIZER_DIR
-        loaded = PreTrainedTokenizerFast.from_pretrained(source, local_files_only=True)
-        assert isinstance(loaded, PreTrainedTokenizerFast)
-        loaded.save_pretrained(path)
-        return loaded
-    tokenizer = build_tokenizer(scenes.corpus(), config.max_tokens)
+    if path.exists():
+        return _load_tokenizer(path)
+    if start is not None:
+        tokenizer = _load_tokenizer(start / TOKENIZER_DIR)
+    else:
+        tokenizer = build_tokenizer(scenes.corpus(), config.max_tokens)
     tokenizer.save_pretrained(path)
     return tokenizer
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    loaded = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    assert isinstance(loaded, PreTrainedTokenizerFast)
+    return loaded
 
 
 def fresh(config: TextDiTConfig, tokenizer: PreTrainedTokenizerFast) -> Trainee:
