@@ -78,16 +78,22 @@ class _Run:
 
     @classmethod
     def fresh(
-        cls, config: Config, opts: TrainOptions, tokenizer: PreTrainedTokenizerFast | None
+        cls,
+        config: Config,
+        opts: TrainOptions,
+        tokenizer: PreTrainedTokenizerFast | None,
+        start: Path | None = None,
     ) -> _Run:
+        """A run at step 0; a text run with ``start`` (``--init-from``'s export) from its
+        weights."""
         torch.manual_seed(opts.seed)
         model: SkipDiT | t2i.Trainee
         if isinstance(config, TextDiTConfig):  # the network and its text encoder, jointly
             assert tokenizer is not None
             model = t2i.fresh(config, tokenizer).train()
-            if opts.init_from is not None:
-                fresh = t2i.start_from(model, _init_dir(opts.init_from))
-                log.info("started from %s; new: %s", opts.init_from, fresh or "none")
+            if start is not None:
+                fresh = t2i.start_from(model, start)
+                log.info("started from %s; new: %s", start, fresh or "none")
         elif opts.from_model is not None:  # DyDiT fine-tune: the base's weights, routers all on
             model = DyDiT.from_base(registry.load(opts.from_model).pipeline.model).train()
         else:
@@ -247,15 +253,16 @@ def train(opts: TrainOptions) -> Path:
     out = opts.out
     (out / "snapshots").mkdir(parents=True, exist_ok=True)
     source: Source
-    tokenizer = None
+    tokenizer, start = None, None
+    ckpt_path = out / "checkpoint.pt"
     if isinstance(config, TextDiTConfig):
         start = None if opts.init_from is None else _init_dir(opts.init_from)
         tokenizer = t2i.tokenizer_for(config, out, start)
         source = t2i.Batches(config, tokenizer)
     else:
         source = data.load(opts.data, size=config.input_size, split="train")
-    run = _Run.fresh(config, opts, tokenizer)
-    ckpt_path = out / "checkpoint.pt"
+    # a resumed run reads its weights from the checkpoint, not from the export it started from
+    run = _Run.fresh(config, opts, tokenizer, None if ckpt_path.exists() else start)
     if ckpt_path.exists():
         run.resume(ckpt_path, opts)
     budget = flop_model(cast(DyDiT, run.model)) if config.dynamic else None
