@@ -42,6 +42,9 @@ def require_marker(name: str, what: str) -> None:
 # Batched vs solo at fp32: GEMMs of different batch sizes round differently (~1 ulp per op);
 # over tens of steps that reaches ~1e-5. Far below any visible change (1/255 ~ 4e-3).
 BATCH_TOL = {"rtol": 1e-4, "atol": 1e-4}
+# Where tests run the Triton kernels: the GPU when there is one, else this CPU under Triton's
+# interpreter (tests/conftest.py sets TRITON_INTERPRET=1 only where CUDA is absent).
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 M = TypeVar("M", bound=torch.nn.Module)

@@ -159,6 +159,30 @@ class CachedBatch:
         return [slice(start, end) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
+def relative_changes(
+    now: torch.Tensor, stored: Sequence[torch.Tensor], slices: Sequence[slice]
+) -> list[float]:
+    """Each request's mean |now - stored| / mean |stored| over its own rows: ``now`` (B, ...)
+    holds the group's rows, each request's consecutive at its slice, ``stored`` each request's
+    rows from before. One vectorised reduction and one host sync for the whole group, whatever
+    its size; a request's figure depends on its own rows only."""
+    before = torch.cat(list(stored))  # (B, ...): the slices tile the batch in order
+    counts = torch.tensor([s.stop - s.start for s in slices], device=now.device)
+    owner = torch.repeat_interleave(torch.arange(len(slices), device=now.device), counts)
+    moved = (now - before).abs().flatten(1).float().sum(1)  # (B,) per row
+    size = before.abs().flatten(1).float().sum(1)
+    totals = torch.zeros(2, len(slices), device=now.device)
+    totals[0].index_add_(0, owner, moved)
+    totals[1].index_add_(0, owner, size)
+    return (totals[0] / totals[1].clamp_min(1e-12)).tolist()
+
+
+def gather_index(slices: Sequence[slice], device: torch.device) -> torch.Tensor:
+    """The batch rows of the given requests' slices, in order: (rows,) indices to gather the
+    rows that compute into one forward and to scatter its output back."""
+    return torch.cat([torch.arange(s.start, s.stop) for s in slices]).to(device)
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes held by the given tensors (None entries hold nothing)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -16,10 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
-from model.cache.base import CachedBatch, CachePolicy, Mode, tensor_bytes
+from model.cache.base import (
+    CachedBatch,
+    CachePolicy,
+    Mode,
+    gather_index,
+    relative_changes,
+    tensor_bytes,
+)
 from model.errors import FieldError
 from model.networks.skip_dit import DiTConfig, SkipDiT
 
@@ -57,10 +65,6 @@ def decide(step: int, t: float, config: FBCacheConfig, state: FBCacheState) -> M
     return Mode.CACHED
 
 
-def relative_change(now: torch.Tensor, before: torch.Tensor) -> float:
-    return ((now - before).abs().mean() / before.abs().mean().clamp_min(1e-12)).item()
-
-
 class FBCache(CachePolicy[FBCacheConfig, FBCacheState]):
     name = "fbcache"
     config_cls = FBCacheConfig
@@ -84,18 +88,30 @@ class FBCache(CachePolicy[FBCacheConfig, FBCacheState]):
         skips: list[torch.Tensor] = []
         first = model.run_blocks(tokens, c, range(1), skips)  # (B, T, D)
         hidden = torch.empty_like(first)
-        states = batch.states
-        for state, rows in zip(states, batch.row_slices(len(s.first) for s in states), strict=True):
+        # Cached rows only: a full step (``on_full``) has stored every request's block-0 output.
+        states: list[FBCacheState] = list(batch.states)
+        stored = [cast(torch.Tensor, s.first) for s in states]
+        slices = batch.row_slices(len(f) for f in stored)
+        changes = relative_changes(first, stored, slices)
+        computing: list[tuple[FBCacheState, slice]] = []
+        for state, rows, change in zip(states, slices, changes, strict=True):
             # Only this request's rows decide (the group shares one config: see group key).
-            if relative_change(first[rows], state.first) < config.threshold:
-                hidden[rows] = first[rows] + state.residual
+            if change < config.threshold:
+                hidden[rows] = first[rows] + cast(torch.Tensor, state.residual)
                 state.last_mode = Mode.CACHED
-                continue
-            own = [s[rows] for s in skips]
-            h = model.run_blocks(first[rows], c[rows], range(1, model.config.units), own)
-            hidden[rows] = h
-            state.first, state.residual = first[rows].clone(), h - first[rows]
-            state.last_mode = Mode.FULL
+            else:
+                computing.append((state, rows))
+                state.last_mode = Mode.FULL
+        if computing:  # one run of blocks 1.. for every row that computes
+            index = gather_index([rows for _, rows in computing], first.device)
+            own = [s[index] for s in skips]
+            h = model.run_blocks(first[index], c[index], range(1, model.config.units), own)
+            hidden[index] = h
+            offset = 0
+            for state, rows in computing:
+                mine = h[offset : offset + rows.stop - rows.start]
+                offset += rows.stop - rows.start
+                state.first, state.residual = first[rows].clone(), mine - first[rows]
         return model.head(hidden, c)
 
     def realized_mode(self, state: FBCacheState, decided: Mode) -> Mode:

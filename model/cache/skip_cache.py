@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import torch
 
-from model.cache.base import CachedBatch, Mode, tensor_bytes
+from model.cache.base import CachedBatch, Mode, relative_changes, tensor_bytes
 from model.cache.interval import IntervalConfig, IntervalPolicy, interval_mode
 from model.errors import FieldError
 from model.networks.skip_dit import DiTConfig, SkipDiT
@@ -189,15 +189,10 @@ def stale_rows(
     each request's own rows, one host sync for the group); marks each state refreshed or not."""
     # Adaptive states: their last full step stored the shallow output (and the threshold).
     stored = [cast(torch.Tensor, s.shallow) for s in states]
-    changes = torch.stack(
-        [
-            (shallow[rows] - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
-            for prev, rows in zip(stored, slices, strict=True)
-        ]
-    ).tolist()
+    changes = relative_changes(shallow, stored, slices)
     stale: list[int] = []
     for state, rows, change in zip(states, slices, changes, strict=True):
-        state.refreshed = change >= state.threshold
+        state.refreshed = change >= cast(float, state.threshold)
         if state.refreshed:
             stale += range(rows.start, rows.stop)
     return torch.tensor(stale, dtype=torch.long, device=shallow.device)

@@ -38,13 +38,20 @@ its first spatial block (its modulation broadcast over frames).
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import cast
 
 import torch
 
-from model.cache.base import CachedBatch, CachePolicy, Mode, tensor_bytes
+from model.cache.base import (
+    CachedBatch,
+    CachePolicy,
+    Mode,
+    gather_index,
+    relative_changes,
+    tensor_bytes,
+)
 from model.errors import FieldError
 from model.networks.skip_dit import DiTConfig, SkipDiT
 
@@ -104,19 +111,6 @@ def decide(step: int, t: float, config: TeaCacheConfig, state: TeaCacheState) ->
     return Mode.CACHED
 
 
-def relative_changes(
-    now: torch.Tensor, states: Sequence[TeaCacheState], slices: Sequence[slice]
-) -> list[float]:
-    """Each request's mean |now - previous| / mean |previous| over its own rows (one sync)."""
-    # Cached rows only: a full step (``on_full``) has stored every previous input.
-    previous = [cast(torch.Tensor, s.previous) for s in states]
-    changes = [
-        (now[rows] - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
-        for prev, rows in zip(previous, slices, strict=True)
-    ]
-    return torch.stack(changes).tolist()
-
-
 class TeaCache(CachePolicy[TeaCacheConfig, TeaCacheState]):
     name = "teacache"
     config_cls = TeaCacheConfig
@@ -144,11 +138,13 @@ class TeaCache(CachePolicy[TeaCacheConfig, TeaCacheState]):
         tokens, c = model.embed(batch.x, batch.t, batch.y)  # (B, T, D), (B, D)
         now = model.modulated_input(tokens, c)  # (B, T, D)
         states = batch.states
-        slices = batch.row_slices(len(s.previous) for s in states)
+        # Cached rows only: a full step (``on_full``) has stored every previous input.
+        stored = [cast(torch.Tensor, s.previous) for s in states]
+        slices = batch.row_slices(len(p) for p in stored)
         computing: list[tuple[TeaCacheState, slice]] = []
         hidden = torch.empty_like(tokens)
         for state, rows, change in zip(
-            states, slices, relative_changes(now, states, slices), strict=True
+            states, slices, relative_changes(now, stored, slices), strict=True
         ):
             state.previous = now[rows].clone()
             state.accumulated += state.config.rescale(change)
@@ -160,8 +156,7 @@ class TeaCache(CachePolicy[TeaCacheConfig, TeaCacheState]):
                 state.accumulated = 0.0
                 state.last_mode = Mode.FULL
         if computing:  # one run of the block stack for every row that computes
-            index = torch.cat([torch.arange(r.start, r.stop) for _, r in computing])
-            index = index.to(tokens.device)
+            index = gather_index([rows for _, rows in computing], tokens.device)
             stack = model.run_blocks(tokens[index], c[index], range(model.config.units), [])
             hidden[index] = stack
             offset = 0

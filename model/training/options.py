@@ -73,6 +73,12 @@ class TrainOptions(_Options):
         description="flow: where training draws the noise level s: logit-normal(0, 1) (SD3's "
         "choice, most of the signal at mid noise where layout and identity form) or U(0, 1).",
     )
+    parse_weight: float = Field(
+        1.0,
+        ge=0,
+        description="text presets: weight of the encoder's scene-parse loss (each stated "
+        "digit's token read as its digit, place and size; 0: the denoising loss alone).",
+    )
     data: DigitSource = Field("sklearn", description="Bundled digit set.")
     steps: int = Field(2000, ge=1, description="Optimizer steps in all (a resume continues).")
     batch_size: int = Field(64, ge=1)
@@ -95,6 +101,12 @@ class TrainOptions(_Options):
 class ClassifierOptions(_Options):
     """``skipdit train-classifier``: the digit classifier that judges generated samples."""
 
+    parse_weight: float = Field(
+        1.0,
+        ge=0,
+        description="text presets: weight of the encoder's scene-parse loss (each stated "
+        "digit's token read as its digit, place and size; 0: the denoising loss alone).",
+    )
     data: DigitSource = Field("sklearn", description="Bundled digit set.")
     size: int = Field(16, ge=8, le=64, description="Input side in pixels.")
     epochs: int = Field(15, ge=1)

@@ -119,6 +119,12 @@ class Wording:
 
     def parse(self, caption: str) -> Scene | None:
         """The scene a caption of this wording states (unstated sizes None), else None."""
+        spans = self.digit_spans(caption)
+        return None if spans is None else Scene(tuple(item for _, item in spans))
+
+    def digit_spans(self, caption: str) -> list[tuple[tuple[int, int], Item]] | None:
+        """Each stated digit's (start, end) characters in a caption of this wording, with the
+        item it states (unstated size None), in ``Scene`` order; None for another wording."""
         match = self.pattern.match(caption)
         if match is None:
             return None
@@ -127,11 +133,11 @@ class Wording:
             assert self.places is not None and len(self.places) == 2
             first = Item(int(g["a"]), self.places[0], g.get("sa"))
             second = Item(int(g["b"]), self.places[1], g.get("sb"))
-            return Scene((first, second))
+            return [(match.span("a"), first), (match.span("b"), second)]
         place = "centre"
         if "P" in g:
             place = next(p for p, phrase in PHRASES.items() if phrase == g["P"])
-        return Scene((Item(int(g["d"]), place, g.get("s")),))
+        return [(match.span("d"), Item(int(g["d"]), place, g.get("s")))]
 
 
 LR, TB = PAIRS
@@ -163,10 +169,16 @@ HELD_OUT = (
 def parse(caption: str) -> Scene:
     """The scene a caption states, in any wording (held out or not). Raises ValueError for a
     caption no wording makes."""
+    return Scene(tuple(item for _, item in digit_spans(caption.strip())))
+
+
+def digit_spans(caption: str) -> list[tuple[tuple[int, int], Item]]:
+    """Each stated digit's (start, end) characters in ``caption`` and the item it states, in
+    any wording; ValueError for a caption no wording makes."""
     for wording in (*TRAIN, *HELD_OUT):
-        scene = wording.parse(caption.strip())
-        if scene is not None:
-            return scene
+        spans = wording.digit_spans(caption)
+        if spans is not None:
+            return spans
     raise ValueError(f"prompt: no scene wording matches {caption!r}")
 
 

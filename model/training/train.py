@@ -168,7 +168,8 @@ Source = data.Digits | t2i.Batches  # what batches are drawn from: digits, or ca
 def _batch(
     config: Config, source: Source, n: int, g: torch.Generator
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """n training samples (n, ...) and their condition: (labels,), or (token ids, mask)."""
+    """n training samples (n, ...) and their condition: (labels,), or (token ids, mask, parse
+    labels)."""
     if isinstance(source, t2i.Batches):
         return source.draw(n, g)
     idx = torch.randint(0, len(source.labels), (n,), generator=g)
@@ -209,29 +210,38 @@ def _train_step(
     budget: FlopModel | None,
 ) -> tuple[float, float | None]:
     """One optimizer step on the batch, timesteps and noise seeded by (seed, step). Returns
-    the loss and, for a DyDiT (``budget``: its FLOPs), the batch's FLOPs ratio."""
+    the loss (a text run's without its parse term) and the run's extra column: for a DyDiT
+    (``budget``: its FLOPs) the batch's FLOPs ratio, for a text run the encoder's scene-parse
+    loss (``t2i.Trainee.losses``)."""
     g = torch.Generator().manual_seed(opts.seed * 1_000_003 + run.step)
     x0, cond = _batch(run.model.config, source, opts.batch_size, g)  # (B, ...), condition
     xt, t, target = _noised(opts, schedule, x0, g)
+    extra: torch.Tensor | None = None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.bf16):
-        if budget is None:
-            pred, ratio = run.model(xt, t, *cond), None
+        if isinstance(run.model, t2i.Trainee):
+            pred, extra = run.model.losses(xt, t, *cond)
+        elif budget is None:
+            pred = run.model(xt, t, *cond)
         else:
             dydit = cast(DyDiT, run.model)  # a FLOPs budget: a dynamic config, a DyDiT
             pred, captured = dydit.capturing(xt, t, cond[0], dydit.usage_capture())
     loss = F.mse_loss(pred.float(), target)
+    logged = loss.item()  # a text run logs the denoising loss, its parse loss apart
+    if extra is not None:
+        loss = loss + opts.parse_weight * extra
     if budget is not None:
         usage = cast(DyDiT, run.model).usage(captured).float()  # (B, depth, 3)
-        ratio = budget.ratio(usage).mean()
-        loss = loss + opts.flops_weight * (ratio - opts.flops_ratio) ** 2
+        extra = budget.ratio(usage).mean()
+        loss = loss + opts.flops_weight * (extra - opts.flops_ratio) ** 2
         # DyDiT's floor: each block's MLP keeps at least token_minimal of the tokens.
         loss = loss + (opts.token_minimal - usage[..., 2].mean(0)).clamp(min=0).sum()
+        logged = loss.item()
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
     _ema_update(run.ema, run.model, min(opts.ema_decay, (1 + run.step) / (10 + run.step)))
     run.step += 1
-    return loss.item(), None if ratio is None else ratio.item()
+    return logged, None if extra is None else extra.item()
 
 
 def _samples(
@@ -267,18 +277,20 @@ def train(opts: TrainOptions) -> Path:
         run.resume(ckpt_path, opts)
     budget = flop_model(cast(DyDiT, run.model)) if config.dynamic else None
     schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    columns = ["step", "loss", "seconds"] + (["flops"] if budget is not None else [])
+    # the extra column: a DyDiT's FLOPs ratio, a text run's parse loss (not in ``loss``)
+    extra_column = "flops" if budget is not None else "parse" if tokenizer is not None else None
+    columns = ["step", "loss", "seconds"] + ([extra_column] if extra_column else [])
     loss_file, writer = _loss_log(out / "loss.csv", run.step, columns)
     bar = tqdm(range(run.step, opts.steps), initial=run.step, total=opts.steps, desc=out.name)
     with loss_file:
         for _ in bar:
             began = time.perf_counter()
-            loss, ratio = _train_step(run, source, schedule, opts, budget)
+            loss, extra = _train_step(run, source, schedule, opts, budget)
             run.seconds += time.perf_counter() - began
-            extra = [] if ratio is None else [f"{ratio:.4f}"]
-            writer.writerow([run.step, f"{loss:.5f}", f"{run.seconds:.1f}", *extra])
-            flops = {} if ratio is None else {"flops": f"{ratio:.3f}"}
-            bar.set_postfix(loss=f"{loss:.4f}", **flops)
+            logged = [] if extra is None else [f"{extra:.4f}"]
+            writer.writerow([run.step, f"{loss:.5f}", f"{run.seconds:.1f}", *logged])
+            shown = {} if extra is None else {extra_column or "": f"{extra:.3f}"}
+            bar.set_postfix(loss=f"{loss:.4f}", **shown)
             last = run.step == opts.steps
             if run.step % opts.snapshot_every == 0 or last:
                 # copies: a tied T5 embedding would be one tensor under two names
@@ -380,6 +392,7 @@ def _base_card(config: Config, opts: TrainOptions, run: _Run, source: Source) ->
         "init_from": opts.init_from,
         "train_seconds": round(run.seconds, 1),
         "default_guidance": 2.0,
+        **({"parse_weight": opts.parse_weight} if text else {}),
         # A flow model samples with flow_euler: the card's sampler is what requests default to.
         **(
             {"objective": "flow", "sampler": "flow_euler", "flow_t": opts.flow_t}

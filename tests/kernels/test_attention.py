@@ -53,15 +53,18 @@ def _errors(out: torch.Tensor, ref64: torch.Tensor) -> tuple[float, float]:
 
 
 def _check_within_torch(qkv64: torch.Tensor, dtype: torch.dtype, device: str, **kw: str) -> None:
-    """Kernel error vs fp64 <= 2x SDPA's error at the same dtype (max abs and RMS)."""
+    """Kernel error vs fp64 <= 2x SDPA's error at the same dtype (max abs and RMS), or a few ulp
+    of the output's scale where both are that small (fp32: twice a one-ulp error of torch's
+    would fail a kernel two ulp off)."""
     ref64 = attn.reference(qkv64)
     x = qkv64.to(device=device, dtype=dtype)
     out = attn.attention(x, **kw)
     assert out.shape == ref64.shape and out.dtype == dtype and out.is_contiguous()
     ours = _errors(out, ref64)
     torch_errs = _errors(attn.reference(x), ref64)
+    floor = 4 * torch.finfo(dtype).eps * ref64.abs().max().item()
     for mine, theirs, what in zip(ours, torch_errs, ("max", "rms"), strict=True):
-        assert mine <= 2 * theirs, f"{what} error {mine:.3g} vs torch {theirs:.3g}"
+        assert mine <= max(2 * theirs, floor), f"{what} error {mine:.3g} vs torch {theirs:.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -146,7 +146,10 @@ def test_views_with_unit_last_stride(device: str) -> None:
     for name, (x, s) in cases.items():
         y = lsc_fusion.lsc_fusion(x, s, folded)
         want = lsc_fusion.lsc_fusion(x.contiguous(), s.contiguous(), folded)
-        assert torch.equal(y, want), name
+        # Equal in the interpreter; compiled code may sum a row's statistics in another order
+        # for another layout, so a few ulp of the output's scale.
+        ulp = torch.finfo(y.dtype).eps * want.abs().max().item()
+        torch.testing.assert_close(y, want, rtol=0, atol=4 * ulp, msg=name)
         assert_within_torch_error(y, x, s, norm, linear)
 
 

@@ -10,7 +10,7 @@ from kernels.dispatch import KernelUnavailable
 from model.sampling.graphs import BucketedForward, ModeUnavailable
 from model.sampling.pipeline import Pipeline, forward_group
 from service.request import GenerateParams
-from tests.helpers import BATCH_TOL, generate, tiny
+from tests.helpers import BATCH_TOL, KERNEL_DEVICE, generate, tiny
 
 MIXED = [
     GenerateParams(steps=6, seed=1, class_label=2, cache_interval=2),  # skip_cache: graphed
@@ -69,13 +69,14 @@ def test_bucketed_steps_route_per_group_and_equal_eager() -> None:
 
 
 def test_triton_kernels_give_the_torch_networks_full_and_cached_forwards() -> None:
-    """Both kernels (LSC fusion, attention) in the network, Triton's interpreter on a CPU."""
-    plain, fused = tiny(), tiny()  # same seed: same weights
+    """Both kernels (LSC fusion, attention) in the network: on the GPU where there is one (the
+    interpreter is off there), else in Triton's interpreter on this CPU."""
+    plain, fused = tiny().to(KERNEL_DEVICE), tiny().to(KERNEL_DEVICE)  # same seed: same weights
     assert fused.use_kernels("triton") == "triton" and plain.use_kernels("torch") == "torch"
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 1, 8, 8, generator=g)
-    t = torch.tensor([999, 500, 250, 10, 0])
-    y = torch.tensor([0, 3, 9, 10, 1])  # 10: the null class
+    x = torch.randn(5, 1, 8, 8, generator=g).to(KERNEL_DEVICE)
+    t = torch.tensor([999, 500, 250, 10, 0], device=KERNEL_DEVICE)
+    y = torch.tensor([0, 3, 9, 10, 1], device=KERNEL_DEVICE)  # 10: the null class
     deep_key = plain.config.depth - 1
     with torch.no_grad():
         want, want_captured = plain.capturing(x, t, y, {deep_key})
@@ -93,8 +94,9 @@ def test_triton_kernels_give_the_torch_networks_full_and_cached_forwards() -> No
 
 @pytest.mark.slow
 def test_a_pipeline_on_triton_kernels_makes_the_eager_images() -> None:
-    eager = Pipeline(tiny(), default_guidance=2.0)
-    fused = Pipeline(tiny(), default_guidance=2.0)
+    """On the GPU where there is one, else in Triton's interpreter on this CPU."""
+    eager = Pipeline(tiny().to(KERNEL_DEVICE), default_guidance=2.0)
+    fused = Pipeline(tiny().to(KERNEL_DEVICE), default_guidance=2.0)
     assert fused.use_fast_path(kernels="triton", graphs="off").kernels == "triton"
     for got, want in zip(latents(fused), latents(eager), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

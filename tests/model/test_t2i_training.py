@@ -46,6 +46,8 @@ def test_flow_training_resumes_exactly_encoder_included(runs: dict[str, Path]) -
     straight = load_file(runs["straight"] / "snapshots" / "step_000004.safetensors")
     resumed = load_file(runs["resumed"] / "snapshots" / "step_000004.safetensors")
     assert any(k.startswith("encoder.") for k in straight)  # the text encoder trains too
+    # the denoising loss, then the encoder's scene-parse loss apart
+    assert (runs["straight"] / "loss.csv").read_text().splitlines()[0] == "step,loss,seconds,parse"
     for key, value in straight.items():
         assert torch.equal(value, resumed[key]), key
 
@@ -86,10 +88,76 @@ def test_start_from_keeps_fresh_only_what_the_new_preset_adds(tmp_path: Path) ->
     new = t2i.fresh(tiny, tokenizer)
     assert sorted(t2i.start_from(new, tmp_path / "old")) == ["text_pool.bias", "text_pool.weight"]
     for key, value in old.state_dict().items():
-        assert torch.equal(new.state_dict()[key], value), key
+        if not key.startswith("parse_head."):  # training's own: not in an export
+            assert torch.equal(new.state_dict()[key], value), key
     wider = t2i.fresh(tiny.replace(hidden_size=48), tokenizer)
     with pytest.raises(FieldError, match="init_from"):
         t2i.start_from(wider, tmp_path / "old")
+
+
+def _labels(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    tokens = tokenizer(captions, padding=True, return_tensors="pt", return_offsets_mapping=True)
+    return tokens["input_ids"], t2i.parse_labels(captions, tokens["offset_mapping"])
+
+
+def test_each_stated_digit_token_is_labelled_with_its_digit_place_and_size() -> None:
+    tokenizer = build_tokenizer(scenes.corpus(), 24)
+    captions = [
+        "a 1 at the bottom and a 9 at the top",  # the pair stated out of Scene order
+        "a small 8",  # unplaced: the centre
+        "a small 3 on the left and a large 3 on the right",  # the same digit twice
+        "",  # a dropped caption: nothing to read
+    ]
+    ids, labels = _labels(tokenizer, captions)
+    place, size = scenes.PLACES.index, t2i.SIZE_LABELS.index
+    read = [
+        {tokenizer.convert_ids_to_tokens(int(ids[r, j])): labels[r, j].tolist()}
+        for r in range(len(captions))
+        for j in range(ids.shape[1])
+        if labels[r, j, 0] != t2i.IGNORE
+    ]
+    assert read == [
+        {"1": [1, place("bottom"), size(None)]},
+        {"9": [9, place("top"), size(None)]},
+        {"8": [8, place("centre"), size("small")]},
+        {"3": [3, place("left"), size("small")]},
+        {"3": [3, place("right"), size("large")]},
+    ]
+
+
+@pytest.mark.slow
+def test_the_parse_loss_teaches_the_encoder_to_read_each_digit_and_its_place() -> None:
+    """Training on the parse loss alone, the encoder's digit tokens come to read as their digit
+    and place on captions it never trained on (labels on the wrong token would not teach it)."""
+    torch.manual_seed(0)
+    config = preset("digits-t2i-tiny")
+    assert isinstance(config, TextDiTConfig)
+    tokenizer = build_tokenizer(scenes.corpus(), 24)
+    trainee = t2i.fresh(config, tokenizer)
+    opt = torch.optim.Adam([*trainee.encoder.parameters(), *trainee.parse_head.parameters()], 3e-3)
+    renderer, x, t = scenes.Renderer(), torch.zeros(1, 1, 32, 32), torch.zeros(1)
+
+    def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, captions = renderer.batch(64, torch.Generator().manual_seed(seed))
+        tokens = tokenizer(captions, padding=True, return_tensors="pt", return_offsets_mapping=True)
+        labels = t2i.parse_labels(captions, tokens["offset_mapping"])
+        return tokens["input_ids"], tokens["attention_mask"], labels
+
+    for step in range(300):
+        ids, mask, labels = batch(step)
+        _, loss = trainee.losses(x.expand(len(ids), -1, -1, -1), t, ids, mask, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ids, mask, labels = batch(10_000)
+    trainee.eval()
+    with torch.no_grad():
+        hidden = trainee.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    stated = labels[..., 0] != t2i.IGNORE
+    logits = trainee.parse_head(hidden[stated]).split(list(t2i.PARSE.values()), dim=-1)
+    digit, place = (lg.argmax(-1) for lg in logits[:2])
+    assert (digit == labels[stated][:, 0]).float().mean() >= 0.95
+    assert (place == labels[stated][:, 1]).float().mean() >= 0.95
 
 
 def test_every_caption_parses_back_to_its_scene() -> None:
