@@ -117,6 +117,14 @@ class Metrics:
         self.inflight = Gauge(
             "skipdit_inflight_requests", "Jobs held by this worker.", ["model"], registry=r
         )
+        self.fast_path = Gauge(
+            "skipdit_fast_path_component",
+            "1 where the fast-path component (kernels: the Triton kernels, graphs: captured "
+            "steps) runs for the model in this worker; 0 where it is off, by choice or after "
+            "failing its start-up self-check.",
+            ["model", "component"],
+            registry=r,
+        )
 
     def observe_step(self, model: str, report: StepReport) -> None:
         if report.prompt_cache_hits is not None and report.prompt_cache_misses is not None:

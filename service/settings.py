@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     graphs: Literal["auto", "cuda_graphs", "compile", "off"] = Field(
         "auto", description="captured steps per batch bucket; auto: on CUDA, off elsewhere"
     )
+    fast_path_check: Literal["fall_back", "fail"] = Field(
+        "fall_back",
+        description="a fast-path component (kernels, graphs) that fails its start-up check "
+        "against eager torch: fall_back turns it off for the worker and serves eagerly; fail "
+        "stops the boot",
+    )
 
     cache_defaults: dict[str, dict[str, Any]] = Field(
         {},

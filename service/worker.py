@@ -394,10 +394,11 @@ class Worker:
 
 
 def _load(
-    settings: Settings, name: str, embeddings: EmbeddingCache
+    settings: Settings, name: str, embeddings: EmbeddingCache, metrics: Metrics
 ) -> tuple[Engine, dict[str, Any]]:
     """One model loaded onto its fast path (a text model with its text encoder, its prompt
-    embeddings in the worker's ``embeddings``), its engine, and how it runs."""
+    embeddings in the worker's ``embeddings``), its engine, and how it runs: the path, each
+    component's self-check (also the ``skipdit_fast_path_component`` gauge)."""
     loaded = registry.load(
         name,
         device=settings.device,
@@ -405,13 +406,18 @@ def _load(
         vae_path=settings.vae,
         embeddings=embeddings,
     )
-    fast = loaded.pipeline.use_fast_path(settings.kernels, settings.graphs)
+    fast = loaded.pipeline.use_fast_path(
+        settings.kernels, settings.graphs, on_failure=settings.fast_path_check
+    )
+    for component, on in fast.components.items():
+        metrics.fast_path.labels(name, component).set(int(on))
     runtime = {
         "device": settings.device,
         "dtype": settings.dtype,
         "kernels": fast.kernels,
         "graphs": fast.graphs,
         "warmup_s": round(fast.warmup_seconds, 2),
+        "self_check": {v.component: v.describe() for v in fast.checks},
     }
     return Engine(loaded.pipeline, settings.max_batch_tokens), runtime
 
@@ -425,7 +431,7 @@ def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> 
     runtimes: dict[str, dict[str, Any]] = {}
     embeddings = EmbeddingCache(settings.prompt_cache_entries)
     for name in settings.models or []:
-        engines[name], runtimes[name] = _load(settings, name, embeddings)
+        engines[name], runtimes[name] = _load(settings, name, embeddings, metrics)
     return Worker(backend, engines, metrics, WorkerConfig.from_settings(settings), runtimes)
 
 

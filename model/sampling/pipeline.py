@@ -38,6 +38,7 @@ from diffusers import (
     SchedulerMixin,
 )
 
+from kernels.dispatch import KernelUnavailable
 from model.cache import POLICIES, Mode, RequestCache
 from model.cache.skip_cache import default_depth
 from model.networks import conditions
@@ -45,17 +46,20 @@ from model.networks.conditions import Condition, TextContext
 from model.networks.dydit import DyDiT
 from model.networks.skip_dit import SkipDiT
 from model.networks.text_dit import TextSkipDiT
+from model.sampling import selfcheck
 from model.sampling.graphs import (
     DEFAULT_BUCKETS,
     BucketedForward,
     Cached,
     GroupForward,
+    ModeUnavailable,
     group_capture,
     resolve_mode,
 )
 from model.sampling.plan import RunPlan, plan
 from model.sampling.prompts import Prompting, PromptReport, RequestText
 from model.sampling.samplers import Member, batch_key, coefficient_table, step_batch
+from model.sampling.selfcheck import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -452,6 +456,12 @@ class FastPath:
     kernels: str  # the kernel backend that runs: triton | torch
     graphs: str  # captured steps: cuda_graphs | compile | off
     warmup_seconds: float  # capture / compile time at start
+    checks: tuple[Verdict, ...] = ()  # the self-check of each component that was turned on
+
+    @property
+    def components(self) -> dict[str, bool]:
+        """Each fast-path component and whether it runs (what /metrics' gauge shows)."""
+        return {"kernels": self.kernels == "triton", "graphs": self.graphs != "off"}
 
 
 class Pipeline:
@@ -498,27 +508,58 @@ class Pipeline:
         )
 
     def use_fast_path(
-        self, kernels: str = "auto", graphs: str = "auto", buckets: Sequence[int] = DEFAULT_BUCKETS
+        self,
+        kernels: str = "auto",
+        graphs: str = "auto",
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        on_failure: str = "fall_back",
     ) -> FastPath:
         """Choose the kernel backend (``auto | triton | torch``) and the captured steps
         (``auto | cuda_graphs | compile | off``) for this device, and prepare them now: the
         warm-up (capture or compile per batch bucket) happens here, at worker start, never in a
         request. ``auto`` is the fast path on CUDA and plain eager torch elsewhere. Raises
-        KernelUnavailable / ModeUnavailable for an explicit choice that cannot run."""
-        kernel_backend = self.model.use_kernels(kernels)
-        if self.static is not self.model:  # a DyDiT's twin: its own folded LSC weights
-            self.static.use_kernels(kernels)
+        KernelUnavailable / ModeUnavailable for an explicit choice that cannot run.
+
+        Then each component that is on checks itself against the eager torch path
+        (``model.sampling.selfcheck``) on a seeded batch of every bucket. One that fails is
+        turned off with a log line naming it and why (``on_failure="fall_back"``), or raises
+        KernelUnavailable / ModeUnavailable (``"fail"``)."""
+        if on_failure not in ("fall_back", "fail"):
+            raise ValueError(f"on_failure must be fall_back or fail, got {on_failure!r}")
+        networks = [self.model] + ([self.static] if self.static is not self.model else [])
+        depth = default_depth(self.model.config)
+        checks: list[Verdict] = []
+
+        def failed(verdict: Verdict, error: type[RuntimeError]) -> bool:
+            checks.append(verdict)
+            if verdict.passed:
+                return False
+            if on_failure == "fail":
+                raise error(f"{verdict.component}: self-check failed: {verdict.reason}")
+            log.warning("fast path: %s off for this worker: %s", verdict.component, verdict.reason)
+            return True
+
+        def use_kernels(backend: str) -> str:  # a DyDiT's twin has its own folded LSC weights
+            return [network.use_kernels(backend) for network in networks][-1]
+
+        kernel_backend = use_kernels(kernels)
+        if kernel_backend == "triton":
+            verdict = selfcheck.check_kernels(networks, buckets, depth)
+            if failed(verdict, KernelUnavailable):
+                kernel_backend = use_kernels("torch")
         mode = resolve_mode(graphs, self.device)
         if self.prompting is not None and mode != "off":
             log.info("captured steps are off for text models: their text differs per request")
             mode = "off"
         self.forward, seconds = forward_group, 0.0
         if mode != "off":  # captures the static network; DyDiT's routed rows run eagerly
-            depths = {default_depth(self.model.config)}
-            runner = BucketedForward(self.static, mode, buckets, depths)
+            runner = BucketedForward(self.static, mode, buckets, {depth})
             seconds = runner.warmup()
-            self.forward = runner.group_forward(forward_group)
-        return FastPath(kernel_backend, mode, seconds)
+            if failed(selfcheck.check_graphs(runner, depth), ModeUnavailable):
+                mode = "off"
+            else:
+                self.forward = runner.group_forward(forward_group)
+        return FastPath(kernel_backend, mode, seconds, tuple(checks))
 
     def step(self, jobs: Sequence[Job]) -> list[Mode]:
         """``denoise_step`` of ``jobs`` on this pipeline's network and forward path."""
