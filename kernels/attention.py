@@ -8,13 +8,19 @@ softmax in base 2, fp32 accumulation, output in the input dtype.
 Head dims that are not a power of two (DiT-XL: 1152/16 = 72) take one of two head tilings, a
 ``head_tile`` argument (a constexpr choice in the kernel, so both can be benchmarked):
 
-- ``"pad"`` (default): one tile of next_pow2(Dh) columns (72 -> 128), masked past Dh. Simplest;
-  the masked columns cost 44% extra dot FLOPs at Dh=72.
-- ``"split"``: a power-of-two head tile plus a masked tail tile of at least 16 columns (the
-  smallest ``tl.dot`` K): 72 -> 64 + 16, 11% extra FLOPs, two dots per product.
+- ``"split"`` (default): a power-of-two head tile plus a masked tail tile of at least 16 columns
+  (the smallest ``tl.dot`` K): 72 -> 64 + 16, 11% extra FLOPs, two dots per product.
+- ``"pad"``: one tile of next_pow2(Dh) columns (72 -> 128), masked past Dh. Simplest; the
+  masked columns cost 44% extra dot FLOPs at Dh=72.
 
-The default was chosen for simplicity, not measured: re-measure on the GPU
-(``python -m kernels.bench_attention``) and change it if "split" wins.
+The default is "split" for its FLOPs, not measured: re-measure on the GPU
+(``python -m kernels.bench_attention``) and change it if "pad" wins.
+
+A head starts ``off_h * HEAD_DIM`` elements into its token's q (or k, v) row: the launcher
+requires the heads packed (stride Dh, as the projection's output view has), and the constexpr
+offset lets the compiler prove 16-byte alignment where Dh is a multiple of 8, so tiles load
+with vectorised, pipelined copies (with a runtime head stride of 72 it could not: scalar loads
+and register pressure, seen compiling for sm_90).
 
 Layers: torch reference, Triton kernel (built on first launch so that triton stays optional and
 ``TRITON_INTERPRET`` is read then), launcher that validates shape, strides and dtype.
@@ -86,7 +92,7 @@ def _store_tile(ptr, x, offs_r, stride_r, n_rows, offs_d, HEAD_DIM: tl.constexpr
 
 def _attn_fwd(
     qkv_ptr, o_ptr, Z, N_CTX, qk_scale,
-    stride_qb, stride_qn, stride_qs, stride_qh, stride_ob, stride_on,
+    stride_qb, stride_qn, stride_qs, stride_ob, stride_on,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     HAS_TAIL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -97,7 +103,7 @@ def _attn_fwd(
     off_b = tl.program_id(1) // H
     off_h = tl.program_id(1) % H
     # int64 bases; the in-tile offsets below stay small (int32)
-    base = off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    base = off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * HEAD_DIM  # heads packed
     q_ptr = qkv_ptr + base + start_m.to(tl.int64) * stride_qn
     k_ptr = qkv_ptr + base + stride_qs
     v_ptr = qkv_ptr + base + 2 * stride_qs
@@ -156,7 +162,7 @@ def _kernel() -> Any:
 # ----------------------------------------------------------------------------- launcher
 
 
-def head_tiles(head_dim: int, head_tile: HeadTile = "pad") -> tuple[int, int]:
+def head_tiles(head_dim: int, head_tile: HeadTile = "split") -> tuple[int, int]:
     """(BLOCK_D, BLOCK_DT): head tile and tail tile widths; BLOCK_DT == 0 means no tail."""
     if head_tile not in ("pad", "split"):
         raise ValueError(f"head_tile must be 'pad' or 'split', got {head_tile!r}")
@@ -178,6 +184,8 @@ def _validate(qkv: torch.Tensor) -> None:
         raise ValueError(f"qkv must be (B, N, 3, H, Dh), got shape {tuple(qkv.shape)}")
     if qkv.stride(-1) != 1:
         raise ValueError(f"qkv must have unit stride on Dh, got strides {qkv.stride()}")
+    if qkv.shape[3] > 1 and qkv.stride(3) != qkv.shape[-1]:
+        raise ValueError(f"qkv heads must be packed (head stride Dh), got strides {qkv.stride()}")
     if qkv.dtype not in DTYPES:
         raise ValueError(f"qkv dtype must be one of {DTYPES}, got {qkv.dtype}")
     if not 1 <= qkv.shape[-1] <= MAX_HEAD_DIM:
@@ -191,7 +199,7 @@ def _validate(qkv: torch.Tensor) -> None:
         raise dispatch.KernelUnavailable(reason)
 
 
-def attention(qkv: torch.Tensor, *, head_tile: HeadTile = "pad") -> torch.Tensor:
+def attention(qkv: torch.Tensor, *, head_tile: HeadTile = "split") -> torch.Tensor:
     """(B, N, 3, H, Dh) -> (B, N, H*Dh) in qkv's dtype: softmax(q k^T / sqrt(Dh)) v per head.
 
     Raises ValueError for a shape, stride or dtype the kernel does not take, KernelUnavailable
@@ -202,7 +210,7 @@ def attention(qkv: torch.Tensor, *, head_tile: HeadTile = "pad") -> torch.Tensor
     if out.numel() == 0:
         return out
     block_d, block_dt = head_tiles(dh, head_tile)
-    s_b, s_n, s_s, s_h, _ = qkv.stride()
+    s_b, s_n, s_s, _, _ = qkv.stride()  # heads packed: the kernel offsets them by HEAD_DIM
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (n + meta["BLOCK_M"] - 1) // meta["BLOCK_M"], b * h
@@ -210,7 +218,7 @@ def attention(qkv: torch.Tensor, *, head_tile: HeadTile = "pad") -> torch.Tensor
     with dispatch.on_device(qkv.device):
         _kernel()[grid](
             qkv, out, b, n, LOG2E / math.sqrt(dh),
-            s_b, s_n, s_s, s_h, out.stride(0), out.stride(1),
+            s_b, s_n, s_s, out.stride(0), out.stride(1),
             H=h, HEAD_DIM=dh, BLOCK_D=block_d, BLOCK_DT=max(block_dt, 1), HAS_TAIL=block_dt > 0,
             PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
         )  # fmt: skip

@@ -122,6 +122,7 @@ def test_empty(device: str) -> None:
         (torch.zeros(2, 7, 3, 32), r"\(B, N, 3, H, Dh\), got shape \(2, 7, 3, 32\)"),
         (torch.zeros(2, 7, 2, 2, 16), r"got shape \(2, 7, 2, 2, 16\)"),
         (torch.zeros(2, 7, 3, 16, 2).transpose(3, 4), r"unit stride on Dh, got strides"),
+        (torch.zeros(2, 7, 3, 2, 32)[..., :16], r"heads must be packed \(head stride Dh\)"),
         (torch.zeros(2, 7, 3, 2, 16, dtype=torch.float64), r"got torch.float64"),
         (torch.zeros(2, 7, 3, 2, 16, dtype=torch.int32), r"got torch.int32"),
         (torch.zeros(1, 1, 3, 1, 512), r"head dim must be in \[1, 256\], got 512"),
@@ -130,7 +131,7 @@ def test_empty(device: str) -> None:
             r"B\*H must be <= 65535 .*got shape \(4096, 1, 3, 16, 1\)",
         ),
     ],
-    ids=["4d", "not-qkv", "stride", "fp64", "int", "head-dim", "grid"],
+    ids=["4d", "not-qkv", "stride", "heads-apart", "fp64", "int", "head-dim", "grid"],
 )
 def test_validation_errors(qkv: torch.Tensor, match: str) -> None:
     with pytest.raises(ValueError, match=match):
