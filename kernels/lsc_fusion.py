@@ -28,6 +28,13 @@ and 1; torch = ``reference`` at that dtype, the yardstick the tests hold the ker
     pre-pass + normalise-on-load (torch emulation)  2.7e-06, 2.8e-06  1.8e-03, 1.9e-03
     ==============================================  ================  ================
 
+That is fp32's form. For 16-bit inputs the dot takes the raw tiles and the epilogue subtracts
+``(mean(h - k_m) + k_m) * u`` (the statistics stay shifted, in fp32): rounding ``h - k_m`` back
+to 16 bits adds an error the data does not have, and with one large-activation channel in the
+first tile (so a large ``k_m``; common in trained DiTs) that error reached about 2x torch's in a
+bf16 emulation; the raw tiles also go to the dot straight from shared memory, not through
+registers. 16-bit rounding of the products hides the dot's conditioning, which fp32 needs.
+
 Uncentred, ``var = E[h^2] - mu^2`` cancels ~101 - 100 in fp32 and ``h W'^T`` carries ~10x the
 signal, so fp32 misses the 2x bound by ~10x (fp16 hides it under its own rounding); shifting
 only the statistics still leaves 2.6-3.9x torch. Shifting both makes them well conditioned
@@ -170,8 +177,10 @@ def _row_shift(x_ptr, row_x, mask_m, D, BLOCK_K: tl.constexpr):
 
 def _walk_k(acc, sum1, sum2, a_ptr, row_a, mask_m, shift, w_ptr, offs_n, mask_n,
             stride_wn, stride_wk, D,
-            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    # acc (BLOCK_M, BLOCK_N) += (a - shift) @ w[:, k]^T over k < D; sum1/sum2 (BLOCK_M,)
+            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            SHIFT_DOT: tl.constexpr):  # fmt: skip
+    # acc (BLOCK_M, BLOCK_N) += (a - shift) @ w[:, k]^T over k < D (SHIFT_DOT; else a @ w[:, k]^T,
+    # the shift applied in the epilogue); sum1/sum2 (BLOCK_M,) of a - shift
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, D, BLOCK_K):
         k = k0 + offs_k
@@ -189,7 +198,10 @@ def _walk_k(acc, sum1, sum2, a_ptr, row_a, mask_m, shift, w_ptr, offs_n, mask_n,
         a32 = tl.where(mask_k[None, :], a.to(tl.float32) - shift[:, None], 0.0)
         sum1 += tl.sum(a32, axis=1)
         sum2 += tl.sum(a32 * a32, axis=1)
-        acc = tl.dot(a32.to(a.dtype), w, acc, input_precision=DOT_PRECISION)
+        if SHIFT_DOT:
+            acc = tl.dot(a32.to(a.dtype), w, acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     return acc, sum1, sum2
 
 
@@ -197,7 +209,8 @@ def _lsc_fusion_kernel(x_ptr, s_ptr, w_ptr, u_ptr, c_ptr, y_ptr, M, N, D,
                       INNER_X, stride_xo, stride_xi, INNER_S, stride_so, stride_si,
                       stride_wn, stride_wk, stride_ym, eps,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+                      GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      SHIFT_DOT: tl.constexpr):  # fmt: skip
     # x, s: M rows of D (last stride 1); w: (N, 2D); u, c: (N,) fp32; y: (M, N)
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -219,17 +232,19 @@ def _lsc_fusion_kernel(x_ptr, s_ptr, w_ptr, u_ptr, c_ptr, y_ptr, M, N, D,
     sum2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc, sum1, sum2 = _walk_k(acc, sum1, sum2, x_ptr, row_x, mask_m, shift, w_ptr,
                               offs_n, mask_n, stride_wn, stride_wk, D,
-                              BLOCK_K, DOT_PRECISION)  # fmt: skip
+                              BLOCK_K, DOT_PRECISION, SHIFT_DOT)  # fmt: skip
     acc, sum1, sum2 = _walk_k(acc, sum1, sum2, s_ptr, row_s, mask_m, shift,
                               w_ptr + D * stride_wk, offs_n, mask_n, stride_wn, stride_wk,
-                              D, BLOCK_K, DOT_PRECISION)  # fmt: skip
+                              D, BLOCK_K, DOT_PRECISION, SHIFT_DOT)  # fmt: skip
     # epilogue: LayerNorm over the 2D fused width, of the shifted rows
     mean = sum1 / (2 * D)  # (BLOCK_M,) mean - shift
     var = tl.maximum(sum2 / (2 * D) - mean * mean, 0.0)
     rstd = 1.0 / tl.sqrt_rn(var + eps)
     u = tl.load(u_ptr + offs_n, mask=mask_n, other=0.0)  # (BLOCK_N,)
     c = tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)
-    y = rstd[:, None] * (acc - mean[:, None] * u[None, :]) + c[None, :]
+    # acc holds (h - shift) W'^T, or h W'^T = (h - shift) W'^T + shift u without SHIFT_DOT
+    centre = mean if SHIFT_DOT else mean + shift
+    y = rstd[:, None] * (acc - centre[:, None] * u[None, :]) + c[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -332,6 +347,7 @@ def lsc_fusion(x: torch.Tensor, s: torch.Tensor, folded: FoldedLSC) -> torch.Ten
             inner_x, stride_xo, stride_xi, inner_s, stride_so, stride_si,
             w.stride(0), w.stride(1), y.stride(0), folded.eps,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            SHIFT_DOT=x.dtype == torch.float32,
         )  # fmt: skip
     return y.view(*x.shape[:-1], n)
 

@@ -132,6 +132,18 @@ def test_large_mean_against_spread(dtype: torch.dtype, device: str) -> None:
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_an_outlier_channel_in_the_first_tile(dtype: torch.dtype, device: str) -> None:
+    """One channel of x at 60 (a large activation, as trained DiTs have): the row shift taken
+    from the first tile is far from most values, which the 16-bit dot must not round."""
+    norm, linear = make_modules(256, 128, dtype, device, seed=3)
+    x, s = make_inputs((2, 32, 256), dtype, device)
+    x[..., 3] = 60.0
+    y = lsc_fusion.lsc_fusion(x, s, fold(norm, linear))
+    assert_within_torch_error(y, x, s, norm, linear)
+
+
+@needs_triton
 def test_views_with_unit_last_stride(device: str) -> None:
     """Slices of the last dim, ragged token slices and strided tokens run without a copy."""
     d, d_out = 48, 40
