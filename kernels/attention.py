@@ -59,16 +59,30 @@ def reference(qkv: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Triton kernel
 
 
-def _configs(triton: Any) -> list[Any]:
-    """Autotune configs: one when interpreting (several fail without a GPU; big blocks keep the
-    interpreter's per-op overhead down), a small sweep on CUDA."""
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries on CUDA, per input dtype family
+# (``dispatch.autotune_by_dtype``; quick tuning takes each family's first). Kept: the configs
+# that compile for sm_90 (Dh 72, split tiles) without spilling (``python -m
+# loadtest.compile_sm90``, docs/bench/gpu/compile_sm90.md); in fp32 every 16-bit config spilled.
+CUDA_CONFIGS = {
+    "fp32": ((32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)),
+    "16-bit": ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2)),
+}
+
+
+def _tuning(triton: Any) -> dict[str, Any]:
+    """``triton.autotune``'s configs: one when interpreting (several fail without a GPU; big
+    blocks keep the interpreter's per-op overhead down), ``CUDA_CONFIGS`` by dtype on CUDA."""
     if dispatch.interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    sweep = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in sweep
-    ]
+        return {"configs": [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4,
+                                          num_stages=1)]}  # fmt: skip
+    families = {
+        family: [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in shapes
+        ]
+        for family, shapes in CUDA_CONFIGS.items()
+    }
+    return dispatch.autotune_by_dtype(triton, families, "qkv_ptr")
 
 
 # Plain functions here, jit-compiled by _kernel() on first launch: triton is an optional extra,
@@ -91,14 +105,13 @@ def _store_tile(ptr, x, offs_r, stride_r, n_rows, offs_d, HEAD_DIM: tl.constexpr
 
 
 def _attn_fwd(
-    qkv_ptr, o_ptr, Z, N_CTX, qk_scale,
+    qkv_ptr, o_ptr, N_CTX, qk_scale,
     stride_qb, stride_qn, stride_qs, stride_ob, stride_on,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     HAS_TAIL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # grid (cdiv(N, BLOCK_M), B*H): one query block of one (sample, head); Z = B is only an
-    # autotune key (the best block size depends on how many programs fill the GPU)
+    # grid (cdiv(N, BLOCK_M), B*H): one query block of one (sample, head)
     start_m = tl.program_id(0) * BLOCK_M
     off_b = tl.program_id(1) // H
     off_h = tl.program_id(1) % H
@@ -155,8 +168,10 @@ def _kernel() -> Any:
     tl = triton.language
     _load_tile = triton.jit(_load_tile)
     _store_tile = triton.jit(_store_tile)
-    key = ["Z", "N_CTX", "H", "HEAD_DIM", "BLOCK_D", "BLOCK_DT"]
-    return triton.autotune(configs=_configs(triton), key=key)(triton.jit(_attn_fwd))
+    # not the batch: a batch size the tuner has not seen (an eager fallback, a capture) must
+    # never benchmark mid-request; the tiles' best size depends on the sequence and the head
+    key = ["N_CTX", "H", "HEAD_DIM", "BLOCK_D", "BLOCK_DT"]
+    return triton.autotune(key=key, **_tuning(triton))(triton.jit(_attn_fwd))
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -217,7 +232,7 @@ def attention(qkv: torch.Tensor, *, head_tile: HeadTile = "split") -> torch.Tens
 
     with dispatch.on_device(qkv.device):
         _kernel()[grid](
-            qkv, out, b, n, LOG2E / math.sqrt(dh),
+            qkv, out, n, LOG2E / math.sqrt(dh),
             s_b, s_n, s_s, out.stride(0), out.stride(1),
             H=h, HEAD_DIM=dh, BLOCK_D=block_d, BLOCK_DT=max(block_dt, 1), HAS_TAIL=block_dt > 0,
             PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",

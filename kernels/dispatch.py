@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -45,6 +46,35 @@ class Kernels:
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def quick_tuning() -> bool:
+    """``SKIPDIT_KERNEL_TUNING=quick`` (tests set it): the kernels autotune over one config, so
+    each new specialization compiles once instead of once per config (minutes on a GPU test
+    run that makes 15-20 of them)."""
+    return os.environ.get("SKIPDIT_KERNEL_TUNING") == "quick"
+
+
+def dtype_family(dtype: torch.dtype) -> str:
+    """The autotune config family of an input dtype: ``fp32`` (IEEE dots on FMA units, tiles
+    half the size before registers spill) or ``16-bit`` (tensor-core dots)."""
+    return "fp32" if dtype == torch.float32 else "16-bit"
+
+
+def autotune_by_dtype(
+    triton: ModuleType, families: Mapping[str, Sequence[Any]], tensor_arg: str
+) -> dict[str, Any]:
+    """``triton.autotune`` arguments that try, for each launch, only the configs of its input
+    dtype's family (``dtype_family`` of the tensor argument ``tensor_arg``); under quick tuning
+    the first of each family alone."""
+    chosen = {f: list(c[:1] if quick_tuning() else c) for f, c in families.items()}
+
+    def prune(configs: list[Any], named_args: dict[str, Any], **_: Any) -> list[Any]:
+        family = chosen[dtype_family(named_args[tensor_arg].dtype)]
+        return [c for c in configs if any(c is f for f in family)]
+
+    every = [c for configs in chosen.values() for c in configs]
+    return {"configs": every, "prune_configs_by": {"early_config_prune": prune}}
 
 
 def triton_missing_reason(device: torch.device) -> str | None:

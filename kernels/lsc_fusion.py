@@ -128,27 +128,47 @@ def folded_reference(
 # ----------------------------------------------------------------------------- Triton kernel
 
 
-def _configs(triton: Any) -> list[Any]:
-    """Autotune configs: one under the interpreter (several fail without a GPU), a sweep on CUDA."""
-    if dispatch.interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8})]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries on CUDA, per input
+# dtype family (``dispatch.autotune_by_dtype``; quick tuning takes each family's first). Kept:
+# the configs that compile for sm_90 without spilling (``python -m loadtest.compile_sm90``,
+# docs/bench/gpu/compile_sm90.md): fp32's IEEE dots need BLOCK_K 32 (at 64 every tile spilled,
+# up to 14 KB of stack); two 16-bit tiles that spilled are out.
+CUDA_CONFIGS = {
+    "fp32": (
+        (64, 64, 32, 8, 3),
+        (64, 128, 32, 8, 3),
+        (128, 64, 32, 8, 3),
+        (32, 64, 32, 4, 3),
+        (64, 64, 32, 4, 3),
+    ),
+    "16-bit": (
+        (64, 64, 64, 4, 4),
         (128, 128, 64, 8, 3),
-        (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (128, 256, 64, 8, 3),
-        (64, 64, 64, 4, 4),
         (64, 64, 128, 4, 3),
-    ]
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-            num_warps=w,
-            num_stages=st,
-        )
-        for bm, bn, bk, w, st in shapes
-    ]
+    ),
+}
+
+
+def _tuning(triton: Any) -> dict[str, Any]:
+    """``triton.autotune``'s configs: one under the interpreter (several fail without a GPU),
+    ``CUDA_CONFIGS`` by dtype on CUDA."""
+    if dispatch.interpreting():
+        return {"configs": [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128,
+                                           "GROUP_M": 8})]}  # fmt: skip
+    families = {
+        family: [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                num_warps=w,
+                num_stages=st,
+            )
+            for bm, bn, bk, w, st in shapes
+        ]
+        for family, shapes in CUDA_CONFIGS.items()
+    }
+    return dispatch.autotune_by_dtype(triton, families, "x_ptr")
 
 
 # Plain functions here, jit-compiled by _kernel() on first launch (as in kernels.attention): the
@@ -207,11 +227,12 @@ def _walk_k(acc, sum1, sum2, a_ptr, row_a, mask_m, shift, w_ptr, offs_n, mask_n,
 
 def _lsc_fusion_kernel(x_ptr, s_ptr, w_ptr, u_ptr, c_ptr, y_ptr, M, N, D,
                       INNER_X, stride_xo, stride_xi, INNER_S, stride_so, stride_si,
-                      stride_wn, stride_wk, stride_ym, eps,
+                      stride_wn, stride_wk, stride_ym, eps, M_KEY,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       SHIFT_DOT: tl.constexpr):  # fmt: skip
-    # x, s: M rows of D (last stride 1); w: (N, 2D); u, c: (N,) fp32; y: (M, N)
+    # x, s: M rows of D (last stride 1); w: (N, 2D); u, c: (N,) fp32; y: (M, N); M_KEY: the
+    # autotune key's next_pow2(M), unused here
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -260,7 +281,9 @@ def _kernel() -> Any:
     _row_offsets = triton.jit(_row_offsets)
     _row_shift = triton.jit(_row_shift)
     _walk_k = triton.jit(_walk_k)
-    return triton.autotune(configs=_configs(triton), key=["M", "N", "D"])(
+    # M_KEY = next_pow2(M), not M: a new row count (an eager fallback's) must not benchmark
+    # mid-request, nor a capture meet a key it has not seen
+    return triton.autotune(key=["M_KEY", "N", "D"], **_tuning(triton))(
         triton.jit(_lsc_fusion_kernel)
     )
 
@@ -345,7 +368,7 @@ def lsc_fusion(x: torch.Tensor, s: torch.Tensor, folded: FoldedLSC) -> torch.Ten
         _kernel()[grid](
             x, s, w, folded.u, folded.c, y, m, n, d,
             inner_x, stride_xo, stride_xi, inner_s, stride_so, stride_si,
-            w.stride(0), w.stride(1), y.stride(0), folded.eps,
+            w.stride(0), w.stride(1), y.stride(0), folded.eps, 1 << (m - 1).bit_length(),
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             SHIFT_DOT=x.dtype == torch.float32,
         )  # fmt: skip

@@ -18,6 +18,9 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 # imported, and importing diffusers (model.sampling.pipeline, below) imports it: set it before that.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, each kernel specialization the tests make autotunes over one config (compiling every
+# config of 15-20 specializations from cold outlasts the GPU check's budget).
+os.environ.setdefault("SKIPDIT_KERNEL_TUNING", "quick")
 
 import pytest
 
