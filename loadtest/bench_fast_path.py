@@ -1,7 +1,7 @@
 """The fast path against eager at the paper's size: step costs, MFU, Skip-Cache's realised share
 of its FLOP bound, diffusers' DiT beside ours, and images/s through one worker's engine.
 
-    python loadtest/bench_fast_path.py --out OUTDIR [--preset XL/2] [--rows 16 64]
+    python -m loadtest.bench_fast_path --out OUTDIR [--preset XL/2] [--rows 16 64]
 
 Random weights (no checkpoint of this size can be had here; a fixed schedule does the same work
 whatever the weights, so speed is what a trained model gets), DDIM, guidance 1.5 (requests of
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from loadtest import diffusers_dit
 from model.networks.skip_dit import DiTConfig, SkipDiT, preset
 from model.registry import PIXEL_CHANNELS
 from model.sampling.pipeline import Pipeline, synchronize
@@ -212,21 +213,9 @@ def bench_diffusers(
     ours: dict[int, dict[str, float]], args: argparse.Namespace, out: Report
 ) -> None:
     """diffusers' DiT (eager, compiled) full forward against our Skip-DiT's, same rows."""
-    from diffusers import DiTTransformer2DModel
-
     config = preset(args.preset)
     torch.manual_seed(0)
-    dit = DiTTransformer2DModel(
-        num_attention_heads=config.num_heads,
-        attention_head_dim=config.hidden_size // config.num_heads,
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        num_layers=config.depth,
-        sample_size=config.input_size,
-        patch_size=config.patch_size,
-        num_embeds_ada_norm=config.num_classes,
-    )
-    dit = dit.to(args.device, getattr(torch, args.dtype)).eval()
+    dit = diffusers_dit.like(config).to(args.device, getattr(torch, args.dtype)).eval()
     compiled = torch.compile(dit, dynamic=False)
     out(f"\n### diffusers DiTTransformer2DModel ({args.preset} config, random weights)\n")
     out("| rows | diffusers eager forward ms | diffusers torch.compile forward ms "
@@ -349,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out(f"# Fast path, {args.preset}, {args.dtype} on {card}, torch {torch.__version__}\n")
-    out(f"`python loadtest/bench_fast_path.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
+    out(f"`python -m loadtest.bench_fast_path {' '.join(sys.argv[1:] if argv is None else argv)}`")
     models = {"both": (False, True), "skip": (False,), "dit": (True,)}[args.vanilla]
     ours: dict[int, dict[str, float]] = {}
     for i, rows in enumerate(sorted(args.rows)):

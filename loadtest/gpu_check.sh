@@ -54,13 +54,13 @@ stage lsc 40 python3 -m kernels.bench_lsc_fusion "${grid[@]}" > "$out/lsc_fusion
 stage attention 40 python3 -m kernels.bench_attention "${grid[@]}" > "$out/attention.md" 2>&1
 
 # 3. The whole loop per path, images/s through the engine (fast_path.md, written as it goes).
-stage fast_path 110 python3 loadtest/bench_fast_path.py --rows 16 64 --skip diffusers \
+stage fast_path 110 python3 -m loadtest.bench_fast_path --rows 16 64 --skip diffusers \
   --total 16 --out "$out" > "$out/fast_path.log" 2>&1
 
 # 4. Optional: diffusers' DiT eager and compiled beside ours, at 16 rows.
 if [ "${GPU_CHECK_DIFFUSERS:-1}" = 1 ]; then
   mkdir -p "$out/diffusers"
-  stage diffusers 40 python3 loadtest/bench_fast_path.py --rows 16 --paths eager --vanilla skip \
+  stage diffusers 40 python3 -m loadtest.bench_fast_path --rows 16 --paths eager --vanilla skip \
     --skip engine --out "$out/diffusers" > "$out/diffusers/log.txt" 2>&1
 fi
 cat "$out/stages.txt"

@@ -24,7 +24,7 @@ def cells(line: str) -> list[str]:
 
 def test_step_costs_cache_speedups_and_engine_rates_are_reported(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "loadtest/bench_fast_path.py", "--preset", "digits-tiny",
+        [sys.executable, "-m", "loadtest.bench_fast_path", "--preset", "digits-tiny",
          "--device", "cpu", "--dtype", "float32", "--rows", "2", "--steps", "6", "--timed", "2",
          "--repeats", "1", "--paths", "eager", "kernels", "--vanilla", "skip",
          "--concurrency", "2", "--total", "3", "--engine-path", "kernels", "--skip", "diffusers",
