@@ -200,7 +200,9 @@ class BucketedForward:
         self.dtype = dtype or weight.dtype
         self.device = weight.device  # cuda:i, where the weights are
         self._check(weight.dtype, torch.device(device) if device is not None else weight.device)
-        self._dtypes = (self.dtype, torch.long, torch.long, self.dtype)  # x, t, y, deep
+        # x, t, y, deep; t in fp32: flow matching's timesteps are fractional (sigma x 1000), and
+        # the timestep embedder reads integer ones as floats anyway (exact below 2^24)
+        self._dtypes = (self.dtype, torch.float32, torch.long, self.dtype)
         d = model.config.units  # blocks; Skip-Latte: block pairs
         self.capture_keys: tuple[int, ...] = tuple(d - k for k in self.depths)  # unit D-K per K
         self._forwards: dict[tuple[Kind, int], _Padded | _Replay] = {}

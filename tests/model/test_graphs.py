@@ -151,6 +151,20 @@ def check_padding_unseen(runner: BucketedForward, monkeypatch: pytest.MonkeyPatc
     assert padded == [1] * 7  # x, t, y of the full forward; x, t, y, deep of the cached one
 
 
+def test_fractional_timesteps_reach_the_network_unrounded(off_runner: BucketedForward) -> None:
+    """Flow matching feeds sigma x 1000 (fractional): the prepared forwards take t as it is."""
+    model = off_runner.model
+    x, _, y, deep = _inputs(model, 2)
+    t = torch.tensor([512.7, 3.25])
+    with torch.inference_mode():
+        want = model(x, t, y)
+        rounded = model(x, t.long(), y)
+        want_cached = model.forward_cached(x, t, y, deep, 1)
+    assert not torch.equal(want, rounded)  # the fraction matters
+    torch.testing.assert_close(off_runner.full(x, t, y)[0], want, **EXACT)
+    torch.testing.assert_close(off_runner.cached(x, t, y, deep, 1), want_cached, **EXACT)
+
+
 def test_padding_content_never_reaches_real_rows(runner, monkeypatch) -> None:
     check_padding_unseen(runner, monkeypatch)
 
