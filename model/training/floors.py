@@ -45,12 +45,14 @@ class Sample:
     seed: int = 0  # class c: seed + c, as the bench
 
 
-# The bench's own runs: images 10 per class at DDIM 50; video 2 clips per class at DDIM 25.
+# The bench's own runs: images 10 per class at DDIM 50; video 2 clips per class at DDIM 25;
+# text 200 held-out prompts at flow_euler 25.
 SAMPLES: dict[str, Sample] = {
     "digits-dit": Sample(classes=10, per_class=1, steps=50),
     "digits-skip-dit": Sample(classes=10, per_class=1, steps=50),
     "digits-skip-dydit": Sample(classes=10, per_class=1, steps=50),
     "digits-video-skip": Sample(classes=4, per_class=1, steps=25),
+    "digits-t2i-skip": Sample(classes=10, per_class=1, steps=25),  # the first 10 held-out prompts
 }
 
 
@@ -153,6 +155,16 @@ FLOORS: tuple[Floor, ...] = (
     Floor("digits-video-skip", "skip_cache N=4 th=0.02", 33.3, 0.906, 0.30),
     Floor("digits-video-skip", "skip_cache N=4 th=0.05", 26.2, 0.919, 0.52),
     Floor("digits-video-skip", "skip_cache N=4 th=0.1", 23.4, 0.919, 0.64),
+    Floor("digits-t2i-skip", "none", INF, 0.475, 0.00),
+    Floor("digits-t2i-skip", "skip_cache N=2", 40.2, 0.475, 0.48),
+    Floor("digits-t2i-skip", "skip_cache N=3", 34.9, 0.475, 0.64),
+    Floor("digits-t2i-skip", "skip_cache N=4", 30.4, 0.490, 0.72),
+    Floor("digits-t2i-skip", "fora N=2", 39.5, 0.480, 0.48),
+    Floor("digits-t2i-skip", "delta_dit N=2", 39.7, 0.475, 0.48),
+    Floor("digits-t2i-skip", "toca N=2 r=0.25", 40.0, 0.480, 0.48),
+    Floor("digits-t2i-skip", "fbcache th=0.08", 38.7, 0.480, 0.52),
+    Floor("digits-t2i-skip", "teacache th=0.05", 17.1, 0.270, 0.84),
+    Floor("digits-t2i-skip", "skip_cache N=4 th=0.05", 43.3, 0.475, 0.36),
 )
 
 
