@@ -84,7 +84,7 @@ MUTANTS: dict[str, Mutant] = {
     "fbcache-stale-residual": Mutant(
         "fbcache keeps the residual of its first full step when it recomputes",
         "model.cache.fbcache:FBCache.forward_cached",
-        "state.first, state.residual = first[rows].clone(), h - first[rows]",
+        "state.first, state.residual = first[rows].clone(), mine - first[rows]",
         "state.first = first[rows].clone()",
     ),
 }
