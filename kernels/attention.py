@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -218,13 +218,21 @@ def attention(qkv: torch.Tensor, *, head_tile: HeadTile = "split") -> torch.Tens
     """(B, N, 3, H, Dh) -> (B, N, H*Dh) in qkv's dtype: softmax(q k^T / sqrt(Dh)) v per head.
 
     Raises ValueError for a shape, stride or dtype the kernel does not take, KernelUnavailable
-    where Triton cannot run (no triton; a CPU tensor without TRITON_INTERPRET=1, or in bf16)."""
+    where Triton cannot run (no triton; a CPU tensor without TRITON_INTERPRET=1, or in bf16).
+    Launched through the op ``skipdit::attention`` (``dispatch.kernel_op``), so torch.compile
+    traces a graph through it."""
     _validate(qkv)
+    head_tiles(qkv.shape[-1], head_tile)  # a bad head_tile raises here, not inside the op
+    return _attention_op(qkv, head_tile)
+
+
+@dispatch.kernel_op("attention")
+def _attention_op(qkv: torch.Tensor, head_tile: str) -> torch.Tensor:
     b, n, _, h, dh = qkv.shape
     out = torch.empty(b, n, h * dh, device=qkv.device, dtype=qkv.dtype)  # (B, N, H*Dh)
     if out.numel() == 0:
         return out
-    block_d, block_dt = head_tiles(dh, head_tile)
+    block_d, block_dt = head_tiles(dh, cast(HeadTile, head_tile))
     s_b, s_n, s_s, _, _ = qkv.stride()  # heads packed: the kernel offsets them by HEAD_DIM
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
@@ -238,3 +246,9 @@ def attention(qkv: torch.Tensor, *, head_tile: HeadTile = "split") -> torch.Tens
             PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
         )  # fmt: skip
     return out
+
+
+@_attention_op.register_fake
+def _(qkv: torch.Tensor, head_tile: str) -> torch.Tensor:
+    b, n, _, h, dh = qkv.shape
+    return qkv.new_empty(b, n, h * dh)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, Literal
 
 import torch
+from torch.library import CustomOpDef
 
 Backend = Literal["auto", "triton", "torch"]
 Resolved = Literal["triton", "torch"]
@@ -99,6 +100,19 @@ def resolve(requested: str, device: torch.device | str) -> Resolved:
     if reason is not None:
         raise KernelUnavailable(f"kernel backend 'triton' cannot run: {reason}")
     return "triton"
+
+
+def kernel_op(name: str) -> Callable[[Callable[..., torch.Tensor]], CustomOpDef]:
+    """Register a kernel's launcher as the op ``skipdit::<name>`` (register its fake, the output's
+    shape, on the result), so ``torch.compile`` keeps one call of it in a full graph instead of
+    stopping at the Triton launch, which Dynamo cannot trace.
+
+    An opaque ``custom_op``, not a ``triton_op`` that Inductor would see into: a ``triton_op`` is
+    traced with fake tensors, which Triton's CPU interpreter cannot take (so CI could not run
+    it), and the launchers compute concrete values from shapes (the LSC tuning key next_pow2(M))
+    that a dynamic batch dimension would leave symbolic. Inside the op the launch is eager,
+    exactly as without compile; the kernel is one fused op either way."""
+    return torch.library.custom_op(f"skipdit::{name}", mutates_args=())
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager[object]:

@@ -352,27 +352,42 @@ def lsc_fusion(x: torch.Tensor, s: torch.Tensor, folded: FoldedLSC) -> torch.Ten
         reason = "bf16 dots give wrong results in Triton's CPU interpreter (triton 3.9)"
     if reason is not None:
         raise dispatch.KernelUnavailable(f"lsc_fusion needs Triton: {reason}")
-    d, n = x.shape[-1], folded.weight.shape[0]
+    _row_layout(x, "x")  # a layout the kernel cannot walk raises here, not inside the op
+    _row_layout(s, "s")
+    return _lsc_fusion_op(x, s, folded.weight, folded.u, folded.c, folded.eps)
+
+
+@dispatch.kernel_op("lsc_fusion")
+def _lsc_fusion_op(
+    x: torch.Tensor, s: torch.Tensor, w: torch.Tensor, u: torch.Tensor, c: torch.Tensor, eps: float
+) -> torch.Tensor:
+    d, n = x.shape[-1], w.shape[0]
     m = math.prod(x.shape[:-1])
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)  # (M, d_out)
     if m == 0:
         return y.view(*x.shape[:-1], n)
     inner_x, stride_xo, stride_xi = _row_layout(x, "x")
     inner_s, stride_so, stride_si = _row_layout(s, "s")
-    w = folded.weight
 
     def grid(meta: dict[str, int]) -> tuple[int]:
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
 
     with dispatch.on_device(x.device):
         _kernel()[grid](
-            x, s, w, folded.u, folded.c, y, m, n, d,
+            x, s, w, u, c, y, m, n, d,
             inner_x, stride_xo, stride_xi, inner_s, stride_so, stride_si,
-            w.stride(0), w.stride(1), y.stride(0), folded.eps, 1 << (m - 1).bit_length(),
+            w.stride(0), w.stride(1), y.stride(0), eps, 1 << (m - 1).bit_length(),
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             SHIFT_DOT=x.dtype == torch.float32,
         )  # fmt: skip
     return y.view(*x.shape[:-1], n)
+
+
+@_lsc_fusion_op.register_fake
+def _(
+    x: torch.Tensor, s: torch.Tensor, w: torch.Tensor, u: torch.Tensor, c: torch.Tensor, eps: float
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -10,8 +10,10 @@ Prepared by ``warmup()``, per bucket ``b`` (rows a forward runs: 1, 2, 4, ..., 6
 - a *cached* forward per prepared depth K (``SkipDiT.forward_cached``).
 
 Modes: ``cuda_graphs`` captures each as a CUDA graph over static input buffers, all graphs in one
-memory pool; ``compile`` compiles each with ``torch.compile`` (static shapes, one graph, and a
-request that would recompile raises); ``off`` runs the same padded batches eagerly (the
+memory pool; ``compile`` compiles each kind once with ``torch.compile`` (one full graph, the
+batch dimension dynamic: every bucket of 2 rows or more runs one graph, bucket 1 its own, as
+Dynamo specialises size 1; a request that would recompile raises; the Triton kernels are ops
+in it, ``kernels.dispatch.kernel_op``); ``off`` runs the same padded batches eagerly (the
 reference for the padding and the baseline to measure against).
 
 A batch of n rows runs in the smallest bucket b >= n; rows n..b-1 are padding, copies of row 0: a
@@ -128,6 +130,9 @@ class _Padded:
         padded = tuple(
             stage(real.new_empty((self.bucket, *real.shape[1:])), real) for real in inputs
         )
+        if self.compiled and self.bucket > 1:  # one graph for every bucket but 1
+            for tensor in padded:
+                torch._dynamo.mark_dynamic(tensor, 0)
         outputs = self.fn(*padded)
         return tuple(out[:rows] for out in outputs)  # views of fresh tensors: the caller's
 
@@ -263,8 +268,8 @@ class BucketedForward:
         with self._room_to_compile():
             for kind in (FULL, *self.depths):
                 fn = self._eager(kind)
-                if self.mode == "compile":
-                    fn = torch.compile(fn, dynamic=False, fullgraph=True)
+                if self.mode == "compile":  # the batch marked dynamic, nothing else
+                    fn = torch.compile(fn, fullgraph=True)
                 for bucket in reversed(self.buckets):
                     self._forwards[kind, bucket] = self._prepare(fn, kind, bucket)
         if self.device.type == "cuda":
@@ -317,11 +322,11 @@ class BucketedForward:
 
     def _room_to_compile(self) -> contextlib.AbstractContextManager[object]:
         """Dynamo keeps 8 compiled versions per function by default (shared by every runner in
-        the process); the cached forward needs one per (bucket, depth). Lookups past the limit
-        work, so only warmup() raises it."""
+        the process); the cached forward needs two per depth (bucket 1, and the dynamic batch).
+        Lookups past the limit work, so only warmup() raises it."""
         if self.mode != "compile":
             return contextlib.nullcontext()
-        needed = len(self.buckets) * max(1, len(self.depths))
+        needed = 2 * max(1, len(self.depths))
         limit = torch._dynamo.config.recompile_limit + needed
         return torch._dynamo.config.patch(recompile_limit=limit)
 

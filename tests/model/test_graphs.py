@@ -17,7 +17,7 @@ from model.cache import Mode
 from model.networks.skip_dit import SkipDiT
 from model.sampling import graphs
 from model.sampling.graphs import BucketedForward, ModeUnavailable
-from tests.helpers import BATCH_TOL, tiny
+from tests.helpers import BATCH_TOL, KERNEL_DEVICE, tiny
 
 BUCKETS = (1, 2, 4, 8)
 ROWS = (1, 3, 4, 5, 11)  # 11: above the largest bucket, runs as 8 + 3 (padded to 4)
@@ -58,17 +58,33 @@ def off_runner(tiny_model: SkipDiT) -> BucketedForward:
     return runner
 
 
-@pytest.fixture(scope="module")
-def compile_runner(tiny_model: SkipDiT) -> BucketedForward:
+def _need_inductor() -> None:
     reason = _compile_missing_reason()
     if reason is not None:
         message = f"torch.compile (inductor) cannot run on this CPU: {reason}"
         if os.environ.get("SKIPDIT_REQUIRE_INDUCTOR") == "1":  # CI: the toolchain is there
             pytest.fail(message)
         pytest.skip(message)
-    # One depth keeps the CPU compiles at 2 kinds x 4 buckets (seconds each).
+
+
+def _graphs_compiled_by(warmup: Callable[[], float]) -> int:
+    """How many graphs Dynamo compiled while ``warmup`` ran."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    assert warmup() > 0
+    return counters["stats"]["unique_graphs"] - before
+
+
+COMPILED: dict[str, int] = {}  # graphs the module's compile runner compiled
+
+
+@pytest.fixture(scope="module")
+def compile_runner(tiny_model: SkipDiT) -> BucketedForward:
+    _need_inductor()
+    # One depth keeps the CPU compiles at 2 kinds x 2 graphs (seconds each).
     runner = BucketedForward(tiny_model, "compile", BUCKETS, depths=(1,))
-    assert runner.warmup() > 0
+    COMPILED["graphs"] = _graphs_compiled_by(runner.warmup)
     return runner
 
 
@@ -183,6 +199,33 @@ def check_outputs_owned(runner: BucketedForward) -> None:
 
 def test_outputs_are_the_callers_own(off_runner: BucketedForward) -> None:
     check_outputs_owned(off_runner)
+
+
+@pytest.mark.slow
+def test_compile_makes_one_graph_per_kind_for_every_bucket_of_two_rows_or_more(
+    compile_runner: BucketedForward,
+) -> None:
+    """The batch dimension is dynamic: 4 buckets x (full, cached at K=1) make 2 x 2 graphs
+    (bucket 1, which Dynamo specialises, and one for buckets 2..8), not 2 x 4; and every other
+    bucket's first request runs without compiling (``fail_on_recompile`` would raise)."""
+    assert COMPILED["graphs"] == 2 * 2
+    for rows in (2, 3, 5, 8):
+        check_full(compile_runner, rows, CLOSE)
+
+
+@pytest.mark.slow
+def test_compile_traces_the_triton_kernels_as_ops() -> None:
+    """``SKIPDIT_GRAPHS=compile`` with the Triton kernels: each kernel is one op in a full graph
+    (``fullgraph=True`` raises at a graph break), and the compiled forwards equal the network's
+    own on the kernels. On the GPU where there is one, else in Triton's interpreter here."""
+    _need_inductor()
+    model = tiny(seed=3).to(KERNEL_DEVICE)
+    assert model.use_kernels("triton") == "triton"
+    runner = BucketedForward(model, "compile", (1, 4), depths=(1,))
+    assert _graphs_compiled_by(runner.warmup) == 2 * 2
+    for rows in (1, 3):
+        check_full(runner, rows, BATCH_TOL)
+        check_cached(runner, rows, BATCH_TOL)
 
 
 def test_capture_keys_are_the_skip_cache_deep_features(off_runner: BucketedForward) -> None:
