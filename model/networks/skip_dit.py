@@ -465,7 +465,7 @@ class SkipDiT(nn.Module):
             if k in capture:
                 into[k] = x
             attn, mlp = branches(k) if branches is not None else (None, None)
-            record = _recorder(k, capture, into)
+            record = branch_recorder(k, capture, into)
             if self.config.long_skip and k >= half:
                 x = self.fuse(k, x, skips.pop())
             x = self.blocks[k](x, c, attn, mlp, record)  # (B, T, D)
@@ -529,7 +529,7 @@ class SkipDiT(nn.Module):
         return self.head(h, c)
 
 
-def _recorder(
+def branch_recorder(
     k: int, capture: Collection[Hashable], into: dict[Hashable, torch.Tensor]
 ) -> Record | None:
     """Records what block k reports (its branch outputs, ``(name, k)``) that ``capture`` asks
