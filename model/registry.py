@@ -2,8 +2,10 @@
 weights) or to a ready Pipeline (``load``).
 
 Names, in the order tried:
-- a path: a directory in our format (``config.json`` + ``model.safetensors``), or an official
-  ``.pt`` file (DiT or Skip-DiT release, Latte / Skip-Latte class-to-video weights);
+- a path: a directory in our format (``config.json`` + ``model.safetensors``), a diffusers
+  ``HunyuanDiTPipeline`` directory (``model_index.json``: its transformer, two text encoders and
+  tokenizers, scheduler and VAE, each in its own folder), or an official ``.pt`` file (DiT or
+  Skip-DiT release, Latte / Skip-Latte class-to-video weights);
 - a shipped model: a directory under ``model/weights/`` committed with this project;
 - ``random:<preset>``: untrained weights of a preset (image or video, e.g. ``random:XL/2``,
   ``random:Latte-XL/2``), for smoke tests only (says so loudly).
@@ -11,13 +13,15 @@ Names, in the order tried:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from diffusers import HunyuanDiT2DModel
 
 from model import cache
 from model.errors import FieldError
@@ -31,12 +35,13 @@ from model.networks.checkpoint import (
     official_state_dict,
     read_pretrained_meta,
 )
+from model.networks.hunyuan import HunyuanDiTConfig, HunyuanSkipDiT
 from model.networks.presets import PRESETS, Config, build, preset
 from model.networks.skip_dit import SkipDiT
 from model.networks.text_dit import TextDiTConfig
 from model.sampling.pipeline import DEFAULT_GUIDANCE, Pipeline
 from model.sampling.plan import samplers_of
-from model.sampling.prompts import Prompting
+from model.sampling.prompts import HunyuanPrompting, Prompting
 from model.text.cache import EmbeddingCache
 from model.text.encoder import TextEncoder
 
@@ -48,6 +53,16 @@ SHIPPED_DEFAULT = "digits-skip-dit"  # the shipped Skip-DiT, when present
 # Used only if no model ships: untrained, for smoke tests only.
 FALLBACK_DEFAULT = RANDOM_PREFIX + "digits-small"
 PIXEL_CHANNELS = (1, 3)  # grey or RGB samples are images; any other channel count is VAE latents
+# A diffusers pipeline directory: its index, and the pipeline class we serve from one.
+PIPELINE_INDEX = "model_index.json"
+HUNYUAN_PIPELINE = "HunyuanDiTPipeline"
+# What a Hunyuan-DiT directory's card says (it has none of its own): HunyuanDiTPipeline's
+# guidance scale, and Skip-Cache at interval 2 by default, whose other settings are the
+# paper's for Hunyuan-DiT (``skip_cache.PAPER_DEFAULTS``: K = 1, full at t >= 700, t <= 50).
+HUNYUAN_CARD: dict[str, Any] = {
+    "default_guidance": 5.0,
+    "default_cache": {"policy": "skip_cache", "interval": 2},
+}
 
 
 @dataclass(frozen=True)
@@ -91,7 +106,9 @@ class ModelInfo:
     @property
     def max_tokens(self) -> int | None:
         """Text models: the most prompt tokens the encoder reads (longer prompts are cut)."""
-        return self.config.max_tokens if isinstance(self.config, TextDiTConfig) else None
+        if isinstance(self.config, TextDiTConfig | HunyuanDiTConfig):
+            return self.config.max_tokens
+        return None
 
     @property
     def objective(self) -> str:
@@ -188,12 +205,19 @@ def known_names() -> list[str]:
 
 
 def source(name: str) -> tuple[str, Path | str]:
-    """("pretrained", dir) | ("official", file) | ("random", preset name)."""
+    """("pretrained", dir) | ("hunyuan", dir) | ("official", file) | ("random", preset name)."""
     path = Path(name)
     if (WEIGHTS_DIR / name / CONFIG_FILE).is_file():
         return "pretrained", WEIGHTS_DIR / name
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         return "pretrained", path
+    if path.is_dir() and (path / PIPELINE_INDEX).is_file():
+        pipeline = json.loads((path / PIPELINE_INDEX).read_text()).get("_class_name")
+        if pipeline != HUNYUAN_PIPELINE:
+            raise FieldError(
+                "model", f"{name!r} is a diffusers {pipeline} directory; served: {HUNYUAN_PIPELINE}"
+            )
+        return "hunyuan", path
     if path.is_file():
         return "official", path
     if name.startswith(RANDOM_PREFIX) and name[len(RANDOM_PREFIX) :] in PRESETS:
@@ -218,6 +242,9 @@ def describe(name_or_path: str | None = None) -> ModelInfo:
     if kind == "pretrained":
         config, card = read_pretrained_meta(where)
         return ModelInfo(name, config, card, random_weights=False)
+    if kind == "hunyuan":
+        saved = json.loads((Path(where) / "transformer" / CONFIG_FILE).read_text())
+        return ModelInfo(name, HunyuanDiTConfig.of_config(saved), dict(HUNYUAN_CARD), False)
     if kind == "official":
         return ModelInfo(name, official_config(official_state_dict(where)), {}, False)
     return ModelInfo(name, preset(str(where)), {}, random_weights=True)
@@ -250,6 +277,8 @@ def load(
     text model loads its text encoder too; its prompt embeddings go to ``embeddings`` (a
     worker's shared LRU; None: a cache of its own)."""
     info = describe(name_or_path)
+    if source(info.name)[0] == "hunyuan":
+        return _load_hunyuan(info, device, dtype, embeddings)
     if info.latent and vae_path is None:
         raise FieldError(
             "vae",
@@ -267,6 +296,46 @@ def load(
         prompting=prompting,
         objective=info.objective,
         shift=info.shift,
+    )
+    return LoadedModel(info, pipeline)
+
+
+def _load_hunyuan(
+    info: ModelInfo,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    embeddings: EmbeddingCache | None,
+) -> LoadedModel:
+    """A HunyuanDiTPipeline directory, every part from its own folder, local files only: the
+    transformer, BERT and mT5 with their tokenizers (each padded to the model's text lengths,
+    as the pipeline pads them), the VAE (its own scaling factor) and the scheduler config, whose
+    schedule the DDPM-family samplers run. A deployment's ``vae`` is not this model's: unused."""
+    root = Path(source(info.name)[1])
+    config = info.config
+    assert isinstance(config, HunyuanDiTConfig), "a Hunyuan directory describes a Hunyuan-DiT"
+    bert, t5 = (
+        TextEncoder.load(root / encoder, root / tokenizer, length, device, fixed_length=True)
+        for encoder, tokenizer, length in (
+            ("text_encoder", "tokenizer", config.text_len),
+            ("text_encoder_2", "tokenizer_2", config.text_len_t5),
+        )
+    )
+    prompting = HunyuanPrompting(bert, t5, info.name, embeddings)
+    transformer = HunyuanDiT2DModel.from_pretrained(root / "transformer", local_files_only=True)
+    network = HunyuanSkipDiT(transformer).to(device=device, dtype=dtype)
+    vae = load_vae(root / "vae").to(device=device, dtype=dtype)
+    schedule = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    pipeline = Pipeline(
+        # Not a SkipDiT, but it has the network interface the pipeline and the policies call
+        # (units, embed, run_blocks, head, capturing, forward_cached): tests/model/test_hunyuan*.
+        cast(SkipDiT, network),
+        vae,
+        info.default_guidance,
+        info.cache_overrides,
+        prompting=prompting,
+        objective=info.objective,
+        trained_schedule=schedule,
+        vae_scale=float(vae.config.scaling_factor),
     )
     return LoadedModel(info, pipeline)
 

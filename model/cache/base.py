@@ -56,9 +56,15 @@ class CachePolicy(ABC, Generic[ConfigT, StateT]):
     # the others with ``refusal``, the reason.
     kinds: ClassVar[frozenset[str]] = IMAGE_AND_VIDEO
     refusal: ClassVar[str] = ""
+    # Networks (``config.file_kind``) of an accepted kind that the policy still cannot run
+    # on, each with the reason (what their interface lacks).
+    refused_networks: ClassVar[dict[str, str]] = {}
 
     def refusal_for(self, model: DiTConfig) -> str | None:
         """Why the policy cannot run on ``model`` (a whole sentence), or None where it can."""
+        if model.file_kind in self.refused_networks:
+            why = self.refused_networks[model.file_kind]
+            return f"{self.name!r} does not apply to {model.file_kind} models: {why}"
         if model.kind not in self.kinds:
             return f"{self.name!r} does not apply to {model.kind} models: {self.refusal}"
         return None

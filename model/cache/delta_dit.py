@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -51,6 +51,10 @@ class DeltaDiT(IntervalPolicy[DeltaDiTConfig, DeltaDiTState]):
     name = "delta_dit"
     config_cls = DeltaDiTConfig
     state_cls = DeltaDiTState
+    refused_networks: ClassVar[dict[str, str]] = {
+        "hunyuan-dit": "its cached forward (stored deviations in front of or behind a range of "
+        "blocks) has no contract test on diffusers' Hunyuan-DiT blocks yet"
+    }
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> DeltaDiTConfig:
         config = replace(DeltaDiTConfig(blocks=max(1, model.units // 4)), **overrides)

@@ -101,17 +101,25 @@ def decide(step: int, t: float, config: SkipCacheConfig, state: SkipCacheState) 
     return interval_mode(step, t, config, cached=state.deep is not None)
 
 
-# The paper's defaults by model kind: K as (k of n units), t_start, t_end.
+# The paper's defaults by network (``file_kind``) where it gives its own, else by model kind:
+# K as (k of n units), t_start, t_end.
 PAPER_DEFAULTS: dict[str, tuple[tuple[int, int], float, float]] = {
     "image": ((4, 28), math.inf, 20.0),  # DiT-XL/2 DDPM-250: K=4 of 28 blocks
     "video": ((1, 14), 900.0, 50.0),  # Latte-XL/2 class-to-video: K=1 of 14 pairs
+    "hunyuan-dit": ((1, 40), 700.0, 50.0),  # Hunyuan-DiT (its own long skips): K=1 of 40
 }
 
 
+def paper_defaults(model: DiTConfig) -> tuple[tuple[int, int], float, float]:
+    """The paper's settings for ``model``: its network's own, else its kind's."""
+    return PAPER_DEFAULTS.get(model.file_kind) or PAPER_DEFAULTS[model.kind]
+
+
 def default_depth(model: DiTConfig) -> int:
-    """The paper's K as a fraction of the model's units: at least 1, at most units/2."""
-    (k, of), _, _ = PAPER_DEFAULTS[model.kind]
-    return max(1, min(model.units // 2, round(model.units * k / of)))
+    """The paper's K as a fraction of the model's units: at least 1, at most the model's
+    ``max_cache_depth``."""
+    (k, of), _, _ = paper_defaults(model)
+    return max(1, min(model.max_cache_depth, round(model.units * k / of)))
 
 
 # Its state is no StoredState (one deep tensor, not a store): it overrides what reads one.
@@ -127,14 +135,14 @@ class SkipCache(IntervalPolicy[SkipCacheConfig, Any]):
         return frozenset() if config.threshold is not None else frozenset(Mode)
 
     def default_config(self, model: DiTConfig, **overrides: Any) -> SkipCacheConfig:
-        _, t_start, t_end = PAPER_DEFAULTS[model.kind]
+        _, t_start, t_end = paper_defaults(model)
         paper = SkipCacheConfig(depth=default_depth(model), t_start=t_start, t_end=t_end)
         config = replace(paper, **overrides)
-        if config.depth > model.units // 2:
+        if config.depth > model.max_cache_depth:
             unit = "depth" if model.kind == "image" else "block pairs"
             raise FieldError(
                 "depth",
-                f"must be in [1, {model.units // 2}] for a model of {unit} {model.units}, "
+                f"must be in [1, {model.max_cache_depth}] for a model of {unit} {model.units}, "
                 f"got {config.depth}",
             )
         return config

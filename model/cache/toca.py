@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,10 @@ class ToCa(IntervalPolicy[ToCaConfig, ToCaState]):
     config_cls = ToCaConfig
     state_cls = ToCaState
     kinds = frozenset({"image"})
+    refused_networks: ClassVar[dict[str, str]] = {
+        "hunyuan-dit": "it recomputes chosen token rows inside our own DiT blocks' attention "
+        "and MLP; diffusers' Hunyuan-DiT blocks (RoPE on those rows) have no such path"
+    }
     refusal = (
         "ToCa picks tokens along one token axis per sample and recomputes only their rows of "
         "attention and MLP; Skip-Latte's blocks alternate between frames' token rows (spatial) "

@@ -1,6 +1,7 @@
-"""What a network is conditioned on, besides the timestep: class labels (a tensor (B,)) or
-text (a ``TextContext``, made by ``TextSkipDiT.encode_text``). A batch's condition is indexed
-by rows and concatenated (``cat``) the same way for both."""
+"""What a network is conditioned on, besides the timestep: class labels (a tensor (B,)), text
+(a ``TextContext``, made by ``TextSkipDiT.encode_text``) or Hunyuan-DiT's text (a
+``HunyuanContext``, made by ``HunyuanSkipDiT.encode``). A batch's condition is indexed by rows
+and concatenated (``cat``) the same way for all three."""
 
 from __future__ import annotations
 
@@ -63,12 +64,42 @@ class TextContext:
         return TextContext(kv, torch.cat([p.mask for p in padded]), joined)
 
 
-# Class labels (B,) or text.
-Condition = torch.Tensor | TextContext
+@dataclass(frozen=True)
+class HunyuanContext:
+    """A batch's text, ready for every step (``HunyuanSkipDiT.encode``): the tokens every block
+    cross-attends to (BERT's, then mT5's projected, padding positions replaced by the model's
+    learned padding), the timestep-free part of the adaLN conditioning (pooled mT5, image meta
+    size and style through ``extra_embedder``) and the RoPE, shared by the rows. Indexing
+    picks rows."""
+
+    text: torch.Tensor  # (B, text_len + text_len_t5, C)
+    extra: torch.Tensor  # (B, D)
+    rope: tuple[torch.Tensor, torch.Tensor]  # (T, head dim) each
+
+    def __getitem__(self, rows: Any) -> HunyuanContext:
+        return HunyuanContext(self.text[rows], self.extra[rows], self.rope)
+
+    def __len__(self) -> int:
+        return self.text.shape[0]
+
+    @staticmethod
+    def cat(contexts: Sequence[HunyuanContext]) -> HunyuanContext:
+        """Rows of every context in order. Rows batched together are latents of one size, so
+        they share one RoPE: the first context's."""
+        if len(contexts) == 1:
+            return contexts[0]
+        text = torch.cat([c.text for c in contexts])  # (B, L, C): one length, the model's
+        return HunyuanContext(text, torch.cat([c.extra for c in contexts]), contexts[0].rope)
+
+
+# Class labels (B,), text, or Hunyuan-DiT's text.
+Condition = torch.Tensor | TextContext | HunyuanContext
 
 
 def cat(conditions: Sequence[Condition]) -> Condition:
-    """Rows of every condition in order (all labels, or all text)."""
+    """Rows of every condition in order (all labels, all text, or all Hunyuan text)."""
     if isinstance(conditions[0], TextContext):
         return TextContext.cat([c for c in conditions if isinstance(c, TextContext)])
+    if isinstance(conditions[0], HunyuanContext):
+        return HunyuanContext.cat([c for c in conditions if isinstance(c, HunyuanContext)])
     return torch.cat([c for c in conditions if isinstance(c, torch.Tensor)])

@@ -23,8 +23,10 @@ model passes its labels. The arithmetic is diffusers', in its order: bit for bit
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Iterable, Sequence
+import inspect
+from collections.abc import Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, ClassVar, Self
 
 import torch
@@ -33,6 +35,7 @@ from diffusers.models.embeddings import get_2d_rotary_pos_embed
 from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiTBlock
 from torch import nn
 
+from model.networks.conditions import HunyuanContext
 from model.networks.skip_dit import Branch, BranchOverride, DiTConfig, Record, branch_recorder
 
 # Hunyuan-DiT's base resolution, 512 pixels, in latents (VAE factor 8): the RoPE grid is
@@ -71,7 +74,18 @@ class HunyuanDiTConfig(DiTConfig):
 
     @classmethod
     def of(cls, transformer: HunyuanDiT2DModel) -> Self:
-        c = transformer.config
+        return cls.of_config(transformer.config)
+
+    @classmethod
+    def of_config(cls, saved: Mapping[str, Any]) -> Self:
+        """From a ``HunyuanDiT2DModel`` config (its ``config.json``, read without weights):
+        the keys it leaves out take the class's defaults, as loading it would."""
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(HunyuanDiT2DModel.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        c = SimpleNamespace(**(defaults | {k: v for k, v in saved.items() if k in defaults}))
         inner = c.num_attention_heads * c.attention_head_dim
         if c.hidden_size != inner:  # pos_embed and blocks would not meet
             raise ValueError(f"hidden_size {c.hidden_size} != heads * head dim {inner}")
@@ -93,6 +107,11 @@ class HunyuanDiTConfig(DiTConfig):
     def max_cache_depth(self) -> int:
         """The largest Skip-Cache K: blocks D-K..D-1 must all fuse (block D/2 does not)."""
         return self.depth // 2 - 1
+
+    @property
+    def max_tokens(self) -> int:
+        """The prompt tokens a request's report counts against: BERT's (the shorter length)."""
+        return self.text_len
 
     @property
     def has_null_class(self) -> bool:
@@ -139,34 +158,6 @@ class HunyuanPrompt:
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of diffusers' forward."""
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class HunyuanContext:
-    """A batch's text, ready for every step (``HunyuanSkipDiT.encode``): the tokens every block
-    cross-attends to (BERT's, then mT5's projected, padding positions replaced by the model's
-    learned padding), the timestep-free part of the adaLN conditioning (pooled mT5, image meta
-    size and style through ``extra_embedder``) and the RoPE, shared by the rows. Indexing
-    picks rows."""
-
-    text: torch.Tensor  # (B, text_len + text_len_t5, C)
-    extra: torch.Tensor  # (B, D)
-    rope: tuple[torch.Tensor, torch.Tensor]  # (T, head dim) each
-
-    def __getitem__(self, rows: Any) -> HunyuanContext:
-        return HunyuanContext(self.text[rows], self.extra[rows], self.rope)
-
-    def __len__(self) -> int:
-        return self.text.shape[0]
-
-    @staticmethod
-    def cat(contexts: Sequence[HunyuanContext]) -> HunyuanContext:
-        """Rows of every context in order. Rows batched together are latents of one size, so
-        they share one RoPE: the first context's."""
-        if len(contexts) == 1:
-            return contexts[0]
-        text = torch.cat([c.text for c in contexts])  # (B, L, C): one length, the model's
-        return HunyuanContext(text, torch.cat([c.extra for c in contexts]), contexts[0].rope)
 
 
 @dataclass(frozen=True)

@@ -299,6 +299,12 @@ class DiTConfig:
         return self.depth
 
     @property
+    def max_cache_depth(self) -> int:
+        """The largest Skip-Cache K (units run fresh at each end of a cached step): every one
+        of units D-K..D-1 must fuse a long skip, so K <= D/2 here (Hunyuan-DiT: D/2-1)."""
+        return self.units // 2
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         """One sample: (C, H, W)."""
         return (self.in_channels, self.input_size, self.input_size)
@@ -517,9 +523,9 @@ class SkipDiT(nn.Module):
         """Cached step: blocks 0..depth-1 fresh, then ``deep`` (the hidden state that entered
         block D-depth on the last full step) goes through blocks D-depth..D-1, each fused with
         the fresh shallow output it pairs with. ``deep``: (B, T, D)."""
-        d = self.config.units
-        if not 1 <= depth <= d // 2:
-            raise ValueError(f"cache depth must be in [1, {d // 2}] for depth {d}, got {depth}")
+        d, most = self.config.units, self.config.max_cache_depth
+        if not 1 <= depth <= most:
+            raise ValueError(f"cache depth must be in [1, {most}] for depth {d}, got {depth}")
         tokens, c = self.embed(x, t, y)
         skips: list[torch.Tensor] = []
         if self.config.long_skip:  # without long skips the shallow blocks feed nothing

@@ -42,8 +42,9 @@ from kernels.dispatch import KernelUnavailable
 from model.cache import POLICIES, Mode, RequestCache
 from model.cache.skip_cache import default_depth
 from model.networks import conditions
-from model.networks.conditions import Condition, TextContext
+from model.networks.conditions import Condition, HunyuanContext, TextContext
 from model.networks.dydit import DyDiT
+from model.networks.hunyuan import HunyuanSkipDiT
 from model.networks.skip_dit import SkipDiT
 from model.networks.text_dit import TextSkipDiT
 from model.sampling import selfcheck
@@ -57,7 +58,7 @@ from model.sampling.graphs import (
     resolve_mode,
 )
 from model.sampling.plan import RunPlan, plan
-from model.sampling.prompts import Prompting, PromptReport, RequestText
+from model.sampling.prompts import HunyuanPrompting, Prompting, PromptReport, RequestText
 from model.sampling.samplers import Member, batch_key, coefficient_table, step_batch
 from model.sampling.selfcheck import Verdict
 
@@ -69,11 +70,26 @@ VAE_DECODE_ROWS = 16  # images (video frames) the VAE decodes at once: bounds it
 
 
 def make_scheduler(
-    sampler: str, learn_sigma: bool, pixel_space: bool, *, shift: float = 1.0
+    sampler: str,
+    learn_sigma: bool,
+    pixel_space: bool,
+    *,
+    shift: float = 1.0,
+    trained: Mapping[str, Any] | None = None,
 ) -> SchedulerMixin:
     """A fresh scheduler. ddim, ddpm, dpm++: DiT's training schedule (linear betas, 1000 steps,
-    eps). flow_euler: flow matching's Euler sampler (the network predicts the velocity;
-    timestep = sigma * 1000), its sigmas shifted by ``shift`` (a model card's; 1: none)."""
+    eps), or, given ``trained`` (a diffusers scheduler config: the model's own, e.g. a
+    Hunyuan-DiT directory's ``scheduler/``), that schedule: its betas, prediction type,
+    variance and timestep spacing. flow_euler: flow matching's Euler sampler (the network
+    predicts the velocity; timestep = sigma * 1000), its sigmas shifted by ``shift`` (a model
+    card's; 1: none)."""
+    if trained is not None and sampler in ("ddim", "ddpm"):
+        kind = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+        return kind.from_config(dict(trained))
+    if trained is not None and sampler == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(
+            dict(trained), algorithm_type="dpmsolver++", solver_order=2
+        )
     if sampler == "flow_euler":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     if shift != 1.0:
@@ -217,7 +233,7 @@ class Job:
     network: SkipDiT | None = None
     # A text model's: its rows' text (conditional rows, then unconditional), what its prompts
     # became; None for class models.
-    text: TextContext | None = None
+    text: TextContext | HunyuanContext | None = None
     prompt_report: PromptReport | None = None
     step: int = 0
     stats: StepStats = field(default_factory=StepStats)
@@ -473,9 +489,11 @@ class Pipeline:
         vae: AutoencoderKL | None = None,
         default_guidance: float = DEFAULT_GUIDANCE,
         cache_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-        prompting: Prompting | None = None,
+        prompting: Prompting | HunyuanPrompting | None = None,
         objective: str = "eps",
         shift: float = 1.0,
+        trained_schedule: Mapping[str, Any] | None = None,
+        vae_scale: float = VAE_SCALE,
     ):
         self.model = model.eval()
         # A DyDiT's static twin (the same weights, no routing): ``dynamic: false`` requests.
@@ -489,12 +507,16 @@ class Pipeline:
         self.forward: GroupForward = forward_group  # a step group's forward, see use_fast_path
         # A text model's prompt side (its encoder and embedding cache); None for class models.
         self.prompting = prompting
-        if isinstance(model, TextSkipDiT) and prompting is None:
+        if model.config.conditioning == "text" and prompting is None:
             raise ValueError("a text model's pipeline needs its text encoder (prompting)")
         # What the card says the network was trained for: "eps" (DDPM family samplers) or
         # "flow" (flow_euler), and the flow sampler's timestep shift.
         self.objective = objective
         self.shift = shift
+        # The model's own noise schedule (a diffusers scheduler config: Hunyuan-DiT's
+        # ``scheduler/``), which its DDPM-family samplers run; None: DiT's (make_scheduler).
+        self.trained_schedule = dict(trained_schedule) if trained_schedule is not None else None
+        self.vae_scale = vae_scale  # latents = VAE latents * vae_scale (the VAE's scaling factor)
 
     def plan(self, **params: Any) -> RunPlan:
         """A checked plan for this model (``model.sampling.plan.plan``'s parameters) from the
@@ -539,14 +561,11 @@ class Pipeline:
             log.warning("fast path: %s off for this worker: %s", verdict.component, verdict.reason)
             return True
 
-        def use_kernels(backend: str) -> str:  # a DyDiT's twin has its own folded LSC weights
-            return [network.use_kernels(backend) for network in networks][-1]
-
-        kernel_backend = use_kernels(kernels)
+        kernel_backend = self._use_kernels(kernels)
         if kernel_backend == "triton":
             verdict = selfcheck.check_kernels(networks, buckets, depth)
             if failed(verdict, KernelUnavailable):
-                kernel_backend = use_kernels("torch")
+                kernel_backend = self._use_kernels("torch")
         mode = resolve_mode(graphs, self.device)
         if self.prompting is not None and mode != "off":
             log.info("captured steps are off for text models: their text differs per request")
@@ -560,6 +579,16 @@ class Pipeline:
             else:
                 self.forward = runner.group_forward(forward_group)
         return FastPath(kernel_backend, mode, seconds, tuple(checks))
+
+    def _use_kernels(self, backend: str) -> str:
+        """Every network on ``backend`` (a DyDiT's twin has its own folded LSC weights); the
+        backend that runs. Hunyuan-DiT runs diffusers' own modules: torch (triton: an error)."""
+        if isinstance(self.model, HunyuanSkipDiT):
+            if backend == "triton":
+                raise KernelUnavailable("Hunyuan-DiT runs diffusers' own modules: no triton")
+            return "torch"
+        networks = [self.model] + ([self.static] if self.static is not self.model else [])
+        return [network.use_kernels(backend) for network in networks][-1]
 
     def step(self, jobs: Sequence[Job]) -> list[Mode]:
         """``denoise_step`` of ``jobs`` on this pipeline's network and forward path."""
@@ -578,15 +607,25 @@ class Pipeline:
         """``start`` of each plan; a text model encodes all their prompts in one batch."""
         if self.prompting is None:
             return [self._start(p, None) for p in plans]
-        model = self.model
-        assert isinstance(model, TextSkipDiT), "prompting is a text model's"
-        texts = self.prompting.texts(model, plans)
+        model, prompting = self.model, self.prompting
+        if isinstance(prompting, HunyuanPrompting):
+            assert isinstance(model, HunyuanSkipDiT), "Hunyuan prompting is a Hunyuan-DiT's"
+            texts = prompting.texts(model, plans)
+        else:
+            assert isinstance(model, TextSkipDiT), "prompting is a text model's"
+            texts = prompting.texts(model, plans)
         return [self._start(p, text) for p, text in zip(plans, texts, strict=True)]
 
     def _start(self, plan: RunPlan, text: RequestText | None) -> Job:
         config = self.model.config
         shift = self.shift if plan.sampler == "flow_euler" else 1.0
-        scheduler = make_scheduler(plan.sampler, config.learn_sigma, self.vae is None, shift=shift)
+        scheduler = make_scheduler(
+            plan.sampler,
+            config.learn_sigma,
+            self.vae is None,
+            shift=shift,
+            trained=self.trained_schedule,
+        )
         scheduler.set_timesteps(plan.steps)
         generator = torch.Generator("cpu").manual_seed(plan.seed)
         shape = (plan.num_images, *config.sample_shape)  # (n, C, H, W) or (n, C, F, H, W)
@@ -619,7 +658,7 @@ class Pipeline:
         if self.vae is not None:
             pixels = torch.cat(
                 [
-                    self.vae.decode(chunk.to(self.vae.dtype) / VAE_SCALE).sample
+                    self.vae.decode(chunk.to(self.vae.dtype) / self.vae_scale).sample
                     for chunk in latents.split(VAE_DECODE_ROWS)
                 ]
             )  # (n, channels, H', W')

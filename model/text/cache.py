@@ -25,8 +25,10 @@ UNCONDITIONAL = ""  # the prompt of guidance's unconditional branch: pinned
 class Entry:
     """One prompt's embedding."""
 
-    hidden: torch.Tensor  # (L, D): its real tokens only, no padding
-    tokens: int  # tokens used, special tokens included (L)
+    # (L, D): its real tokens only, no padding; a ``fixed_length`` encoder's: all max_tokens
+    # positions, its real tokens first (the model reads the padded positions' states too)
+    hidden: torch.Tensor
+    tokens: int  # tokens used, special tokens included (L without padding)
     truncated: bool  # the prompt was cut at the encoder's max_tokens
 
 
@@ -70,7 +72,8 @@ class EmbeddingCache:
             self.misses += len(missing)
             self.hits += len(prompts) - len(missing)
         if missing:
-            encoded = dict(zip(missing, _entries(encoder.encode(missing)), strict=True))
+            entries = _entries(encoder.encode(missing), encoder.fixed_length)
+            encoded = dict(zip(missing, entries, strict=True))
             with self._lock:
                 for prompt, entry in encoded.items():
                     self._hold((model_name, prompt), entry)
@@ -95,11 +98,16 @@ class EmbeddingCache:
             self._lru.popitem(last=False)
 
 
-def _entries(encoded: Encoded) -> list[Entry]:
-    """One entry per prompt: its rows of the batch without the padding (a copy, so an entry does
-    not keep the whole batch alive)."""
+def _entries(encoded: Encoded, fixed_length: bool = False) -> list[Entry]:
+    """One entry per prompt: its rows of the batch without the padding (``fixed_length``: with
+    it), a copy, so an entry does not keep the whole batch alive."""
+    hidden, mask = encoded.hidden, encoded.mask  # (n, L, D), (n, L)
     return [
-        Entry(hidden=encoded.hidden[i, encoded.mask[i]], tokens=used, truncated=cut)  # (L_i, D)
+        Entry(
+            hidden=hidden[i].clone() if fixed_length else hidden[i, mask[i]],  # (L_i, D)
+            tokens=used,
+            truncated=cut,
+        )
         for i, (used, cut) in enumerate(zip(encoded.tokens, encoded.truncated, strict=True))
     ]
 

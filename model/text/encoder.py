@@ -1,8 +1,9 @@
-"""The text encoder of a text-to-image model: a tokenizer and a T5 or CLIP text encoder, loaded
-from local directories only (never a download, never the hub cache), or put together from objects
-in memory (training builds one and trains it with the diffusion model).
+"""The text encoder of a text-to-image model: a tokenizer and a T5, mT5, CLIP or BERT text
+encoder, loaded from local directories only (never a download, never the hub cache), or put
+together from objects in memory (training builds one and trains it with the diffusion model).
 
-``encode`` tokenizes a batch of prompts once, padded to the longest and cut at ``max_tokens``,
+``encode`` tokenizes a batch of prompts once, padded to the longest (``fixed_length``: to
+``max_tokens``, as Hunyuan-DiT's pipeline pads both its encoders) and cut at ``max_tokens``,
 runs the encoder once and reports per prompt the tokens it used and whether it was cut. A prompt
 is cut iff its full tokenization, special tokens included, is longer than ``max_tokens``: counted,
 not guessed from the padded batch.
@@ -25,7 +26,9 @@ if TYPE_CHECKING:  # transformers' model classes take seconds to import: only wh
 # The saved config's ``model_type`` -> the ``transformers`` class that loads the encoder.
 ENCODERS: dict[str, str] = {
     "t5": "T5EncoderModel",
+    "mt5": "MT5EncoderModel",  # Hunyuan-DiT's second encoder
     "clip_text_model": "CLIPTextModel",
+    "bert": "BertModel",  # Hunyuan-DiT's bilingual CLIP-style BERT
 }
 # A tokenizer directory holds at least one of these. Without one, AutoTokenizer builds the model
 # type's tokenizer with an empty vocabulary from a bare config.json: every word unknown, no error.
@@ -42,7 +45,7 @@ class TextEncoderError(ValueError):
 class Encoded:
     """A batch of encoded prompts, in the order given."""
 
-    hidden: torch.Tensor  # (n, L, D) float; L = the longest prompt's tokens in this batch
+    hidden: torch.Tensor  # (n, L, D) float; L = the longest prompt's tokens (or max_tokens)
     mask: torch.Tensor  # (n, L) bool, True on a real token (padding is on the right)
     tokens: list[int]  # per prompt: tokens used, special tokens included (<= max_tokens)
     truncated: list[bool]  # per prompt: its full tokenization was longer than max_tokens
@@ -53,9 +56,18 @@ class TextEncoder(nn.Module):
 
     Holds no request state. In eval mode ``encode`` runs under ``torch.inference_mode()``; in
     training mode (and through ``tokenize`` + ``forward``) the encoder is differentiable.
+    ``fixed_length``: every prompt is padded to ``max_tokens`` and the encoder runs over the
+    padding too (a model that reads the padded positions' states: Hunyuan-DiT pools its mT5
+    tokens without a mask).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, max_tokens: int):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        model: PreTrainedModel,
+        max_tokens: int,
+        fixed_length: bool = False,
+    ):
         super().__init__()
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
@@ -68,6 +80,7 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.model = model
         self.max_tokens = max_tokens
+        self.fixed_length = fixed_length
 
     @classmethod
     def load(
@@ -77,6 +90,7 @@ class TextEncoder(nn.Module):
         max_tokens: int,
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
+        fixed_length: bool = False,
     ) -> TextEncoder:
         """Load from local directories (``save_pretrained`` layout), in eval mode on ``device``.
         The encoder class is chosen by the saved config's ``model_type`` (``ENCODERS``). Raises
@@ -102,7 +116,8 @@ class TextEncoder(nn.Module):
         tokenizer = _load_local(AutoTokenizer.from_pretrained, tokenizer_dir, "tokenizer")
         encoder_cls: type[PreTrainedModel] = getattr(transformers, ENCODERS[config.model_type])
         model = _load_local(encoder_cls.from_pretrained, encoder_dir, "encoder", config=config)
-        return cls(tokenizer, model, max_tokens).to(device=device, dtype=dtype).eval()
+        encoder = cls(tokenizer, model, max_tokens, fixed_length)
+        return encoder.to(device=device, dtype=dtype).eval()
 
     @property
     def device(self) -> torch.device:
@@ -110,11 +125,11 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (n, L) int64 and attention mask (n, L) int64, 1 on a real token, on the
-        encoder's device: padded to the longest prompt, each cut at ``max_tokens`` (the
-        tokenizer keeps its special tokens when it cuts)."""
+        encoder's device: padded to the longest prompt (``fixed_length``: to ``max_tokens``),
+        each cut at ``max_tokens`` (the tokenizer keeps its special tokens when it cuts)."""
         batch = self.tokenizer(
             list(prompts),
-            padding="longest",
+            padding="max_length" if self.fixed_length else "longest",
             truncation=True,
             max_length=self.max_tokens,
             return_tensors="pt",

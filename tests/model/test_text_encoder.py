@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, GPT2Config
 
 from model.text.build import build_t5, build_tokenizer
 from model.text.cache import EmbeddingCache, Entry, stack
@@ -168,10 +168,10 @@ def test_encode_runs_in_inference_mode_and_forward_trains(t5: Saved) -> None:
 
 
 def test_unsupported_model_type_is_named(tmp_path: Path, t5: Saved) -> None:
-    BertConfig(
-        vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2
-    ).save_pretrained(tmp_path)
-    with pytest.raises(TextEncoderError, match=r"'bert'.*\['clip_text_model', 't5'\]"):
+    GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(
+        TextEncoderError, match=r"'gpt2'.*\['bert', 'clip_text_model', 'mt5', 't5'\]"
+    ):
         TextEncoder.load(tmp_path, t5.directory, MAX_TOKENS, "cpu")
 
 
