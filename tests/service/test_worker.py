@@ -6,10 +6,12 @@ import asyncio
 import dataclasses
 import io
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from PIL import Image
@@ -177,13 +179,36 @@ async def test_a_job_ended_elsewhere_keeps_its_state_and_this_run_is_dropped(
     assert rig.sample("skipdit_requests_total", status="failed") == 0  # not this worker's end
 
 
+class GatedEngine(CountingEngine):
+    """The engine, holding every step after the first that ran a request until ``gate`` opens:
+    the test acts while the first job is surely running (a 40-step tiny job can otherwise end,
+    and the worker take the next, before the test's coroutine runs again on a loaded machine;
+    the worker publishes a burst's progress only after it, so the test polls ``worked``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.worked = False  # a step has run a request
+
+    def step(self) -> tuple[list[EngineEvent], StepReport]:
+        if self.worked:
+            assert self.gate.wait(timeout=60), "the test never opened the gate"
+        events, report = super().step()
+        self.worked = self.worked or report.requests > 0
+        return events, report
+
+
 async def test_stop_drains_running_work_and_stops_intake(tiny_pipeline: Pipeline) -> None:
-    rig = Rig(tiny_pipeline, max_inflight=1)
+    rig = Rig(tiny_pipeline, max_inflight=1, engine_cls=GatedEngine)
     task = asyncio.create_task(rig.worker.run())
     first = await rig.submit(steps=40)
     second = await rig.submit(steps=2)
-    await rig.until(first.id, lambda r: r.step >= 1)
+    engine = cast(GatedEngine, rig.engine)
+    async with asyncio.timeout(60):  # the first job has run a step and holds at the gate
+        while not engine.worked:
+            await asyncio.sleep(0.01)
     rig.worker.stop()
+    engine.gate.set()
     async with asyncio.timeout(60):
         await task
     assert (await rig.backend.get(first.id)).status is JobStatus.DONE
