@@ -8,6 +8,11 @@ Every transition is a pure function of a ``JobRecord`` and the time: it returns 
 (the new record and the event to publish, or None when nothing is published), or None when the
 transition is refused. A terminal record refuses every transition, so the first terminal state
 wins. The backends only store changes atomically (see ``QueueBackend._commit``).
+
+A cancel may give a reason (``CANCEL_REASONS``): the job then ends with ``error`` {"code": the
+reason, "message"}, at once while queued, or when its worker stops it (the backend keeps the
+reason with the flag it raises for the worker). A cancel without one (``DELETE /jobs/{id}``)
+leaves ``error`` empty.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ ENDED = {
     JobStatus.EXPIRED: EventKind.EXPIRED,
 }
 ENDED_BY = {kind: status for status, kind in ENDED.items()}  # terminal event -> status
+
+CLIENT_DISCONNECTED = "client_disconnected"
+CANCEL_REASONS = {  # reason -> what the cancelled job's error says
+    CLIENT_DISCONNECTED: "the client of the synchronous request disconnected before the job ended",
+}
+REQUESTED = "requested"  # the reason metrics give a cancel that gave none (DELETE)
 
 
 class Change(NamedTuple):
@@ -64,12 +75,25 @@ def release(record: JobRecord) -> Change | None:
     return Change(replace(record, status=JobStatus.QUEUED), None)
 
 
-def request_cancel(record: JobRecord, now: float) -> Change | None:
-    """A queued job is cancelled at once. None for a running one (its worker must be told, see
-    ``cancel_pending``) and for one that has already ended."""
+def request_cancel(record: JobRecord, now: float, reason: str | None = None) -> Change | None:
+    """A queued job is cancelled at once (with ``reason``'s error). None for a running one (its
+    worker must be told, see ``cancel_pending``) and for one that has already ended."""
     if record.status is not JobStatus.QUEUED:
         return None
-    return finish(record, JobStatus.CANCELLED, now)
+    return finish(record, JobStatus.CANCELLED, now, error=cancel_error(reason))
+
+
+def cancel_error(reason: str | None) -> dict[str, str] | None:
+    """The error a job cancelled for ``reason`` ends with; None for no reason, or one this
+    version does not know (a flag an older API wrote)."""
+    if reason is None or reason not in CANCEL_REASONS:
+        return None
+    return {"code": reason, "message": f"cancelled: {CANCEL_REASONS[reason]}"}
+
+
+def cancel_reason(record: JobRecord) -> str:
+    """Why a cancelled job was cancelled, for metrics: its error's code, else ``REQUESTED``."""
+    return (record.error or {}).get("code", REQUESTED)
 
 
 def cancel_pending(record: JobRecord) -> bool:

@@ -78,6 +78,13 @@ class Metrics:
         self.errors = Counter(
             "skipdit_errors", "Errors, by reason.", ["model", "reason"], registry=r
         )
+        self.cancellations = Counter(
+            "skipdit_cancelled_jobs",
+            "Jobs cancelled, by reason: requested (DELETE), client_disconnected (the client of a "
+            "synchronous request left).",
+            ["model", "reason"],
+            registry=r,
+        )
         self._prompt_cache(r)
         for model in models:
             for mode in Mode:  # export both modes from the start

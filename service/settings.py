@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         description="while work runs, a worker asks the queue for new jobs and cancel flags "
         "this often: they wait up to this long; shorter costs CPU beside the model's",
     )
+    cancel_on_disconnect: bool = Field(
+        True,
+        description="a synchronous request (POST /generate without async, POST "
+        "/v1/images/generations) whose client disconnects cancels its job (queued: at once; "
+        "running: at its next step once the worker sees the flag); false: the job runs on",
+    )
     worker_name: str | None = None
     metrics_port: int | None = Field(None, ge=1, le=65535, description="worker /metrics port")
     log_level: str = "INFO"

@@ -43,7 +43,7 @@ from model.text.cache import EmbeddingCache
 from service.engine import Engine, EngineEvent, EngineRequest, StepReport
 from service.errors import BackendUnavailable
 from service.images import CONTENT_TYPES, encode
-from service.jobs import ENDED_BY
+from service.jobs import ENDED_BY, cancel_reason
 from service.messages import EventKind, JobRecord, JobStatus, StoredResult
 from service.metrics import NO_MODEL, Metrics
 from service.queue.base import Delivery, QueueBackend
@@ -349,6 +349,8 @@ class Worker:
         seconds = (ended.finished_at or ended.created_at) - ended.created_at
         speedup = result.meta["speedup"] if result is not None else None
         self.metrics.observe_end(model, status.value, seconds, speedup)
+        if status is JobStatus.CANCELLED:
+            self.metrics.cancellations.labels(model, cancel_reason(ended)).inc()
 
     def _result(self, model: str, record: JobRecord, event: EngineEvent) -> StoredResult | None:
         """The encoded images (or videos, one file per sample) and their metadata."""

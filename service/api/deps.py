@@ -4,7 +4,9 @@ operations several routers share (check, submit, wait for the outcome, the recor
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -16,6 +18,7 @@ from model.sampling.plan import RunPlan
 from service import errors
 from service.api.auth import Caller, KeyRing
 from service.images import FORMATS as IMAGE_FORMATS
+from service.jobs import CLIENT_DISCONNECTED, REQUESTED
 from service.messages import JobRecord, JobRequest, JobStatus, StoredResult
 from service.metrics import Metrics
 from service.queue.base import QueueBackend
@@ -25,6 +28,9 @@ from service.video import VIDEO_FORMATS
 from service.worker import Worker
 
 OUTPUT_FORMATS = {"image": tuple(IMAGE_FORMATS), "video": VIDEO_FORMATS}  # model kind -> formats
+Disconnected = Callable[[], Awaitable[None]]  # returns once the client has gone
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +69,14 @@ class Service:
     ) -> JobRecord:
         """Check, count against the caller's key, and enqueue on the model's queue (the record:
         ``new_record``; its owner is the key's id)."""
+        record, _ = await self._submit(body, idempotency_key, caller)
+        return record
+
+    async def _submit(
+        self, body: JobRequest, idempotency_key: str | None, caller: Caller
+    ) -> tuple[JobRecord, bool]:
+        """``submit``, also saying whether this request made the job (not an earlier one with
+        the same Idempotency-Key)."""
         info, run = self.check(body)
         self.keys.take(caller)
         record = new_record(body, info, run, caller.key_id)
@@ -75,7 +89,52 @@ class Service:
         if stored.id != record.id:  # the job an earlier request with this Idempotency-Key made
             self.keys.release(caller, record.id)
             self.keys.owns(caller, stored.id)
-        return stored
+        return stored, stored.id == record.id
+
+    async def submit_and_wait(
+        self,
+        body: JobRequest,
+        idempotency_key: str | None,
+        caller: Caller,
+        disconnected: Disconnected,
+    ) -> tuple[JobRecord, StoredResult]:
+        """A synchronous request: ``submit``, then ``wait_done``. With
+        SKIPDIT_CANCEL_ON_DISCONNECT, if ``disconnected`` returns first (the client has gone)
+        the job is cancelled for ``client_disconnected`` (queued: at once; running: at its next
+        step) and JobCancelled is raised, for no one to read. Only the request that made the job
+        cancels it: one an earlier request with the same Idempotency-Key made may have others
+        waiting on it. Either way no task is left behind."""
+        record, made = await self._submit(body, idempotency_key, caller)
+        if not (made and self.settings.cancel_on_disconnect):
+            return await self.wait_done(record)
+        waiting = asyncio.ensure_future(self.wait_done(record))
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this request is cancelled: stop both, collect their outcomes
+            waiting.cancel()  # a no-op once done
+            gone.cancel()
+            await asyncio.gather(waiting, gone, return_exceptions=True)
+        if not waiting.cancelled():  # the job ended first (or waiting failed): the answer
+            return waiting.result()
+        gone.result()  # raises if listening for the disconnect failed, rather than cancel
+        await self._cancel_for_disconnect(record)
+        raise errors.JobCancelled(f"job {record.id} was cancelled: the client disconnected")
+
+    async def _cancel_for_disconnect(self, record: JobRecord) -> None:
+        """Cancel the job of a client that left; one log line if there was one to cancel."""
+        current, ended = await self.backend.cancel(record.id, CLIENT_DISCONNECTED)
+        if current is None or (current.status.terminal and not ended):
+            return  # its record expired, or it ended before the cancel: it stays as it ended
+        log.info(
+            "job %s: client disconnected at step %d/%d; cancelled %s",
+            record.id,
+            current.step,
+            current.total_steps,
+            "while queued" if ended else "at its next step",
+        )
+        if ended:  # a running job's worker counts it when it stops
+            self.metrics.cancellations.labels(record.model, CLIENT_DISCONNECTED).inc()
 
     async def _unfinished(self, job_id: str) -> bool:
         record = await self.backend.get(job_id)
@@ -106,9 +165,11 @@ class Service:
     async def cancel(self, job_id: str, caller: Caller) -> JobRecord:
         """Ask to cancel: a queued job ends at once, a running one at its next step."""
         await self.known(job_id, caller)
-        record = await self.backend.request_cancel(job_id)
+        record, ended = await self.backend.cancel(job_id)
         if record is None:
             raise errors.JobNotFound(job_id)
+        if ended:  # a running job's worker counts it when it stops
+            self.metrics.cancellations.labels(record.model, REQUESTED).inc()
         return record
 
     async def result(self, record: JobRecord) -> StoredResult:
@@ -177,3 +238,19 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def client_gone(request: Request) -> Disconnected:
+    """What returns once the client of ``request`` has disconnected: it waits on the ASGI
+    ``receive`` for ``http.disconnect``. Use it once the body has been read: nothing else
+    arrives then, so each ``receive`` blocks until the server sees the connection close (or the
+    response complete), never polling."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return gone
+
+
+ClientGoneDep = Annotated[Disconnected, Depends(client_gone)]

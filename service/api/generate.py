@@ -1,4 +1,5 @@
-"""``POST /generate``: submit a job and wait for its images, or return 202 + Location."""
+"""``POST /generate``: submit a job and wait for its images (a client that leaves first cancels
+it), or return 202 + Location."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from service.api.auth import CallerDep
-from service.api.deps import ServiceDep, record_view
+from service.api.deps import ClientGoneDep, ServiceDep, record_view
 from service.messages import JobRequest
 
 router = APIRouter(tags=["generate"])
@@ -20,15 +21,17 @@ async def generate(
     body: JobRequest,
     svc: ServiceDep,
     caller: CallerDep,
+    gone: ClientGoneDep,
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
-    record = await svc.submit(body, idempotency_key, caller)
     if body.async_ or (prefer and "respond-async" in prefer.lower()):
+        record = await svc.submit(body, idempotency_key, caller)
         return JSONResponse(
             record_view(record), status_code=202, headers={"Location": f"/jobs/{record.id}"}
         )
-    final, result = await svc.wait_done(record)
+    # Waits; a client that disconnects first cancels the job (SKIPDIT_CANCEL_ON_DISCONNECT).
+    final, result = await svc.submit_and_wait(body, idempotency_key, caller, gone)
     images = [base64.b64encode(image).decode() for image in result.images]
     return JSONResponse(
         record_view(final) | {"content_type": result.content_type, "images": images}

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from model.errors import FieldError
 from service.api.auth import CallerDep
-from service.api.deps import ServiceDep, prompt_fields
+from service.api.deps import ClientGoneDep, ServiceDep, prompt_fields
 from service.messages import JobRequest
 from service.request import PROMPT_RESULT_FIELDS, NegativePrompt, Prompt
 
@@ -39,6 +39,7 @@ async def openai_images(
     body: OpenAIImageRequest,
     svc: ServiceDep,
     caller: CallerDep,
+    gone: ClientGoneDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
     info = svc.model_for(body.model)
@@ -53,8 +54,8 @@ async def openai_images(
         timeout_s=svc.settings.default_timeout_s,
         **prompt_fields(info, body.prompt, body.negative_prompt),
     )
-    record = await svc.submit(request, idempotency_key, caller)
-    _, result = await svc.wait_done(record)
+    # Waits; a client that disconnects first cancels the job (SKIPDIT_CANCEL_ON_DISCONNECT).
+    record, result = await svc.submit_and_wait(request, idempotency_key, caller, gone)
     return {
         "created": int(record.created_at),
         "data": [{"b64_json": base64.b64encode(i).decode()} for i in result.images],

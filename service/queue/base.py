@@ -59,8 +59,14 @@ class QueueBackend(ABC):
         record as it now stands or None if unknown, whether the transition was applied)."""
 
     @abstractmethod
-    async def _flag_cancel(self, job_id: str) -> None:
-        """Ask the worker running the job to cancel it (see ``cancel_requested``)."""
+    async def _flag_cancel(self, job_id: str, reason: str | None) -> None:
+        """Ask the worker running the job to cancel it (see ``cancel_requested``), for
+        ``reason`` (None: none given; see ``_cancel_reason``). The first flag stays: a later
+        cancel of the same job changes nothing, so its first reason is the one it ends with."""
+
+    @abstractmethod
+    async def _cancel_reason(self, job_id: str) -> str | None:
+        """The reason the job's cancel flag gives, None if it gives none (or is not set)."""
 
     @abstractmethod
     async def _requeue(self, delivery: Delivery) -> None:
@@ -83,12 +89,20 @@ class QueueBackend(ABC):
     @abstractmethod
     async def get_result(self, job_id: str) -> StoredResult | None: ...
 
-    async def request_cancel(self, job_id: str) -> JobRecord | None:
-        """Queued jobs are cancelled at once; running ones are flagged for the worker."""
-        record, _ = await self._commit(job_id, lambda r: jobs.request_cancel(r, self.clock()))
-        if record is not None and jobs.cancel_pending(record):
-            await self._flag_cancel(job_id)
+    async def request_cancel(self, job_id: str, reason: str | None = None) -> JobRecord | None:
+        """Queued jobs are cancelled at once; running ones are flagged for the worker. The
+        record as it stands (None: unknown); see ``cancel``."""
+        record, _ = await self.cancel(job_id, reason)
         return record
+
+    async def cancel(self, job_id: str, reason: str | None = None) -> tuple[JobRecord | None, bool]:
+        """``request_cancel``, also saying whether this call ended the job (it was queued).
+        ``reason`` (``jobs.CANCEL_REASONS``) ends up in the cancelled job's ``error``."""
+        now = self.clock()
+        record, ended = await self._commit(job_id, lambda r: jobs.request_cancel(r, now, reason))
+        if record is not None and jobs.cancel_pending(record):
+            await self._flag_cancel(job_id, reason)
+        return record, ended
 
     @abstractmethod
     def events(self, job_id: str) -> AsyncIterator[Event]:
@@ -177,6 +191,8 @@ class QueueBackend(ABC):
         the job had already ended (the first terminal state wins, this run's result is dropped)."""
         now = self.clock()
         meta: dict[str, Any] | None = None if result is None else result.meta
+        if status is JobStatus.CANCELLED and error is None:  # stopped on a flag: its reason
+            error = jobs.cancel_error(await self._cancel_reason(delivery.job_id))
 
         def end(record: JobRecord) -> Change | None:
             return jobs.finish(record, status, now, result=meta, error=error)

@@ -60,7 +60,7 @@ class Keys:
     def events(self, job_id: str) -> str:  # stream of Event JSON, TTL job_ttl
         return f"{self.job(job_id)}:events"
 
-    def cancel(self, job_id: str) -> str:  # flag: cancel this running job
+    def cancel(self, job_id: str) -> str:  # flag: cancel this running job; value: reason or ""
         return f"{self.job(job_id)}:cancel"
 
     def entry(self, job_id: str) -> str:  # id of the stream entry that carries the job; TTL job_ttl

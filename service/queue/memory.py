@@ -48,7 +48,7 @@ class MemoryBackend(QueueBackend):
         self._results: dict[str, tuple[float, StoredResult]] = {}  # expires at, result
         self._events: dict[str, list[Event]] = {}
         self._idempotency: dict[str, str] = {}
-        self._cancel: set[str] = set()
+        self._cancel: dict[str, str | None] = {}  # job -> its cancel flag's reason
         self._changed = asyncio.Condition()
 
     async def _notify(self) -> None:
@@ -84,15 +84,18 @@ class MemoryBackend(QueueBackend):
         if change.event is not None:
             self._events.setdefault(record.id, []).append(change.event)
         if record.status.terminal:
-            self._cancel.discard(record.id)
+            self._cancel.pop(record.id, None)
             queue = self._queues[record.model]
             if record.id in queue:  # cancelled while queued
                 queue.remove(record.id)
         if result is not None:
             self._results[record.id] = (self.clock() + self.result_ttl, result)
 
-    async def _flag_cancel(self, job_id: str) -> None:
-        self._cancel.add(job_id)
+    async def _flag_cancel(self, job_id: str, reason: str | None) -> None:
+        self._cancel.setdefault(job_id, reason)
+
+    async def _cancel_reason(self, job_id: str) -> str | None:
+        return self._cancel.get(job_id)
 
     async def _requeue(self, delivery: Delivery) -> None:
         self._queues[delivery.model].appendleft(delivery.job_id)
@@ -176,7 +179,7 @@ class MemoryBackend(QueueBackend):
         return await self._fairly(models, count, take)
 
     async def cancel_requested(self, job_ids: list[str]) -> set[str]:
-        return self._cancel.intersection(job_ids)
+        return self._cancel.keys() & set(job_ids)
 
     async def heartbeat(
         self, consumer: str, deliveries: list[Delivery], models: Sequence[str]

@@ -261,8 +261,13 @@ class RedisBackend(QueueBackend):
         await self.redis.set(self.keys.entry(job_id), token, nx=not replace, ex=self.job_ttl)
 
     @guarded
-    async def _flag_cancel(self, job_id: str) -> None:
-        await self.redis.set(self.keys.cancel(job_id), 1, ex=self.job_ttl)
+    async def _flag_cancel(self, job_id: str, reason: str | None) -> None:
+        await self.redis.set(self.keys.cancel(job_id), reason or "", nx=True, ex=self.job_ttl)
+
+    @guarded
+    async def _cancel_reason(self, job_id: str) -> str | None:
+        flag = cast(bytes | None, await self.redis.get(self.keys.cancel(job_id)))
+        return flag.decode() if flag else None  # b"": flagged without a reason
 
     @guarded
     async def _requeue(self, delivery: Delivery) -> None:

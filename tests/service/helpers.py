@@ -1,6 +1,7 @@
 """Helpers the service tests share (imported from here, never from another test module): real
 redis-servers and Redis Clusters, ``skipdit worker`` processes, settings and an app with its
-lifespan running, a client's load of submissions, metrics and image checks."""
+lifespan running (in process, or on a real uvicorn), a client's load of submissions, metrics
+and image checks."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import redis
+import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -200,6 +202,23 @@ async def running_app(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
             yield c
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[int]:
+    """The app on a real uvicorn on a free loopback port (its lifespan running); the port."""
+    port = free_port()
+    config = uvicorn.Config(build_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        await asyncio.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await task
 
 
 class Workers:

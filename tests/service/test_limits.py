@@ -4,15 +4,11 @@ never finishes its body is answered 408 and cut off (a real uvicorn over a real 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import uvicorn
-
-from service.api import build_app
-from tests.service.helpers import free_port, running_app, settings_for
+from tests.service.helpers import running_app, serving, settings_for
 
 
 async def test_a_body_over_the_limit_gets_413_before_parsing(tiny_model_dir: Path) -> None:
@@ -35,21 +31,6 @@ async def test_a_body_over_the_limit_gets_413_before_parsing(tiny_model_dir: Pat
         assert streamed.status_code == 413 and "got more" in streamed.text
         small = await client.post("/generate", json={"class_label": 1, "steps": 2})
         assert small.status_code == 200  # under the limit: replayed to the app intact
-
-
-@contextlib.asynccontextmanager
-async def serving(settings) -> AsyncIterator[int]:
-    port = free_port()
-    config = uvicorn.Config(build_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def test_a_body_that_never_finishes_is_cut_off_with_408(tiny_model_dir: Path) -> None:
