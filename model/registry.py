@@ -43,7 +43,7 @@ from model.sampling.pipeline import DEFAULT_GUIDANCE, Pipeline
 from model.sampling.plan import samplers_of
 from model.sampling.prompts import HunyuanPrompting, Prompting
 from model.text.cache import EmbeddingCache
-from model.text.encoder import TextEncoder
+from model.text.encoder import VOCAB_FILES, TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,19 @@ HUNYUAN_PIPELINE = "HunyuanDiTPipeline"
 HUNYUAN_CARD: dict[str, Any] = {
     "default_guidance": 5.0,
     "default_cache": {"policy": "skip_cache", "interval": 2},
+}
+# What a Hunyuan-DiT directory must hold besides its index: folder -> (the part, the files it
+# needs). WEIGHTS: a *.safetensors or *.bin file (whole or sharded); VOCABULARY: one of the
+# tokenizer vocabulary files TextEncoder reads.
+WEIGHTS, VOCABULARY = "weights", "vocabulary"
+HUNYUAN_PARTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "transformer": ("its HunyuanDiT2DModel", (CONFIG_FILE, WEIGHTS)),
+    "text_encoder": ("its BERT text encoder", (CONFIG_FILE, WEIGHTS)),
+    "tokenizer": ("its BERT tokenizer", (VOCABULARY,)),
+    "text_encoder_2": ("its mT5 text encoder", (CONFIG_FILE, WEIGHTS)),
+    "tokenizer_2": ("its mT5 tokenizer", (VOCABULARY,)),
+    "vae": ("its AutoencoderKL", (CONFIG_FILE, WEIGHTS)),
+    "scheduler": ("its noise schedule", ("scheduler_config.json",)),
 }
 
 
@@ -235,19 +248,52 @@ def directory(name_or_path: str) -> Path:
 
 
 def describe(name_or_path: str | None = None) -> ModelInfo:
-    """A model's config and card without its weights: ``config.json`` of our format, the
-    tensor shapes of a memory-mapped official ``.pt`` (no tensor data is read), a preset."""
+    """A model's config and card without its weights: ``config.json`` of our format, a
+    Hunyuan-DiT directory's ``transformer/config.json`` (once every part it needs is there:
+    ``HUNYUAN_PARTS``), the tensor shapes of a memory-mapped official ``.pt`` (no tensor data
+    is read), a preset."""
     name = name_or_path or default_model()
     kind, where = source(name)
     if kind == "pretrained":
         config, card = read_pretrained_meta(where)
         return ModelInfo(name, config, card, random_weights=False)
     if kind == "hunyuan":
+        _check_hunyuan_parts(name, Path(where))
         saved = json.loads((Path(where) / "transformer" / CONFIG_FILE).read_text())
         return ModelInfo(name, HunyuanDiTConfig.of_config(saved), dict(HUNYUAN_CARD), False)
     if kind == "official":
         return ModelInfo(name, official_config(official_state_dict(where)), {}, False)
     return ModelInfo(name, preset(str(where)), {}, random_weights=True)
+
+
+def _check_hunyuan_parts(name: str, root: Path) -> None:
+    """FieldError('model', ...) listing every part of ``HUNYUAN_PARTS`` that ``root`` lacks,
+    so a deployment refuses to boot on an incomplete directory before any weights are read."""
+
+    def holds(folder: Path, need: str) -> bool:
+        if need == WEIGHTS:
+            return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+        if need == VOCABULARY:
+            return any((folder / file).is_file() for file in VOCAB_FILES)
+        return (folder / need).is_file()
+
+    def shown(folder: str, need: str) -> str:
+        if need == WEIGHTS:
+            return f"{folder}/*.safetensors or *.bin"
+        if need == VOCABULARY:
+            return f"{folder}/ with one of {', '.join(VOCAB_FILES)}"
+        return f"{folder}/{need}"
+
+    missing = []
+    for folder, (what, needs) in HUNYUAN_PARTS.items():
+        if not (root / folder).is_dir():
+            missing.append(f"{folder}/ ({what})")
+            continue
+        missing += [f"{shown(folder, n)} ({what})" for n in needs if not holds(root / folder, n)]
+    if missing:
+        raise FieldError(
+            "model", f"Hunyuan-DiT directory {name!r} is missing: {'; '.join(missing)}"
+        )
 
 
 def _network(info: ModelInfo, seed: int) -> SkipDiT:

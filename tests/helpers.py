@@ -129,3 +129,63 @@ def tiny_text_model(directory: Path, card: dict[str, Any] | None = None) -> Path
     trainee = t2i.Trainee(randomized(TextSkipDiT(config), scale=0.1), encoder.eval())
     own = {"objective": "flow", "sampler": "flow_euler", "default_guidance": 2.0}
     return t2i.export(trainee, tokenizer, directory, own | (card or {}))
+
+
+# The tiny Hunyuan-DiT's prompts: every word is in its tokenizers' vocabularies.
+HUNYUAN_PROMPTS = (
+    "a red cat on the left",
+    "a small blue dog with the sky",
+    "a big dog on the right",
+)
+# HunyuanDiTPipeline pads BERT to 77 tokens and mT5 to 256, whatever the model: so must its.
+HUNYUAN_TEXT_LEN, HUNYUAN_TEXT_LEN_T5 = 77, 256
+
+
+def tiny_hunyuan_dir(root: Path) -> Path:
+    """A tiny random ``HunyuanDiTPipeline`` saved by ``save_pretrained`` into ``root/hunyuan``:
+    a 6-block ``HunyuanDiT2DModel`` (width 16, 8x8 latents), a BERT and a T5 encoder of width 16
+    from configs, word-level tokenizers of ``HUNYUAN_PROMPTS``, a tiny VAE (latent factor 8: 64
+    px), Hunyuan-DiT's own v-prediction DDPM schedule. Weights perturbed (``randomized``)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from model.text.build import build_t5, build_tokenizer  # the train extra: t2i's builders
+
+    width = 16
+    words = sorted({word for prompt in HUNYUAN_PROMPTS for word in prompt.split()})
+    torch.manual_seed(0)
+    transformer = HunyuanDiT2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2,
+        sample_size=8, hidden_size=16, num_layers=6, cross_attention_dim=width,
+        cross_attention_dim_t5=width, pooled_projection_dim=8, text_len=HUNYUAN_TEXT_LEN,
+        text_len_t5=HUNYUAN_TEXT_LEN_T5,
+    )  # fmt: skip
+    vocab = root / "bert-vocab.txt"
+    vocab.parent.mkdir(parents=True, exist_ok=True)
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    bert_tokenizer = BertTokenizer(str(vocab), model_max_length=HUNYUAN_TEXT_LEN)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(bert_tokenizer), hidden_size=width, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=32, max_position_embeddings=HUNYUAN_TEXT_LEN,
+        )
+    )  # fmt: skip
+    t5_tokenizer = build_tokenizer([" ".join(words)], HUNYUAN_TEXT_LEN_T5)
+    t5 = build_t5(len(t5_tokenizer), width, layers=2, heads=2, dropout=0.0)
+    vae = AutoencoderKL(  # 3 downsamplings: the pipeline's latent factor 8 (64 px -> 8x8)
+        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+        norm_num_groups=8, scaling_factor=0.13025,
+    )  # fmt: skip
+    scheduler = DDPMScheduler(  # Hunyuan-DiT's own schedule: v-prediction, scaled linear
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.03, clip_sample=False,
+        prediction_type="v_prediction", steps_offset=1, timestep_spacing="leading",
+    )  # fmt: skip
+    pipe = HunyuanDiTPipeline(
+        vae=vae, text_encoder=randomized(bert, scale=0.1), tokenizer=bert_tokenizer,
+        transformer=randomized(transformer, scale=0.1), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        text_encoder_2=randomized(t5, scale=0.1), tokenizer_2=t5_tokenizer,
+    )  # fmt: skip
+    pipe.save_pretrained(root / "hunyuan")
+    return root / "hunyuan"

@@ -1,85 +1,43 @@
 """Serving a diffusers Hunyuan-DiT directory (``model.registry``): a tiny random
-``HunyuanDiTPipeline`` (a 6-block ``HunyuanDiT2DModel``, a BERT and a T5 encoder from configs,
-tokenizers built here, a tiny VAE, Hunyuan's v-prediction DDPM schedule) saved with
-``save_pretrained`` and loaded from that directory alone. Our uncached generation of a prompt is
-diffusers' pipeline's for the same prompt and seed; the card's default is Skip-Cache with the
-paper's Hunyuan settings, which at interval 1 is no cache; requests batch in one step and get
-what they get alone; a cache depth the model cannot cache is refused naming the field."""
+``HunyuanDiTPipeline`` (``tests.helpers.tiny_hunyuan_dir``: a 6-block ``HunyuanDiT2DModel``, a
+BERT and a T5 encoder from configs, their tokenizers, a tiny VAE, Hunyuan's v-prediction DDPM
+schedule) saved with ``save_pretrained`` and loaded from that directory alone. Our uncached
+generation of a prompt is diffusers' pipeline's for the same prompt and seed; the card's default
+is Skip-Cache with the paper's Hunyuan settings, which at interval 1 is no cache; requests batch
+in one step and get what they get alone; a cache depth the model cannot cache is refused naming
+the field. Through the loaded pipeline, every policy that applies is no cache at a setting that
+never caches and caches at one that does; those that cannot run on it are refused; a directory
+missing a part is refused naming the part, before any weights are read."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    HunyuanDiT2DModel,
-    HunyuanDiTPipeline,
-)
-from transformers import BertConfig, BertModel, BertTokenizer
+from diffusers import DDIMScheduler, HunyuanDiTPipeline
 
 from model import registry
-from model.cache import Mode
+from model.cache import POLICIES, Mode
 from model.cache.skip_cache import SkipCacheConfig
 from model.errors import FieldError
 from model.registry import LoadedModel
 from model.sampling.plan import RunPlan
-from model.text.build import build_t5, build_tokenizer
 from service.request import GenerateParams, cache_default, resolve
-from tests.helpers import BATCH_TOL, randomized
+from tests.helpers import (
+    BATCH_TOL,
+    HUNYUAN_PROMPTS,
+    HUNYUAN_TEXT_LEN,
+    tiny_hunyuan_dir,
+)
 
-# HunyuanDiTPipeline pads BERT to 77 tokens and mT5 to 256, whatever the model: so must its.
-TEXT_LEN, TEXT_LEN_T5, WIDTH = 77, 256, 16
-PROMPTS = ("a red cat on the left", "a small blue dog with the sky")
-WORDS = sorted({word for prompt in (*PROMPTS, "a big dog on the right") for word in prompt.split()})
-
-
-def build_directory(root: Path) -> Path:
-    """The tiny pipeline, each part saved by ``save_pretrained`` into ``root``."""
-    torch.manual_seed(0)
-    transformer = HunyuanDiT2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2,
-        sample_size=8, hidden_size=16, num_layers=6, cross_attention_dim=WIDTH,
-        cross_attention_dim_t5=WIDTH, pooled_projection_dim=8, text_len=TEXT_LEN,
-        text_len_t5=TEXT_LEN_T5,
-    )  # fmt: skip
-    vocab = root / "bert-vocab.txt"
-    vocab.parent.mkdir(parents=True, exist_ok=True)
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    bert_tokenizer = BertTokenizer(str(vocab), model_max_length=TEXT_LEN)
-    bert = BertModel(
-        BertConfig(
-            vocab_size=len(bert_tokenizer), hidden_size=WIDTH, num_hidden_layers=2,
-            num_attention_heads=2, intermediate_size=32, max_position_embeddings=TEXT_LEN,
-        )
-    )  # fmt: skip
-    t5_tokenizer = build_tokenizer([" ".join(WORDS)], TEXT_LEN_T5)
-    t5 = build_t5(len(t5_tokenizer), WIDTH, layers=2, heads=2, dropout=0.0)
-    vae = AutoencoderKL(  # 3 downsamplings: the pipeline's latent factor 8 (64 px -> 8x8)
-        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
-        norm_num_groups=8, scaling_factor=0.13025,
-    )  # fmt: skip
-    scheduler = DDPMScheduler(  # Hunyuan-DiT's own schedule: v-prediction, scaled linear
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.03, clip_sample=False,
-        prediction_type="v_prediction", steps_offset=1, timestep_spacing="leading",
-    )  # fmt: skip
-    pipe = HunyuanDiTPipeline(
-        vae=vae, text_encoder=randomized(bert, scale=0.1), tokenizer=bert_tokenizer,
-        transformer=randomized(transformer, scale=0.1), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        text_encoder_2=randomized(t5, scale=0.1), tokenizer_2=t5_tokenizer,
-    )  # fmt: skip
-    pipe.save_pretrained(root / "hunyuan")
-    return root / "hunyuan"
+PROMPTS = HUNYUAN_PROMPTS[:2]
 
 
 @pytest.fixture(scope="module")
 def directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_directory(tmp_path_factory.mktemp("hunyuan"))
+    return tiny_hunyuan_dir(tmp_path_factory.mktemp("hunyuan"))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +56,7 @@ def latents(loaded: LoadedModel, *plans: RunPlan) -> list[torch.Tensor]:
 
 def test_the_directory_is_a_text_model_described_without_its_weights(directory: Path) -> None:
     info = registry.describe(str(directory))
-    assert (info.conditioning, info.max_tokens, info.kind) == ("text", TEXT_LEN, "image")
+    assert (info.conditioning, info.max_tokens, info.kind) == ("text", HUNYUAN_TEXT_LEN, "image")
     assert (info.latent, info.image_size, info.config.max_cache_depth) == (True, 64, 2)
     assert info.default_guidance == 5.0 and info.samplers[0] == "ddim"
     assert "toca" not in info.cache_defaults() and "delta_dit" not in info.cache_defaults()
@@ -186,3 +144,104 @@ def test_a_cache_depth_the_model_cannot_cache_is_a_field_error(loaded: LoadedMod
     with pytest.raises(FieldError) as refused:
         run(loaded, PROMPTS[0], cache_policy="toca")
     assert refused.value.field == "cache_policy"
+
+
+# policy -> request fields at which it never caches; at which it caches some of 10 DDIM steps
+NEVER = {
+    "skip_cache": {"cache_interval": 1},
+    "fora": {"cache_interval": 1},
+    "fbcache": {"cache_threshold": 0},
+    "teacache": {"cache_threshold": 0},
+}
+CACHING = {
+    "skip_cache": {"cache_interval": 3, "cache_depth": 2, "cache_t_start": 1000},
+    "fora": {"cache_interval": 3},
+    "fbcache": {"cache_threshold": 0.5, "cache_t_end": 0},
+    "teacache": {"cache_threshold": 0.5, "cache_t_end": 0},  # the card's (identity) coefficients
+}
+REFUSED = ("delta_dit", "toca")  # with the reasons their refused_networks give
+
+
+def test_the_policies_that_apply_are_the_ones_run_here(loaded: LoadedModel) -> None:
+    assert set(loaded.info.cache_defaults()) == {"none", *NEVER} == {"none", *CACHING}
+    assert set(POLICIES) == {"none", *NEVER, *REFUSED}
+
+
+@pytest.fixture(scope="module")
+def uncached(loaded: LoadedModel) -> torch.Tensor:
+    (result,) = loaded.pipeline.generate([run(loaded, PROMPTS[0], steps=10, cache_policy="none")])
+    return result.latents
+
+
+@pytest.mark.parametrize("policy", sorted(NEVER))
+def test_each_policy_at_a_never_caching_setting_is_no_cache_exactly(
+    loaded: LoadedModel, uncached: torch.Tensor, policy: str
+) -> None:
+    plan = run(loaded, PROMPTS[0], steps=10, cache_policy=policy, **NEVER[policy])
+    (result,) = loaded.pipeline.generate([plan])
+    assert result.stats.steps[Mode.CACHED] == 0
+    assert torch.equal(result.latents, uncached)
+
+
+@pytest.mark.parametrize("policy", sorted(CACHING))
+def test_each_policy_caches_stays_finite_and_batches_as_alone(
+    loaded: LoadedModel, uncached: torch.Tensor, policy: str
+) -> None:
+    """Through the loaded pipeline (its text encoders, schedule and VAE): some steps cached,
+    finite latents and images, another result than no cache; two requests batched under the
+    policy get what each gets alone (their states never mix)."""
+    plans = [
+        run(loaded, prompt, steps=10, seed=seed, cache_policy=policy, **CACHING[policy])
+        for prompt, seed in zip(PROMPTS, (0, 4), strict=True)
+    ]
+    alone = [loaded.pipeline.generate([plan])[0] for plan in plans]
+    cached = alone[0].stats.steps[Mode.CACHED]
+    assert 0 < cached < 10, cached
+    assert torch.isfinite(alone[0].latents).all()
+    assert alone[0].images is not None and alone[0].images.shape == (1, 64, 64, 3)
+    assert not torch.allclose(alone[0].latents, uncached, **BATCH_TOL)
+    together = loaded.pipeline.generate(plans)
+    for batched, solo in zip(together, alone, strict=True):
+        torch.testing.assert_close(batched.latents, solo.latents, **BATCH_TOL)
+
+
+@pytest.mark.parametrize("policy", REFUSED)
+def test_the_policies_it_cannot_run_are_refused_naming_the_field(
+    loaded: LoadedModel, policy: str
+) -> None:
+    with pytest.raises(FieldError, match="does not apply to hunyuan-dit models") as refused:
+        run(loaded, PROMPTS[0], cache_policy=policy)
+    assert refused.value.field == "cache_policy"
+
+
+# a part removed from the directory -> what the error names
+MISSING = {
+    "transformer/config.json": "transformer/config.json (its HunyuanDiT2DModel)",
+    "transformer/diffusion_pytorch_model.safetensors": "transformer/*.safetensors or *.bin",
+    "scheduler/scheduler_config.json": "scheduler/scheduler_config.json (its noise schedule)",
+    "text_encoder": "text_encoder/ (its BERT text encoder)",
+    "text_encoder_2/model.safetensors": "text_encoder_2/*.safetensors or *.bin (its mT5",
+    "tokenizer": "tokenizer/ (its BERT tokenizer)",
+    "tokenizer_2/tokenizer.json": "tokenizer_2/ with one of tokenizer.json",
+    "vae": "vae/ (its AutoencoderKL)",
+    "vae/config.json": "vae/config.json (its AutoencoderKL)",
+}
+
+
+@pytest.mark.parametrize("part", sorted(MISSING))
+def test_a_directory_missing_a_part_is_refused_naming_the_model_and_the_part(
+    directory: Path, tmp_path: Path, part: str
+) -> None:
+    """At describe (what a deployment's settings check at boot), before any weights are read;
+    load describes first."""
+    copy = tmp_path / "hunyuan"
+    shutil.copytree(directory, copy)
+    removed = copy / part
+    shutil.rmtree(removed) if removed.is_dir() else removed.unlink()
+    for read in (registry.describe, registry.load):
+        with pytest.raises(FieldError) as error:
+            read(str(copy))
+        assert error.value.field == "model"
+        assert f"Hunyuan-DiT directory {str(copy)!r} is missing: " in error.value.message
+        assert MISSING[part] in error.value.message
+        assert error.value.message.count("(its ") == 1  # that part only
