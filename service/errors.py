@@ -28,6 +28,14 @@ class ResultExpired(ServiceError):
     """The job finished but its result outlived its TTL."""
 
 
+class FileNotFound(ServiceError):
+    """No file answers to this result URL (not a token of this deployment, or altered). The
+    message says no more: not which part of the token failed."""
+
+    def __init__(self) -> None:
+        super().__init__("no such file")
+
+
 class DeadlineExceeded(ServiceError):
     """The job's deadline passed before it finished."""
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # a Literal over a runtime tuple is no static type: a str to 
 else:  # pydantic validates against the formats the encoders write
     OutputFormat = Literal[tuple(dict.fromkeys([*IMAGE_FORMATS, *VIDEO_FORMATS]))]
 DEFAULT_FORMATS = {"image": "png", "video": "mp4"}  # model kind -> output format
+ResponseFormat = Literal["b64_json", "url"]  # samples in the answer, or signed URLs to them
 DEFAULT_FPS = 8.0
 MAX_FPS = 60.0  # a video's frames per second: (0, MAX_FPS]
 
@@ -37,6 +38,11 @@ class JobRequest(GenerateParams):
     )
     fps: float | None = Field(
         None, gt=0, le=MAX_FPS, description="Video frames per second (video models only); None: 8."
+    )
+    response_format: ResponseFormat = Field(
+        "b64_json",
+        description="b64_json: the samples base64-encoded in the answer (images); url: signed "
+        "URLs of GET /files/{token}, valid until the result expires (urls).",
     )
     priority: int = Field(0, ge=-10, le=10, description="Higher runs first.")
     timeout_s: float = Field(

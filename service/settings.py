@@ -120,6 +120,17 @@ class Settings(BaseSettings):
     metrics_need_key: bool = Field(
         False, description="with keys set, also require one for /metrics on the API port"
     )
+    url_secret: SecretStr | None = Field(
+        None,
+        description="signs result URLs (response_format url), at least 32 characters; every API "
+        "replica must share it. Unset: without Redis, a random secret per process (URLs die "
+        "with it); with Redis, result URLs are off",
+    )
+    public_url: str | None = Field(
+        None,
+        description="the service's external base URL (behind a proxy), e.g. "
+        "https://skipdit.example.com; result URLs start with it. Unset: the request's own",
+    )
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
     body_timeout_s: float = Field(
         10.0, gt=0, description="a request body must arrive within this; slower clients get 408"
@@ -141,6 +152,20 @@ class Settings(BaseSettings):
             )
         if self.embedded_worker is False and self.redis_url is None:
             raise ValueError("SKIPDIT_RUN_WORKER=false needs SKIPDIT_REDIS_URL: no one would run")
+        return self
+
+    @model_validator(mode="after")
+    def _urls(self) -> Settings:
+        """Result URLs: a secret long enough to sign with; an absolute base URL."""
+        if self.url_secret is not None and len(self.url_secret.get_secret_value()) < 32:
+            raise ValueError("SKIPDIT_URL_SECRET must be at least 32 characters")
+        if self.public_url is not None:
+            if not self.public_url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"SKIPDIT_PUBLIC_URL must start with http:// or https://, "
+                    f"got {self.public_url!r}"
+                )
+            self.public_url = self.public_url.rstrip("/")
         return self
 
     @field_validator("models", "api_keys", mode="before")

@@ -1,7 +1,8 @@
 """The HTTP API: ``build_app(settings)`` wires the routers, the error mapping and a lifespan that
 owns the queue backend, the served models' descriptions and (embedded mode) the worker.
 
-Routers, one per resource: ``generate`` (POST /generate), ``jobs`` (/jobs/{id}...), ``openai``
+Routers, one per resource: ``generate`` (POST /generate), ``jobs`` (/jobs/{id}...), ``files``
+(GET /files/{token}: a result by its signed URL, no API key), ``openai``
 (POST /v1/images/generations), ``videos`` (/v1/videos...), ``system`` (/models, /healthz,
 /readyz, /metrics). Errors are typed (``service/errors.py``) and mapped to status + code once
 (``service/api/errors.py``).
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from model import registry
-from service.api import errors, generate, jobs, openai, system, videos
+from service.api import errors, files, generate, jobs, openai, system, videos
 from service.api.auth import KeyRing
 from service.api.deps import Service
 from service.api.limits import BodyLimit
@@ -26,6 +27,7 @@ from service.heap import freeze_startup_heap
 from service.metrics import Metrics
 from service.queue import make_backend
 from service.settings import Settings
+from service.urls import signer_for
 from service.worker import in_model_thread, make_worker
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.api_keys, settings.key_rate_per_s, settings.key_burst, settings.key_max_queued
     )
     text = [name for name, info in infos.items() if info.conditioning == "text"]
-    svc = Service(settings, backend, Metrics(names, text_models=text), infos, keys)
+    metrics = Metrics(names, text_models=text)
+    svc = Service(settings, backend, metrics, infos, keys, urls=signer_for(settings))
     if settings.embedded_worker:
         svc.worker = await in_model_thread(make_worker, settings, backend, svc.metrics)
         svc.worker_task = asyncio.create_task(svc.worker.run(), name="skipdit-worker")
@@ -87,6 +90,6 @@ def build_app(
     errors.install(app)
     s = app.state.settings
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes, timeout_s=s.body_timeout_s)
-    for module in (generate, jobs, openai, videos, system):
+    for module in (generate, jobs, files, openai, videos, system):
         app.include_router(module.router)
     return app

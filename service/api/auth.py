@@ -5,7 +5,8 @@ needs ``Authorization: Bearer <key>`` (the OpenAI clients' ``api_key`` sends exa
 401 without a known key, and a job, its result and its events are visible only to the key that
 submitted it (403 for another key). ``/healthz``, ``/readyz`` and ``/models`` stay open;
 ``/metrics`` too unless ``SKIPDIT_METRICS_NEED_KEY`` (Prometheus scrapes the API port; its
-labels carry no request content). Unset: the API is open, as without keys.
+labels carry no request content); ``/files/{token}`` too (a result URL: its signed, expiring
+token is the credential, ``service/urls.py``). Unset: the API is open, as without keys.
 
 A key is known by its id, the first 16 hex digits of its SHA-256: records store that as the
 job's owner, logs and metrics never see the key. Comparison hashes the presented key and

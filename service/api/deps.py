@@ -24,6 +24,7 @@ from service.metrics import Metrics
 from service.queue.base import QueueBackend
 from service.request import echo, resolve
 from service.settings import Settings
+from service.urls import UrlSigner
 from service.video import VIDEO_FORMATS
 from service.worker import Worker
 
@@ -42,6 +43,7 @@ class Service:
     metrics: Metrics
     models: dict[str, ModelInfo]  # served name -> description; the first is the default
     keys: KeyRing = field(default_factory=lambda: KeyRing([]))  # none: the API is open
+    urls: UrlSigner | None = None  # signs result URLs; None: they are off (``signer_for``)
     worker: Worker | None = None
     worker_task: asyncio.Task | None = None
 
@@ -62,6 +64,12 @@ class Service:
         checked plan its job runs; raises FieldError naming the request field."""
         info = self.model_for(body.model)
         check_output(body, info)
+        if body.response_format == "url" and self.urls is None:
+            raise FieldError(
+                "response_format",
+                "url is off on this deployment: it needs SKIPDIT_URL_SECRET, shared by every API "
+                "replica; ask for b64_json",
+            )
         return info, resolve(body, info, self.settings)
 
     async def submit(

@@ -22,6 +22,7 @@ STATUS: dict[type[Exception], tuple[int, str]] = {
     errors.Unauthorized: (401, "unauthorized"),
     errors.Forbidden: (403, "forbidden"),
     errors.JobNotFound: (404, "not_found"),
+    errors.FileNotFound: (404, "not_found"),
     errors.ResultNotReady: (409, "not_ready"),
     errors.JobCancelled: (409, "cancelled"),
     errors.ResultExpired: (410, "expired"),

@@ -6,20 +6,22 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from model.errors import FieldError
 from service import errors
 from service.api.auth import CallerDep
 from service.api.deps import ServiceDep, record_view
+from service.api.files import done_urls
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@router.get("/{job_id}", summary="Job status and progress")
-async def job(job_id: str, svc: ServiceDep, caller: CallerDep) -> dict[str, Any]:
-    return record_view(await svc.known(job_id, caller))
+@router.get("/{job_id}", summary="Job status and progress (and, done, its result URLs)")
+async def job(job_id: str, request: Request, svc: ServiceDep, caller: CallerDep) -> dict[str, Any]:
+    record = await svc.known(job_id, caller)
+    return record_view(record) | done_urls(svc, request, record)
 
 
 @router.get("/{job_id}/result", summary="One generated image (or video), as bytes")

@@ -246,7 +246,7 @@ async def test_openai_images_endpoint(make_settings) -> None:
         bad_prompt = await client.post("/v1/images/generations", json={"prompt": "a cat"})
         bad_size = await client.post("/v1/images/generations", json={"prompt": "1", "size": "9x9"})
         bad_format = await client.post(
-            "/v1/images/generations", json={"prompt": "1", "response_format": "url"}
+            "/v1/images/generations", json={"prompt": "1", "response_format": "png"}
         )
     assert ok.status_code == 200 and len(ok.json()["data"]) == 2
     assert Image.open(io.BytesIO(base64.b64decode(ok.json()["data"][0]["b64_json"]))).size == (8, 8)

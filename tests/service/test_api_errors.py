@@ -16,6 +16,7 @@ from service.metrics import Metrics
 RAISED = {
     "field": FieldError("steps", "must be in [1, 250], got 999"),
     "not_found": errors.JobNotFound("abc"),
+    "no_file": errors.FileNotFound(),
     "not_ready": errors.ResultNotReady("job abc is running"),
     "cancelled": errors.JobCancelled("job abc was cancelled"),
     "expired": errors.ResultExpired("result of job abc has expired"),
@@ -31,6 +32,7 @@ RAISED = {
 EXPECTED = {
     "field": (422, "invalid_request", "steps"),
     "not_found": (404, "not_found", "job_id"),
+    "no_file": (404, "not_found", None),
     "not_ready": (409, "not_ready", None),
     "cancelled": (409, "cancelled", None),
     "expired": (410, "expired", None),

@@ -31,7 +31,8 @@ def make_settings(backend: str, tiny_model_dir: Path, redis_url: str | None):
     return make
 
 
-OPEN = ("/healthz", "/readyz", "/models", "/metrics")  # probes, discovery, scrapes
+# Probes, discovery, scrapes; result URLs, whose signed token is the credential (test_result_urls).
+OPEN = ("/healthz", "/readyz", "/models", "/metrics", "/files/{token}")
 BODIES = {
     "/generate": {"class_label": 1, "steps": 2},
     "/v1/images/generations": {"prompt": "3"},
