@@ -8,7 +8,9 @@ Formats read:
 - the official Skip-DiT release (``DiT-XL-2-skip.pt``): ``{model, ema, opt, args}``; ``ema`` is
   used for inference;
 - the official class-to-video Latte / Skip-Latte weights: a plain state dict (or ``{ema, ...}``)
-  in the official key layout, told from an image DiT by its ``temp_embed``.
+  in the official key layout, told from an image DiT by its ``temp_embed``;
+- the official text-to-video Latte-T2V(-skip) weights (diffusers key names): recognised here,
+  loaded by ``model.networks.latte_t2v_checkpoint.load_official_t2v``.
 Official files are memory-mapped: only the tensors used are ever read (the EMA weights of a
 training checkpoint, none at all to describe one). Their state dicts carry no config: it is read
 off the tensor shapes (heads from the preset with the same depth and width, or given), plus the
@@ -129,6 +131,11 @@ def _heads_for(kind: str, depth: int, hidden: int) -> int | None:
 def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -> Config:
     """Read a DiTConfig (a LatteConfig where there is a ``temp_embed``: (1, F, D)) off an
     official state dict's shapes."""
+    if "adaln_single.linear.weight" in state:
+        raise CheckpointError(
+            "a Latte-T2V (text-to-video) state dict: load it with "
+            "model.networks.latte_t2v_checkpoint.load_official_t2v"
+        )
     try:
         proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
         tokens = state["pos_embed"].shape[1]
@@ -180,7 +187,8 @@ def official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Nothing is read until used: the tensors are views of a private (copy-on-write) mapping of
     the file, which lives as long as any of them. Of a training checkpoint ``{model, ema, opt,
-    args}`` only ``ema`` is kept; the other entries are mapped but never touched.
+    args}`` only ``ema`` is kept; the other entries are mapped but never touched. A dict with
+    no ``ema`` but a ``model`` or ``state_dict`` state dict gives that one.
     """
     path = Path(path)
     mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be mapped: read whole
@@ -190,7 +198,12 @@ def official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return obj["ema"]
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
-    raise CheckpointError(f"{path}: neither a state dict nor a dict with an 'ema' state dict")
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            return obj[wrapper]
+    raise CheckpointError(
+        f"{path}: neither a state dict nor a dict with an 'ema', 'model' or 'state_dict' one"
+    )
 
 
 def load_official(path: str | Path, num_heads: int | None = None) -> SkipDiT:
