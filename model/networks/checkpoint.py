@@ -25,6 +25,7 @@ import dataclasses
 import json
 import re
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,12 +54,23 @@ class CheckpointError(ValueError):
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    check_keys(state, {k: tuple(v.shape) for k, v in expected.items()}, "checkpoint")
+
+
+def check_keys(
+    state: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    what: str,
+    ignored: Collection[str] = (),
+) -> None:
+    """Raise CheckpointError naming every missing, unexpected (not in ``ignored``) and
+    mis-shaped key of ``state`` against the expected ``shapes``; ``what`` starts the message."""
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes) - set(ignored))
     misshaped = [
-        f"{k}: checkpoint {tuple(state[k].shape)} != model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if state[k].shape != expected[k].shape
+        f"{k}: checkpoint {tuple(state[k].shape)} != model {shapes[k]}"
+        for k in sorted(set(shapes) & set(state))
+        if tuple(state[k].shape) != shapes[k]
     ]
     if missing or unexpected or misshaped:
         parts = []
@@ -68,7 +80,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             parts.append(f"unexpected keys {unexpected}")
         if misshaped:
             parts.append(f"mis-shaped keys {misshaped}")
-        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+        raise CheckpointError(f"{what} does not match the model: " + "; ".join(parts))
 
 
 def load_state(model: _M, state: dict[str, torch.Tensor]) -> _M:

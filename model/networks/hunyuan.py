@@ -36,7 +36,14 @@ from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiTBlock
 from torch import nn
 
 from model.networks.conditions import HunyuanContext
-from model.networks.skip_dit import Branch, BranchOverride, DiTConfig, Record, branch_recorder
+from model.networks.skip_dit import (
+    Branch,
+    BranchOverride,
+    DiTConfig,
+    Record,
+    SkipDiT,
+    branch_recorder,
+)
 
 # Hunyuan-DiT's base resolution, 512 pixels, in latents (VAE factor 8): the RoPE grid is
 # fitted into it (``HunyuanDiTPipeline``'s ``base_size = 512 // 8 // patch_size``).
@@ -322,36 +329,12 @@ class HunyuanSkipDiT(nn.Module):
 
     # -- entry points
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: HunyuanContext,
-        branches: BranchOverride | None = None,
-    ) -> torch.Tensor:
-        """Full forward: (B, C_out, H, W)."""
-        return self.capturing(x, t, y, (), branches)[0]
-
-    def capturing(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: HunyuanContext,
-        capture: Iterable[Hashable],
-        branches: BranchOverride | None = None,
-    ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
-        """Full forward and what it captured: ``capture`` keys as in ``run_blocks``, plus
-        ``"final"`` (the hidden state entering the head) and ``"modulated"``
-        (``modulated_input`` of the embedded tokens)."""
-        want = set(capture)
-        tokens, c = self.embed(x, t, y)
-        captured: dict[Hashable, torch.Tensor] = {}
-        if "modulated" in want:
-            captured["modulated"] = self.modulated_input(tokens, c)
-        h = self.run_blocks(tokens, c, range(self.config.units), [], want, captured, branches)
-        if "final" in want:
-            captured["final"] = h
-        return self.head(h, c), captured
+    # The full forward and the capturing one are Skip-DiT's, over this network's embed,
+    # run_blocks, modulated_input and head: forward(x, t, y, branches) -> (B, C_out, H, W);
+    # capturing(x, t, y, capture, branches) -> (output, captured: ``run_blocks``' keys plus
+    # "final" and "modulated").
+    forward = SkipDiT.forward
+    capturing = SkipDiT.capturing
 
     def forward_cached(
         self,

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from model.networks.checkpoint import CheckpointError, official_state_dict
+from model.networks.checkpoint import CheckpointError, check_keys, official_state_dict
 from model.networks.skip_dit import sincos_pos_embed_2d
 from model.networks.text_latte import (
     PRESETS,
@@ -161,22 +161,7 @@ def convert(state: dict[str, torch.Tensor], config: TextLatteConfig) -> dict[str
         rows, *rest = expected[name].shape
         for key in theirs:  # fused: equal shares of our rows
             shapes[key] = (rows // len(theirs), *rest)
-    missing = sorted(set(shapes) - set(state))
-    unexpected = sorted(set(state) - set(shapes) - set(DROPPED))
-    misshaped = [
-        f"{k}: checkpoint {tuple(state[k].shape)} != model {shapes[k]}"
-        for k in sorted(set(shapes) & set(state))
-        if tuple(state[k].shape) != shapes[k]
-    ]
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if misshaped:
-            parts.append(f"mis-shaped keys {misshaped}")
-        raise CheckpointError("Latte-T2V checkpoint does not match the model: " + "; ".join(parts))
+    check_keys(state, shapes, "Latte-T2V checkpoint", ignored=DROPPED)
     ours = {
         name: state[theirs[0]] if len(theirs) == 1 else torch.cat([state[k] for k in theirs])
         for name, theirs in names.items()

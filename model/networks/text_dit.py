@@ -86,12 +86,13 @@ class TextDiTBlock(DiTBlock):
     (unmodulated, unnormalised, as in PixArt) between them. The branches a cache may replace or
     record are ``attn`` and ``mlp``, as in a DiT block; cross-attention always runs."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, cross: bool = True):
         nn.Module.__init__(self)
         self.index = 0  # position in the network (its keys and values in a TextContext)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
-        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        # cross=False: no cross-attention (Latte-T2V's temporal blocks)
+        self.cross_attn = CrossAttention(hidden_size, num_heads) if cross else None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
@@ -115,7 +116,8 @@ class TextDiTBlock(DiTBlock):
         if record is not None:
             record("attn", a)
         x = x + gate_msa * a
-        x = x + self.cross_attn(x, c.text.kv[self.index], c.text.mask)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(x, c.text.kv[self.index], c.text.mask)
         m = (mlp or self.mlp)(self.norm2(x) * (1 + scale_mlp) + shift_mlp)  # (B, T, D)
         if record is not None:
             record("mlp", m)
@@ -217,9 +219,9 @@ class TextSkipDiT(SkipDiT):
         t_linear = self.t_block[1]
         assert isinstance(t_linear, nn.Linear)
         nn.init.normal_(t_linear.weight, std=0.02)
-        for block in self.text_blocks:
-            nn.init.zeros_(block.cross_attn.proj.weight)
-            nn.init.zeros_(block.cross_attn.proj.bias)
+        for cross in self.cross_attentions:
+            nn.init.zeros_(cross.proj.weight)
+            nn.init.zeros_(cross.proj.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -228,11 +230,16 @@ class TextSkipDiT(SkipDiT):
         """``blocks``, typed."""
         return [block for block in self.blocks if isinstance(block, TextDiTBlock)]
 
+    @property
+    def cross_attentions(self) -> list[CrossAttention]:
+        """The text blocks' cross-attentions, in ``TextContext.kv`` order."""
+        return [b.cross_attn for b in self.text_blocks if b.cross_attn is not None]
+
     def encode_text(self, hidden: torch.Tensor, mask: torch.Tensor) -> TextContext:
         """The text encoder's output (B, L, C_text) and mask (B, L) -> every block's keys and
         values (and the pooled text): the one place text is projected. Run once per request."""
         text = self.y_embedder(hidden.to(self.x_embedder.proj.weight.dtype))  # (B, L, D)
-        kv = tuple(block.cross_attn.kv(text) for block in self.text_blocks)
+        kv = tuple(cross.kv(text) for cross in self.cross_attentions)
         real = mask.to(torch.bool)
         pooled = None
         if self.text_pool is not None:

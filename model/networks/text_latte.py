@@ -34,9 +34,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from model.networks.skip_dit import Attention, Branch, Mlp, Record
 from model.networks.skip_latte import LatteConfig, SkipLatte, sincos_pos_embed_1d
 from model.networks.text_dit import (
     CrossAttention,
@@ -99,31 +97,8 @@ class TemporalTextBlock(TextDiTBlock):
     ``BasicTransformerBlock_``): self-attention over the frames and MLP, adaLN-single."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
-        nn.Module.__init__(self)
+        super().__init__(hidden_size, num_heads, mlp_ratio, cross=False)
         self.index = -1  # no text: no keys and values in a TextContext
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
-
-    def forward(  # type: ignore[override]  # a TextCondition, not a tensor c
-        self,
-        x: torch.Tensor,
-        c: TextCondition,
-        attn: Branch | None = None,
-        mlp: Branch | None = None,
-        record: Record | None = None,
-    ) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        a = (attn or self.attn)(self.norm1(x) * (1 + scale_msa) + shift_msa)  # (B*T, F, D)
-        if record is not None:
-            record("attn", a)
-        x = x + gate_msa * a
-        m = (mlp or self.mlp)(self.norm2(x) * (1 + scale_mlp) + shift_mlp)  # (B*T, F, D)
-        if record is not None:
-            record("mlp", m)
-        return x + gate_mlp * m
 
 
 # ----------------------------------------------------------------------------- model
