@@ -11,8 +11,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.sampling.plan import RunPlan
 from service.images import FORMATS as IMAGE_FORMATS
@@ -28,6 +29,57 @@ DEFAULT_FORMATS = {"image": "png", "video": "mp4"}  # model kind -> output forma
 ResponseFormat = Literal["b64_json", "url"]  # samples in the answer, or signed URLs to them
 DEFAULT_FPS = 8.0
 MAX_FPS = 60.0  # a video's frames per second: (0, MAX_FPS]
+
+
+# Job events a webhook may ask for -> the webhook event type; the terminal ones by default.
+WEBHOOK_EVENTS = {
+    "started": "job.started",
+    "done": "job.done",
+    "failed": "job.failed",
+    "cancelled": "job.cancelled",
+    "expired": "job.expired",
+}
+WebhookEvent = Literal["started", "done", "failed", "cancelled", "expired"]
+MAX_WEBHOOK_URL = 2048
+
+
+class Webhook(BaseModel):
+    """Where a job's events are POSTed (``service/webhooks.py``), and which."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        max_length=MAX_WEBHOOK_URL,
+        description="http:// or https:// URL, no user:password@; the deployment may restrict "
+        "its host (SKIPDIT_WEBHOOK_HOSTS).",
+    )
+    events: list[WebhookEvent] = Field(
+        ["done", "failed", "cancelled", "expired"],
+        min_length=1,
+        description="Job events to deliver: started, done, failed, cancelled, expired; "
+        "default: the terminal four.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"must be an http:// or https:// URL, got scheme {parts.scheme!r}")
+        if not parts.hostname:
+            raise ValueError("must name a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry credentials (user:password@)")
+        try:
+            parts.port  # noqa: B018  # raises on a port that is no number or out of range
+        except ValueError as e:
+            raise ValueError(f"bad port: {e}") from None
+        return url
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, events: list[str]) -> list[str]:
+        return list(dict.fromkeys(events))
 
 
 class JobRequest(GenerateParams):
@@ -49,6 +101,11 @@ class JobRequest(GenerateParams):
         300.0, gt=0, le=3600, description="Deadline from submission; past it the job expires."
     )
     async_: bool = Field(False, alias="async", description="Return 202 + Location at once.")
+    webhook: Webhook | None = Field(
+        None,
+        description="POST the job's events to this URL, signed (Standard Webhooks headers); "
+        "needs SKIPDIT_WEBHOOK_SECRET.",
+    )
 
     def format_for(self, kind: str) -> str:
         """The output format: the one asked for, else the default of the model's kind."""

@@ -85,6 +85,13 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            "skipdit_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered (2xx), retried (failed, another "
+            "attempt scheduled), dead_letter (failed, the retry budget spent).",
+            ["model", "outcome"],
+            registry=r,
+        )
         self._prompt_cache(r)
         for model in models:
             for mode in Mode:  # export both modes from the start
@@ -118,6 +125,12 @@ class Metrics:
         self.dead_letters = Gauge(
             "skipdit_dead_letter_jobs",
             "Jobs in the model's dead-letter stream (given up after too many deliveries).",
+            ["model"],
+            registry=r,
+        )
+        self.webhook_dead_letters = Gauge(
+            "skipdit_webhook_dead_letters",
+            "Webhook events in the model's webhook dead letters (their retry budget spent).",
             ["model"],
             registry=r,
         )

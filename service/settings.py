@@ -131,6 +131,33 @@ class Settings(BaseSettings):
         description="the service's external base URL (behind a proxy), e.g. "
         "https://skipdit.example.com; result URLs start with it. Unset: the request's own",
     )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="signs webhook deliveries (HMAC-SHA256, Standard Webhooks), at least 32 "
+        "characters; whsec_<base64> is read as Standard Webhooks' base64 key. Every process "
+        "that delivers must share it. Unset: requests with a webhook are refused (422)",
+    )
+    webhook_hosts: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="hosts webhook URLs may name (exact, case-insensitive), comma-separated; "
+        "empty: any host",
+    )
+    webhook_deliver: bool = Field(
+        True, description="this process (API or worker) delivers due webhooks"
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="one delivery attempt: the receiver answers within this"
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=100, description="attempts per event; then it goes to the dead letters"
+    )
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, description="retry n waits up to backoff * 2^(n-1) (full jitter)"
+    )
+    webhook_backoff_max_s: float = Field(600.0, gt=0, description="cap on one retry's wait")
+    webhook_poll_s: float = Field(
+        1.0, gt=0, description="a deliverer looks for due events this often"
+    )
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
     body_timeout_s: float = Field(
         10.0, gt=0, description="a request body must arrive within this; slower clients get 408"
@@ -168,7 +195,25 @@ class Settings(BaseSettings):
             self.public_url = self.public_url.rstrip("/")
         return self
 
-    @field_validator("models", "api_keys", mode="before")
+    @model_validator(mode="after")
+    def _webhooks(self) -> Settings:
+        if self.webhook_secret is not None and len(self.webhook_secret.get_secret_value()) < 32:
+            raise ValueError("SKIPDIT_WEBHOOK_SECRET must be at least 32 characters")
+        if self.webhook_backoff_s > self.webhook_backoff_max_s:
+            raise ValueError(
+                f"SKIPDIT_WEBHOOK_BACKOFF_S ({self.webhook_backoff_s}) must be at most "
+                f"SKIPDIT_WEBHOOK_BACKOFF_MAX_S ({self.webhook_backoff_max_s})"
+            )
+        self.webhook_hosts = [host.lower() for host in self.webhook_hosts]
+        return self
+
+    @property
+    def webhook_lease_s(self) -> float:
+        """How long a claimed delivery stays its deliverer's: then another may take it (the
+        deliverer died). Twice the attempt's timeout, plus a second."""
+        return 2 * self.webhook_timeout_s + 1
+
+    @field_validator("models", "api_keys", "webhook_hosts", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         """``a,b`` or ``["a", "b"]`` from the environment."""

@@ -25,6 +25,7 @@ every event stream ends on the job's true last step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -438,11 +439,13 @@ def make_worker(settings: Settings, backend: QueueBackend, metrics: Metrics) -> 
 
 
 def run_worker_process(settings: Settings) -> int:
-    """``skipdit worker``: a worker over Redis with its own /metrics port; SIGTERM drains."""
+    """``skipdit worker``: a worker over Redis with its own /metrics port; SIGTERM drains. With
+    SKIPDIT_WEBHOOK_SECRET (and SKIPDIT_WEBHOOK_DELIVER) it delivers webhooks too."""
     from prometheus_client import start_http_server
 
     from service.heap import freeze_startup_heap
     from service.queue import make_backend
+    from service.webhooks import Deliverer
 
     async def main() -> None:
         names = settings.models or []
@@ -456,9 +459,16 @@ def run_worker_process(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
+        deliverer = None
+        if settings.webhook_secret is not None and settings.webhook_deliver:
+            deliverer = asyncio.create_task(Deliverer(backend, settings, metrics).run())
         try:
             await worker.run()
         finally:
+            if deliverer is not None:  # an attempt cut short is due again after its lease
+                deliverer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await deliverer
             await backend.close()
 
     asyncio.run(main())

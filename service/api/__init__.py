@@ -5,7 +5,8 @@ Routers, one per resource: ``generate`` (POST /generate), ``jobs`` (/jobs/{id}..
 (GET /files/{token}: a result by its signed URL, no API key), ``openai``
 (POST /v1/images/generations), ``videos`` (/v1/videos...), ``system`` (/models, /healthz,
 /readyz, /metrics). Errors are typed (``service/errors.py``) and mapped to status + code once
-(``service/api/errors.py``).
+(``service/api/errors.py``). With SKIPDIT_WEBHOOK_SECRET (and SKIPDIT_WEBHOOK_DELIVER) the
+lifespan also runs a webhook ``Deliverer`` (``service/webhooks.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from service.metrics import Metrics
 from service.queue import make_backend
 from service.settings import Settings
 from service.urls import signer_for
+from service.webhooks import Deliverer
 from service.worker import in_model_thread, make_worker
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.embedded_worker:
         svc.worker = await in_model_thread(make_worker, settings, backend, svc.metrics)
         svc.worker_task = asyncio.create_task(svc.worker.run(), name="skipdit-worker")
+    deliverer = None
+    if settings.webhook_secret is not None and settings.webhook_deliver:
+        run = Deliverer(backend, settings, svc.metrics).run()
+        deliverer = asyncio.create_task(run, name="skipdit-webhooks")
     app.state.service = svc
     if app.state.own_process:
         freeze_startup_heap()
@@ -63,6 +69,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if deliverer is not None:  # an attempt cut short is due again after its lease
+            deliverer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await deliverer
         if svc.worker is not None and svc.worker_task is not None:
             svc.worker.stop()
             await svc.worker_task

@@ -15,7 +15,7 @@ from fastapi import Depends, Request
 from model.errors import FieldError
 from model.registry import ModelInfo
 from model.sampling.plan import RunPlan
-from service import errors
+from service import errors, webhooks
 from service.api.auth import Caller, KeyRing
 from service.images import FORMATS as IMAGE_FORMATS
 from service.jobs import CLIENT_DISCONNECTED, REQUESTED
@@ -70,6 +70,8 @@ class Service:
                 "url is off on this deployment: it needs SKIPDIT_URL_SECRET, shared by every API "
                 "replica; ask for b64_json",
             )
+        if body.webhook is not None:
+            webhooks.check(body.webhook, self.settings)
         return info, resolve(body, info, self.settings)
 
     async def submit(

@@ -91,4 +91,6 @@ async def metrics(svc: ServiceDep, request: Request) -> Response:
         for name in svc.models:
             svc.metrics.queue_depth.labels(name).set(await svc.backend.depth(name))
             svc.metrics.dead_letters.labels(name).set(await svc.backend.dead_letters(name))
+            dead_hooks = await svc.backend.webhook_dead_letters(name)
+            svc.metrics.webhook_dead_letters.labels(name).set(len(dead_hooks))
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -19,6 +19,7 @@ from typing import Any
 from service import jobs
 from service.jobs import Change
 from service.messages import Event, EventKind, JobRecord, JobStatus, StoredResult
+from service.webhooks import Hook, hook_for
 
 Transition = Callable[[JobRecord], Change | None]
 
@@ -32,6 +33,21 @@ class Delivery:
     consumer: str  # the worker it was delivered to
     model: str  # the model whose queue it came from
     attempts: int = 1
+
+
+def hook_of(change: Change) -> Hook | None:
+    """The webhook delivery a stored change owes, if its job asked for its event."""
+    if change.event is None:
+        return None
+    return hook_for(change.record, change.event.type, change.event.time)
+
+
+def end_hook_of(record: JobRecord) -> Hook | None:
+    """The webhook delivery of an ended job's terminal event, rebuilt from its record (the same
+    id and body ``hook_of`` gave it when it ended)."""
+    if not record.status.terminal or record.finished_at is None:
+        return None
+    return hook_for(record, jobs.ENDED[record.status], record.finished_at)
 
 
 def holders_of(models_by_worker: Iterable[tuple[str, Sequence[str]]]) -> dict[str, list[str]]:
@@ -74,6 +90,37 @@ class QueueBackend(ABC):
 
     async def _retire(self, delivery: Delivery) -> None:
         """Acknowledge a delivery: no one is to run it again."""
+
+    # -- the webhook outbox (``service/webhooks.py``): every stored change's hook goes in it
+
+    @abstractmethod
+    async def _hook(self, hook: Hook) -> None:
+        """Put ``hook`` in the outbox, due now; a hook id put before (within the job's TTL) is
+        not put again, however often the change that owes it is replayed."""
+
+    @abstractmethod
+    async def hooks_claim(self, now: float, until: float, count: int) -> list[Hook]:
+        """Up to ``count`` hooks due at ``now``, each counted one more attempt and leased until
+        ``until``: then due again, unless done, retried or dead-lettered first (its deliverer
+        died)."""
+
+    @abstractmethod
+    async def hook_done(self, hook: Hook) -> None:
+        """Delivered: out of the outbox."""
+
+    @abstractmethod
+    async def hook_retry(self, hook: Hook, at: float) -> None:
+        """Failed: due again at ``at``; unless another claim took it since (its attempt
+        decides)."""
+
+    @abstractmethod
+    async def hook_dead(self, hook: Hook, error: str, at: float) -> None:
+        """Failed for the last time: out of the outbox, into its model's webhook dead letters
+        (``service.webhooks.dead_letter_entry``); unless another claim took it since."""
+
+    @abstractmethod
+    async def webhook_dead_letters(self, model: str) -> list[dict[str, Any]]:
+        """The model's webhook dead letters, oldest first."""
 
     # -- API side
 

@@ -49,6 +49,27 @@ class Keys:
     def worker_names(self) -> str:  # set of workers that heartbeat; pruned once a beat expires
         return f"{{{self.prefix}}}:worker-names"
 
+    # -- the webhook outbox (service/webhooks.py), also on the deployment's slot: one script
+    #    claims, ends or dead-letters a delivery
+
+    @property
+    def hooks_due(self) -> str:  # sorted set: hook id -> when due (Unix s), or its lease's end
+        return f"{{{self.prefix}}}:webhooks:due"
+
+    @property
+    def hooks(self) -> str:  # hash: hook id -> Hook JSON
+        return f"{{{self.prefix}}}:webhooks:body"
+
+    @property
+    def hook_attempts(self) -> str:  # hash: hook id -> attempts claimed
+        return f"{{{self.prefix}}}:webhooks:attempts"
+
+    def hook_put(self, hook_id: str) -> str:  # marker: this hook was put once; TTL job_ttl
+        return f"{{{self.prefix}}}:webhooks:put:{hook_id}"
+
+    def hook_dead(self, model: str) -> str:  # stream: a model's webhook dead letters
+        return f"{{{self.prefix}}}:webhooks:dead:{model}"
+
     # -- one job's keys: tag {<job id>}, one slot per job
 
     def job(self, job_id: str) -> str:  # JSON JobRecord, TTL job_ttl

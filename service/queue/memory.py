@@ -3,7 +3,8 @@
 Same semantics as the Redis backend, inside one event loop: a FIFO of job ids per model, records,
 events and results in dicts (results and records dropped after their TTLs, by the injected clock),
 conditions to wake waiters. A transition is atomic because no ``await`` separates its read from its
-write.
+write, and so is the webhook it owes: the outbox is a dict beside the records. It dies with the
+process, as the jobs do (a restart keeps nothing; the Redis backend keeps both).
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import copy
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+from typing import Any
 
 from service import jobs
 from service.errors import QueueFull
 from service.jobs import Change
 from service.messages import Event, JobRecord, StoredResult
-from service.queue.base import Delivery, QueueBackend, Transition, holders_of
+from service.queue.base import Delivery, QueueBackend, Transition, holders_of, hook_of
+from service.webhooks import Hook, dead_letter_entry
 
 
 def _copy(record: JobRecord) -> JobRecord:
@@ -50,6 +54,10 @@ class MemoryBackend(QueueBackend):
         self._idempotency: dict[str, str] = {}
         self._cancel: dict[str, str | None] = {}  # job -> its cancel flag's reason
         self._changed = asyncio.Condition()
+        self._hooks: dict[str, Hook] = {}  # the outbox: hook id -> hook (attempts so far)
+        self._hook_due: dict[str, float] = {}  # hook id -> when it is due (or its lease ends)
+        self._hooks_put: dict[str, float] = {}  # hook id -> when it was put (kept job_ttl)
+        self._hook_dead: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -64,6 +72,9 @@ class MemoryBackend(QueueBackend):
             if record.status.terminal and (record.finished_at or 0) + self.job_ttl <= now:
                 del self._records[job_id]
                 self._events.pop(job_id, None)
+        for hook_id, put in list(self._hooks_put.items()):
+            if put + self.job_ttl <= now:
+                del self._hooks_put[hook_id]
 
     # -- storage
 
@@ -90,6 +101,17 @@ class MemoryBackend(QueueBackend):
                 queue.remove(record.id)
         if result is not None:
             self._results[record.id] = (self.clock() + self.result_ttl, result)
+        hook = hook_of(change)
+        if hook is not None:
+            self._put_hook(hook)
+
+    def _put_hook(self, hook: Hook) -> None:
+        if hook.id in self._hooks_put:
+            return
+        now = self.clock()
+        self._hooks_put[hook.id] = now
+        self._hooks[hook.id] = replace(hook, attempts=0)
+        self._hook_due[hook.id] = now
 
     async def _flag_cancel(self, job_id: str, reason: str | None) -> None:
         self._cancel.setdefault(job_id, reason)
@@ -100,6 +122,42 @@ class MemoryBackend(QueueBackend):
     async def _requeue(self, delivery: Delivery) -> None:
         self._queues[delivery.model].appendleft(delivery.job_id)
         await self._notify()
+
+    # -- webhook outbox
+
+    async def _hook(self, hook: Hook) -> None:
+        self._put_hook(hook)
+
+    async def hooks_claim(self, now: float, until: float, count: int) -> list[Hook]:
+        due = sorted((at, i) for i, at in self._hook_due.items() if at <= now)[:count]
+        out = []
+        for _, hook_id in due:
+            hook = self._hooks[hook_id]
+            hook.attempts += 1
+            self._hook_due[hook_id] = until
+            out.append(replace(hook))
+        return out
+
+    def _claimed_by(self, hook: Hook) -> bool:
+        """Whether ``hook``'s claim is still the latest of its id."""
+        held = self._hooks.get(hook.id)
+        return held is not None and held.attempts == hook.attempts
+
+    async def hook_done(self, hook: Hook) -> None:
+        self._hooks.pop(hook.id, None)
+        self._hook_due.pop(hook.id, None)
+
+    async def hook_retry(self, hook: Hook, at: float) -> None:
+        if self._claimed_by(hook):
+            self._hook_due[hook.id] = at
+
+    async def hook_dead(self, hook: Hook, error: str, at: float) -> None:
+        if self._claimed_by(hook):
+            await self.hook_done(hook)
+            self._hook_dead[hook.model].append(dead_letter_entry(hook, error, at))
+
+    async def webhook_dead_letters(self, model: str) -> list[dict[str, Any]]:
+        return [dict(entry) for entry in self._hook_dead[model]]
 
     # -- API side
 

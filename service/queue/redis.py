@@ -33,6 +33,16 @@ with the same idempotency key finds such a record and enqueues it then, so the j
 a client that retries. The cost is that a job may get a second entry (the XADD landed, its answer
 did not); a start refuses a delivery of a job that runs under another entry, and acks it, so a job
 runs under one entry at a time and ends once.
+
+Webhooks (``service.webhooks``) have the same two-slot step: a change is written on the job's
+slot, then the hook it owes goes to the outbox on the deployment's slot (a sorted set of due
+times, the hooks, their attempt counts; ``HOOK_ADD``), once per hook id. If the process dies
+between the two, the job's delivery is still unacked (a worker acks after the write) or its
+stream entry still waits (a cancel of a queued job), so it is delivered again; that start is
+refused because the job has ended, and a transition refused on an ended job puts the end's hook
+in the outbox, where the put-once marker drops it if it is already there. Deliverers claim
+hooks for a lease by moving their due time to the lease's end (``HOOK_CLAIM``): a claim whose
+deliverer died comes due again by itself.
 """
 
 from __future__ import annotations
@@ -55,8 +65,16 @@ from service import jobs
 from service.errors import BackendUnavailable, QueueFull
 from service.jobs import Change
 from service.messages import Event, JobRecord, JobStatus, StoredResult
-from service.queue.base import Delivery, QueueBackend, Transition, holders_of
+from service.queue.base import (
+    Delivery,
+    QueueBackend,
+    Transition,
+    end_hook_of,
+    holders_of,
+    hook_of,
+)
 from service.queue.keys import Keys
+from service.webhooks import Hook, dead_letter_entry
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -95,6 +113,53 @@ end
 if #ARGV > 8 then
   redis.call('HSET', KEYS[5], unpack(ARGV, 9))
   redis.call('EXPIRE', KEYS[5], tonumber(ARGV[8]))
+end
+return 1
+"""
+
+# The webhook outbox; every key on the deployment's slot. KEYS: put marker, due, hooks. ARGV:
+# hook id, its JSON, now, the marker's TTL. 1 if put, 0 if it had been.
+HOOK_ADD = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[4])) then
+  return 0
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+# KEYS: due, hooks, attempts. ARGV: now, the lease's end, count. [hook JSON, attempts, ...].
+HOOK_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  local hook = redis.call('HGET', KEYS[2], id)
+  if hook then
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    table.insert(out, hook)
+    table.insert(out, redis.call('HINCRBY', KEYS[3], id, 1))
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
+"""
+# KEYS: due, hooks, attempts, dead letters. ARGV: hook id, the claim's attempts, "done" | "retry"
+# | "dead", the retry's due time, then the dead letter's field/value pairs. A retry or a dead
+# letter of a claim that another claim has replaced changes nothing.
+HOOK_END = """
+local attempts = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+if ARGV[3] ~= 'done' and attempts ~= tonumber(ARGV[2]) then
+  return 0
+end
+if ARGV[3] == 'retry' then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[1])
+  return 1
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if ARGV[3] == 'dead' then
+  redis.call('XADD', KEYS[4], '*', unpack(ARGV, 5))
 end
 return 1
 """
@@ -161,6 +226,9 @@ class RedisBackend(QueueBackend):
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
         )
         self._apply = self.redis.register_script(APPLY)
+        self._hook_add = self.redis.register_script(HOOK_ADD)
+        self._hook_claim = self.redis.register_script(HOOK_CLAIM)
+        self._hook_end = self.redis.register_script(HOOK_END)
         self.keys = Keys(prefix)
         self.max_queue = max_queue
         self.result_ttl = int(result_ttl)
@@ -222,9 +290,16 @@ class RedisBackend(QueueBackend):
                 return record, False  # a second entry of a job that runs: drop it
             change = transition(record)
             if change is None:
+                if record.status.terminal:  # see the module docstring: webhooks
+                    await self._hook_if(end_hook_of(record))
                 return record, False
             if await self._write(change, raw, entry, result, token):
+                await self._hook_if(hook_of(change))
                 return change.record, True
+
+    async def _hook_if(self, hook: Hook | None) -> None:
+        if hook is not None:
+            await self._hook(hook)
 
     async def _write(
         self,
@@ -280,6 +355,50 @@ class RedisBackend(QueueBackend):
             pipe.xack(stream, self.keys.group, delivery.token)
             pipe.xdel(stream, delivery.token)
             await pipe.execute()
+
+    # -- webhook outbox
+
+    @guarded
+    async def _hook(self, hook: Hook) -> None:
+        k = self.keys
+        keys = [k.hook_put(hook.id), k.hooks_due, k.hooks]
+        await self._hook_add(keys=keys, args=[hook.id, hook.to_json(), self.clock(), self.job_ttl])
+
+    @guarded
+    async def hooks_claim(self, now: float, until: float, count: int) -> list[Hook]:
+        k = self.keys
+        reply = await self._hook_claim(
+            keys=[k.hooks_due, k.hooks, k.hook_attempts], args=[now, until, count]
+        )
+        return [Hook.from_json(raw, int(n)) for raw, n in zip(reply[::2], reply[1::2], strict=True)]
+
+    async def _end_hook(self, hook: Hook, how: str, at: float = 0, *fields: EncodableT) -> None:
+        k = self.keys
+        keys = [k.hooks_due, k.hooks, k.hook_attempts, k.hook_dead(hook.model)]
+        await self._hook_end(keys=keys, args=[hook.id, hook.attempts, how, at, *fields])
+
+    @guarded
+    async def hook_done(self, hook: Hook) -> None:
+        await self._end_hook(hook, "done")
+
+    @guarded
+    async def hook_retry(self, hook: Hook, at: float) -> None:
+        await self._end_hook(hook, "retry", at)
+
+    @guarded
+    async def hook_dead(self, hook: Hook, error: str, at: float) -> None:
+        entry = dead_letter_entry(hook, error, at)
+        await self._end_hook(hook, "dead", at, *(x for kv in entry.items() for x in kv))
+
+    @guarded
+    async def webhook_dead_letters(self, model: str) -> list[dict[str, Any]]:
+        entries = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await self.redis.xrange(self.keys.hook_dead(model)),
+        )
+        return [
+            {key.decode(): value.decode() for key, value in fields.items()} for _, fields in entries
+        ]
 
     # -- API side
 

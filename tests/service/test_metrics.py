@@ -43,21 +43,24 @@ def test_every_series_is_in_base_units_with_the_project_prefix_and_a_model_label
         "skipdit_cancelled_jobs",
         "skipdit_prompt_cache_hits",
         "skipdit_prompt_cache_misses",
+        "skipdit_webhook_deliveries",
+        "skipdit_webhook_dead_letters",
         "skipdit_fast_path_component",
     }
     counters = {f.name for f in families if f.type == "counter"}
     assert counters == {  # *_total
         "skipdit_steps", "skipdit_requests", "skipdit_errors", "skipdit_cancelled_jobs",
-        "skipdit_prompt_cache_hits", "skipdit_prompt_cache_misses",
+        "skipdit_prompt_cache_hits", "skipdit_prompt_cache_misses", "skipdit_webhook_deliveries",
     }  # fmt: skip
     for family in (
         metrics.request_duration, metrics.queue_wait, metrics.step_duration, metrics.batch_size,
         metrics.steps, metrics.speedup, metrics.queue_depth, metrics.dead_letters,
         metrics.inflight, metrics.requests, metrics.errors, metrics.cancellations,
         metrics.prompt_cache_hits, metrics.prompt_cache_misses, metrics.fast_path,
+        metrics.webhook_deliveries, metrics.webhook_dead_letters,
     ):  # fmt: skip
         assert family._labelnames[0] == "model", family
-    assert len(families) == 15
+    assert len(families) == 17
 
 
 def test_a_real_engine_step_becomes_batch_mode_and_duration_series(
