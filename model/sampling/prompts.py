@@ -116,6 +116,8 @@ class HunyuanPrompting:
         self.encoders = (bert.eval(), t5.eval())
         self.name = name
         self.cache = cache if cache is not None else EmbeddingCache(DEFAULT_CACHE_ENTRIES)
+        # RoPE per (latent side, device): the same for every request, computed once
+        self._ropes: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def max_tokens(self) -> int:
@@ -142,7 +144,9 @@ class HunyuanPrompting:
             size = HUNYUAN_ORIGINAL_SIZE + (side * VAE_DOWNSCALE,) * 2 + HUNYUAN_CROP_TOP_LEFT
             meta = torch.tensor([size, size], dtype=dtype, device=device)  # (2, 6)
         style = torch.zeros(2, dtype=torch.long, device=device) if meta is not None else None
-        rope = rotary_embedding(model.config, side, side, device)
+        if (side, device) not in self._ropes:
+            self._ropes[side, device] = rotary_embedding(model.config, side, side, device)
+        rope = self._ropes[side, device]
         out = []
         for i in range(len(plans)):
             pair = slice(2 * i, 2 * i + 2)  # the prompt, then the negative prompt
