@@ -114,19 +114,24 @@ def job_record(pipeline: Pipeline, body: JobRequest, **fields: Any) -> JobRecord
     return dataclasses.replace(record, deadline=0.0, **fields)  # deadline: from created_at
 
 
-def tiny_text_model(directory: Path, card: dict[str, Any] | None = None) -> Path:
+def tiny_text_model(
+    directory: Path, card: dict[str, Any] | None = None, preset: str = "digits-t2i-tiny"
+) -> Path:
     """A tiny text-to-image model (``digits-t2i-tiny``, randomized; a 2-layer T5 encoder of width
     16; a word-level tokenizer of the scene captions, 8 tokens) exported into ``directory`` as
     training exports the shipped one: each part by its ``save_pretrained``, a card naming the
-    encoder and tokenizer directories; flow objective (sampler flow_euler), guidance 2."""
+    encoder and tokenizer directories; flow objective (sampler flow_euler), guidance 2.
+    ``preset``: another text network of that shape (``digits-t2v-tiny``: text-to-video, 4
+    frames)."""
     from model.text.build import build_t5, build_tokenizer  # the train extra: t2i's builders
     from model.training import scenes, t2i
 
-    config = cast(TextDiTConfig, presets.preset("digits-t2i-tiny"))
+    config = cast(TextDiTConfig, presets.preset(preset))
     tokenizer = build_tokenizer(scenes.corpus(), config.max_tokens)
     torch.manual_seed(0)
     encoder = build_t5(len(tokenizer), config.text_dim, layers=2, heads=2, dropout=0.0)
-    trainee = t2i.Trainee(randomized(TextSkipDiT(config), scale=0.1), encoder.eval())
+    network = cast(TextSkipDiT, presets.build(config))
+    trainee = t2i.Trainee(randomized(network, scale=0.1), encoder.eval())
     own = {"objective": "flow", "sampler": "flow_euler", "default_guidance": 2.0}
     return t2i.export(trainee, tokenizer, directory, own | (card or {}))
 

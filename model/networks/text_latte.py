@@ -29,12 +29,14 @@ repeats the text F times; the result is the same). Official checkpoints load thr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from model.networks import text_dit
 from model.networks.skip_latte import LatteConfig, SkipLatte, sincos_pos_embed_1d
 from model.networks.text_dit import (
     CrossAttention,
@@ -161,4 +163,24 @@ PRESETS: dict[str, Callable[..., TextLatteConfig]] = {
     # The official Latte-T2V(-skip): 28 pairs, hidden 1152, 16 heads of 72, 4 latent channels
     # in, 8 out, 512x512 px (64x64 latents), 16 frames, T5-XXL (4096 wide, 120 tokens).
     "Latte-T2V-XL/2": lambda **kw: TextLatteConfig(**kw),
+    # The text-to-video digits model: digits-t2i's network (6 spatial blocks, each now paired
+    # with a temporal one: the image model's weights initialise the spatial blocks, Latte's
+    # image initialisation) over 8 frames of its 32x32 canvas.
+    "digits-t2v": lambda **kw: TextLatteConfig(
+        **{
+            **dataclasses.asdict(text_dit.PRESETS["digits-t2i"]()),
+            "depth": 12,
+            "num_frames": 8,
+            **kw,
+        }
+    ),
+    # Smallest useful shape, for tests: digits-t2i-tiny's over 4 frames, 4 pairs.
+    "digits-t2v-tiny": lambda **kw: TextLatteConfig(
+        **{
+            **dataclasses.asdict(text_dit.PRESETS["digits-t2i-tiny"]()),
+            "depth": 8,
+            "num_frames": 4,
+            **kw,
+        }
+    ),
 }
