@@ -40,6 +40,7 @@ from model.networks.text_latte import (
 
 # Keys the official file may hold that no parameter of ours takes (see the module docstring).
 DROPPED = ("caption_projection.y_embedding",)
+OFFICIAL = "Latte-T2V"  # the presets of official models (not this project's digits ones)
 # Ours that the file does not hold: fixed sin-cos tables, computed.
 COMPUTED = ("pos_embed", "temp_embed")
 
@@ -123,8 +124,8 @@ def official_config(
     heads = num_heads or next(
         (
             c.num_heads
-            for c in (make() for make in PRESETS.values())
-            if (c.units, c.hidden_size) == (pairs, hidden)
+            for name, make in PRESETS.items()
+            if name.startswith(OFFICIAL) and ((c := make()).units, c.hidden_size) == (pairs, hidden)
         ),
         None,
     )
