@@ -400,10 +400,12 @@ def _prompting(
             f"and tokenizer directories (missing: {missing or ['a model directory']})",
         )
     root = Path(where)
+    text = info.config if isinstance(info.config, TextDiTConfig) else None
     encoder = TextEncoder.load(
         root / info.card["text_encoder"],
         root / info.card["tokenizer"],
-        info.config.max_tokens if isinstance(info.config, TextDiTConfig) else 0,
+        text.max_tokens if text is not None else 0,
         device,
+        with_embeddings=text is not None and text.text_values == "embeddings",
     )
     return Prompting(encoder, info.name, embeddings)

@@ -115,22 +115,25 @@ def job_record(pipeline: Pipeline, body: JobRequest, **fields: Any) -> JobRecord
 
 
 def tiny_text_model(
-    directory: Path, card: dict[str, Any] | None = None, preset: str = "digits-t2i-tiny"
+    directory: Path,
+    card: dict[str, Any] | None = None,
+    preset: str = "digits-t2i-tiny",
+    **config: Any,
 ) -> Path:
     """A tiny text-to-image model (``digits-t2i-tiny``, randomized; a 2-layer T5 encoder of width
     16; a word-level tokenizer of the scene captions, 8 tokens) exported into ``directory`` as
     training exports the shipped one: each part by its ``save_pretrained``, a card naming the
     encoder and tokenizer directories; flow objective (sampler flow_euler), guidance 2.
     ``preset``: another text network of that shape (``digits-t2v-tiny``: text-to-video, 4
-    frames)."""
+    frames); ``config``: its fields overridden."""
     from model.text.build import build_t5, build_tokenizer  # the train extra: t2i's builders
     from model.training import scenes, t2i
 
-    config = cast(TextDiTConfig, presets.preset(preset))
-    tokenizer = build_tokenizer(scenes.corpus(), config.max_tokens)
+    text = cast(TextDiTConfig, presets.preset(preset, **config))
+    tokenizer = build_tokenizer(scenes.corpus(), text.max_tokens)
     torch.manual_seed(0)
-    encoder = build_t5(len(tokenizer), config.text_dim, layers=2, heads=2, dropout=0.0)
-    network = cast(TextSkipDiT, presets.build(config))
+    encoder = build_t5(len(tokenizer), text.text_dim, layers=2, heads=2, dropout=0.0)
+    network = cast(TextSkipDiT, presets.build(text))
     trainee = t2i.Trainee(randomized(network, scale=0.1), encoder.eval())
     own = {"objective": "flow", "sampler": "flow_euler", "default_guidance": 2.0}
     return t2i.export(trainee, tokenizer, directory, own | (card or {}))

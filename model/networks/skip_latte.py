@@ -33,6 +33,7 @@ from model.networks.conditions import Condition
 from model.networks.skip_dit import (
     Branch,
     BranchOverride,
+    DiTBlock,
     DiTConfig,
     SkipDiT,
     SkipLinear,
@@ -215,20 +216,30 @@ class SkipLatte(SkipDiT):
 # ----------------------------------------------------------------------------- image init
 
 
+BLOCK_PARTS = ("blocks", "skip_norms", "skip_linears")  # what init_from_image maps block-wise
+# Config fields an image network must share with the video network it initialises (text
+# networks: also their text fields).
+SHARED = ("hidden_size", "num_heads", "patch_size", "mlp_ratio", "input_size", "in_channels",
+          "num_classes", "learn_sigma", "long_skip")  # fmt: skip
+TEXT_SHARED = ("text_dim", "max_tokens", "pooled_text", "text_values")
+
+
 def init_from_image(video: SkipLatte, image: SkipDiT) -> SkipLatte:
     """Latte's recipe: start a video network from a trained image network of the same width.
 
-    Embedders, positional embedding and final layer are copied; spatial block of pair p is an
-    image block: the first P/2 pairs take the image's first P/2 blocks, the last P/2 pairs its
-    last P/2 blocks, so each long skip still joins the blocks it joined in the image network
-    (pair p pops what pair P-1-p pushed, as image block D-1-k pops block k) and takes that
-    image skip's fusion. Temporal blocks keep their adaLN-Zero init: they start as the
-    identity, so at step 0 every frame is the image model's sample. In place; returns video."""
+    Every module outside the blocks (embedders, final layer, a text network's caption
+    projection, ``t_block`` and pooling) and the positional embedding are copied; spatial block
+    of pair p is an image block: the first P/2 pairs take the image's first P/2 blocks, the
+    last P/2 pairs its last P/2 blocks, so each long skip still joins the blocks it joined in
+    the image network (pair p pops what pair P-1-p pushed, as image block D-1-k pops block k)
+    and takes that image skip's fusion. Temporal blocks start as the identity, so at step 0
+    every frame is the image model's sample: adaLN-Zero blocks by their init, adaLN-single
+    ones (text networks, whose gates come from a learned table) by zeroing their attention's
+    and MLP's output projections. In place; returns video."""
     v, m = video.config, image.config
-    shared = ("hidden_size", "num_heads", "patch_size", "mlp_ratio", "input_size", "in_channels",
-              "num_classes", "learn_sigma", "long_skip")  # fmt: skip
-    differ = [f for f in shared if getattr(v, f) != getattr(m, f)]
-    if image.config.kind != "image" or differ:
+    fields = SHARED + (TEXT_SHARED if v.conditioning == "text" else ())
+    differ = [f for f in fields if getattr(v, f) != getattr(m, f, None)]
+    if image.config.kind != "image" or m.conditioning != v.conditioning or differ:
         raise ValueError(f"init from image: the image model must match the video's {differ}")
     half, depth = v.units // 2, m.depth
     if half > depth // 2:
@@ -237,11 +248,17 @@ def init_from_image(video: SkipLatte, image: SkipDiT) -> SkipLatte:
         )
     blocks = [*range(half), *range(depth - half, depth)]  # image block of each spatial block
     with torch.no_grad():
-        for name in ("x_embedder", "t_embedder", "y_embedder", "final_layer"):
-            getattr(video, name).load_state_dict(getattr(image, name).state_dict())
+        for name, module in image.named_children():
+            if name not in BLOCK_PARTS:
+                getattr(video, name).load_state_dict(module.state_dict())
         video.pos_embed.copy_(image.pos_embed)
         for p, k in enumerate(blocks):
             video.blocks[2 * p].load_state_dict(image.blocks[k].state_dict())
+            temporal = cast(DiTBlock, video.blocks[2 * p + 1])
+            if not hasattr(temporal, "adaLN_modulation"):
+                for out in (temporal.attn.proj, temporal.mlp.fc2):
+                    nn.init.zeros_(out.weight)
+                    nn.init.zeros_(out.bias)
         if v.long_skip:
             for j, k in enumerate(blocks[half:]):
                 source = k - depth // 2  # the image block's fusion

@@ -64,11 +64,18 @@ class CrossAttention(nn.Module):
         self.kv_linear = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected text (B, L, D) -> keys, values (B, H, L, Dh) each."""
+    def kv(
+        self, text: torch.Tensor, values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected text (B, L, D) -> keys, values (B, H, L, Dh) each. ``values`` (B, L, D):
+        the values are projected from these instead (a network whose ``text_values`` is
+        "embeddings"); ``kv_linear``'s key and value halves are independent rows."""
         b, n, d = text.shape
         kv = self.kv_linear(text).reshape(b, n, 2, self.num_heads, d // self.num_heads)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        if values is not None:
+            w_v, b_v = self.kv_linear.weight[d:], self.kv_linear.bias[d:]
+            v = F.linear(values, w_v, b_v).reshape(b, n, self.num_heads, -1).transpose(1, 2)
         return k, v
 
     def forward(
@@ -151,6 +158,8 @@ class T2IFinalLayer(nn.Module):
 
 # ----------------------------------------------------------------------------- model
 
+TEXT_VALUES = ("hidden", "embeddings")  # TextDiTConfig.text_values
+
 
 @dataclass(frozen=True)
 class TextDiTConfig(DiTConfig):
@@ -159,11 +168,21 @@ class TextDiTConfig(DiTConfig):
     masked mean of the projected text tokens, through a linear layer (``text_pool``), is added
     to the timestep embedding, so the whole prompt also modulates every block (as Hunyuan-DiT
     adds its pooled T5 and SD3 its pooled CLIP; PixArt-alpha has none). The class fields of
-    ``DiTConfig`` are unused: the unconditional branch of guidance is the empty prompt."""
+    ``DiTConfig`` are unused: the unconditional branch of guidance is the empty prompt.
+
+    ``text_values``: "hidden" (PixArt's): cross-attention keys and values both come from the
+    encoder's last hidden states. "embeddings": keys from the last hidden states, values (and
+    the pooled text) from the encoder's input token embeddings, which carry each word alone;
+    the encoder's output is then its last hidden states and its input embeddings side by side
+    (``text_width`` = 2 ``text_dim``). Where a digit goes is bound through the keys (the
+    contextual states know which place a digit's token is stated at) and what is drawn there
+    comes from the word alone, so a digit at a place never seen with it is a familiar value
+    found by a familiar key (the digits text-to-image model's held-out combinations)."""
 
     text_dim: int = 4096
     max_tokens: int = 120
     pooled_text: bool = False
+    text_values: str = "hidden"
     num_classes: int = 1
     class_dropout_prob: float = 0.0
     caption_dropout_prob: float = 0.1  # training: a caption is replaced by the empty prompt
@@ -175,7 +194,13 @@ class TextDiTConfig(DiTConfig):
         return super()._checks() | {
             "text_dim": self.text_dim >= 1,
             "max_tokens": self.max_tokens >= 1,
+            "text_values": self.text_values in TEXT_VALUES,
         }
+
+    @property
+    def text_width(self) -> int:
+        """Features of the text encoder's output ``encode_text`` takes (``text_values``)."""
+        return self.text_dim * (2 if self.text_values == "embeddings" else 1)
 
     @property
     def has_null_class(self) -> bool:
@@ -195,6 +220,10 @@ class TextSkipDiT(SkipDiT):
         d = config.hidden_size
         del self.y_embedder  # the class embedding: text instead (PixArt's name and key layout)
         self.y_embedder = CaptionEmbedder(config.text_dim, d)  # type: ignore[assignment]
+        # text_values "embeddings": the values' projection of the input token embeddings
+        self.v_embedder = (
+            CaptionEmbedder(config.text_dim, d) if config.text_values == "embeddings" else None
+        )
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.text_pool = nn.Linear(d, d) if config.pooled_text else None
         self.final_layer = T2IFinalLayer(  # type: ignore[assignment]  # PixArt's, t-modulated
@@ -211,7 +240,8 @@ class TextSkipDiT(SkipDiT):
     def _init_text(self) -> None:
         """PixArt-alpha's: t_block small, cross-attention outputs and final layer zero, so each
         block starts as its self-attention and MLP on the timestep alone."""
-        for module in (self.y_embedder, self.t_block, self.text_pool, self.final_layer):
+        parts = (self.y_embedder, self.v_embedder, self.t_block, self.text_pool, self.final_layer)
+        for module in parts:
             for m in module.modules() if module is not None else ():
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_uniform_(m.weight)
@@ -236,15 +266,25 @@ class TextSkipDiT(SkipDiT):
         return [b.cross_attn for b in self.text_blocks if b.cross_attn is not None]
 
     def encode_text(self, hidden: torch.Tensor, mask: torch.Tensor) -> TextContext:
-        """The text encoder's output (B, L, C_text) and mask (B, L) -> every block's keys and
-        values (and the pooled text): the one place text is projected. Run once per request."""
-        text = self.y_embedder(hidden.to(self.x_embedder.proj.weight.dtype))  # (B, L, D)
-        kv = tuple(cross.kv(text) for cross in self.cross_attentions)
+        """The text encoder's output (B, L, ``text_width``) and mask (B, L) -> every block's
+        keys and values (and the pooled text): the one place text is projected. Run once per
+        request."""
+        hidden = hidden.to(self.x_embedder.proj.weight.dtype)
+        if hidden.shape[-1] != self.config.text_width:
+            raise ValueError(
+                f"text features {hidden.shape[-1]}, the network takes {self.config.text_width}"
+            )
+        text = self.y_embedder(hidden[..., : self.config.text_dim])  # (B, L, D)
+        values = None
+        if self.v_embedder is not None:
+            values = self.v_embedder(hidden[..., self.config.text_dim :])  # (B, L, D)
+        kv = tuple(cross.kv(text, values) for cross in self.cross_attentions)
         real = mask.to(torch.bool)
         pooled = None
         if self.text_pool is not None:
-            weights = real.to(text.dtype).unsqueeze(-1)  # (B, L, 1)
-            mean = (text * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
+            pool = text if values is None else values
+            weights = real.to(pool.dtype).unsqueeze(-1)  # (B, L, 1)
+            mean = (pool * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
             pooled = self.text_pool(mean)
         return TextContext(kv, real, pooled)
 
@@ -291,6 +331,10 @@ PRESETS: dict[str, Callable[..., TextDiTConfig]] = {
     # The same network with PixArt-alpha's conditioning only (text through cross-attention, no
     # pooled text): the first stage of the staged digits-t2i runs (docs/development.md).
     "digits-t2i-pixart": lambda **kw: PRESETS["digits-t2i"](**{"pooled_text": False, **kw}),
+    # The digits network with values from the input token embeddings (``text_values``).
+    "digits-t2i-factored": lambda **kw: PRESETS["digits-t2i"](
+        **{"text_values": "embeddings", **kw}
+    ),
     # Smallest useful shape, for tests: the digits canvas in 4x4 patches of 8 pixels.
     "digits-t2i-tiny": lambda **kw: TextDiTConfig(
         **{

@@ -62,7 +62,7 @@ def seeded_inputs(model: SkipDiT, rows: int, seed: int = 0) -> Inputs:
     deep = torch.randn((rows, *cfg.hidden_shape), generator=g)
     y: Condition
     if isinstance(cfg, TextDiTConfig):
-        text = torch.randn(rows, TEXT_TOKENS, cfg.text_dim, generator=g)
+        text = torch.randn(rows, TEXT_TOKENS, cfg.text_width, generator=g)
         mask = torch.ones(rows, TEXT_TOKENS, dtype=torch.long)
         with torch.inference_mode():
             y = cast(TextSkipDiT, model).encode_text(

@@ -52,6 +52,29 @@ def build_tokenizer(
     )
 
 
+def extend_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, corpus: Iterable[str]
+) -> PreTrainedTokenizerFast:
+    """``tokenizer`` (a ``build_tokenizer`` one) with the words of ``corpus`` it lacks added
+    after its own: every id it had keeps its word, so an encoder trained with it keeps its
+    embedding rows (and grows new ones for the new ids)."""
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    vocab = backend.get_vocab()
+    pre = backend.pre_tokenizer
+    normalizer = backend.normalizer
+    for text in corpus:
+        normal = normalizer.normalize_str(text) if normalizer is not None else text
+        words = [w for w, _ in pre.pre_tokenize_str(normal)] if pre is not None else [normal]
+        for word in words:
+            vocab.setdefault(word, len(vocab))
+    backend.model = WordLevel(vocab, unk_token=UNK)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **tokenizer.special_tokens_map,
+        model_max_length=tokenizer.model_max_length,
+    )
+
+
 def build_t5(
     vocab_size: int,
     d_model: int,

@@ -58,7 +58,9 @@ class TextEncoder(nn.Module):
     training mode (and through ``tokenize`` + ``forward``) the encoder is differentiable.
     ``fixed_length``: every prompt is padded to ``max_tokens`` and the encoder runs over the
     padding too (a model that reads the padded positions' states: Hunyuan-DiT pools its mT5
-    tokens without a mask).
+    tokens without a mask). ``with_embeddings``: the encoder's input token embeddings follow
+    its last hidden states on the feature axis (a network whose ``text_values`` is
+    "embeddings").
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class TextEncoder(nn.Module):
         model: PreTrainedModel,
         max_tokens: int,
         fixed_length: bool = False,
+        with_embeddings: bool = False,
     ):
         super().__init__()
         if max_tokens < 1:
@@ -81,6 +84,7 @@ class TextEncoder(nn.Module):
         self.model = model
         self.max_tokens = max_tokens
         self.fixed_length = fixed_length
+        self.with_embeddings = with_embeddings
 
     @classmethod
     def load(
@@ -91,6 +95,7 @@ class TextEncoder(nn.Module):
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         fixed_length: bool = False,
+        with_embeddings: bool = False,
     ) -> TextEncoder:
         """Load from local directories (``save_pretrained`` layout), in eval mode on ``device``.
         The encoder class is chosen by the saved config's ``model_type`` (``ENCODERS``). Raises
@@ -116,7 +121,7 @@ class TextEncoder(nn.Module):
         tokenizer = _load_local(AutoTokenizer.from_pretrained, tokenizer_dir, "tokenizer")
         encoder_cls: type[PreTrainedModel] = getattr(transformers, ENCODERS[config.model_type])
         model = _load_local(encoder_cls.from_pretrained, encoder_dir, "encoder", config=config)
-        encoder = cls(tokenizer, model, max_tokens, fixed_length)
+        encoder = cls(tokenizer, model, max_tokens, fixed_length, with_embeddings)
         return encoder.to(device=device, dtype=dtype).eval()
 
     @property
@@ -137,9 +142,9 @@ class TextEncoder(nn.Module):
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states (n, L, D); padded positions are masked out of attention."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state  # (n, L, D)
+        """Last hidden states (n, L, D), with ``with_embeddings`` the input token embeddings
+        beside them (n, L, 2D); padded positions are masked out of attention."""
+        return encoder_states(self.model, input_ids, attention_mask, self.with_embeddings)
 
     def encode(self, prompts: Sequence[str]) -> Encoded:
         """Encode ``prompts`` in one tokenizer call and one encoder forward."""
@@ -161,6 +166,22 @@ class TextEncoder(nn.Module):
             tokens=tokens,
             truncated=[n > self.max_tokens for n in full],
         )
+
+
+def encoder_states(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    with_embeddings: bool = False,
+) -> torch.Tensor:
+    """``model``'s last hidden states (n, L, D) for the tokens; ``with_embeddings``: followed on
+    the feature axis by the input token embeddings (n, L, 2D), each word's own vector (the
+    embedding table's rows, without the encoder's context)."""
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if not with_embeddings:
+        return hidden
+    embeddings = model.get_input_embeddings()(input_ids)  # (n, L, D)
+    return torch.cat([hidden, embeddings.to(hidden.dtype)], dim=-1)
 
 
 def _load_local(load: Callable[..., T], directory: Path, what: str, **kwargs: Any) -> T:

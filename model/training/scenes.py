@@ -104,18 +104,18 @@ class Wording:
     def pattern(self) -> re.Pattern[str]:
         """Matches the captions this wording makes; groups name the fields."""
         phrases = "|".join(re.escape(p) for p in PHRASES.values())
-        groups = {
-            "d": r"(?P<d>\d)",
-            "a": r"(?P<a>\d)",
-            "b": r"(?P<b>\d)",
-            "s": r"(?P<s>small|large)",
-            "sa": r"(?P<sa>small|large)",
-            "sb": r"(?P<sb>small|large)",
-            "P": f"(?P<P>{phrases})",
-        }
-        parts = re.split(r"(\{\w+\})", self.text)
-        body = "".join(groups[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts)
-        return re.compile(f"^{body}$")
+        return template_pattern(
+            self.text,
+            {
+                "d": r"(?P<d>\d)",
+                "a": r"(?P<a>\d)",
+                "b": r"(?P<b>\d)",
+                "s": r"(?P<s>small|large)",
+                "sa": r"(?P<sa>small|large)",
+                "sb": r"(?P<sb>small|large)",
+                "P": f"(?P<P>{phrases})",
+            },
+        )
 
     def parse(self, caption: str) -> Scene | None:
         """The scene a caption of this wording states (unstated sizes None), else None."""
@@ -138,6 +138,14 @@ class Wording:
         if "P" in g:
             place = next(p for p, phrase in PHRASES.items() if phrase == g["P"])
         return [(match.span("d"), Item(int(g["d"]), place, g.get("s")))]
+
+
+def template_pattern(text: str, groups: dict[str, str]) -> re.Pattern[str]:
+    """A caption template ("a {d} {P}") as a regex matching its captions whole: each ``{field}``
+    replaced by ``groups[field]`` (a named group), the rest literal."""
+    parts = re.split(r"(\{\w+\})", text)
+    body = "".join(groups[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts)
+    return re.compile(f"^{body}$")
 
 
 LR, TB = PAIRS
@@ -190,11 +198,11 @@ def random_scene(g: torch.Generator, held_out: bool | None = False) -> Scene:
     held-out (digit, place) combination (training), True always holds one, None either."""
     while True:
         if torch.rand((), generator=g) < 0.4:
-            places: tuple[str, ...] = (PLACES[_pick(g, len(PLACES))],)
+            places: tuple[str, ...] = (PLACES[pick(g, len(PLACES))],)
         else:
-            places = PAIRS[_pick(g, len(PAIRS))]
+            places = PAIRS[pick(g, len(PAIRS))]
         sizes = list(SIZES)
-        items = tuple(Item(_pick(g, 10), place, sizes[_pick(g, len(sizes))]) for place in places)
+        items = tuple(Item(pick(g, 10), place, sizes[pick(g, len(sizes))]) for place in places)
         scene = Scene(items)
         if held_out is None or scene.held_out_combo == held_out:
             return scene
@@ -203,10 +211,11 @@ def random_scene(g: torch.Generator, held_out: bool | None = False) -> Scene:
 def caption(scene: Scene, wordings: Sequence[Wording], g: torch.Generator) -> str:
     """The scene in one of ``wordings`` that fits it, drawn from ``g``."""
     fitting = [w for w in wordings if w.fits(scene)]
-    return fitting[_pick(g, len(fitting))].caption(scene)
+    return fitting[pick(g, len(fitting))].caption(scene)
 
 
-def _pick(g: torch.Generator, n: int) -> int:
+def pick(g: torch.Generator, n: int) -> int:
+    """One of 0..n-1, drawn from ``g``."""
     return int(torch.randint(0, n, (), generator=g))
 
 
@@ -226,8 +235,7 @@ class Renderer:
         canvas = torch.zeros(1, CANVAS, CANVAS)
         for item in scene.items:
             size = item.size or "large"
-            candidates = self.by_digit[item.digit]
-            glyph = self.glyphs[size][candidates[_pick(g, len(candidates))]]  # (1, px, px)
+            glyph = self.glyph(item.digit, size, g)  # (1, px, px)
             px = SIZES[size]
             (r0, r1), (c0, c1) = REGIONS[item.place]
             row, col = CENTRES[item.place]
@@ -237,6 +245,11 @@ class Renderer:
             patch = canvas[:, top : top + px, left : left + px]
             canvas[:, top : top + px, left : left + px] = torch.maximum(patch, glyph)
         return canvas * 2 - 1
+
+    def glyph(self, digit: int, size: str, g: torch.Generator) -> torch.Tensor:
+        """(1, px, px) ink in [0, 1]: a random glyph of ``digit`` at ``size``."""
+        candidates = self.by_digit[digit]
+        return self.glyphs[size][candidates[pick(g, len(candidates))]]
 
     def batch(
         self, n: int, g: torch.Generator, wordings: Sequence[Wording] = TRAIN

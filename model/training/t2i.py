@@ -22,6 +22,7 @@ for training only: the export holds the network, the encoder and the tokenizer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,10 +33,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 from model.errors import FieldError
-from model.networks.checkpoint import WEIGHTS_FILE, save_pretrained
+from model.networks.checkpoint import WEIGHTS_FILE, load_pretrained, save_pretrained
+from model.networks.presets import build
+from model.networks.skip_latte import SkipLatte, init_from_image
 from model.networks.text_dit import TextDiTConfig, TextSkipDiT
-from model.text.build import build_t5, build_tokenizer
-from model.training import scenes
+from model.text.build import build_t5, build_tokenizer, extend_tokenizer
+from model.text.encoder import encoder_states
+from model.training import motion, scenes
 
 ENCODER_DIR = "text_encoder"  # beside model.safetensors in an exported model
 TOKENIZER_DIR = "tokenizer"
@@ -43,10 +47,17 @@ ENCODER_LAYERS = 3
 ENCODER_HEADS = 4
 
 
-# What the parse head reads from a stated digit's token: classes per reading, in label order.
+# What the parse head reads from a stated digit's token: classes per reading, in label order;
+# of a motion caption (a text-to-video run), the motion in place of the place.
 PARSE = {"digit": 10, "place": len(scenes.PLACES), "size": len(scenes.SIZES) + 1}
+MOTION_PARSE = {"digit": 10, "motion": len(motion.NAMES), "size": len(scenes.SIZES) + 1}
 SIZE_LABELS = (*scenes.SIZES, None)  # a size label's meaning: small, large, not stated
 IGNORE = -100  # the label of a token that states no digit (cross_entropy's ignore_index)
+
+
+def readings(config: TextDiTConfig) -> dict[str, int]:
+    """The parse head's readings for a run of ``config``'s kind."""
+    return MOTION_PARSE if config.kind == "video" else PARSE
 
 
 class Trainee(nn.Module):
@@ -57,7 +68,7 @@ class Trainee(nn.Module):
         super().__init__()
         self.dit = dit
         self.encoder = encoder
-        self.parse_head = nn.Linear(dit.config.text_dim, sum(PARSE.values()))
+        self.parse_head = nn.Linear(dit.config.text_dim, sum(readings(dit.config).values()))
 
     @property
     def config(self) -> TextDiTConfig:
@@ -77,13 +88,16 @@ class Trainee(nn.Module):
         mask: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(network output, scene-parse loss): the loss is the sum over ``PARSE``'s readings of
+        """(network output, scene-parse loss): the loss is the sum over ``readings``' of
         the cross-entropy on the tokens ``labels`` (B, L, readings) marks; 0 without any."""
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, C)
-        out = self.dit(x, t, self.dit.encode_text(hidden, mask))
+        with_embeddings = self.config.text_values == "embeddings"
+        states = encoder_states(self.encoder, ids, mask, with_embeddings)  # (B, L, text_width)
+        out = self.dit(x, t, self.dit.encode_text(states, mask))
+        hidden = states[..., : self.config.text_dim]  # (B, L, C): the last hidden states
         if labels is None or not (stated := labels[..., 0] != IGNORE).any():  # (B, L)
             return out, hidden.new_zeros((), dtype=torch.float32)
-        logits = self.parse_head(hidden[stated]).float().split(list(PARSE.values()), dim=-1)
+        sizes = list(readings(self.config).values())
+        logits = self.parse_head(hidden[stated]).float().split(sizes, dim=-1)
         wanted = labels[stated]  # (tokens, readings)
         loss = sum(F.cross_entropy(lg, wanted[:, i]) for i, lg in enumerate(logits))
         return out, cast(torch.Tensor, loss)
@@ -98,12 +112,19 @@ def tokenizer_for(
     path = run_dir / TOKENIZER_DIR
     if path.exists():
         return _load_tokenizer(path)
-    if start is not None:
+    if start is not None:  # a text-to-video run adds the motion words to the image model's
         tokenizer = _load_tokenizer(start / TOKENIZER_DIR)
+        if config.kind == "video":
+            tokenizer = extend_tokenizer(tokenizer, motion.corpus())
     else:
-        tokenizer = build_tokenizer(scenes.corpus(), config.max_tokens)
+        tokenizer = build_tokenizer(corpus(config), config.max_tokens)
     tokenizer.save_pretrained(path)
     return tokenizer
+
+
+def corpus(config: TextDiTConfig) -> Iterator[str]:
+    """Every caption a run of ``config``'s kind can train on."""
+    yield from motion.corpus() if config.kind == "video" else scenes.corpus()
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
@@ -113,31 +134,43 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
 
 
 def fresh(config: TextDiTConfig, tokenizer: PreTrainedTokenizerFast) -> Trainee:
-    """An untrained network and T5 encoder of width ``config.text_dim``."""
+    """An untrained network (of the config's kind) and T5 encoder of width ``config.text_dim``."""
     encoder = build_t5(
         vocab_size=len(tokenizer),
         d_model=config.text_dim,
         layers=ENCODER_LAYERS,
         heads=ENCODER_HEADS,
     )
-    return Trainee(TextSkipDiT(config), encoder)
+    return Trainee(cast(TextSkipDiT, build(config)), encoder)  # a TextSkipLatte for video
 
 
 def start_from(trainee: Trainee, directory: Path) -> list[str]:
     """Load an exported model (``export``'s layout) into ``trainee``: the network's weights by
     name, the encoder's all. Returns the network's parameters the export lacks (modules a newer
     config adds, such as ``text_pool``): they keep their fresh init. Anything else that differs
-    (a shape, a parameter the trainee lacks, the encoder) is a FieldError('init_from')."""
+    (a shape, a parameter the trainee lacks, the encoder) is a FieldError('init_from').
+
+    A text-to-video trainee starts from a text-to-image export by Latte's image initialisation
+    (``init_from_image``); the encoder's vocabulary grows to the trainee's tokenizer (the words
+    the motion captions add: new embedding rows drawn around the trained ones)."""
     encoder = T5EncoderModel.from_pretrained(directory / ENCODER_DIR, local_files_only=True)
+    missing: list[str] = []
     try:  # a shape that differs raises even when not strict
-        missing, unexpected = trainee.dit.load_state_dict(
-            load_file(directory / WEIGHTS_FILE), strict=False
-        )
+        if trainee.config.kind == "video":
+            image, _ = load_pretrained(directory)
+            init_from_image(cast(SkipLatte, trainee.dit), image)
+            encoder.resize_token_embeddings(trainee.encoder.config.vocab_size)
+        else:
+            missing, unexpected = trainee.dit.load_state_dict(
+                load_file(directory / WEIGHTS_FILE), strict=False
+            )
+            if unexpected:
+                raise FieldError(
+                    "init_from", f"{directory} has parameters the preset lacks: {unexpected}"
+                )
         trainee.encoder.load_state_dict(encoder.state_dict())
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise FieldError("init_from", f"{directory} does not fit this preset: {e}") from e
-    if unexpected:
-        raise FieldError("init_from", f"{directory} has parameters the preset lacks: {unexpected}")
     return missing
 
 
@@ -147,13 +180,16 @@ class Batches:
     def __init__(self, config: TextDiTConfig, tokenizer: PreTrainedTokenizerFast):
         self.config = config
         self.tokenizer = tokenizer
-        self.renderer = scenes.Renderer()
+        self.renderer: scenes.Renderer | motion.ClipRenderer = (
+            motion.ClipRenderer(config.num_frames) if config.kind == "video" else scenes.Renderer()
+        )
 
     def draw(
         self, n: int, g: torch.Generator
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(images (n, 1, S, S), (token ids, attention mask (n, L), parse labels (n, L, 3))),
-        captions dropped to the empty prompt with the config's probability."""
+        """(images (n, 1, S, S) or clips (n, 1, F, S, S), (token ids, attention mask (n, L),
+        parse labels (n, L, 3))), captions dropped to the empty prompt with the config's
+        probability."""
         images, captions = self.renderer.batch(n, g)
         drop = torch.rand(n, generator=g) < self.config.caption_dropout_prob
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
@@ -170,19 +206,34 @@ class Batches:
 
 
 def parse_labels(captions: list[str], offsets: torch.Tensor) -> torch.Tensor:
-    """(n, L, 3) labels (digit, place, size) of each token that states a digit, ``IGNORE``
-    elsewhere; ``offsets`` (n, L, 2): each token's characters (the tokenizer's
-    ``offset_mapping``)."""
+    """(n, L, 3) labels (digit, place or motion, size) of each token that states a digit,
+    ``IGNORE`` elsewhere; ``offsets`` (n, L, 2): each token's characters (the tokenizer's
+    ``offset_mapping``). Captions of scenes and of motions both parse."""
     labels = torch.full((*offsets.shape[:2], len(PARSE)), IGNORE, dtype=torch.long)
     for row, caption in enumerate(captions):
         if not caption:
             continue
-        for span, item in scenes.digit_spans(caption):
+        for span, label in _stated(caption):
             hit = (offsets[row] == torch.tensor(span)).all(-1).nonzero()
             if len(hit):  # absent when truncation cut the digit off
-                place, size = scenes.PLACES.index(item.place), SIZE_LABELS.index(item.size)
-                labels[row, int(hit[0])] = torch.tensor([item.digit, place, size])
+                labels[row, int(hit[0])] = torch.tensor(label)
     return labels
+
+
+def _stated(caption: str) -> list[tuple[tuple[int, int], tuple[int, int, int]]]:
+    """Each stated digit's characters and its labels (digit, place or motion, size)."""
+    try:
+        span, clip = motion.digit_span(caption)
+    except ValueError:
+        return [
+            ((start, end), (item.digit, scenes.PLACES.index(item.place), _size(item.size)))
+            for (start, end), item in scenes.digit_spans(caption)
+        ]
+    return [(span, (clip.digit, motion.NAMES.index(clip.motion), _size(clip.size)))]
+
+
+def _size(size: str | None) -> int:
+    return SIZE_LABELS.index(size)
 
 
 def export(

@@ -362,6 +362,12 @@ def _card(config: Config, opts: TrainOptions, run: _Run, source: Source) -> dict
 
 def _describe_data(config: Config, opts: TrainOptions, source: Source) -> str:
     side = config.input_size
+    if isinstance(source, t2i.Batches) and config.kind == "video":
+        return (
+            f"captioned clips of {opts.data} digits (train split glyphs) moving on "
+            f"{side}x{side}, {config.num_frames} frames, held-out wordings and (digit, motion) "
+            "combinations never drawn (model.training.motion)"
+        )
     if isinstance(source, t2i.Batches):
         return (
             f"captioned scenes of {opts.data} digits (train split glyphs) on {side}x{side}, "

@@ -181,3 +181,57 @@ def test_pooled_text_reaches_every_block_through_the_timestep_embedding() -> Non
         out = model(x, t, model.encode_text(hidden, mask))
         swapped = model(x, t, model.encode_text(hidden.flip(0), mask))
         assert torch.equal(out, swapped)
+
+
+def test_text_values_from_the_embeddings_split_keys_and_values(tmp_path: Path) -> None:
+    """``text_values="embeddings"``: every block's keys come from the encoder's last hidden
+    states (the first ``text_dim`` features) and its values (and the pooled text) from the
+    input token embeddings (the rest); the served model's encoder gives both side by side, the
+    second half its embedding table's rows."""
+    torch.manual_seed(0)
+    config = cast(TextDiTConfig, preset("digits-t2i-tiny")).replace(text_values="embeddings")
+    model = TextSkipDiT(config).eval()
+    d = config.text_dim
+    assert config.text_width == 2 * d
+    hidden = torch.randn(2, 5, 2 * d)
+    mask = torch.ones(2, 5)
+    other_keys, other_values = hidden.clone(), hidden.clone()
+    other_keys[..., :d] += 1.0
+    other_values[..., d:] += 1.0
+    with torch.no_grad():
+        base, keys, values = (
+            model.encode_text(h, mask) for h in (hidden, other_keys, other_values)
+        )
+    assert base.pooled is not None and keys.pooled is not None and values.pooled is not None
+    for (k, v), (k_keys, v_keys), (k_values, v_values) in zip(
+        base.kv, keys.kv, values.kv, strict=True
+    ):
+        assert torch.equal(v, v_keys) and not torch.allclose(k, k_keys)
+        assert torch.equal(k, k_values) and not torch.allclose(v, v_values)
+    assert torch.equal(base.pooled, keys.pooled)
+    assert not torch.allclose(base.pooled, values.pooled)
+    with pytest.raises(ValueError, match="text features"):
+        model.encode_text(hidden[..., :d], mask)
+    directory = tiny_text_model(tmp_path / "factored", text_values="embeddings")
+    pipeline = registry.load(str(directory)).pipeline  # its encoder gives both halves
+    assert pipeline.prompting is not None and pipeline.prompting.encoder.with_embeddings
+    (result,) = pipeline.generate([pipeline.plan(prompt="a 7 on the left", steps=2)])
+    assert result.images is not None and result.images.shape == (1, 32, 32, 1)
+
+
+def test_an_encoder_with_embeddings_gives_its_rows_beside_its_states(tmp_path: Path) -> None:
+    from model.text.encoder import TextEncoder
+
+    directory = tiny_text_model(tmp_path / "model")
+    plain = TextEncoder.load(directory / "text_encoder", directory / "tokenizer", 8, "cpu")
+    both = TextEncoder.load(
+        directory / "text_encoder", directory / "tokenizer", 8, "cpu", with_embeddings=True
+    )
+    prompts = ["a 7 on the left", "a large 5"]
+    alone, side_by_side = plain.encode(prompts), both.encode(prompts)
+    d = alone.hidden.shape[-1]
+    assert side_by_side.hidden.shape[-1] == 2 * d
+    assert torch.equal(side_by_side.hidden[..., :d], alone.hidden)
+    ids, _ = both.tokenize(prompts)
+    table = both.model.get_input_embeddings().weight
+    assert torch.equal(side_by_side.hidden[..., d:], table[ids])
