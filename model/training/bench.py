@@ -40,7 +40,7 @@ from model.networks.skip_dit import DiTConfig, SkipDiT
 from model.sampling.images import animate, grid, to_pil
 from model.sampling.pipeline import Job, Pipeline, Result
 from model.sampling.plan import RunPlan
-from model.training import adherence, data, scenes
+from model.training import adherence, data, motion, scenes
 from model.training.evaluate import (
     DigitClassifier,
     accuracy,
@@ -72,6 +72,7 @@ class Row:
     fid: float | None  # images only
     steps_cached: float  # mean fraction of steps cached
     temporal: float | None = None  # video only: mean frame-to-frame change
+    motion: float | None = None  # text-to-video only: share of clips moving as stated
 
 
 def settings(
@@ -128,7 +129,7 @@ def model_settings(
     if config.dynamic:
         return dydit_settings(opts.intervals, card or {})
     if config.conditioning == "text":
-        return text_settings(opts.intervals)
+        return [s for s in text_settings(opts.intervals) if POLICIES[s[1]].applies_to(config)]
     return settings(opts.intervals, opts.thresholds, config)
 
 
@@ -278,6 +279,34 @@ def text_workload(classifier: DigitClassifier, opts: BenchOptions) -> Workload:
     prompt adherence (reported in the accuracy column); the grid shows the first 8 prompts."""
     prompts = scenes.held_out_prompts(opts.prompts, opts.seed)
 
+    def score(images: torch.Tensor) -> Scores:
+        judged = adherence.judge(classifier, prompts, images)
+        return {"accuracy": adherence.adherence(judged), "fid": None}
+
+    return Workload(_prompted(prompts, opts), score, slice(0, GRID_PROMPTS))
+
+
+def text_video_workload(classifier: DigitClassifier, opts: BenchOptions) -> Workload:
+    """A text-to-video model's: the held-out motion prompts (``motion.held_out_prompts``), one
+    clip each, judged frame by frame (accuracy: the share of frames whose digit is the stated
+    one) and by motion (the share of clips moving as stated); the strips show the first 8."""
+    prompts = motion.held_out_prompts(opts.clip_prompts, opts.seed)
+
+    def score(clips: torch.Tensor) -> Scores:
+        judged = adherence.judge_clips(classifier, prompts, clips)
+        return {
+            "accuracy": adherence.frame_adherence(judged),
+            "fid": None,
+            "motion": adherence.motion_adherence(judged),
+        }
+
+    return Workload(_prompted(prompts, opts), score, slice(0, GRID_PROMPTS))
+
+
+def _prompted(prompts: list[str], opts: BenchOptions) -> Callable[..., list[RunPlan]]:
+    """A workload's batch: one plan per prompt (prompt i seeded ``seed + i``), flow_euler
+    ``text_steps``."""
+
     def batch(pipeline: Pipeline, policy: str, params: dict) -> list[RunPlan]:
         return [
             pipeline.plan(
@@ -290,11 +319,7 @@ def text_workload(classifier: DigitClassifier, opts: BenchOptions) -> Workload:
             for i, prompt in enumerate(prompts)
         ]
 
-    def score(images: torch.Tensor) -> Scores:
-        judged = adherence.judge(classifier, prompts, images)
-        return {"accuracy": adherence.adherence(judged), "fid": None}
-
-    return Workload(batch, score, slice(0, GRID_PROMPTS))
+    return batch
 
 
 GRID_PROMPTS = 8
@@ -353,6 +378,7 @@ class Scores(TypedDict):
     accuracy: float
     fid: float | None  # images only
     temporal: NotRequired[float]  # clips only
+    motion: NotRequired[float]  # clips of a text-to-video model only
 
 
 @dataclass
@@ -419,17 +445,21 @@ def _table(rows: list[Row], curves: dict, opts: BenchOptions) -> list[str]:
         f"sees the digit-sized window around each frame's ink), no FID; frame change is the "
         f"mean absolute change between consecutive frames. Text models: {opts.prompts} "
         f"held-out prompts, one image each, flow_euler {opts.text_steps} steps; their accuracy "
-        f"is prompt adherence (every stated digit classified at its stated place).\n",
+        f"is prompt adherence (every stated digit classified at its stated place). Text-to-video "
+        f"models: {opts.clip_prompts} held-out motion prompts, one clip each; accuracy is the "
+        f"share of frames showing the stated digit, motion the share of clips moving as "
+        f"stated.\n",
         "| model | setting | speedup (wall) | FLOP ratio | cached steps | cache / image "
-        "| PSNR dB | SSIM | accuracy | FID | frame change |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| PSNR dB | SSIM | accuracy | FID | frame change | motion |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r.model} | {r.label} | {r.speedup:.2f}x | {r.flop_ratio:.2f}x | "
             f"{r.steps_cached:.0%} | {r.cache_bytes_per_image / 1024:.0f} KiB | "
             f"{'inf' if r.psnr == float('inf') else f'{r.psnr:.1f}'} | {r.ssim:.3f} | "
-            f"{r.accuracy:.1%} | {_num(r.fid, '.2f')} | {_num(r.temporal, '.3f')} |"
+            f"{r.accuracy:.1%} | {_num(r.fid, '.2f')} | {_num(r.temporal, '.3f')} | "
+            f"{'-' if r.motion is None else f'{r.motion:.1%}'} |"
         )
     if len(curves) == 2 and all(c["fid"] for c in curves.values()):
         lines += ["", "## Training comparison", "", *_training_lines(curves)]
@@ -571,23 +601,35 @@ def bench(opts: BenchOptions) -> list[Row]:
         pipeline, card = loaded.pipeline, loaded.card
         configs[name] = loaded.config
         base = registry.load(card["from"]).pipeline if loaded.config.dynamic else None
-        workload = (
-            text_workload(judge.classifier, opts)
-            if loaded.info.conditioning == "text"
-            else class_workload(loaded.config.num_classes, judge, opts)
-        )
+        workload = workload_of(loaded.info, judge, opts)
         model_rows, grids[name] = bench_model(name, pipeline, workload, opts, base, card)
         rows += model_rows
         if loaded.info.conditioning == "text":
-            shown = scenes.held_out_prompts(opts.prompts, opts.seed)[:GRID_PROMPTS]
+            shown = shown_prompts(loaded.info, opts)
             notes.append(f"\n{name}: the grid's columns are the prompts " + "; ".join(shown))
-        if pipeline.model.config.kind == "video":
+        if loaded.info.kind == "video" and loaded.info.conditioning == "class":
             notes.append(_real_clips_note(name, pipeline.model.config, judge.classifier.source))
     for skip, plain in twins(configs):
         notes += ["", *twin_lines(rows, skip, plain)]
     curves = training_curves(opts.runs, opts, judge) if opts.runs else {}
     write_outputs(rows, grids, curves, opts, [*notes, "", *floor_lines(rows)])
     return rows
+
+
+def workload_of(info: registry.ModelInfo, judge: Judge, opts: BenchOptions) -> Workload:
+    """The model's workload: held-out prompts (text-to-image, text-to-video) or classes."""
+    if info.conditioning == "class":
+        return class_workload(info.config.num_classes, judge, opts)
+    if info.kind == "video":
+        return text_video_workload(judge.classifier, opts)
+    return text_workload(judge.classifier, opts)
+
+
+def shown_prompts(info: registry.ModelInfo, opts: BenchOptions) -> list[str]:
+    """The prompts of a text model's grid (or strips), in order."""
+    if info.kind == "video":
+        return motion.held_out_prompts(opts.clip_prompts, opts.seed)[:GRID_PROMPTS]
+    return scenes.held_out_prompts(opts.prompts, opts.seed)[:GRID_PROMPTS]
 
 
 def twins(configs: dict[str, DiTConfig]) -> list[tuple[str, str]]:

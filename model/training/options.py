@@ -150,3 +150,6 @@ class CalibrateOptions(_Options):
     seed: int = Field(0, ge=0, description="Seed of class c's run: seed + c.")
     dry_run: bool = Field(False, description="Print the coefficients; write no file.")
     command_line: str = Field("skipdit calibrate-teacache", description="Recorded in the card.")
+    clip_prompts: int = Field(
+        40, ge=1, description="Text-to-video models: held-out motion prompts per setting."
+    )

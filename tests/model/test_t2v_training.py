@@ -21,8 +21,9 @@ from model.networks.skip_latte import init_from_image
 from model.networks.text_dit import TextDiTConfig, TextSkipDiT
 from model.networks.text_latte import TextSkipLatte
 from model.text.build import build_tokenizer, extend_tokenizer
-from model.training import adherence, motion, scenes, t2i
+from model.training import adherence, bench, motion, scenes, t2i
 from model.training.evaluate import load_classifier
+from model.training.options import BenchOptions
 from tests.helpers import randomized
 from tests.model.helpers import train_run
 
@@ -80,6 +81,28 @@ def test_the_video_export_serves_a_prompt_as_a_clip(runs: dict[str, Path]) -> No
     pipeline = model.pipeline
     (result,) = pipeline.generate([pipeline.plan(prompt="a 3 moving left", steps=3)])
     assert result.images is not None and result.images.shape == (1, FRAMES, 32, 32, 1)
+
+
+@pytest.mark.slow
+def test_the_bench_judges_a_text_video_model_by_frames_and_motion(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    opts = BenchOptions(
+        models=[str(runs["straight"] / "final")], clip_prompts=3, text_steps=3, intervals=[2],
+        thresholds=[0.1], out=tmp_path / "bench", command_line="skipdit bench (test)",
+    )  # fmt: skip
+    rows = bench.bench(opts)
+    by = {r.label: r for r in rows}
+    assert {"none", "skip_cache N=2", "fora N=2", "delta_dit N=2"} <= set(by)
+    assert "toca N=2 r=0.25" not in by  # ToCa applies to images only
+    assert by["none"].psnr == float("inf") and by["skip_cache N=2"].flop_ratio > 1
+    for row in rows:  # 3 clips of 4 frames: frames in twelfths, clips in thirds
+        assert row.fid is None and row.motion is not None
+        assert round(row.accuracy * 12, 6) == round(row.accuracy * 12)
+        assert round(row.motion * 3, 6) == round(row.motion * 3)
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert "| motion |" in table and motion.held_out_prompts(3)[0] in table
+    assert list((tmp_path / "bench").glob("strip_*skip_cache_N_2.gif"))
 
 
 def test_a_text_video_starts_from_a_text_image_model_frame_by_frame() -> None:
