@@ -29,7 +29,13 @@ from model.errors import FieldError
 from model.networks.checkpoint import CheckpointError
 from model.sampling.images import grid
 from model.sampling.pipeline import Job
-from model.training.options import BenchOptions, CalibrateOptions, ClassifierOptions, TrainOptions
+from model.training.options import (
+    AdapterOptions,
+    BenchOptions,
+    CalibrateOptions,
+    ClassifierOptions,
+    TrainOptions,
+)
 from service.images import encode
 from service.messages import DEFAULT_FPS, MAX_FPS
 from service.request import GenerateParams, echo, prompt_result, resolve
@@ -308,6 +314,19 @@ def _train(args: argparse.Namespace, prog: str) -> int:
     return 0
 
 
+def _train_adapter(args: argparse.Namespace, prog: str) -> int:
+    command_line = "skipdit " + " ".join(sys.argv[1:])
+    opts = parse_schema(AdapterOptions, args, prog, command_line=command_line)
+    from model.training.adapter import train_adapter
+
+    try:
+        final = train_adapter(opts)
+    except FieldError as e:
+        _fail(prog, str(e))
+    print(f"wrote {final}")
+    return 0
+
+
 def _train_classifier(args: argparse.Namespace, prog: str) -> int:
     opts = parse_schema(ClassifierOptions, args, prog)
     from model.training.evaluate import save_classifier, train_classifier
@@ -345,6 +364,8 @@ def _bench(args: argparse.Namespace, prog: str) -> int:
 def _add_train_extra(sub: argparse._SubParsersAction) -> None:
     commands: list[tuple[str, str, type[BaseModel], Command]] = [
         ("train", "train a digit Skip-DiT / DiT (resumable)", TrainOptions, _train),
+        ("train-adapter", "train a LoRA adapter of a shipped image model (resumable)",
+         AdapterOptions, _train_adapter),
         ("train-classifier", "train the digit classifier used to evaluate", ClassifierOptions,
          _train_classifier),
         ("bench", "every cache policy on the shipped models: speed and quality", BenchOptions,

@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from model import cache
 from model.errors import FieldError
+from model.networks.lora import MAX_SCALE as MAX_ADAPTER_SCALE
 from model.registry import ModelInfo
 from model.sampling.plan import RunPlan, Sampler, guidance_of, plan
 from model.sampling.prompts import PromptReport
@@ -161,6 +162,19 @@ class GenerateParams(BaseModel):
     cache_ratio: float | None = Field(
         None, gt=0, le=1, description="toca: fraction of tokens recomputed on cached steps."
     )
+    adapter: str | None = Field(
+        None,
+        description="A LoRA adapter of the model, by name (GET /models: adapters; the "
+        "deployment's SKIPDIT_ADAPTER_DIRS); None: the base model. Requests of different "
+        "adapters share each step's batch.",
+    )
+    adapter_scale: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_ADAPTER_SCALE,
+        description="Multiplier of the adapter's effect (0: the base model, 1: as trained); "
+        "needs adapter. None: 1.",
+    )
 
 
 @dataclass(frozen=True)
@@ -284,6 +298,9 @@ def resolve(params: GenerateParams, info: ModelInfo, settings: Settings | None =
             policy=policy,
             params=options,
             overrides=info.cache_overrides,
+            adapter=params.adapter,
+            adapter_scale=params.adapter_scale,
+            adapters=settings.adapters_of(info.name) if settings is not None else (),
         )
     except FieldError as e:
         raise FieldError(request_field(policy, e.field), e.message) from None
@@ -364,6 +381,8 @@ def echo(run: RunPlan) -> dict[str, Any]:
         "sampler": run.sampler,
         "guidance_scale": run.guidance,
         "cache_policy": run.policy,
+        "adapter": run.adapter,
+        "adapter_scale": run.adapter_scale if run.adapter is not None else None,
     }
     return view | {name: config.get(FIELDS[run.policy].get(name, "")) for name in CACHE_FIELDS}
 

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kernels import dispatch
 from model import cache, registry
+from model.networks import lora
 from service import request
 
 SHIPPED_VIDEO = "digits-video-skip"
@@ -47,6 +48,12 @@ class Settings(BaseSettings):
         "requests that name none; default: default_models(). After validation: always the list",
     )
     model: str | None = Field(None, description="one model: the single-model form of models")
+    adapter_dirs: Annotated[list[Path], NoDecode] = Field(
+        [],
+        description="LoRA adapter directories (adapter.json + adapter.safetensors), "
+        "comma-separated or a JSON list; each serves the served model its adapter.json names "
+        "as base, under its name (requests: adapter)",
+    )
     vae: str | None = None
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -213,7 +220,10 @@ class Settings(BaseSettings):
         deliverer died). Twice the attempt's timeout, plus a second."""
         return 2 * self.webhook_timeout_s + 1
 
-    @field_validator("models", "api_keys", "webhook_hosts", mode="before")
+    # model name -> adapter name -> its directory (``_adapters``, from adapter_dirs)
+    _adapters: dict[str, dict[str, Path]] = PrivateAttr(default_factory=dict)
+
+    @field_validator("models", "api_keys", "webhook_hosts", "adapter_dirs", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         """``a,b`` or ``["a", "b"]`` from the environment."""
@@ -248,6 +258,31 @@ class Settings(BaseSettings):
                 raise ValueError(f"{setting}: {getattr(e, 'message', e)}") from e
         self.models = names
         return self
+
+    @model_validator(mode="after")
+    def _adapter_dirs(self) -> Settings:
+        """Each adapter directory holds an adapter of a served model, one name per model."""
+        adapters: dict[str, dict[str, Path]] = {}
+        for directory in self.adapter_dirs:
+            try:
+                meta = lora.read_meta(directory)
+            except ValueError as e:  # AdapterError, or adapter.json is no JSON
+                raise ValueError(f"SKIPDIT_ADAPTER_DIRS: {e}") from e
+            name, base = str(meta["name"]), str(meta["base"])
+            if base not in (self.models or []):
+                raise ValueError(
+                    f"SKIPDIT_ADAPTER_DIRS: {directory} adapts {base!r}, not a served model; "
+                    f"served: {self.models}"
+                )
+            if name in adapters.get(base, {}):
+                raise ValueError(f"SKIPDIT_ADAPTER_DIRS: two adapters of {base!r} named {name!r}")
+            adapters.setdefault(base, {})[name] = directory
+        self._adapters = adapters
+        return self
+
+    def adapters_of(self, model: str) -> dict[str, Path]:
+        """The adapters served with ``model``: name -> directory."""
+        return dict(self._adapters.get(model, {}))
 
     @model_validator(mode="after")
     def _cache_defaults(self) -> Settings:

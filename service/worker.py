@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import torch
 
 from model import registry
+from model.networks import lora
 from model.text.cache import EmbeddingCache
 from service.engine import Engine, EngineEvent, EngineRequest, StepReport
 from service.errors import BackendUnavailable
@@ -409,6 +410,8 @@ def _load(
         vae_path=settings.vae,
         embeddings=embeddings,
     )
+    for adapter, directory in settings.adapters_of(name).items():
+        loaded.pipeline.adapters[adapter] = lora.load(directory, loaded.pipeline.model)
     fast = loaded.pipeline.use_fast_path(
         settings.kernels, settings.graphs, on_failure=settings.fast_path_check
     )

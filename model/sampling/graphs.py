@@ -24,6 +24,9 @@ the largest bucket is split into chunks of the largest bucket, the last one padd
 Every tensor returned is the caller's own: graph outputs are copied out of the static buffers
 that the next replay (of any graph: they share one pool) overwrites.
 
+A group holding a row with a LoRA adapter (``model.networks.lora``) runs eagerly: its terms
+are added by Python hooks that a graph would not replay. Groups without one are served here.
+
 Served: the plain forward with Skip-Cache's capture and Skip-Cache's cached forward (policies
 ``none`` and ``skip_cache``, see ``served``/``serves``). FORA, ToCa, Delta-DiT and fbcache
 capture branch outputs or override branches and stay eager in the pipeline.
@@ -46,6 +49,7 @@ import torch
 
 from model.cache import Mode, RequestCache
 from model.networks.conditions import Condition
+from model.networks.lora import Choice
 from model.networks.skip_dit import SkipDiT
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,7 @@ class Cached(Protocol):
     of the group's batch."""
 
     cache: RequestCache
+    adapter: Choice | None  # its LoRA adapter: such rows run eagerly (no hook is captured)
 
     @property
     def rows(self) -> int: ...
@@ -419,6 +424,7 @@ class RoutedForward:
         if (
             model is not runner.model
             or not isinstance(y, torch.Tensor)  # text: its length differs per batch
+            or any(job.adapter is not None for job in jobs)  # adapters: Python hooks, eager
             or not all(runner.serves(job.cache, mode) for job in jobs)
         ):
             return self.eager(model, jobs, full, x, t, y)

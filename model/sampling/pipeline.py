@@ -41,10 +41,12 @@ from diffusers import (
 from kernels.dispatch import KernelUnavailable
 from model.cache import POLICIES, Mode, RequestCache
 from model.cache.skip_cache import default_depth
-from model.networks import conditions
+from model.errors import FieldError
+from model.networks import conditions, lora
 from model.networks.conditions import Condition, HunyuanContext, TextContext
 from model.networks.dydit import DyDiT
 from model.networks.hunyuan import HunyuanSkipDiT
+from model.networks.lora import LoRA
 from model.networks.skip_dit import SkipDiT
 from model.networks.text_dit import TextSkipDiT
 from model.sampling import selfcheck
@@ -235,6 +237,8 @@ class Job:
     # became; None for class models.
     text: TextContext | HunyuanContext | None = None
     prompt_report: PromptReport | None = None
+    # Its LoRA adapter and scale (every row of the job, guidance's included); None: the base.
+    adapter: lora.Choice | None = None
     step: int = 0
     stats: StepStats = field(default_factory=StepStats)
     cancelled: bool = False
@@ -366,7 +370,25 @@ def forward_group(
     x (rows, C, H, W), t (rows,), y (rows,): the group's jobs' rows in order. Returns the
     output (rows, C', H, W) and, for FULL groups, the block outputs the jobs' cache policies
     capture ({block: (rows, T, D)}). A captured-graph runner takes this signature.
+
+    Jobs with a LoRA adapter add its low-rank terms to their own rows (``lora.applied``); a
+    group without one runs the network as it is.
     """
+    if any(job.adapter is not None for job in jobs):
+        rows = lora.Rows.of([(job.adapter, job.rows) for job in jobs], x.device)
+        with lora.applied(model, rows):
+            return _forward_group(model, jobs, full, x, t, y)
+    return _forward_group(model, jobs, full, x, t, y)
+
+
+def _forward_group(
+    model: SkipDiT,
+    jobs: Sequence[Cached],
+    full: bool,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: Condition,
+) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
     if full:
         capture = group_capture(jobs, model)
         return model.capturing(x, t, y, capture) if capture else (model(x, t, y), {})
@@ -494,6 +516,7 @@ class Pipeline:
         shift: float = 1.0,
         trained_schedule: Mapping[str, Any] | None = None,
         vae_scale: float = VAE_SCALE,
+        adapters: Mapping[str, LoRA] | None = None,
     ):
         self.model = model.eval()
         # A DyDiT's static twin (the same weights, no routing): ``dynamic: false`` requests.
@@ -517,6 +540,9 @@ class Pipeline:
         # ``scheduler/``), which its DDPM-family samplers run; None: DiT's (make_scheduler).
         self.trained_schedule = dict(trained_schedule) if trained_schedule is not None else None
         self.vae_scale = vae_scale  # latents = VAE latents * vae_scale (the VAE's scaling factor)
+        # LoRA adapters of this network by name (``model.networks.lora.load``): a plan may
+        # name one; jobs of different adapters share every step batch.
+        self.adapters = dict(adapters or {})
 
     def plan(self, **params: Any) -> RunPlan:
         """A checked plan for this model (``model.sampling.plan.plan``'s parameters) from the
@@ -526,6 +552,7 @@ class Pipeline:
             default_guidance=self.default_guidance,
             overrides=self.cache_overrides,
             objective=self.objective,
+            adapters=self.adapters.keys(),
             **params,
         )
 
@@ -645,7 +672,15 @@ class Pipeline:
             network=self.static if config.dynamic and not plan.dynamic else None,
             text=None if text is None else text.rows(plan.num_images, plan.uses_guidance),
             prompt_report=None if text is None else text.report,
+            adapter=self._adapter(plan),
         )
+
+    def _adapter(self, plan: RunPlan) -> lora.Choice | None:
+        if plan.adapter is None:
+            return None
+        if plan.adapter not in self.adapters:
+            raise FieldError("adapter", f"adapter {plan.adapter!r} is not loaded on this worker")
+        return lora.Choice(self.adapters[plan.adapter], plan.adapter_scale)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

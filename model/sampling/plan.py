@@ -9,12 +9,13 @@ the API's business (``service.request``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from model import cache
 from model.errors import FieldError
+from model.networks.lora import MAX_SCALE
 from model.networks.presets import Config
 
 Sampler = Literal["ddim", "ddpm", "dpm++", "flow_euler"]
@@ -37,6 +38,8 @@ class RunPlan:
     tokens_per_row: int  # the model's tokens per sample (frames x patches for video)
     prompt: str | None = None  # text models: the prompt (class models: None)
     negative_prompt: str | None = None  # replaces the empty prompt of guidance's other branch
+    adapter: str | None = None  # a LoRA adapter of the model, by name (``model.networks.lora``)
+    adapter_scale: float = 1.0  # its low-rank term's multiplier, 0..lora.MAX_SCALE
 
     @property
     def uses_guidance(self) -> bool:
@@ -104,6 +107,16 @@ def _condition(
     return label
 
 
+def _check_adapter(adapter: str | None, scale: float | None, adapters: Collection[str]) -> None:
+    if adapter is not None and adapter not in adapters:
+        known = sorted(adapters) or "none"
+        raise FieldError("adapter", f"unknown adapter {adapter!r} for this model; known: {known}")
+    if scale is not None and adapter is None:
+        raise FieldError("adapter_scale", "scales an adapter: name one in adapter")
+    if scale is not None and not 0 <= scale <= MAX_SCALE:
+        raise FieldError("adapter_scale", f"must be in [0, {MAX_SCALE}], got {scale}")
+
+
 def plan(
     model: Config,
     *,
@@ -121,13 +134,17 @@ def plan(
     policy: str = "none",
     params: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    adapter: str | None = None,
+    adapter_scale: float | None = None,
+    adapters: Collection[str] = (),
 ) -> RunPlan:
     """The checked plan of one run on ``model``: the model-dependent checks (a class label in
     range for class models, a prompt for text models; a sampler of the model's ``objective``,
     its first by default; guidance needs a null class; routing needs a DyDiT) and the cache
     policy's config: its defaults for the model, the card's ``overrides`` for the policy
-    (TeaCache's calibration) over them, ``params`` over both. ``guidance`` None:
-    ``guidance_of``. Raises FieldError naming the parameter."""
+    (TeaCache's calibration) over them, ``params`` over both; an ``adapter`` among the model's
+    ``adapters`` (names) at ``adapter_scale`` (default 1). ``guidance`` None: ``guidance_of``.
+    Raises FieldError naming the parameter."""
     guidance = guidance_of(model, guidance, default_guidance)
     label = _condition(model, class_label, prompt, negative_prompt)
     allowed = samplers_of(objective)
@@ -140,6 +157,7 @@ def plan(
     if dynamic is not None and not model.dynamic:
         raise FieldError("dynamic", "this model has no DyDiT routers: leave it unset")
     routed = model.dynamic and dynamic is not False
+    _check_adapter(adapter, adapter_scale, adapters)
     # A DyDiT's static twin runs ``dynamic: false``: the same network, unrouted.
     options = {**(overrides or {}).get(policy, {}), **(params or {})}
     config = cache.configure(policy, model.replace(dynamic=routed), **options)
@@ -156,4 +174,6 @@ def plan(
         tokens_per_row=model.num_tokens,
         prompt=prompt,
         negative_prompt=negative_prompt,
+        adapter=adapter,
+        adapter_scale=1.0 if adapter_scale is None else adapter_scale,
     )

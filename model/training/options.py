@@ -98,6 +98,32 @@ class TrainOptions(_Options):
     name: str | None = Field(None, description="Model name in the card (default: out's name).")
 
 
+class AdapterOptions(_Options):
+    """``skipdit train-adapter``: a LoRA adapter of a shipped class-conditional image model,
+    its base frozen, trained on the base's training digits drawn with bolder strokes; resumable."""
+
+    out: Path = Field(..., description="Run directory (resumed when it holds a checkpoint).")
+    base: str = Field("digits-skip-dit", description="The frozen base model (name or directory).")
+    name: str = Field("bold-strokes", description="The adapter's name (requests name it).")
+    style: Literal["bold"] = Field(
+        "bold",
+        description="bold: each digit dilated by a 3x3 max filter (strokes about 2 px thicker).",
+    )
+    rank: int = Field(4, ge=1, le=64, description="LoRA rank r.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: the rank).")
+    data: DigitSource = Field("sklearn", description="Bundled digit set (the base's).")
+    steps: int = Field(400, ge=1, description="Optimizer steps in all (a resume continues).")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (constant).")
+    class_dropout: float = Field(
+        0.1, ge=0, lt=1, description="Share of rows trained on the null class (guidance)."
+    )
+    seed: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between resumable checkpoints.")
+    command_line: str = Field("skipdit train-adapter", description="Recorded in the card.")
+
+
 class ClassifierOptions(_Options):
     """``skipdit train-classifier``: the digit classifier that judges generated samples."""
 
@@ -129,6 +155,9 @@ class BenchOptions(_Options):
         200, ge=1, description="Text models: held-out prompts per setting (one image each)."
     )
     text_steps: int = Field(25, ge=1, le=1000, description="Text models: flow_euler steps.")
+    clip_prompts: int = Field(
+        40, ge=1, description="Text-to-video models: held-out motion prompts per setting."
+    )
     repeats: int = Field(1, ge=1, description="Timed (setting, uncached) pairs; the median.")
     runs: list[Path] = Field([], description="Training runs whose curves to plot.")
     curve_steps: int = Field(25, ge=1, description="DDIM steps for the training-curve FID.")
@@ -150,6 +179,3 @@ class CalibrateOptions(_Options):
     seed: int = Field(0, ge=0, description="Seed of class c's run: seed + c.")
     dry_run: bool = Field(False, description="Print the coefficients; write no file.")
     command_line: str = Field("skipdit calibrate-teacache", description="Recorded in the card.")
-    clip_prompts: int = Field(
-        40, ge=1, description="Text-to-video models: held-out motion prompts per setting."
-    )

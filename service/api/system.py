@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model import cache
+from model.networks import lora
 from model.registry import ModelInfo
 from service import errors
 from service.api.deps import Service, ServiceDep
@@ -41,9 +42,28 @@ def _model(svc: Service, name: str, info: ModelInfo) -> dict[str, Any]:
         "cache_defaults": info.cache_defaults(),
         "default_cache": _default_cache(svc, info),  # what a request naming no cache field runs
         "limits": limits(info, svc.settings).published(),
+        "adapters": _adapters(svc, name),  # LoRA adapters a request may name (adapter)
         "card": info.card,
         "runtime": _runtime(svc, name),
     }
+
+
+def _adapters(svc: Service, name: str) -> list[dict[str, Any]]:
+    """Each adapter served with the model: its name, rank and card (adapter.json)."""
+    out = []
+    for adapter, directory in sorted(svc.settings.adapters_of(name).items()):
+        meta = lora.read_meta(directory)
+        out.append(
+            {
+                "name": adapter,
+                "rank": meta["rank"],
+                "alpha": meta["alpha"],
+                "targets": len(meta["targets"]),
+                "adapter_scale": {"min": 0.0, "max": lora.MAX_SCALE, "default": 1.0},
+                "card": meta.get("card", {}),
+            }
+        )
+    return out
 
 
 def _default_cache(svc: Service, info: ModelInfo) -> dict[str, Any]:
