@@ -133,12 +133,26 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
+    def use_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate queries and keys by a rotary embedding (cos, sin), (T, Dh) each, of the token
+        positions (diffusers' ``apply_rotary_emb``): attention scores then depend on where two
+        tokens are relative to each other. Computed tables, not weights: not in the state
+        dict."""
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        if self.kernels.triton:  # reads q, k, v in place; no permute copies
+        rope = getattr(self, "rope_cos", None)
+        if self.kernels.triton and rope is None:  # reads q, k, v in place; no permute copies
             return self.proj(attention.attention(qkv))  # (B, T, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+        if rope is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            tables = (self.rope_cos, self.rope_sin)
+            q, k = apply_rotary_emb(q, tables), apply_rotary_emb(k, tables)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 

@@ -63,6 +63,16 @@ class CrossAttention(nn.Module):
         self.q_linear = nn.Linear(hidden_size, hidden_size)
         self.kv_linear = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
+        # (1, T, D): positions the queries add (``add_query_positions``); none by default
+        self.query_pos: torch.Tensor | None
+        self.register_buffer("query_pos", None, persistent=False)
+
+    def add_query_positions(self, table: torch.Tensor) -> None:
+        """Queries read ``table`` (1, T, D), the absolute positions of a sample's T tokens (a
+        network whose ``positions`` is "rope", where the tokens themselves carry none), so
+        where the text's words go is decided by where a token is. A computed table: not in the
+        state dict."""
+        self.query_pos = table
 
     def kv(
         self, text: torch.Tensor, values: torch.Tensor | None = None
@@ -83,7 +93,11 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, D), this block's keys and values, mask (B, L) -> (B, T, D)."""
         b, n, d = x.shape
-        q = self.q_linear(x).reshape(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+        queries = x
+        if self.query_pos is not None:  # (1, T, D): per frame when x holds F frames' tokens
+            queries = x + self.query_pos.repeat(1, n // self.query_pos.shape[1], 1)
+        q = self.q_linear(queries).reshape(b, n, self.num_heads, d // self.num_heads)
+        q = q.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, *kv, attn_mask=mask[:, None, None, :])
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -159,6 +173,7 @@ class T2IFinalLayer(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 TEXT_VALUES = ("hidden", "embeddings")  # TextDiTConfig.text_values
+POSITIONS = ("absolute", "rope")  # TextDiTConfig.positions
 
 
 @dataclass(frozen=True)
@@ -169,6 +184,12 @@ class TextDiTConfig(DiTConfig):
     to the timestep embedding, so the whole prompt also modulates every block (as Hunyuan-DiT
     adds its pooled T5 and SD3 its pooled CLIP; PixArt-alpha has none). The class fields of
     ``DiTConfig`` are unused: the unconditional branch of guidance is the empty prompt.
+
+    ``positions``: "absolute" (DiT's and PixArt's): the fixed sin-cos table is added to the
+    tokens. "rope": the tokens carry no position; self-attention rotates queries and keys by a
+    2-D rotary embedding (relative positions, as Hunyuan-DiT's and FLUX's), and only the
+    cross-attention queries add the absolute table: where the text puts a thing depends on
+    absolute position, how it is drawn only on relative ones, the same anywhere on the canvas.
 
     ``text_values``: "hidden" (PixArt's): cross-attention keys and values both come from the
     encoder's last hidden states. "embeddings": keys from the last hidden states, values (and
@@ -183,6 +204,7 @@ class TextDiTConfig(DiTConfig):
     max_tokens: int = 120
     pooled_text: bool = False
     text_values: str = "hidden"
+    positions: str = "absolute"
     num_classes: int = 1
     class_dropout_prob: float = 0.0
     caption_dropout_prob: float = 0.1  # training: a caption is replaced by the empty prompt
@@ -195,6 +217,7 @@ class TextDiTConfig(DiTConfig):
             "text_dim": self.text_dim >= 1,
             "max_tokens": self.max_tokens >= 1,
             "text_values": self.text_values in TEXT_VALUES,
+            "positions": self.positions in POSITIONS,
         }
 
     @property
@@ -232,6 +255,25 @@ class TextSkipDiT(SkipDiT):
         for i, block in enumerate(self.text_blocks):
             block.index = i
         self._init_text()
+        if config.positions == "rope":
+            self.use_rope()
+
+    def use_rope(self) -> None:
+        """``positions`` "rope": the tokens' absolute table moves to the cross-attention
+        queries (``pos_embed`` zero: the tokens carry none) and every self-attention rotates
+        by the 2-D rotary embedding of the token grid."""
+        from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+        grid = self.config.input_size // self.config.patch_size
+        head_dim = self.config.hidden_size // self.config.num_heads
+        cos, sin = get_2d_rotary_pos_embed(head_dim, ((0, 0), (grid, grid)), (grid, grid))
+        table = self.pos_embed.detach().clone()  # (1, T, D): the sin-cos table
+        for cross in self.cross_attentions:
+            cross.add_query_positions(table)
+        for block in self.text_blocks:
+            block.attn.use_rope(cos.float(), sin.float())
+        with torch.no_grad():
+            self.pos_embed.zero_()
 
     def _init_weights(self) -> None:
         """The backbone's (``SkipDiT._init_weights``' shared part); the text parts: below."""
@@ -334,6 +376,10 @@ PRESETS: dict[str, Callable[..., TextDiTConfig]] = {
     # The digits network with values from the input token embeddings (``text_values``).
     "digits-t2i-factored": lambda **kw: PRESETS["digits-t2i"](
         **{"text_values": "embeddings", **kw}
+    ),
+    # Factored values and rotary positions (``positions``): drawing the same anywhere.
+    "digits-t2i-rope": lambda **kw: PRESETS["digits-t2i"](
+        **{"text_values": "embeddings", "positions": "rope", **kw}
     ),
     # Smallest useful shape, for tests: the digits canvas in 4x4 patches of 8 pixels.
     "digits-t2i-tiny": lambda **kw: TextDiTConfig(

@@ -120,6 +120,10 @@ class TextLatteConfig(LatteConfig, TextDiTConfig):
     file_kind: ClassVar[str] = "text-video"
     conditioning: ClassVar[str] = "text"
 
+    def _checks(self) -> dict[str, bool]:
+        # rotary positions are built for one frame's token grid: images only, for now
+        return super()._checks() | {"positions": self.positions == "absolute"}
+
 
 class TextSkipLatte(SkipLatte, TextSkipDiT):
     """Latte-T2V / Latte-T2V-skip. x: (B, C, F, H, W); t: (B,) timesteps; y: a

@@ -235,3 +235,44 @@ def test_an_encoder_with_embeddings_gives_its_rows_beside_its_states(tmp_path: P
     ids, _ = both.tokenize(prompts)
     table = both.model.get_input_embeddings().weight
     assert torch.equal(side_by_side.hidden[..., d:], table[ids])
+
+
+def test_rotary_positions_move_the_absolute_table_to_the_cross_attention_queries(
+    tmp_path: Path,
+) -> None:
+    """``positions="rope"``: the tokens carry no position (``pos_embed`` zero), every
+    self-attention rotates by the 2-D rotary tables and every cross-attention's queries add the
+    sin-cos table; the tables are computed, not stored, so an export loads back to the same
+    network; a text-to-video config refuses it."""
+    torch.manual_seed(0)
+    config = cast(TextDiTConfig, preset("digits-t2i-tiny")).replace(positions="rope")
+    model = TextSkipDiT(config).eval()
+    absolute = TextSkipDiT(config.replace(positions="absolute"))
+    assert model.pos_embed.abs().max() == 0
+    for cross in model.cross_attentions:
+        assert cross.query_pos is not None
+        assert torch.equal(cross.query_pos, absolute.pos_embed)
+    assert set(model.state_dict()) == set(absolute.state_dict())  # no table is a weight
+    for cross in model.cross_attentions:  # cross-attention outputs start at zero: wake them
+        torch.nn.init.normal_(cross.proj.weight, std=0.1)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([400.0, 30.0])
+    text, mask = torch.randn(2, 5, config.text_width), torch.ones(2, 5)
+    with torch.no_grad():
+        out = model(x, t, model.encode_text(text, mask))
+        for block in model.text_blocks:  # without the rotation: another network
+            block.attn.rope_sin.zero_()
+            block.attn.rope_cos.fill_(1.0)
+        unrotated = model(x, t, model.encode_text(text, mask))
+    assert not torch.allclose(out, unrotated)
+    from model.networks.checkpoint import load_pretrained, save_pretrained
+
+    fresh = TextSkipDiT(config).eval()
+    fresh.load_state_dict(model.state_dict())  # the tables as built, not as zeroed above
+    save_pretrained(fresh, tmp_path / "rope", card={"name": "rope"})
+    loaded, _ = load_pretrained(tmp_path / "rope")
+    with torch.no_grad():
+        context = fresh.encode_text(text, mask)
+        torch.testing.assert_close(loaded(x, t, context), fresh(x, t, context))
+    with pytest.raises(ValueError, match="positions"):
+        preset("digits-t2v-tiny", positions="rope")
