@@ -189,16 +189,17 @@ class TextDiTConfig(DiTConfig):
     tokens. "rope": the tokens carry no position; self-attention rotates queries and keys by a
     2-D rotary embedding (relative positions, as Hunyuan-DiT's and FLUX's), and only the
     cross-attention queries add the absolute table: where the text puts a thing depends on
-    absolute position, how it is drawn only on relative ones, the same anywhere on the canvas.
+    absolute position, how it is drawn only on relative ones.
 
     ``text_values``: "hidden" (PixArt's): cross-attention keys and values both come from the
     encoder's last hidden states. "embeddings": keys from the last hidden states, values (and
     the pooled text) from the encoder's input token embeddings, which carry each word alone;
     the encoder's output is then its last hidden states and its input embeddings side by side
-    (``text_width`` = 2 ``text_dim``). Where a digit goes is bound through the keys (the
-    contextual states know which place a digit's token is stated at) and what is drawn there
-    comes from the word alone, so a digit at a place never seen with it is a familiar value
-    found by a familiar key (the digits text-to-image model's held-out combinations)."""
+    (``text_width`` = 2 ``text_dim``): where a digit goes is bound through the keys, what is
+    drawn there comes from the word alone.
+
+    Both options are experiments on the digits model's held-out (digit, place) combinations;
+    neither has helped there yet (docs/development.md, "Held-out combinations")."""
 
     text_dim: int = 4096
     max_tokens: int = 120
