@@ -289,6 +289,7 @@ class Request:
 
     cache: RequestCache
     rows: int
+    adapter: None = None  # no LoRA adapter (Hunyuan-DiT takes none)
 
 
 @torch.no_grad()

@@ -105,7 +105,8 @@ def test_skip_cache_at_interval_1_is_no_cache_and_the_default_caches(
     plain = run(loaded, PROMPTS[0], steps=10, cache_policy="none")
     off = run(loaded, PROMPTS[0], steps=10, cache_interval=1)
     cached = run(loaded, PROMPTS[0], steps=10)
-    results = loaded.pipeline.generate([plain]) + loaded.pipeline.generate([off, cached])
+    # each alone: rows batched with other rows need not be bit-equal on every CPU's BLAS
+    results = [loaded.pipeline.generate([plan])[0] for plan in (plain, off, cached)]
     assert off.policy == cached.policy == "skip_cache"
     assert results[1].stats.steps[Mode.CACHED] == 0
     assert torch.equal(results[1].latents, results[0].latents)

@@ -21,11 +21,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
+import av
 import httpx
 import numpy as np
 import redis
 import uvicorn
-from PIL import Image
+from PIL import Image, ImageSequence
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.networks.checkpoint import load_pretrained
@@ -395,3 +396,18 @@ def assert_solo(pipeline: Pipeline, body: dict, encoded: str) -> None:
     (solo,) = generate(pipeline, [params])
     expected = solo.images[0, ..., 0].numpy().astype(np.int16)
     assert np.abs(pixels(base64.b64decode(encoded)) - expected).max() <= 1
+
+
+def mp4_frames(data: bytes) -> list[np.ndarray]:
+    """The decoded (H, W, 3) frames of an MP4."""
+    with av.open(io.BytesIO(data)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return frames
+
+
+def webp_frames(data: bytes) -> np.ndarray:
+    """(F, H, W) frames of a lossless animated WebP."""
+    image = Image.open(io.BytesIO(data))
+    return np.stack(
+        [np.asarray(f.convert("L"), dtype=np.int16) for f in ImageSequence.Iterator(image)]
+    )

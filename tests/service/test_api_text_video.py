@@ -20,8 +20,7 @@ from model.registry import LoadedModel
 from service.request import GenerateParams, resolve
 from service.settings import Settings
 from tests.helpers import tiny_text_model
-from tests.service.helpers import running_app, settings_for
-from tests.service.test_api_video import mp4_frames, webp_frames
+from tests.service.helpers import mp4_frames, running_app, settings_for, webp_frames
 
 FRAMES, SIDE = 4, 32  # digits-t2v-tiny
 

@@ -15,17 +15,19 @@ import av
 import httpx
 import numpy as np
 import pytest
-from PIL import Image, ImageSequence
+from PIL import Image
 
 from service.request import GenerateParams
 from tests.helpers import generate
 from tests.service.helpers import (
     assert_solo,
+    mp4_frames,
     parse_metrics,
     pipeline_of,
     running_app,
     sample,
     settings_for,
+    webp_frames,
 )
 
 FRAMES, SIDE = 4, 8  # digits-video-tiny: 4 frames of 8x8 grey
@@ -35,21 +37,6 @@ FRAMES, SIDE = 4, 8  # digits-video-tiny: 4 frames of 8x8 grey
 def both(tiny_video_model_dir: Path, tiny_model_dir: Path) -> list[str]:
     """The served names: the tiny Skip-Latte (default, first) and the tiny Skip-DiT."""
     return [str(tiny_video_model_dir), str(tiny_model_dir)]
-
-
-def mp4_frames(data: bytes) -> list[np.ndarray]:
-    """The decoded (H, W, 3) frames of an MP4."""
-    with av.open(io.BytesIO(data)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    return frames
-
-
-def webp_frames(data: bytes) -> np.ndarray:
-    """(F, H, W) frames of a lossless animated WebP."""
-    image = Image.open(io.BytesIO(data))
-    return np.stack(
-        [np.asarray(f.convert("L"), dtype=np.int16) for f in ImageSequence.Iterator(image)]
-    )
 
 
 async def wait_video(client: httpx.AsyncClient, video_id: str, check: Any) -> dict:
