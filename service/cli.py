@@ -306,12 +306,7 @@ def _train(args: argparse.Namespace, prog: str) -> int:
     opts = parse_schema(TrainOptions, args, prog)
     from model.training.train import train
 
-    try:
-        final = train(opts)
-    except FieldError as e:
-        _fail(prog, str(e))
-    print(f"wrote {final}")
-    return 0
+    return _trained(prog, lambda: train(opts))
 
 
 def _train_adapter(args: argparse.Namespace, prog: str) -> int:
@@ -319,8 +314,13 @@ def _train_adapter(args: argparse.Namespace, prog: str) -> int:
     opts = parse_schema(AdapterOptions, args, prog, command_line=command_line)
     from model.training.adapter import train_adapter
 
+    return _trained(prog, lambda: train_adapter(opts))
+
+
+def _trained(prog: str, run: Callable[[], Path]) -> int:
+    """Run a training command; a FieldError fails naming its field, else the export is said."""
     try:
-        final = train_adapter(opts)
+        final = run()
     except FieldError as e:
         _fail(prog, str(e))
     print(f"wrote {final}")
