@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from diffusers import HunyuanDiT2DModel
 
 from model import cache
 from model.errors import FieldError
@@ -367,6 +366,8 @@ def _load_hunyuan(
         )
     )
     prompting = HunyuanPrompting(bert, t5, info.name, embeddings)
+    from diffusers import HunyuanDiT2DModel  # here: its package imports every model (seconds)
+
     transformer = HunyuanDiT2DModel.from_pretrained(root / "transformer", local_files_only=True)
     network = HunyuanSkipDiT(transformer).to(device=device, dtype=dtype)
     vae = load_vae(root / "vae").to(device=device, dtype=dtype)

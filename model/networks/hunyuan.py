@@ -27,12 +27,10 @@ import inspect
 from collections.abc import Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
-from diffusers import HunyuanDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
-from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiTBlock
 from torch import nn
 
 from model.networks.conditions import HunyuanContext
@@ -44,6 +42,10 @@ from model.networks.skip_dit import (
     SkipDiT,
     branch_recorder,
 )
+
+if TYPE_CHECKING:  # diffusers' transformers package imports every model it has (seconds)
+    from diffusers import HunyuanDiT2DModel
+    from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiTBlock
 
 # Hunyuan-DiT's base resolution, 512 pixels, in latents (VAE factor 8): the RoPE grid is
 # fitted into it (``HunyuanDiTPipeline``'s ``base_size = 512 // 8 // patch_size``).
@@ -87,6 +89,8 @@ class HunyuanDiTConfig(DiTConfig):
     def of_config(cls, saved: Mapping[str, Any]) -> Self:
         """From a ``HunyuanDiT2DModel`` config (its ``config.json``, read without weights):
         the keys it leaves out take the class's defaults, as loading it would."""
+        from diffusers import HunyuanDiT2DModel
+
         defaults = {
             name: p.default
             for name, p in inspect.signature(HunyuanDiT2DModel.__init__).parameters.items()

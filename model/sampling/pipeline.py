@@ -26,11 +26,10 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
@@ -63,6 +62,9 @@ from model.sampling.plan import RunPlan, plan
 from model.sampling.prompts import HunyuanPrompting, Prompting, PromptReport, RequestText
 from model.sampling.samplers import Member, batch_key, coefficient_table, step_batch
 from model.sampling.selfcheck import Verdict
+
+if TYPE_CHECKING:  # diffusers' VAE module imports its UNets and every transformer (seconds)
+    from diffusers import AutoencoderKL
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,9 @@ class TrainOptions(_Options):
     init_from: str | None = Field(
         None,
         description="Video presets: start from this image model (a shipped name or a directory) "
-        "as Latte does: its blocks become the spatial blocks, temporal blocks start as identity. "
+        "as Latte does: its blocks become the spatial blocks, temporal blocks start as identity; "
+        "or carry on training a video model of the preset's network (its weights, a new "
+        "optimizer). "
         "Text presets: start from this exported text-to-image model (network, encoder and "
         "tokenizer); modules the preset adds (pooled_text) start fresh.",
     )

@@ -103,7 +103,7 @@ class _Run:
             if config.kind != "video":
                 raise FieldError("init_from", "starts a video model from an image model")
             video = cast(SkipLatte, model)  # a video config builds a Skip-Latte
-            init_from_image(video, registry.load(opts.init_from).pipeline.model)
+            _start_video(video, registry.load(opts.init_from).pipeline.model, opts.init_from)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         opt = torch.optim.AdamW(_param_groups(model, opts), weight_decay=0.0)
         return cls(model, ema, opt, lr_history=[[0, opts.lr]])
@@ -307,6 +307,19 @@ def train(opts: TrainOptions) -> Path:
         final = save_pretrained(run.ema, out / "final", card=card)
     log.info("wrote %s after %d steps (%.0fs)", final, opts.steps, run.seconds)
     return final
+
+
+def _start_video(video: SkipLatte, start: SkipDiT, name: str) -> None:
+    """``--init-from`` of a video run: an image model's blocks become the spatial blocks
+    (Latte's initialisation), or a video model of the same network carries on training."""
+    if start.config.kind != "video":
+        init_from_image(video, start)
+    elif start.config == video.config:
+        video.load_state_dict(start.state_dict())
+    else:
+        raise FieldError(
+            "init_from", f"{name} is a video model of another network than the preset's"
+        )
 
 
 def _init_dir(name: str) -> Path:

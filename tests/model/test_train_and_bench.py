@@ -48,6 +48,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train(root / "vanilla", 6, "--vanilla")
     image = str(root / "straight" / "final")  # Latte's recipe: the video starts from it
     train(root / "video", 2, "--preset", "digits-video-tiny", "--init-from", image)
+    # a video model trained on: the same network from the export (a step too small to move it)
+    video = str(root / "video" / "final")
+    train(root / "video-more", 1, "--preset", "digits-video-tiny", "--init-from", video,
+          "--lr", "1e-12")  # fmt: skip
     for name, steps in (("dydit", 6), ("dydit-resumed", 4), ("dydit-resumed", 6)):
         train(root / name, steps, *DYDIT, "--from", image)
     return {p.name: p for p in root.iterdir()}
@@ -80,6 +84,21 @@ def test_a_video_preset_trains_on_moving_digits_and_exports_a_video_model(
     assert card["init_from"] == str(runs["straight"] / "final")
     rows = (runs["video"] / "loss.csv").read_text().splitlines()
     assert len(rows) == 3 and float(rows[-1].split(",")[1]) > 0
+
+
+def test_a_video_model_carries_on_from_a_video_export_of_its_network(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start, _ = load_pretrained(runs["video"] / "final")
+    more, card = load_pretrained(runs["video-more"] / "final")
+    assert card["init_from"] == str(runs["video"] / "final") and card["steps"] == 1
+    for key, value in start.state_dict().items():
+        torch.testing.assert_close(more.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    with pytest.raises(SystemExit) as exit_:  # a bigger network than the export's
+        train(tmp_path / "other", 1, "--preset", "digits-video-small", "--init-from",
+              str(runs["video"] / "final"))  # fmt: skip
+    said = capsys.readouterr().err
+    assert exit_.value.code == 2 and "init_from: " in said and "another network" in said, said
 
 
 def test_a_dydit_fine_tune_resumes_exactly_and_moves_toward_its_flops_target(
