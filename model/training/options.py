@@ -82,6 +82,14 @@ class TrainOptions(_Options):
         "digit's token read as its digit, place and size; 0: the denoising loss alone).",
     )
     data: DigitSource = Field("sklearn", description="Bundled digit set.")
+    boost_classes: list[int] = Field(
+        [],
+        description="Class presets: draw these classes' samples --boost times as often as the "
+        "others' (a fine-tune of the classes a model draws worst); each 0..9.",
+    )
+    boost: float = Field(
+        2.0, ge=1, le=10, description="With --boost-classes: how much more often they are drawn."
+    )
     steps: int = Field(2000, ge=1, description="Optimizer steps in all (a resume continues).")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant).")

@@ -166,14 +166,28 @@ Source = data.Digits | t2i.Batches  # what batches are drawn from: digits, or ca
 
 
 def _batch(
-    config: Config, source: Source, n: int, g: torch.Generator
+    config: Config, source: Source, opts: TrainOptions, g: torch.Generator
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """n training samples (n, ...) and their condition: (labels,), or (token ids, mask, parse
-    labels)."""
+    """``opts.batch_size`` training samples (n, ...) and their condition: (labels,), or (token
+    ids, mask, parse labels). Class samples are drawn uniformly, those of ``opts.boost_classes``
+    ``opts.boost`` times as often."""
+    n = opts.batch_size
     if isinstance(source, t2i.Batches):
         return source.draw(n, g)
-    idx = torch.randint(0, len(source.labels), (n,), generator=g)
+    idx = class_indices(source.labels, n, g, opts.boost_classes, opts.boost)
     return _samples(config, source, idx, g), (source.labels[idx],)
+
+
+def class_indices(
+    labels: torch.Tensor, n: int, g: torch.Generator, boost_classes: list[int], boost: float
+) -> torch.Tensor:
+    """n sample indices drawn from ``g``: uniformly, those of ``boost_classes`` ``boost`` times
+    as likely as the rest (the uniform draw, unchanged, when none is boosted)."""
+    if not boost_classes:
+        return torch.randint(0, len(labels), (n,), generator=g)
+    weights = torch.ones(len(labels))
+    weights[torch.isin(labels, torch.tensor(boost_classes))] = boost
+    return torch.multinomial(weights, n, replacement=True, generator=g)
 
 
 FLOW_TIMESTEPS = 1000  # a flow sample at sigma s is fed the timestep s * 1000, as diffusers'
@@ -214,7 +228,7 @@ def _train_step(
     (``budget``: its FLOPs) the batch's FLOPs ratio, for a text run the encoder's scene-parse
     loss (``t2i.Trainee.losses``)."""
     g = torch.Generator().manual_seed(opts.seed * 1_000_003 + run.step)
-    x0, cond = _batch(run.model.config, source, opts.batch_size, g)  # (B, ...), condition
+    x0, cond = _batch(run.model.config, source, opts, g)  # (B, ...), condition
     xt, t, target = _noised(opts, schedule, x0, g)
     extra: torch.Tensor | None = None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.bf16):
@@ -349,6 +363,9 @@ def _config(opts: TrainOptions) -> Config:
         raise FieldError("preset", f"{opts.preset} is not a 1-channel 10-class digit model")
     if text and opts.init_from and registry.describe(opts.init_from).conditioning != "text":
         raise FieldError("init_from", f"{opts.init_from} is not a text-to-image model")
+    if opts.boost_classes and (text or not all(0 <= c < 10 for c in opts.boost_classes)):
+        allowed = "class presets only" if text else "each 0..9"
+        raise FieldError("boost_classes", f"{opts.boost_classes}: {allowed}")
     if text and config.input_size != scenes.CANVAS:
         raise FieldError("preset", f"text-to-image scenes are {scenes.CANVAS}x{scenes.CANVAS}")
     return config
@@ -409,6 +426,11 @@ def _base_card(config: Config, opts: TrainOptions, run: _Run, source: Source) ->
         "seed": opts.seed,
         "label_init_std": opts.label_init_std,
         "init_from": opts.init_from,
+        **(
+            {"boost": {"classes": opts.boost_classes, "factor": opts.boost}}
+            if opts.boost_classes
+            else {}
+        ),
         "train_seconds": round(run.seconds, 1),
         "default_guidance": 2.0,
         **({"parse_weight": opts.parse_weight} if text else {}),

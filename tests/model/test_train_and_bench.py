@@ -24,6 +24,7 @@ from model.training.evaluate import (
     temporal_difference,
 )
 from model.training.options import BenchOptions
+from model.training.train import class_indices
 from service.cli import build_parser, main
 from tests.model.helpers import train_run
 
@@ -122,6 +123,28 @@ def test_a_dydit_fine_tune_needs_a_base_model() -> None:
     with pytest.raises(SystemExit) as exited:
         args.func(args, "skipdit train")
     assert exited.value.code == 2
+
+
+def test_boosted_classes_are_drawn_that_much_more_often() -> None:
+    labels = data.load("sklearn", 16, "train").labels
+    g = torch.Generator().manual_seed(0)
+    share = {d: float((labels == d).float().mean()) for d in (7, 8)}
+    plain = labels[class_indices(labels, 4000, g, [], 3.0)]
+    boosted = labels[class_indices(labels, 4000, g, [7], 3.0)]
+    expected = 3 * share[7] / (3 * share[7] + 1 - share[7])  # about 0.25
+    assert abs(float((plain == 7).float().mean()) - share[7]) < 0.03
+    assert abs(float((boosted == 7).float().mean()) - expected) < 0.03
+    assert abs(float((boosted == 8).float().mean()) - share[8] / (2 * share[7] + 1)) < 0.03
+
+
+@pytest.mark.parametrize(
+    "extra", [["--boost-classes", "10"], ["--boost-classes", "7", "--preset", "digits-t2i-tiny"]]
+)
+def test_boost_classes_are_digits_of_a_class_model(extra: list[str], capsys) -> None:
+    args = build_parser().parse_args(["train", "--out", "unused", *extra])
+    with pytest.raises(SystemExit) as exited:
+        args.func(args, "skipdit train")
+    assert exited.value.code == 2 and "boost_classes" in capsys.readouterr().err
 
 
 def test_data_splits_are_disjoint_and_scaled() -> None:
