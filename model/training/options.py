@@ -82,6 +82,13 @@ class TrainOptions(_Options):
         "digit's token read as its digit, place and size; 0: the denoising loss alone).",
     )
     data: DigitSource = Field("sklearn", description="Bundled digit set.")
+    scene_jitter: int = Field(
+        2,
+        ge=0,
+        le=8,
+        description="digits-t2i presets: pixels a digit may sit off its place's centre, each "
+        "axis (kept inside its place's region); more spreads each digit over more positions.",
+    )
     boost_classes: list[int] = Field(
         [],
         description="Class presets: draw these classes' samples --boost times as often as the "

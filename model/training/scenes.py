@@ -48,7 +48,7 @@ REGIONS = {
     "centre": ((4, 28), (4, 28)),
 }
 PAIRS = (("left", "right"), ("top", "bottom"))
-JITTER = 2  # pixels a digit may sit off its place's centre, each axis
+JITTER = 2  # pixels a digit may sit off its place's centre, each axis (by default)
 HELD_OUT_COMBOS = frozenset((d, PLACES[d % len(PLACES)]) for d in range(10))
 
 
@@ -220,9 +220,11 @@ def pick(g: torch.Generator, n: int) -> int:
 
 
 class Renderer:
-    """Draws scenes with glyphs of a bundled digit set (its train split)."""
+    """Draws scenes with glyphs of a bundled digit set (its train split), each digit up to
+    ``jitter`` pixels off its place's centre on each axis (inside its place's region)."""
 
-    def __init__(self, source: str = "sklearn"):
+    def __init__(self, source: str = "sklearn", jitter: int = JITTER):
+        self.jitter = jitter
         digits = data.load(source, size=max(SIZES.values()), split="train")
         self.glyphs = {
             size: ((F.interpolate(digits.images, size=(px, px), mode="area") + 1) / 2).clamp(0, 1)
@@ -239,7 +241,7 @@ class Renderer:
             px = SIZES[size]
             (r0, r1), (c0, c1) = REGIONS[item.place]
             row, col = CENTRES[item.place]
-            dy, dx = (torch.randint(-JITTER, JITTER + 1, (2,), generator=g)).tolist()
+            dy, dx = (torch.randint(-self.jitter, self.jitter + 1, (2,), generator=g)).tolist()
             top = min(max(row - px // 2 + dy, r0), r1 - px)
             left = min(max(col - px // 2 + dx, c0), c1 - px)
             patch = canvas[:, top : top + px, left : left + px]

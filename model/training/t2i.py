@@ -177,11 +177,19 @@ def start_from(trainee: Trainee, directory: Path) -> list[str]:
 class Batches:
     """Captioned scenes, each step's drawn from that step's generator."""
 
-    def __init__(self, config: TextDiTConfig, tokenizer: PreTrainedTokenizerFast):
+    def __init__(
+        self,
+        config: TextDiTConfig,
+        tokenizer: PreTrainedTokenizerFast,
+        jitter: int = scenes.JITTER,
+    ):
+        """``jitter``: a scene's (``scenes.Renderer``); clips keep their own."""
         self.config = config
         self.tokenizer = tokenizer
         self.renderer: scenes.Renderer | motion.ClipRenderer = (
-            motion.ClipRenderer(config.num_frames) if config.kind == "video" else scenes.Renderer()
+            motion.ClipRenderer(config.num_frames)
+            if config.kind == "video"
+            else scenes.Renderer(jitter=jitter)
         )
 
     def draw(

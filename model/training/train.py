@@ -282,7 +282,7 @@ def train(opts: TrainOptions) -> Path:
     if isinstance(config, TextDiTConfig):
         start = None if opts.init_from is None else _init_dir(opts.init_from)
         tokenizer = t2i.tokenizer_for(config, out, start)
-        source = t2i.Batches(config, tokenizer)
+        source = t2i.Batches(config, tokenizer, opts.scene_jitter)
     else:
         source = data.load(opts.data, size=config.input_size, split="train")
     # a resumed run reads its weights from the checkpoint, not from the export it started from
@@ -363,6 +363,10 @@ def _config(opts: TrainOptions) -> Config:
         raise FieldError("preset", f"{opts.preset} is not a 1-channel 10-class digit model")
     if text and opts.init_from and registry.describe(opts.init_from).conditioning != "text":
         raise FieldError("init_from", f"{opts.init_from} is not a text-to-image model")
+    if opts.scene_jitter != TrainOptions.model_fields["scene_jitter"].default and not (
+        text and config.kind == "image"
+    ):
+        raise FieldError("scene_jitter", "places digits of text-to-image scenes only")
     if opts.boost_classes and (text or not all(0 <= c < 10 for c in opts.boost_classes)):
         allowed = "class presets only" if text else "each 0..9"
         raise FieldError("boost_classes", f"{opts.boost_classes}: {allowed}")
@@ -434,6 +438,7 @@ def _base_card(config: Config, opts: TrainOptions, run: _Run, source: Source) ->
         "train_seconds": round(run.seconds, 1),
         "default_guidance": 2.0,
         **({"parse_weight": opts.parse_weight} if text else {}),
+        **({"scene_jitter": opts.scene_jitter} if text and config.kind == "image" else {}),
         # A flow model samples with flow_euler: the card's sampler is what requests default to.
         **(
             {"objective": "flow", "sampler": "flow_euler", "flow_t": opts.flow_t}

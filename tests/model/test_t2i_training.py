@@ -190,9 +190,10 @@ def test_training_never_sees_what_is_held_out() -> None:
         assert set(prompt.replace(",", " , ").split()) <= train_words, prompt
 
 
-def test_the_evaluator_passes_drawn_scenes_and_fails_wrong_digits() -> None:
+@pytest.mark.parametrize("jitter", [scenes.JITTER, 6])
+def test_the_evaluator_passes_drawn_scenes_and_fails_wrong_digits(jitter: int) -> None:
     g = torch.Generator().manual_seed(2)
-    renderer, classifier = scenes.Renderer(), load_classifier()
+    renderer, classifier = scenes.Renderer(jitter=jitter), load_classifier()
     prompts = scenes.held_out_prompts(100, seed=3)
     images = torch.stack([renderer.render(scenes.parse(p), g) for p in prompts])
     assert adherence.adherence(adherence.judge(classifier, prompts, images)) >= 0.97
@@ -202,6 +203,23 @@ def test_the_evaluator_passes_drawn_scenes_and_fails_wrong_digits() -> None:
     assert adherence.adherence(adherence.judge(classifier, wrong, images)) <= 0.05
     blank = -torch.ones_like(images)
     assert adherence.adherence(adherence.judge(classifier, prompts, blank)) == 0
+
+
+def test_more_jitter_spreads_a_place_over_more_positions_inside_its_region() -> None:
+    def ink_centres(jitter: int) -> torch.Tensor:
+        g, renderer = torch.Generator().manual_seed(0), scenes.Renderer(jitter=jitter)
+        scene = scenes.Scene((scenes.Item(3, "left", "small"),))
+        images = torch.stack([renderer.render(scene, g)[0] for _ in range(200)])  # (n, S, S)
+        ink = (images + 1) / 2
+        (r0, r1), (c0, c1) = scenes.REGIONS["left"]
+        assert ink[:, :, :c0].sum() == ink[:, :, c1:].sum() == 0
+        assert ink[:, :r0].sum() == ink[:, r1:].sum() == 0
+        grid = torch.arange(scenes.CANVAS, dtype=torch.float32)
+        mass = ink.sum((1, 2))
+        return torch.stack([(ink.sum(2) * grid).sum(1) / mass, (ink.sum(1) * grid).sum(1) / mass])
+
+    narrow, wide = ink_centres(0), ink_centres(6)
+    assert (wide.std(1) > 2 * narrow.std(1)).all()  # rows and columns both
 
 
 @pytest.mark.slow

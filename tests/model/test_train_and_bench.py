@@ -138,13 +138,18 @@ def test_boosted_classes_are_drawn_that_much_more_often() -> None:
 
 
 @pytest.mark.parametrize(
-    "extra", [["--boost-classes", "10"], ["--boost-classes", "7", "--preset", "digits-t2i-tiny"]]
+    ("extra", "field"),
+    [
+        (["--boost-classes", "10"], "boost_classes"),
+        (["--boost-classes", "7", "--preset", "digits-t2i-tiny"], "boost_classes"),
+        (["--scene-jitter", "4"], "scene_jitter"),  # a class preset draws no scenes
+    ],
 )
-def test_boost_classes_are_digits_of_a_class_model(extra: list[str], capsys) -> None:
+def test_options_of_another_kind_of_model_are_refused(extra: list[str], field: str, capsys) -> None:
     args = build_parser().parse_args(["train", "--out", "unused", *extra])
     with pytest.raises(SystemExit) as exited:
         args.func(args, "skipdit train")
-    assert exited.value.code == 2 and "boost_classes" in capsys.readouterr().err
+    assert exited.value.code == 2 and field in capsys.readouterr().err
 
 
 def test_data_splits_are_disjoint_and_scaled() -> None:
