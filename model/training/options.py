@@ -87,7 +87,8 @@ class TrainOptions(_Options):
         ge=0,
         le=8,
         description="digits-t2i presets: pixels a digit may sit off its place's centre, each "
-        "axis (kept inside its place's region); more spreads each digit over more positions.",
+        "axis (kept inside its place's region); more spreads each digit over more positions. "
+        "The default is model.training.scenes.JITTER.",
     )
     boost_classes: list[int] = Field(
         [],

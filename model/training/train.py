@@ -363,9 +363,7 @@ def _config(opts: TrainOptions) -> Config:
         raise FieldError("preset", f"{opts.preset} is not a 1-channel 10-class digit model")
     if text and opts.init_from and registry.describe(opts.init_from).conditioning != "text":
         raise FieldError("init_from", f"{opts.init_from} is not a text-to-image model")
-    if opts.scene_jitter != TrainOptions.model_fields["scene_jitter"].default and not (
-        text and config.kind == "image"
-    ):
+    if opts.scene_jitter != scenes.JITTER and not (text and config.kind == "image"):
         raise FieldError("scene_jitter", "places digits of text-to-image scenes only")
     if opts.boost_classes and (text or not all(0 <= c < 10 for c in opts.boost_classes)):
         allowed = "class presets only" if text else "each 0..9"
