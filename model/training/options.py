@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 DigitSource = Literal["sklearn", "mnist"]
 CLASSIFIER_DIR = Path(__file__).parents[1] / "weights" / "classifier"
+# Pixels a text-to-image scene's digit may sit off its place's centre, each axis, by default
+# (model.training.scenes.JITTER: what the renderer draws unless --scene-jitter says otherwise).
+SCENE_JITTER = 2
 
 
 class _Options(BaseModel):
@@ -83,12 +86,11 @@ class TrainOptions(_Options):
     )
     data: DigitSource = Field("sklearn", description="Bundled digit set.")
     scene_jitter: int = Field(
-        2,
+        SCENE_JITTER,
         ge=0,
         le=8,
         description="digits-t2i presets: pixels a digit may sit off its place's centre, each "
-        "axis (kept inside its place's region); more spreads each digit over more positions. "
-        "The default is model.training.scenes.JITTER.",
+        "axis (kept inside its place's region); more spreads each digit over more positions.",
     )
     boost_classes: list[int] = Field(
         [],

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from model.training import data
+from model.training.options import SCENE_JITTER
 
 CANVAS = 32
 PLACES = ("left", "right", "top", "bottom", "centre")
@@ -48,7 +49,7 @@ REGIONS = {
     "centre": ((4, 28), (4, 28)),
 }
 PAIRS = (("left", "right"), ("top", "bottom"))
-JITTER = 2  # pixels a digit may sit off its place's centre, each axis (by default)
+JITTER = SCENE_JITTER  # pixels a digit may sit off its place's centre, each axis (by default)
 HELD_OUT_COMBOS = frozenset((d, PLACES[d % len(PLACES)]) for d in range(10))
 
 
