@@ -38,7 +38,7 @@ from model.networks.skip_dit import SkipDiT
 from model.sampling.graphs import Cached
 from model.sampling.pipeline import Pipeline, denoise_step
 from model.sampling.plan import RunPlan
-from model.training import scenes
+from model.training import motion, scenes
 from model.training.options import CalibrateOptions
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,13 @@ def trace(pipeline: Pipeline, requests: Sequence[RunPlan]) -> list[tuple[float, 
     return points
 
 
-def calibration_requests(pipeline: Pipeline, opts: CalibrateOptions, classes: int) -> list[RunPlan]:
+def calibration_requests(
+    pipeline: Pipeline, opts: CalibrateOptions, classes: int, kind: str = "image"
+) -> list[RunPlan]:
     """Class models: ``per_class`` images of each class (class c seeded ``seed + c``), DDIM.
-    Text models: ``classes`` training captions of scenes (``model.training.scenes``; caption i
-    seeded ``seed + i``), ``per_class`` images each, the model's own sampler."""
+    Text models: ``classes`` training captions (caption i seeded ``seed + i``), ``per_class``
+    images each, the model's own sampler: of scenes (``model.training.scenes``), or of digits
+    in motion (``model.training.motion``) for a video model (``kind``)."""
     if pipeline.prompting is None:
         return [
             pipeline.plan(
@@ -101,7 +104,10 @@ def calibration_requests(pipeline: Pipeline, opts: CalibrateOptions, classes: in
             for c in range(classes)
         ]
     g = torch.Generator().manual_seed(opts.seed)
-    prompts = [scenes.caption(scenes.random_scene(g), scenes.TRAIN, g) for _ in range(classes)]
+    if kind == "video":
+        prompts = [motion.caption(motion.random_clip(g), motion.TRAIN, g) for _ in range(classes)]
+    else:
+        prompts = [scenes.caption(scenes.random_scene(g), scenes.TRAIN, g) for _ in range(classes)]
     return [
         pipeline.plan(prompt=p, num_images=opts.per_class, steps=opts.steps, seed=opts.seed + i)
         for i, p in enumerate(prompts)
@@ -120,7 +126,7 @@ def calibrate_model(name: str, opts: CalibrateOptions) -> dict[str, Any]:
     config = loaded.config
     text = loaded.info.conditioning == "text"
     runs = TEXT_PROMPTS if text else config.num_classes
-    requests = calibration_requests(loaded.pipeline, opts, runs)
+    requests = calibration_requests(loaded.pipeline, opts, runs, loaded.info.kind)
     points = trace(loaded.pipeline, requests)
     inputs = [x for x, _ in points]
     return {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from model.networks.presets import build, preset
 from model.sampling.pipeline import Pipeline
 from service.cli import main
 from service.request import GenerateParams
-from tests.helpers import BATCH_TOL, generate, randomized, start, tiny
+from tests.helpers import BATCH_TOL, generate, randomized, start, tiny, tiny_text_model
 from tests.model.helpers import run_with_modes
 
 
@@ -195,6 +196,25 @@ def test_the_trace_is_each_requests_input_and_output_change_step_to_step(
     by_step = [expected[r * 4 + s] for s in range(4) for r in range(3)]
     np.testing.assert_allclose(np.array(points), np.array(by_step), rtol=1e-5)
     assert all(x > 0 and y > 0 for x, y in points)
+
+
+def test_a_text_video_model_calibrates_on_captions_of_digits_in_motion(tmp_path: Path) -> None:
+    """A text-to-video model is traced on what it was trained on: motion captions (a scene's
+    caption, "a 3 on the left", is no clip's), then fitted and stored like any other."""
+    from model.training import motion
+    from model.training.calibrate import calibrate_model, calibration_requests
+    from model.training.options import CalibrateOptions
+
+    model_dir = tiny_text_model(tmp_path / "t2v", preset="digits-t2v-tiny")
+    loaded = registry.load(str(model_dir))
+    opts = CalibrateOptions(per_class=1, steps=3)
+    requests = calibration_requests(loaded.pipeline, opts, 4, loaded.info.kind)
+    stated = [motion.parse(cast(str, r.prompt)) for r in requests]  # ValueError: not a motion
+    assert len({(c.digit, c.motion) for c in stated}) > 1  # seeded draws, not one caption
+    assert not any(c.held_out_combo for c in stated)  # training captions only
+    entry = calibrate_model(str(model_dir), opts)
+    assert entry["runs"]["prompts"] == 10 and entry["runs"]["points"] == 10 * 2
+    assert len(entry["coefficients"]) == 5
 
 
 def test_the_fit_is_the_least_squares_polynomial_highest_power_first() -> None:
