@@ -17,14 +17,15 @@ from service import request
 
 SHIPPED_VIDEO = "digits-video-skip"
 SHIPPED_TEXT = "digits-t2i-skip"
+SHIPPED_TEXT_VIDEO = "digits-t2v-skip"
 
 
 def default_models() -> list[str]:
     """What a deployment serves when neither SKIPDIT_MODELS nor SKIPDIT_MODEL is set: the shipped
-    image model (the first: it serves requests that name no model), the shipped video model and
-    the shipped text-to-image model."""
+    image model (the first: it serves requests that name no model), the shipped video model, the
+    shipped text-to-image model and the shipped text-to-video model."""
     shipped = registry.shipped_models()
-    also = [name for name in (SHIPPED_VIDEO, SHIPPED_TEXT) if name in shipped]
+    also = [name for name in (SHIPPED_VIDEO, SHIPPED_TEXT, SHIPPED_TEXT_VIDEO) if name in shipped]
     return [registry.default_model(), *also]
 
 

@@ -191,17 +191,18 @@ def sample(
 def floor_workload(info: registry.ModelInfo, sample: Sample, judge: Judge) -> Workload:
     """The small seeded run a model's floors are checked on (``floors.SAMPLES``): ``classes``
     classes x ``per_class`` images (DDIM ``steps``), or a text model's first ``classes``
-    held-out prompts (flow ``steps``)."""
+    held-out prompts (flow ``steps``; a text-to-video model's: motion prompts, a clip each)."""
     opts = BenchOptions(
         per_class=sample.per_class,
         steps=sample.steps,
         seed=sample.seed,
         prompts=sample.classes,
+        clip_prompts=sample.classes,
         text_steps=sample.steps,
     )
-    if info.conditioning == "text":
-        return text_workload(judge.classifier, opts)
-    return class_workload(sample.classes, judge, opts)
+    if info.conditioning == "class":
+        return class_workload(sample.classes, judge, opts)
+    return workload_of(info, judge, opts)
 
 
 def counted_flops(pipeline: Pipeline, params: RunPlan) -> float:

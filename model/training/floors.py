@@ -46,13 +46,15 @@ class Sample:
 
 
 # The bench's own runs: images 10 per class at DDIM 50; video 2 clips per class at DDIM 25;
-# text 200 held-out prompts at flow_euler 25.
+# text 200 held-out prompts at flow_euler 25, text-to-video 40 held-out motion prompts (a clip
+# each) at flow_euler 25.
 SAMPLES: dict[str, Sample] = {
     "digits-dit": Sample(classes=10, per_class=1, steps=50),
     "digits-skip-dit": Sample(classes=10, per_class=1, steps=50),
     "digits-skip-dydit": Sample(classes=10, per_class=1, steps=50),
     "digits-video-skip": Sample(classes=4, per_class=1, steps=25),
     "digits-t2i-skip": Sample(classes=10, per_class=1, steps=25),  # the first 10 held-out prompts
+    "digits-t2v-skip": Sample(classes=2, per_class=1, steps=25),  # the first 2 motion prompts
 }
 
 
@@ -165,6 +167,15 @@ FLOORS: tuple[Floor, ...] = (
     Floor("digits-t2i-skip", "fbcache th=0.08", 31.7, 0.810, 0.48),
     Floor("digits-t2i-skip", "teacache th=0.05", 20.5, 0.755, 0.21),
     Floor("digits-t2i-skip", "skip_cache N=4 th=0.05", 40.1, 0.815, 0.31),
+    Floor("digits-t2v-skip", "none", INF, 0.992, 0.00),
+    Floor("digits-t2v-skip", "skip_cache N=2", 45.9, 0.992, 0.28),
+    Floor("digits-t2v-skip", "skip_cache N=3", 40.3, 0.992, 0.40),
+    Floor("digits-t2v-skip", "skip_cache N=4", 37.1, 0.992, 0.44),
+    Floor("digits-t2v-skip", "fora N=2", 33.5, 0.977, 0.48),
+    Floor("digits-t2v-skip", "delta_dit N=2", 33.0, 0.969, 0.48),
+    Floor("digits-t2v-skip", "fbcache th=0.08", 29.7, 0.977, 0.60),
+    Floor("digits-t2v-skip", "teacache th=0.05", 54.0, 0.992, 0.08),
+    Floor("digits-t2v-skip", "skip_cache N=4 th=0.05", 44.1, 0.992, 0.28),
 )
 
 

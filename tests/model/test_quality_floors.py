@@ -99,6 +99,7 @@ def test_the_floors_are_the_committed_bench_figures() -> None:
         BENCH / "results.json",
         BENCH / "video" / "results.json",
         BENCH / "t2i" / "results.json",
+        BENCH / "t2v" / "results.json",
     ):
         for r in json.loads(path.read_text()):
             committed[r["model"], r["label"]] = (r["psnr"], r["accuracy"], r["steps_cached"])

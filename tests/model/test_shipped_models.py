@@ -10,7 +10,7 @@ from model.training import adherence, scenes
 from model.training.bench import counted_flops
 from model.training.evaluate import accuracy, load_classifier
 from service.request import GenerateParams
-from service.settings import SHIPPED_TEXT
+from service.settings import SHIPPED_TEXT, SHIPPED_TEXT_VIDEO
 from tests.helpers import generate, plan_of
 
 pytestmark = pytest.mark.slow  # the shipped models at their real size
@@ -83,12 +83,23 @@ def test_shipped_text_model_follows_held_out_prompts() -> None:
     assert adherence.adherence(adherence.judge(classifier, prompts, images)) >= TEXT_FLOOR
 
 
-def test_shipped_text_model_holds_its_encoder_and_tokenizer_within_30_mb() -> None:
-    info = registry.describe(SHIPPED_TEXT)
-    root = registry.WEIGHTS_DIR / SHIPPED_TEXT
+@pytest.mark.parametrize("name", [SHIPPED_TEXT, SHIPPED_TEXT_VIDEO])
+def test_shipped_text_models_hold_their_encoder_and_tokenizer_within_30_mb(name: str) -> None:
+    info = registry.describe(name)
+    root = registry.WEIGHTS_DIR / name
     assert info.conditioning == "text" and info.card["objective"] == "flow"
     assert info.card["default_cache"] == {"policy": "skip_cache", "interval": 2}
     for part in ("text_encoder", "tokenizer"):
         assert (root / info.card[part]).is_dir(), part
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert size <= 30 * 2**20
+
+
+def test_shipped_text_video_model_is_a_text_skip_latte_started_from_the_text_image_model() -> None:
+    """Latte's image initialisation: the spatial blocks from digits-t2i-skip. Its quality (frames
+    and motion on held-out prompts) is in docs/bench/t2v; ``tests/model/test_quality_floors.py``
+    holds every cache setting's frames against the uncached clips."""
+    info = registry.describe(SHIPPED_TEXT_VIDEO)
+    assert (info.kind, info.num_frames) == ("video", 8) and not info.random_weights
+    assert info.card["init_from"] == SHIPPED_TEXT
+    assert info.config.long_skip and info.card["architecture"].startswith("Skip-Latte")

@@ -12,13 +12,14 @@ import base64
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
 from model import registry
 from model.registry import LoadedModel
 from service.request import GenerateParams, resolve
-from service.settings import Settings
+from service.settings import SHIPPED_TEXT_VIDEO, Settings
 from tests.helpers import tiny_text_model
 from tests.service.helpers import mp4_frames, running_app, settings_for, webp_frames
 
@@ -50,6 +51,21 @@ def solo(model: LoadedModel, body: dict[str, Any]) -> np.ndarray:
     return result.images[0, ..., 0].numpy().astype(np.int16)
 
 
+async def video_job(settings: Settings, job: dict[str, Any]) -> tuple[httpx.Response, dict]:
+    """``job`` through ``POST /v1/videos`` on the app, polled until completed: its content's
+    answer and its job record."""
+    async with running_app(settings) as client:
+        made = await client.post("/v1/videos", json=job)
+        assert made.status_code == 200, made.text
+        video_id = made.json()["id"]
+        async with asyncio.timeout(120):
+            while (await client.get(f"/v1/videos/{video_id}")).json()["status"] != "completed":
+                await asyncio.sleep(0.05)
+        content = await client.get(f"/v1/videos/{video_id}/content")
+        record = (await client.get(f"/jobs/{video_id}")).json()
+    return content, record
+
+
 async def test_models_shows_a_text_conditioned_video_model(
     settings: Settings, t2v_dir: Path
 ) -> None:
@@ -65,15 +81,7 @@ async def test_v1_videos_takes_a_text_prompt_and_its_content_has_the_models_fram
     settings: Settings,
 ) -> None:
     job = {"prompt": "a 3 on the left", "seconds": 1, "steps": 4, "seed": 2}
-    async with running_app(settings) as client:
-        made = await client.post("/v1/videos", json=job)
-        assert made.status_code == 200, made.text
-        video_id = made.json()["id"]
-        async with asyncio.timeout(60):
-            while (await client.get(f"/v1/videos/{video_id}")).json()["status"] != "completed":
-                await asyncio.sleep(0.05)
-        content = await client.get(f"/v1/videos/{video_id}/content")
-        record = (await client.get(f"/jobs/{video_id}")).json()
+    content, record = await video_job(settings, job)
     assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
     frames = mp4_frames(content.content)
     assert len(frames) == FRAMES and frames[0].shape == (SIDE, SIDE, 3)
@@ -122,3 +130,16 @@ async def test_fields_that_do_not_fit_the_text_video_model_are_422s_naming_them(
     assert empty.status_code == 422 and empty.json()["error"]["field"] == "prompt"
     assert text_on_class.status_code == 422
     assert text_on_class.json()["error"]["field"] == "prompt"
+
+
+@pytest.mark.slow
+async def test_the_shipped_text_to_video_model_is_served_by_default_and_takes_a_prompt() -> None:
+    """The default deployment (no SKIPDIT_MODELS) serves ``digits-t2v-skip``: a motion prompt
+    through ``/v1/videos`` completes, and its content decodes to the model's frame count."""
+    frames = registry.describe(SHIPPED_TEXT_VIDEO).num_frames
+    job = {"model": SHIPPED_TEXT_VIDEO, "prompt": "a 3 moving left", "steps": 4, "seed": 1}
+    content, record = await video_job(Settings(), job)
+    assert frames == 8 and record["request"]["model"] == SHIPPED_TEXT_VIDEO
+    assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
+    decoded = mp4_frames(content.content)
+    assert len(decoded) == frames and decoded[0].shape == (SIDE, SIDE, 3)

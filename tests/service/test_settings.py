@@ -13,7 +13,13 @@ from pydantic import ValidationError
 
 from model import registry
 from service.cli import main
-from service.settings import SHIPPED_TEXT, SHIPPED_VIDEO, Settings, default_models
+from service.settings import (
+    SHIPPED_TEXT,
+    SHIPPED_TEXT_VIDEO,
+    SHIPPED_VIDEO,
+    Settings,
+    default_models,
+)
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only machine")
 
@@ -58,7 +64,8 @@ def test_serve_with_an_impossible_fast_path_exits_2_in_one_line() -> None:
 def test_models_come_comma_separated_or_as_json_and_default_to_the_shipped_ones(
     monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
 ) -> None:
-    shipped = [registry.default_model(), SHIPPED_VIDEO, SHIPPED_TEXT]  # the image model first
+    # the image model first
+    shipped = [registry.default_model(), SHIPPED_VIDEO, SHIPPED_TEXT, SHIPPED_TEXT_VIDEO]
     assert Settings().models == default_models() == shipped
     monkeypatch.setenv("SKIPDIT_MODELS", f" digits-dit , {tiny_model_dir}")
     assert Settings().models == ["digits-dit", str(tiny_model_dir)]
