@@ -46,7 +46,7 @@ class Sample:
 
 
 # The bench's own runs: images 10 per class at DDIM 50; video 2 clips per class at DDIM 25;
-# text 200 held-out prompts at flow_euler 25, text-to-video 40 held-out motion prompts (a clip
+# text 200 held-out prompts at flow_euler 25, text-to-video 16 held-out motion prompts (a clip
 # each) at flow_euler 25.
 SAMPLES: dict[str, Sample] = {
     "digits-dit": Sample(classes=10, per_class=1, steps=50),
