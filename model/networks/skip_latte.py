@@ -267,6 +267,18 @@ def init_from_image(video: SkipLatte, image: SkipDiT) -> SkipLatte:
     return video
 
 
+def start_video(video: SkipLatte, start: SkipDiT) -> SkipLatte:
+    """A video network's start from a trained network: an image network's by Latte's recipe
+    (``init_from_image``), or a video network of the same config carried on as it is.
+    ValueError for a video network of another config. In place; returns video."""
+    if start.config.kind != "video":
+        return init_from_image(video, start)
+    if start.config != video.config:
+        raise ValueError("a video model of another network than the preset's")
+    video.load_state_dict(start.state_dict())
+    return video
+
+
 # ----------------------------------------------------------------------------- presets
 
 PRESETS: dict[str, Callable[..., LatteConfig]] = {

@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerFast, T5EncoderModel
 from model.errors import FieldError
 from model.networks.checkpoint import WEIGHTS_FILE, load_pretrained, save_pretrained
 from model.networks.presets import build
-from model.networks.skip_latte import SkipLatte, init_from_image
+from model.networks.skip_latte import SkipLatte, start_video
 from model.networks.text_dit import TextDiTConfig, TextSkipDiT
 from model.text.build import build_t5, build_tokenizer, extend_tokenizer
 from model.text.encoder import encoder_states
@@ -151,14 +151,15 @@ def start_from(trainee: Trainee, directory: Path) -> list[str]:
     (a shape, a parameter the trainee lacks, the encoder) is a FieldError('init_from').
 
     A text-to-video trainee starts from a text-to-image export by Latte's image initialisation
-    (``init_from_image``); the encoder's vocabulary grows to the trainee's tokenizer (the words
-    the motion captions add: new embedding rows drawn around the trained ones)."""
+    (``start_video``); the encoder's vocabulary grows to the trainee's tokenizer (the words
+    the motion captions add: new embedding rows drawn around the trained ones). From a
+    text-to-video export of its network it carries on: the network and encoder as they are."""
     encoder = T5EncoderModel.from_pretrained(directory / ENCODER_DIR, local_files_only=True)
     missing: list[str] = []
     try:  # a shape that differs raises even when not strict
         if trainee.config.kind == "video":
-            image, _ = load_pretrained(directory)
-            init_from_image(cast(SkipLatte, trainee.dit), image)
+            start, _ = load_pretrained(directory)
+            start_video(cast(SkipLatte, trainee.dit), start)
             encoder.resize_token_embeddings(trainee.encoder.config.vocab_size)
         else:
             missing, unexpected = trainee.dit.load_state_dict(

@@ -37,7 +37,7 @@ from model.networks.checkpoint import load_state, save_pretrained
 from model.networks.dydit import DyDiT, FlopModel, flop_model, is_router
 from model.networks.presets import Config, build, preset
 from model.networks.skip_dit import SkipDiT
-from model.networks.skip_latte import SkipLatte, init_from_image
+from model.networks.skip_latte import SkipLatte, start_video
 from model.networks.text_dit import TextDiTConfig
 from model.training import data, scenes, t2i
 from model.training.options import TrainOptions
@@ -326,14 +326,10 @@ def train(opts: TrainOptions) -> Path:
 def _start_video(video: SkipLatte, start: SkipDiT, name: str) -> None:
     """``--init-from`` of a video run: an image model's blocks become the spatial blocks
     (Latte's initialisation), or a video model of the same network carries on training."""
-    if start.config.kind != "video":
-        init_from_image(video, start)
-    elif start.config == video.config:
-        video.load_state_dict(start.state_dict())
-    else:
-        raise FieldError(
-            "init_from", f"{name} is a video model of another network than the preset's"
-        )
+    try:
+        start_video(video, start)
+    except ValueError as e:
+        raise FieldError("init_from", f"{name}: {e}") from e
 
 
 def _init_dir(name: str) -> Path:
@@ -362,7 +358,7 @@ def _config(opts: TrainOptions) -> Config:
     if config.in_channels != 1 or (not text and config.num_classes != 10):
         raise FieldError("preset", f"{opts.preset} is not a 1-channel 10-class digit model")
     if text and opts.init_from and registry.describe(opts.init_from).conditioning != "text":
-        raise FieldError("init_from", f"{opts.init_from} is not a text-to-image model")
+        raise FieldError("init_from", f"{opts.init_from} is not a text model")
     if opts.scene_jitter != scenes.JITTER and not (text and config.kind == "image"):
         raise FieldError("scene_jitter", "places digits of text-to-image scenes only")
     if opts.boost_classes and (text or not all(0 <= c < 10 for c in opts.boost_classes)):

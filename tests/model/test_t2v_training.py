@@ -42,6 +42,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train(root / "straight", 2, *video)
     train(root / "resumed", 1, *video)
     train(root / "resumed", 2, *video)
+    # carried on from the video export of the same network (a step too small to move it)
+    more = ("--preset", "digits-t2v-tiny", "--init-from", str(root / "straight" / "final"))
+    train(root / "more", 1, *more, "--lr", "1e-12")
     return {p.name: p for p in root.iterdir()}
 
 
@@ -72,6 +75,29 @@ def test_the_video_run_starts_from_the_image_export_with_its_word_ids(
     assert (grown[: rows.shape[0]] - rows).abs().max() < 0.01
     card = json.loads((video / "config.json").read_text())["card"]
     assert card["init_from"] == str(image) and "model.training.motion" in card["data"]
+
+
+@pytest.mark.slow
+def test_a_text_video_model_carries_on_from_a_video_export_of_its_network(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--init-from`` a text-to-video export of the preset's network: the network, encoder
+    and tokenizer go on as they are (no image initialisation, no new words); a video export of
+    another network is an error naming ``init_from``."""
+    start, more = runs["straight"] / "final", runs["more"] / "final"
+    for part in ("model.safetensors", "text_encoder/model.safetensors"):
+        was, now = load_file(start / part), load_file(more / part)
+        assert was.keys() == now.keys(), part
+        for key, value in was.items():
+            torch.testing.assert_close(now[key], value, rtol=0, atol=1e-6, msg=f"{part} {key}")
+    vocab = [json.loads((d / "tokenizer" / "tokenizer.json").read_text()) for d in (start, more)]
+    assert vocab[0]["model"]["vocab"] == vocab[1]["model"]["vocab"]
+    card = json.loads((more / "config.json").read_text())["card"]
+    assert card["init_from"] == str(start) and card["steps"] == 1
+    with pytest.raises(SystemExit) as exit_:  # the full-size preset from the tiny export
+        train(tmp_path / "other", 1, "--preset", "digits-t2v", "--init-from", str(start))
+    said = capsys.readouterr().err
+    assert exit_.value.code == 2 and "init_from: " in said and "another network" in said, said
 
 
 @pytest.mark.slow
