@@ -58,6 +58,25 @@ class Service:
             raise FieldError("model", f"unknown model {name!r}; served: {list(self.models)}")
         return info
 
+    def openai_model(self, name: str | None, kind: str, prompt: str) -> ModelInfo:
+        """The served model of ``kind`` (image or video) an OpenAI-style request names; None:
+        the first served model of that kind that takes ``prompt`` (a class model takes one of
+        its class labels or names, a text model any text), else the first of that kind.
+        FieldError('model') for a named model of another kind, or none of the kind served."""
+        if name is not None:
+            info = self.model_for(name)
+            if info.kind != kind:
+                served = [n for n, i in self.models.items() if i.kind == kind]
+                raise FieldError(
+                    "model", f"{info.name!r} makes {info.kind}s; {kind} models served: {served}"
+                )
+            return info
+        of_kind = [i for i in self.models.values() if i.kind == kind]
+        if not of_kind:
+            raise FieldError("model", f"no {kind} model is served; served: {list(self.models)}")
+        # none takes it: the first, whose prompt_fields names what it takes
+        return next((i for i in of_kind if _takes(i, prompt)), of_kind[0])
+
     def check(self, body: JobRequest) -> tuple[ModelInfo, RunPlan]:
         """The request resolved once against the model it names: its output options, this
         deployment's limits and defaults, the model's own checks. Returns the model and the
@@ -218,6 +237,15 @@ def prompt_fields(
     if info.conditioning == "text":
         return {"prompt": prompt, "negative_prompt": negative_prompt}
     return {"class_label": info.label_from_prompt(prompt), "negative_prompt": negative_prompt}
+
+
+def _takes(info: ModelInfo, prompt: str) -> bool:
+    """Whether ``prompt_fields`` reads ``prompt`` for the model."""
+    try:
+        prompt_fields(info, prompt)
+    except FieldError:
+        return False
+    return True
 
 
 def check_output(body: JobRequest, info: ModelInfo) -> None:

@@ -46,9 +46,7 @@ async def openai_images(
     gone: ClientGoneDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
-    info = svc.model_for(body.model)
-    if info.kind != "image":
-        raise FieldError("model", f"{info.name!r} makes videos: use POST /v1/videos")
+    info = svc.openai_model(body.model, "image", body.prompt)
     side = info.image_size
     if body.size is not None and body.size != f"{side}x{side}":
         raise FieldError("size", f"this model makes {side}x{side} images, got {body.size!r}")

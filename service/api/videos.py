@@ -41,7 +41,9 @@ class OpenAIVideoRequest(BaseModel):
     prompt: Prompt = Field(
         ..., description="Text models: the prompt. Class models: a class label or name."
     )
-    model: str | None = Field(None, description="A served video model; None: the first one.")
+    model: str | None = Field(
+        None, description="A served video model; None: the first that takes the prompt."
+    )
     seconds: float | None = Field(
         None, gt=0, description="Clip length: the model's frames over this; None: at 8 fps."
     )
@@ -51,14 +53,6 @@ class OpenAIVideoRequest(BaseModel):
     steps: int | None = None
     cache_interval: int | None = None
     guidance_scale: float | None = None
-
-
-def _video_model(svc: Service, name: str | None) -> ModelInfo:
-    info = svc.model_for(name)
-    if info.kind != "video":
-        video = [n for n, i in svc.models.items() if i.kind == "video"]
-        raise FieldError("model", f"{info.name!r} makes images; video models served: {video}")
-    return info
 
 
 def _job_request(body: OpenAIVideoRequest, info: ModelInfo, timeout_s: float) -> JobRequest:
@@ -129,7 +123,7 @@ async def create_video(
     caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
-    info = _video_model(svc, body.model)
+    info = svc.openai_model(body.model, "video", body.prompt)
     request = _job_request(body, info, svc.settings.default_timeout_s)
     return video_view(await svc.submit(request, idempotency_key, caller), info)
 

@@ -132,6 +132,25 @@ async def test_fields_that_do_not_fit_the_text_video_model_are_422s_naming_them(
     assert text_on_class.json()["error"]["field"] == "prompt"
 
 
+async def test_v1_videos_without_a_model_takes_the_first_video_model_that_takes_the_prompt(
+    t2v_dir: Path, tiny_video_model_dir: Path
+) -> None:
+    """The class video model served first: a class label goes to it, text to the text model;
+    with no image model served, /v1/images names ``model``."""
+    models = [str(tiny_video_model_dir), str(t2v_dir)]
+    settings = settings_for("memory", t2v_dir, None, models=models)
+    async with running_app(settings) as client:
+        made = {
+            prompt: await client.post("/v1/videos", json={"prompt": prompt, "steps": 2})
+            for prompt in ("3", "a 3 moving left")
+        }
+        image = await client.post("/v1/images/generations", json={"prompt": "3"})
+    assert [a.status_code for a in made.values()] == [200, 200], [a.text for a in made.values()]
+    assert made["3"].json()["model"] == str(tiny_video_model_dir)
+    assert made["a 3 moving left"].json()["model"] == str(t2v_dir)
+    assert image.status_code == 422 and image.json()["error"]["field"] == "model", image.text
+
+
 @pytest.mark.slow
 async def test_the_shipped_text_to_video_model_is_served_by_default_and_takes_a_prompt() -> None:
     """The default deployment (no SKIPDIT_MODELS) serves ``digits-t2v-skip``: a motion prompt
