@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.normalizers import Lowercase
@@ -73,6 +74,23 @@ def extend_tokenizer(
         **tokenizer.special_tokens_map,
         model_max_length=tokenizer.model_max_length,
     )
+
+
+def grow_embeddings(encoder: T5EncoderModel, vocab_size: int, seed: int = 0) -> T5EncoderModel:
+    """``encoder`` with ``vocab_size`` embedding rows: the trained rows kept, each new one (the
+    words ``extend_tokenizer`` added) drawn from a normal with the trained rows' mean and spread
+    per dimension, from a generator seeded by ``seed``. New words start as distinct as trained
+    ones; ``resize_token_embeddings``' own mean-resizing draws them within 1e-9 of the
+    covariance, so all new words would start as one vector (the mean, a fifth of a trained
+    row's norm) and hardly part in training. In place; returns encoder."""
+    old = encoder.get_input_embeddings().weight.detach().clone()
+    encoder.resize_token_embeddings(vocab_size, mean_resizing=False)
+    rows = encoder.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(seed)
+    drawn = torch.randn(vocab_size - len(old), old.shape[1], generator=g)
+    with torch.no_grad():
+        rows[len(old) :] = old.mean(0) + drawn * old.std(0)
+    return encoder
 
 
 def build_t5(

@@ -37,7 +37,7 @@ from model.networks.checkpoint import WEIGHTS_FILE, load_pretrained, save_pretra
 from model.networks.presets import build
 from model.networks.skip_latte import SkipLatte, start_video
 from model.networks.text_dit import TextDiTConfig, TextSkipDiT
-from model.text.build import build_t5, build_tokenizer, extend_tokenizer
+from model.text.build import build_t5, build_tokenizer, extend_tokenizer, grow_embeddings
 from model.text.encoder import encoder_states
 from model.training import motion, scenes
 
@@ -152,7 +152,8 @@ def start_from(trainee: Trainee, directory: Path) -> list[str]:
 
     A text-to-video trainee starts from a text-to-image export by Latte's image initialisation
     (``start_video``); the encoder's vocabulary grows to the trainee's tokenizer (the words
-    the motion captions add: new embedding rows drawn around the trained ones). From a
+    the motion captions add: new embedding rows drawn at the trained ones' spread,
+    ``grow_embeddings``). From a
     text-to-video export of its network it carries on: the network and encoder as they are."""
     encoder = T5EncoderModel.from_pretrained(directory / ENCODER_DIR, local_files_only=True)
     missing: list[str] = []
@@ -160,7 +161,7 @@ def start_from(trainee: Trainee, directory: Path) -> list[str]:
         if trainee.config.kind == "video":
             start, _ = load_pretrained(directory)
             start_video(cast(SkipLatte, trainee.dit), start)
-            encoder.resize_token_embeddings(trainee.encoder.config.vocab_size)
+            grow_embeddings(encoder, trainee.encoder.config.vocab_size)
         else:
             missing, unexpected = trainee.dit.load_state_dict(
                 load_file(directory / WEIGHTS_FILE), strict=False

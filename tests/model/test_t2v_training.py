@@ -73,6 +73,13 @@ def test_the_video_run_starts_from_the_image_export_with_its_word_ids(
     grown = T5EncoderModel.from_pretrained(video / "text_encoder").shared.weight
     assert grown.shape[0] == len(new) > rows.shape[0]
     assert (grown[: rows.shape[0]] - rows).abs().max() < 0.01
+    # the new words start as distinct as trained ones: at their norms, not one shared vector
+    trained, added = rows.norm(dim=1), grown[rows.shape[0] :].norm(dim=1)
+    assert trained.min() / 2 < added.min() and added.max() < trained.max() * 2, (trained, added)
+    cos = torch.nn.functional.cosine_similarity(
+        grown[None, rows.shape[0] :], grown[rows.shape[0] :, None], dim=-1
+    )
+    assert cos.fill_diagonal_(0).abs().max() < 0.9, cos
     card = json.loads((video / "config.json").read_text())["card"]
     assert card["init_from"] == str(image) and "model.training.motion" in card["data"]
 
