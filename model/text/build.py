@@ -7,7 +7,7 @@ Both are plain ``transformers`` objects: ``save_pretrained`` writes directories 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from tokenizers import Tokenizer
@@ -76,20 +76,30 @@ def extend_tokenizer(
     )
 
 
-def grow_embeddings(encoder: T5EncoderModel, vocab_size: int, seed: int = 0) -> T5EncoderModel:
-    """``encoder`` with ``vocab_size`` embedding rows: the trained rows kept, each new one (the
-    words ``extend_tokenizer`` added) drawn from a normal with the trained rows' mean and spread
-    per dimension, from a generator seeded by ``seed``. New words start as distinct as trained
-    ones; ``resize_token_embeddings``' own mean-resizing draws them within 1e-9 of the
-    covariance, so all new words would start as one vector (the mean, a fifth of a trained
+def grow_embeddings(
+    encoder: T5EncoderModel,
+    tokenizer: PreTrainedTokenizerFast,
+    like: Mapping[str, str] | None = None,
+    seed: int = 0,
+) -> T5EncoderModel:
+    """``encoder`` with a row for every id of ``tokenizer`` (an ``extend_tokenizer`` one: the
+    encoder's ids first): the trained rows kept; a new word that ``like`` maps to a trained word
+    starts as that word's row, any other new one is drawn from a normal with the trained rows'
+    mean and spread per dimension (a generator seeded by ``seed``). New words start as distinct
+    as trained ones; ``resize_token_embeddings``' own mean-resizing draws them within 1e-9 of
+    the covariance, so all new words would start as one vector (the mean, a fifth of a trained
     row's norm) and hardly part in training. In place; returns encoder."""
     old = encoder.get_input_embeddings().weight.detach().clone()
-    encoder.resize_token_embeddings(vocab_size, mean_resizing=False)
+    vocab = tokenizer.get_vocab()
+    encoder.resize_token_embeddings(len(vocab), mean_resizing=False)
     rows = encoder.get_input_embeddings().weight
     g = torch.Generator().manual_seed(seed)
-    drawn = torch.randn(vocab_size - len(old), old.shape[1], generator=g)
+    drawn = torch.randn(len(vocab) - len(old), old.shape[1], generator=g)
     with torch.no_grad():
         rows[len(old) :] = old.mean(0) + drawn * old.std(0)
+        for word, known in (like or {}).items():
+            if vocab.get(word, -1) >= len(old) and 0 <= vocab.get(known, len(old)) < len(old):
+                rows[vocab[word]] = old[vocab[known]]
     return encoder
 
 

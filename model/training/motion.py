@@ -40,6 +40,10 @@ PHRASES = {
     "left and right": "bouncing left and right",
 }
 NAMES = tuple(MOTIONS)
+# Motion words a text-to-image model lacks, each with the place word its straight motion ends at:
+# a text-to-video run starts the new word's embedding as that word's (``t2i.start_from``), so
+# "up" and "down" start where "left" and "right" do, words the image model already places.
+LIKE = {"up": "top", "down": "bottom"}
 HELD_OUT_COMBOS = frozenset((d, NAMES[d % len(NAMES)]) for d in range(10))
 MARGIN = 1  # pixels between a moving digit and the canvas edge at either end of its path
 

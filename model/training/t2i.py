@@ -144,16 +144,16 @@ def fresh(config: TextDiTConfig, tokenizer: PreTrainedTokenizerFast) -> Trainee:
     return Trainee(cast(TextSkipDiT, build(config)), encoder)  # a TextSkipLatte for video
 
 
-def start_from(trainee: Trainee, directory: Path) -> list[str]:
+def start_from(trainee: Trainee, directory: Path, tokenizer: PreTrainedTokenizerFast) -> list[str]:
     """Load an exported model (``export``'s layout) into ``trainee``: the network's weights by
     name, the encoder's all. Returns the network's parameters the export lacks (modules a newer
     config adds, such as ``text_pool``): they keep their fresh init. Anything else that differs
     (a shape, a parameter the trainee lacks, the encoder) is a FieldError('init_from').
 
     A text-to-video trainee starts from a text-to-image export by Latte's image initialisation
-    (``start_video``); the encoder's vocabulary grows to the trainee's tokenizer (the words
-    the motion captions add: new embedding rows drawn at the trained ones' spread,
-    ``grow_embeddings``). From a
+    (``start_video``); the encoder's vocabulary grows to the trainee's ``tokenizer`` (the words
+    the motion captions add, ``grow_embeddings``: "up" and "down" start as the rows of "top"
+    and "bottom", ``motion.LIKE``, the others drawn at the trained rows' spread). From a
     text-to-video export of its network it carries on: the network and encoder as they are."""
     encoder = T5EncoderModel.from_pretrained(directory / ENCODER_DIR, local_files_only=True)
     missing: list[str] = []
@@ -161,7 +161,7 @@ def start_from(trainee: Trainee, directory: Path) -> list[str]:
         if trainee.config.kind == "video":
             start, _ = load_pretrained(directory)
             start_video(cast(SkipLatte, trainee.dit), start)
-            grow_embeddings(encoder, trainee.encoder.config.vocab_size)
+            grow_embeddings(encoder, tokenizer, motion.LIKE)
         else:
             missing, unexpected = trainee.dit.load_state_dict(
                 load_file(directory / WEIGHTS_FILE), strict=False

@@ -92,7 +92,7 @@ class _Run:
             assert tokenizer is not None
             model = t2i.fresh(config, tokenizer).train()
             if start is not None:
-                fresh = t2i.start_from(model, start)
+                fresh = t2i.start_from(model, start, tokenizer)
                 log.info("started from %s; new: %s", start, fresh or "none")
         elif opts.from_model is not None:  # DyDiT fine-tune: the base's weights, routers all on
             model = DyDiT.from_base(registry.load(opts.from_model).pipeline.model).train()

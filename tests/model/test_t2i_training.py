@@ -86,13 +86,16 @@ def test_start_from_keeps_fresh_only_what_the_new_preset_adds(tmp_path: Path) ->
     old = t2i.fresh(tiny.replace(pooled_text=False), tokenizer)
     t2i.export(old, tokenizer, tmp_path / "old", {"name": "old"})
     new = t2i.fresh(tiny, tokenizer)
-    assert sorted(t2i.start_from(new, tmp_path / "old")) == ["text_pool.bias", "text_pool.weight"]
+    assert sorted(t2i.start_from(new, tmp_path / "old", tokenizer)) == [
+        "text_pool.bias",
+        "text_pool.weight",
+    ]
     for key, value in old.state_dict().items():
         if not key.startswith("parse_head."):  # training's own: not in an export
             assert torch.equal(new.state_dict()[key], value), key
     wider = t2i.fresh(tiny.replace(hidden_size=48), tokenizer)
     with pytest.raises(FieldError, match="init_from"):
-        t2i.start_from(wider, tmp_path / "old")
+        t2i.start_from(wider, tmp_path / "old", tokenizer)
 
 
 def _labels(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]

@@ -73,7 +73,10 @@ def test_the_video_run_starts_from_the_image_export_with_its_word_ids(
     grown = T5EncoderModel.from_pretrained(video / "text_encoder").shared.weight
     assert grown.shape[0] == len(new) > rows.shape[0]
     assert (grown[: rows.shape[0]] - rows).abs().max() < 0.01
-    # the new words start as distinct as trained ones: at their norms, not one shared vector
+    # "up" and "down" start as "top" and "bottom"; the other new words as distinct as trained
+    # ones: at their norms, not one shared vector
+    for word, known in motion.LIKE.items():
+        assert (grown[new[word]] - rows[old[known]]).abs().max() < 0.01, word
     trained, added = rows.norm(dim=1), grown[rows.shape[0] :].norm(dim=1)
     assert trained.min() / 2 < added.min() and added.max() < trained.max() * 2, (trained, added)
     cos = torch.nn.functional.cosine_similarity(
