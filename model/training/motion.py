@@ -14,7 +14,7 @@ wordings use only words training captions use.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -117,12 +117,21 @@ def parse(caption: str) -> Clip:
     return digit_span(caption)[1]
 
 
-def random_clip(g: torch.Generator, held_out: bool | None = False) -> Clip:
+def random_clip(
+    g: torch.Generator, held_out: bool | None = False, boost: Mapping[str, float] | None = None
+) -> Clip:
     """A clip drawn from ``g``. ``held_out``: False never a held-out (digit, motion)
-    combination (training), True always one, None either."""
+    combination (training), True always one, None either. ``boost``: motions drawn that many
+    times as often as the others (none: every motion alike, the draw unchanged)."""
     sizes = list(scenes.SIZES)
+    weights = torch.tensor([(boost or {}).get(m, 1.0) for m in NAMES])
     while True:
-        clip = Clip(scenes.pick(g, 10), NAMES[scenes.pick(g, len(NAMES))], sizes[scenes.pick(g, 2)])
+        digit = scenes.pick(g, 10)
+        if boost:
+            name = NAMES[int(torch.multinomial(weights, 1, generator=g))]
+        else:
+            name = NAMES[scenes.pick(g, len(NAMES))]
+        clip = Clip(digit, name, sizes[scenes.pick(g, 2)])
         if held_out is None or clip.held_out_combo == held_out:
             return clip
 
@@ -157,11 +166,15 @@ def path(clip: Clip, frames: int, g: torch.Generator) -> torch.Tensor:
 
 class ClipRenderer:
     """Draws clips with glyphs of a bundled digit set (its train split), as
-    ``scenes.Renderer`` draws still scenes."""
+    ``scenes.Renderer`` draws still scenes; ``boost``: motions a batch draws that many times as
+    often as the others (``random_clip``)."""
 
-    def __init__(self, frames: int, source: str = "sklearn"):
+    def __init__(
+        self, frames: int, source: str = "sklearn", boost: Mapping[str, float] | None = None
+    ):
         self.frames = frames
         self.still = scenes.Renderer(source)
+        self.boost = dict(boost or {})
 
     def render(self, clip: Clip, g: torch.Generator) -> torch.Tensor:
         """(1, F, CANVAS, CANVAS) in [-1, 1]: one glyph of the digit along its path."""
@@ -176,7 +189,7 @@ class ClipRenderer:
         self, n: int, g: torch.Generator, wordings: Sequence[Wording] = TRAIN
     ) -> tuple[torch.Tensor, list[str]]:
         """n training clips (none a held-out combination): (n, 1, F, S, S), captions."""
-        clips = [random_clip(g) for _ in range(n)]
+        clips = [random_clip(g, boost=self.boost) for _ in range(n)]
         videos = torch.stack([self.render(c, g) for c in clips])
         return videos, [caption(c, wordings, g) for c in clips]
 

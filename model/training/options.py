@@ -97,8 +97,17 @@ class TrainOptions(_Options):
         description="Class presets: draw these classes' samples --boost times as often as the "
         "others' (a fine-tune of the classes a model draws worst); each 0..9.",
     )
+    boost_motions: list[str] = Field(
+        [],
+        description="Text-to-video presets: draw clips of these motions (left, right, up, down, "
+        "'up and down', 'left and right') --boost times as often as the others' (a run that "
+        "learns some motions' words slower than the rest).",
+    )
     boost: float = Field(
-        2.0, ge=1, le=10, description="With --boost-classes: how much more often they are drawn."
+        2.0,
+        ge=1,
+        le=10,
+        description="With --boost-classes or --boost-motions: how much more often they are drawn.",
     )
     steps: int = Field(2000, ge=1, description="Optimizer steps in all (a resume continues).")
     batch_size: int = Field(64, ge=1)

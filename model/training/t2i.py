@@ -184,12 +184,14 @@ class Batches:
         config: TextDiTConfig,
         tokenizer: PreTrainedTokenizerFast,
         jitter: int = scenes.JITTER,
+        boost: dict[str, float] | None = None,
     ):
-        """``jitter``: a scene's (``scenes.Renderer``); clips keep their own."""
+        """``jitter``: a scene's (``scenes.Renderer``); clips keep their own. ``boost``: motions
+        a clip batch draws that many times as often as the others (``motion.random_clip``)."""
         self.config = config
         self.tokenizer = tokenizer
         self.renderer: scenes.Renderer | motion.ClipRenderer = (
-            motion.ClipRenderer(config.num_frames)
+            motion.ClipRenderer(config.num_frames, boost=boost)
             if config.kind == "video"
             else scenes.Renderer(jitter=jitter)
         )

@@ -39,7 +39,7 @@ from model.networks.presets import Config, build, preset
 from model.networks.skip_dit import SkipDiT
 from model.networks.skip_latte import SkipLatte, start_video
 from model.networks.text_dit import TextDiTConfig
-from model.training import data, scenes, t2i
+from model.training import data, motion, scenes, t2i
 from model.training.options import TrainOptions
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,8 @@ def train(opts: TrainOptions) -> Path:
     if isinstance(config, TextDiTConfig):
         start = None if opts.init_from is None else _init_dir(opts.init_from)
         tokenizer = t2i.tokenizer_for(config, out, start)
-        source = t2i.Batches(config, tokenizer, opts.scene_jitter)
+        boost = dict.fromkeys(opts.boost_motions, opts.boost)
+        source = t2i.Batches(config, tokenizer, opts.scene_jitter, boost)
     else:
         source = data.load(opts.data, size=config.input_size, split="train")
     # a resumed run reads its weights from the checkpoint, not from the export it started from
@@ -364,6 +365,10 @@ def _config(opts: TrainOptions) -> Config:
     if opts.boost_classes and (text or not all(0 <= c < 10 for c in opts.boost_classes)):
         allowed = "class presets only" if text else "each 0..9"
         raise FieldError("boost_classes", f"{opts.boost_classes}: {allowed}")
+    video_text = text and config.kind == "video"
+    if opts.boost_motions and not (video_text and set(opts.boost_motions) <= set(motion.NAMES)):
+        allowed = f"each one of {list(motion.NAMES)}" if video_text else "text-to-video presets only"
+        raise FieldError("boost_motions", f"{opts.boost_motions}: {allowed}")
     if text and config.input_size != scenes.CANVAS:
         raise FieldError("preset", f"text-to-image scenes are {scenes.CANVAS}x{scenes.CANVAS}")
     return config
@@ -427,6 +432,11 @@ def _base_card(config: Config, opts: TrainOptions, run: _Run, source: Source) ->
         **(
             {"boost": {"classes": opts.boost_classes, "factor": opts.boost}}
             if opts.boost_classes
+            else {}
+        ),
+        **(
+            {"boost": {"motions": opts.boost_motions, "factor": opts.boost}}
+            if opts.boost_motions
             else {}
         ),
         "train_seconds": round(run.seconds, 1),

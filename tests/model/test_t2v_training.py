@@ -206,6 +206,19 @@ def test_training_never_draws_a_held_out_wording_or_combination() -> None:
         assert set(prompt.replace(",", " , ").split()) <= train_words, prompt
 
 
+def test_boosted_motions_are_drawn_that_much_more_often_and_never_held_out() -> None:
+    def shares(boost: dict[str, float] | None, seed: int = 0) -> dict[str, float]:
+        g = torch.Generator().manual_seed(seed)
+        clips = [motion.random_clip(g, boost=boost) for _ in range(6000)]
+        assert not any(c.held_out_combo for c in clips)
+        return {m: sum(c.motion == m for c in clips) / len(clips) for m in motion.NAMES}
+
+    plain, boosted = shares(None), shares({"up": 3.0, "down": 3.0})
+    assert all(abs(share - 1 / 6) < 0.02 for share in plain.values()), plain
+    for name, share in boosted.items():  # weights 3, 3 and four 1s: 0.3 each, 0.1 each
+        assert abs(share - (0.3 if name in ("up", "down") else 0.1)) < 0.02, boosted
+
+
 def test_held_out_prompts_are_held_out_in_wording_or_combination() -> None:
     prompts = motion.held_out_prompts(100)
     assert len(set(prompts)) > 60

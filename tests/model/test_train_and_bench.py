@@ -143,6 +143,9 @@ def test_boosted_classes_are_drawn_that_much_more_often() -> None:
         (["--boost-classes", "10"], "boost_classes"),
         (["--boost-classes", "7", "--preset", "digits-t2i-tiny"], "boost_classes"),
         (["--scene-jitter", "4"], "scene_jitter"),  # a class preset draws no scenes
+        (["--boost-motions", "up"], "boost_motions"),  # nor clips with motions
+        (["--boost-motions", "up", "--preset", "digits-t2i-tiny"], "boost_motions"),
+        (["--boost-motions", "sideways", "--preset", "digits-t2v-tiny"], "boost_motions"),
     ],
 )
 def test_options_of_another_kind_of_model_are_refused(extra: list[str], field: str, capsys) -> None:
