@@ -367,7 +367,7 @@ def _config(opts: TrainOptions) -> Config:
         raise FieldError("boost_classes", f"{opts.boost_classes}: {allowed}")
     video_text = text and config.kind == "video"
     if opts.boost_motions and not (video_text and set(opts.boost_motions) <= set(motion.NAMES)):
-        allowed = f"each one of {list(motion.NAMES)}" if video_text else "text-to-video presets only"
+        allowed = f"each one of {list(motion.NAMES)}" if video_text else "text-to-video only"
         raise FieldError("boost_motions", f"{opts.boost_motions}: {allowed}")
     if text and config.input_size != scenes.CANVAS:
         raise FieldError("preset", f"text-to-image scenes are {scenes.CANVAS}x{scenes.CANVAS}")
