@@ -124,13 +124,13 @@ def random_clip(
     combination (training), True always one, None either. ``boost``: motions drawn that many
     times as often as the others (none: every motion alike, the draw unchanged)."""
     sizes = list(scenes.SIZES)
-    weights = torch.tensor([(boost or {}).get(m, 1.0) for m in NAMES])
+    weights = torch.tensor([boost.get(m, 1.0) for m in NAMES]) if boost else None
     while True:
         digit = scenes.pick(g, 10)
-        if boost:
-            name = NAMES[int(torch.multinomial(weights, 1, generator=g))]
-        else:
+        if weights is None:
             name = NAMES[scenes.pick(g, len(NAMES))]
+        else:
+            name = NAMES[int(torch.multinomial(weights, 1, generator=g))]
         clip = Clip(digit, name, sizes[scenes.pick(g, 2)])
         if held_out is None or clip.held_out_combo == held_out:
             return clip

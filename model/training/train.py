@@ -432,10 +432,7 @@ def _base_card(config: Config, opts: TrainOptions, run: _Run, source: Source) ->
         **(
             {"boost": {"classes": opts.boost_classes, "factor": opts.boost}}
             if opts.boost_classes
-            else {}
-        ),
-        **(
-            {"boost": {"motions": opts.boost_motions, "factor": opts.boost}}
+            else {"boost": {"motions": opts.boost_motions, "factor": opts.boost}}
             if opts.boost_motions
             else {}
         ),
